@@ -1,0 +1,124 @@
+"""Run a Plan: each VM's steps in order, VMs one after another, every step re-checking before it acts.
+
+A failing step stops that VM's remaining steps (they depended on it) and the run goes on with the next
+VM, so one broken VM never blocks the others. ``INFINIZATION_CRASH_AT=before:KIND`` or ``after:KIND``
+(KIND a step kind such as ``start``) makes the process SIGKILL itself at that point: the fault injection
+the crash-safety tests use to prove that a re-run converges.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reconciler.apply import disks, files, vmprocess
+from reconciler.apply.vmprocess import StepFailed
+from reconciler.observe import processes
+from reconciler.observe.records import read_record
+from reconciler.plan.actions import Change, Plan, Step, StepKind
+from reconciler.spec.layout import StateLayout
+from reconciler.spec.models import VirtualMachine
+
+CRASH_ENV = "INFINIZATION_CRASH_AT"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: Step
+    ok: bool
+    detail: str
+    seconds: float
+
+
+@dataclass
+class ApplyResult:
+    results: list[StepResult] = field(default_factory=list)
+    failed_vms: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_vms
+
+
+Reporter = Callable[[StepResult], None]
+
+
+def _maybe_crash(moment: str, kind: StepKind) -> None:
+    if os.environ.get(CRASH_ENV) == f"{moment}:{kind.value}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Executor:
+    def __init__(self, layout: StateLayout, report: Reporter | None = None,
+                 sources: dict[str, str] | None = None) -> None:
+        self.layout = layout
+        self.report = report or (lambda result: None)
+        self.sources = sources or {}
+
+    async def run(self, plan: Plan) -> ApplyResult:
+        outcome = ApplyResult()
+        for change in plan.changes:
+            if change.steps and not change.refusals:
+                await self._run_change(change, outcome)
+        return outcome
+
+    async def _run_change(self, change: Change, outcome: ApplyResult) -> None:
+        for step in change.steps:
+            began = time.monotonic()
+            _maybe_crash("before", step.kind)
+            try:
+                detail = await self._run_step(step)
+                ok = True
+            except (StepFailed, OSError, ValueError) as exc:
+                detail, ok = str(exc), False
+            result = StepResult(step, ok, detail, time.monotonic() - began)
+            outcome.results.append(result)
+            self.report(result)
+            if not ok:
+                outcome.failed_vms[change.vm] = f"{step.summary}: {detail}"
+                return
+            _maybe_crash("after", step.kind)
+
+    async def _run_step(self, step: Step) -> str:
+        paths = self.layout.vm(step.vm)
+        args = step.args
+        if step.kind is StepKind.WRITE_RECORD:
+            files.write_record(paths, VirtualMachine.model_validate(args["vm"]), self.sources.get(step.vm))
+            return "recorded"
+        if step.kind is StepKind.CREATE_DISK:
+            path = Path(args["path"])
+            if path.exists():
+                return "already exists (kept as it is)"
+            files.claim_disk(paths, step.target)
+            return disks.create(path, args.get("size"), args.get("image"), args.get("image_format", "qcow2"))
+        if step.kind is StepKind.GROW_DISK_LIVE:
+            return await disks.grow_live(paths.qmp, args["node"], Path(args["path"]), int(args["size"]))
+        if step.kind is StepKind.GROW_DISK_OFFLINE:
+            if processes.find_qemu(paths.pidfile) is not None:
+                raise StepFailed("the VM is running: refusing to modify an image in use")
+            return disks.grow_offline(Path(args["path"]), int(args["size"]))
+        if step.kind is StepKind.START:
+            record = read_record(paths.record)
+            if record is None:
+                raise StepFailed("no record to start from")
+            return await vmprocess.start(paths, record.vm)
+        if step.kind is StepKind.STOP:
+            return await vmprocess.stop(paths, float(args.get("timeout", 60)))
+        if step.kind is StepKind.DELETE_DISK:
+            record = read_record(paths.record)
+            if record is None or step.target not in record.owned_disks:
+                raise StepFailed(f"disk {step.target} was not created by infinization: refusing to delete it")
+            if processes.find_qemu(paths.pidfile) is not None:
+                raise StepFailed("the VM is still running: refusing to delete its disk")
+            return disks.delete(Path(args["path"]))
+        if step.kind is StepKind.FORGET:
+            if processes.find_qemu(paths.pidfile) is not None:
+                raise StepFailed("the VM is still running: refusing to forget it")
+            shutil.rmtree(paths.dir, ignore_errors=False) if paths.dir.exists() else None
+            return "forgotten"
+        raise StepFailed(f"unknown step kind {step.kind}")  # pragma: no cover - the enum is closed

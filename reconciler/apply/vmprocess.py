@@ -1,0 +1,108 @@
+"""Start and stop QEMU processes.
+
+Start: write the launch record, run the argv from the pure builder (no shell) with ``-daemonize`` (QEMU
+forks and its first process exits only once its monitors listen, so a start error is reported
+synchronously with QEMU's own message), then wait for the monitor to say the guest runs.
+Stop: ``system_powerdown`` and wait up to the grace period, then ``quit``, then SIGKILL, each only to the
+PID we verified (and re-verify right before signalling) as this VM's QEMU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from reconciler.apply.files import write_launch
+from reconciler.observe import monitor, processes
+from reconciler.qemu.argv import build_argv
+from reconciler.spec.layout import VMPaths
+from reconciler.spec.models import VirtualMachine
+
+QUIT_TIMEOUT = 5.0
+READY_TIMEOUT = 30.0
+POLL = 0.05
+
+
+class StepFailed(Exception):
+    """A step could not be carried out; the message says why, in terms a person can act on."""
+
+
+async def _wait_dead(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while processes.is_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(POLL)
+    return True
+
+
+async def start(paths: VMPaths, vm: VirtualMachine, binary: str | None = None) -> str:
+    """Start the VM unless its QEMU already runs; return what was done."""
+    if processes.find_qemu(paths.pidfile) is not None:
+        return "already running"
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    argv = build_argv(vm.name, vm.spec, paths, **({"binary": binary} if binary else {}))
+    write_launch(paths, argv, vm)
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run, argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=READY_TIMEOUT, check=False, start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        raise StepFailed(f"cannot run {argv[0]}: is QEMU installed?") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise StepFailed(f"QEMU did not finish starting within {READY_TIMEOUT:g}s") from exc
+    if done.returncode != 0:
+        message = done.stderr.strip() or f"exit status {done.returncode}"
+        raise StepFailed(f"QEMU refused to start: {message}")
+    process = processes.find_qemu(paths.pidfile)
+    if process is None:
+        raise StepFailed("QEMU exited right after starting (see `infinization logs`)")
+    await _wait_running(paths.qmp)
+    return f"started, pid {process.pid}"
+
+
+async def _wait_running(socket: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            async with monitor.session(socket) as qmp:
+                status = (await qmp.execute("query-status")).get("status", "")
+            if status == "running":
+                return
+            last = f"status {status}"
+        except monitor.MonitorError as exc:
+            last = str(exc)
+        await asyncio.sleep(POLL)
+    raise StepFailed(f"the VM did not reach 'running' within {READY_TIMEOUT:g}s ({last})")
+
+
+async def stop(paths: VMPaths, grace: float) -> str:
+    """Stop the VM's QEMU if it runs: ACPI power button, then quit, then SIGKILL; return what worked."""
+    process = processes.find_qemu(paths.pidfile)
+    if process is None:
+        return "not running"
+    try:
+        async with monitor.session(paths.qmp) as qmp:
+            await qmp.execute("system_powerdown")
+    except monitor.MonitorError:
+        grace = 0  # no monitor: nothing can press the power button
+    if grace > 0 and await _wait_dead(process.pid, grace):
+        return "guest powered off"
+    try:
+        async with monitor.session(paths.qmp) as qmp:
+            await qmp.execute("quit")
+    except monitor.MonitorError:
+        pass
+    if await _wait_dead(process.pid, QUIT_TIMEOUT):
+        return "quit" if grace == 0 else f"quit after the guest ignored the power button for {grace:g}s"
+    if processes.still_same(process, paths.pidfile):
+        os.kill(process.pid, signal.SIGKILL)
+    if await _wait_dead(process.pid, QUIT_TIMEOUT):
+        return "killed (SIGKILL) after quit did not work"
+    raise StepFailed(f"QEMU pid {process.pid} is still alive after SIGKILL")

@@ -1,0 +1,331 @@
+"""The ``infinization`` command line: plan, apply, status, logs, validate, schema.
+
+Wires the layers together and nothing more: load manifests (spec), observe the host (observe), compute the
+plan (plan), render it, and run it (apply). Exit codes: 0 success (``plan --detailed-exitcode``: no
+changes), 1 error, 2 changes present (with ``--detailed-exitcode``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from reconciler import __version__
+from reconciler.apply.executor import Executor, StepResult
+from reconciler.apply.files import write_atomic
+from reconciler.apply.lock import LockTimeout, StateLock
+from reconciler.observe.records import CorruptRecord, read_records
+from reconciler.observe.snapshot import observe
+from reconciler.plan.actions import FORMAT_VERSION, Action, Plan
+from reconciler.plan.observed import AppliedRecord, ObservedState
+from reconciler.plan.planner import PlanOptions, plan
+from reconciler.plan.render import render_plan, summary_line
+from reconciler.spec.layout import StateLayout, state_dir_from_env
+from reconciler.spec.loader import ManifestSet, load_directory
+from reconciler.spec.models import VirtualMachine
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class CliError(Exception):
+    """An error to print as one clear message and exit 1."""
+
+
+@dataclass
+class Snapshot:
+    manifests: ManifestSet
+    records: dict[str, AppliedRecord]
+    observed: ObservedState
+    plan: Plan
+
+
+def _layout(args: argparse.Namespace) -> StateLayout:
+    return StateLayout(state_dir_from_env(args.state_dir))
+
+
+def _load(directory: str) -> ManifestSet:
+    manifests = load_directory(directory)
+    if manifests.errors:
+        for error in manifests.errors:
+            err.print(f"[red]error:[/] {escape(str(error))}")
+        count = len(manifests.errors)
+        raise CliError(f"{count} error{'s' if count > 1 else ''} in the manifests; nothing was changed")
+    return manifests
+
+
+async def _snapshot(directory: str, layout: StateLayout, allow_restart: bool) -> Snapshot:
+    manifests = _load(directory)
+    desired = {name: loaded.vm for name, loaded in manifests.vms.items()}
+    try:
+        records = read_records(layout)
+    except CorruptRecord as exc:
+        raise CliError(f"corrupt state record, fix or remove it by hand: {exc}") from exc
+    observed = await observe(layout, desired, records)
+    result = plan(desired, observed, records, manifest_dir=str(Path(directory).absolute()),
+                  desired_digest=manifests.digest(), options=PlanOptions(allow_restart=allow_restart))
+    return Snapshot(manifests, records, observed, result)
+
+
+def _source_file(layout: StateLayout) -> Path:
+    return layout.root / "source.json"
+
+
+def _remembered_dir(layout: StateLayout) -> str | None:
+    try:
+        return str(json.loads(_source_file(layout).read_text())["manifests"])
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+
+
+# -- plan -------------------------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    layout = _layout(args)
+    with StateLock(layout.lock, exclusive=False, wait=args.lock_timeout):
+        snap = asyncio.run(_snapshot(args.directory, layout, args.allow_restart))
+    if args.out:
+        write_atomic(Path(args.out), snap.plan.model_dump_json(indent=2) + "\n")
+    if args.json:
+        print(snap.plan.model_dump_json(indent=2))
+    else:
+        out.print(render_plan(snap.plan), end="")
+        if args.out:
+            out.print(f"\nSaved the plan to {args.out}. Run `infinization apply {args.out}` to apply exactly it.")
+    if snap.plan.refused:
+        return 1
+    if args.detailed_exitcode and not snap.plan.empty:
+        return 2
+    return 0
+
+
+# -- apply ------------------------------------------------------------------------------------------
+
+
+def _print_step(result: StepResult) -> None:
+    mark = "[green]ok[/]" if result.ok else "[red]FAILED[/]"
+    out.print(f"  {result.step.vm}: {escape(result.step.summary)} ... {mark} [dim]({escape(result.detail)}, "
+              f"{result.seconds * 1000:.0f} ms)[/]")
+
+
+def _confirm(args: argparse.Namespace) -> bool:
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise CliError("refusing to apply without confirmation: stdin is not a terminal (use --yes)")
+    answer = out.input("\nDo you want to perform these actions? Only 'yes' will be accepted: ")
+    return answer.strip() == "yes"
+
+
+def _read_saved_plan(path: Path) -> Plan:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read saved plan {path}: {exc}") from exc
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CliError(f"{path}: plan format {data.get('format_version')!r} is not {FORMAT_VERSION}")
+    return Plan.model_validate(data)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    layout = _layout(args)
+    target = Path(args.target)
+    saved = None if target.is_dir() else _read_saved_plan(target)
+    directory = saved.manifest_dir if saved else args.target
+    allow_restart = saved.allow_restart if saved else args.allow_restart
+    with StateLock(layout.lock, exclusive=True, wait=args.lock_timeout):
+        snap = asyncio.run(_snapshot(directory, layout, allow_restart))
+        if saved is not None:
+            _check_fresh(saved, snap.plan, layout)
+        out.print(render_plan(snap.plan), end="")
+        if not any(change.steps for change in snap.plan.changes):
+            return 1 if snap.plan.refused else 0
+        if saved is None and not _confirm(args):
+            out.print("Apply cancelled.")
+            return 1
+        out.print("")
+        write_atomic(_source_file(layout), json.dumps({"manifests": snap.plan.manifest_dir}) + "\n")
+        sources = {name: loaded.source.file for name, loaded in snap.manifests.vms.items()}
+        result = asyncio.run(Executor(layout, _print_step, sources).run(snap.plan))
+        after = asyncio.run(_snapshot(directory, layout, allow_restart))
+    counts = snap.plan.counts()
+    done = ", ".join(f"{counts[a]} {verb}" for a, verb in (
+        (Action.CREATE, "created"), (Action.UPDATE, "updated"), (Action.RESTART, "restarted"),
+        (Action.DELETE, "deleted")))
+    for vm, why in result.failed_vms.items():
+        err.print(f"[red]error:[/] {vm}: {escape(why)}")
+    if not result.ok:
+        err.print(f"[red]Apply failed[/] for {len(result.failed_vms)} VM(s). Re-run apply after fixing the cause.")
+        return 1
+    out.print(f"\n[green bold]Apply complete![/] VMs: {done}.")
+    remaining = [c for c in after.plan.changes if c.steps]
+    if remaining:
+        err.print(f"[yellow]warning:[/] the host has not converged yet: {summary_line(after.plan)}")
+        return 1
+    if after.plan.pending or after.plan.refused:
+        out.print(summary_line(after.plan))
+        return 1 if after.plan.refused else 0
+    return 0
+
+
+def _check_fresh(saved: Plan, current: Plan, layout: StateLayout) -> None:
+    if saved.state_dir != str(layout.root):
+        raise CliError(f"the saved plan is for state directory {saved.state_dir}, not {layout.root}")
+    if saved.desired_digest != current.desired_digest:
+        raise CliError("the saved plan is stale: the manifests changed since it was computed; plan again")
+    if saved.observed_digest != current.observed_digest or saved.changes != current.changes:
+        raise CliError("the saved plan is stale: the host changed since it was computed; plan again")
+
+
+# -- status -----------------------------------------------------------------------------------------
+
+
+def _phase(snap: Snapshot, name: str) -> str:
+    vm = snap.observed.vm(name)
+    if vm.process is not None:
+        return {"running": "Running", "paused": "Paused", "unreachable": "Unknown"}.get(
+            vm.process.status, vm.process.status.capitalize())
+    return "Stopped" if name in snap.records else "Pending"
+
+
+def status_rows(snap: Snapshot) -> list[dict[str, Any]]:
+    rows = []
+    for change in snap.plan.changes:
+        name = change.vm
+        vm = snap.observed.vm(name)
+        loaded = snap.manifests.vms.get(name)
+        rows.append({
+            "name": name,
+            "phase": _phase(snap, name),
+            "pid": vm.process.pid if vm.process else None,
+            "runStrategy": loaded.vm.spec.runStrategy if loaded else None,
+            "inSync": not (change.steps or change.pending_restart or change.refusals),
+            "action": change.action.value if change.steps else None,
+            "pendingRestart": change.pending_restart,
+            "refused": change.refusals,
+            "disks": {n: d.virtual_size for n, d in vm.disks.items() if d.exists},
+            "manifest": loaded.source.file if loaded else None,
+        })
+    return rows
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    layout = _layout(args)
+    directory = args.directory or _remembered_dir(layout)
+    if directory is None:
+        raise CliError("no manifest directory given and none applied yet: infinization status DIR")
+    with StateLock(layout.lock, exclusive=False, wait=args.lock_timeout):
+        snap = asyncio.run(_snapshot(directory, layout, allow_restart=False))
+    rows = status_rows(snap)
+    if args.json:
+        print(json.dumps({"format_version": 1, "manifests": directory, "vms": rows}, indent=2))
+        return 0
+    table = Table(title=f"VMs on this host (manifests: {directory})")
+    for column in ("NAME", "PHASE", "PID", "IN SYNC", "NOTES"):
+        table.add_column(column)
+    for row in rows:
+        notes = []
+        if row["action"]:
+            notes.append(f"pending: {row['action']}")
+        notes += [f"restart pending: {cause}" for cause in row["pendingRestart"]]
+        notes += [f"refused: {why}" for why in row["refused"]]
+        table.add_row(row["name"], row["phase"], str(row["pid"] or "-"), "yes" if row["inSync"] else "no",
+                      escape("\n".join(notes)))
+    out.print(table)
+    return 0
+
+
+# -- small commands ---------------------------------------------------------------------------------
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    layout = _layout(args)
+    path = layout.vm(args.name).serial
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CliError(f"no serial log for VM {args.name!r} ({path})") from exc
+    lines = data.decode(errors="replace").splitlines()
+    if args.tail:
+        lines = lines[-args.tail:]
+    sys.stdout.write("\n".join(lines) + ("\n" if lines else ""))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    manifests = _load(args.directory)
+    out.print(f"{len(manifests.vms)} VirtualMachine(s) in {len(manifests.files)} file(s): valid.")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    schema = VirtualMachine.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Infinization VirtualMachine (infinization.io/v1alpha1)"
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infinization", description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--version", action="version", version=f"infinization {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", help="where the reconciler keeps its state "
+                        "(default: $INFINIZATION_STATE_DIR or /var/lib/infinization)")
+    common.add_argument("--lock-timeout", type=float, default=60.0,
+                        help="seconds to wait for another run on the same state directory (default 60)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", parents=[common], help="show what apply would change")
+    p.add_argument("directory")
+    p.add_argument("--json", action="store_true", help="print the versioned JSON plan")
+    p.add_argument("--out", help="save the plan to a file for `apply FILE`")
+    p.add_argument("--detailed-exitcode", action="store_true", help="exit 0: no changes, 2: changes, 1: error")
+    p.add_argument("--allow-restart", action="store_true", help="plan restarts for changes that need one")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("apply", parents=[common], help="apply a manifest directory or a saved plan")
+    p.add_argument("target", metavar="DIR|PLANFILE")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--allow-restart", action="store_true", help="restart VMs whose changes need it")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("status", parents=[common], help="list VMs, their phase and whether they match")
+    p.add_argument("directory", nargs="?", help="manifest directory (default: the one last applied)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", parents=[common], help="print a VM's serial console log")
+    p.add_argument("name")
+    p.add_argument("--tail", type=int, default=0, help="only the last N lines")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("validate", help="check manifests without touching the host")
+    p.add_argument("directory")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the VirtualMachine kind")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CliError, LockTimeout, ValueError) as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}")
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130

@@ -1,0 +1,73 @@
+"""A short-lived QMP session with deadlines, over qemu.qmp's asyncio client.
+
+qemu.qmp's ``connect()`` has no timeout and a second client on a busy monitor waits forever for its
+greeting, so every call here is bounded. Observers use it for queries (``query-status``); the executor
+uses it for commands (``block_resize``, ``system_powerdown``, ``quit``). Each VM has two monitors: this
+module talks to ``qmp.sock``; ``events.sock`` is left for a long-lived event listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError, StateError
+
+CONNECT_TIMEOUT = 3.0
+COMMAND_TIMEOUT = 10.0
+
+# qemu.qmp logs every disconnect at ERROR level; our callers report failures themselves.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class MonitorError(Exception):
+    """The QMP monitor could not be reached or a command failed; ``str()`` says which and why."""
+
+
+class Monitor:
+    """One connected QMP client; use ``session()`` to get one."""
+
+    def __init__(self, client: QMPClient, socket: Path) -> None:
+        self._client = client
+        self.socket = socket
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
+                      timeout: float = COMMAND_TIMEOUT) -> Any:
+        """Run one command and return its ``return`` value.
+
+        :raise MonitorError: When QEMU answers with an error, goes away, or does not answer in time.
+        """
+        try:
+            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+        except ExecuteError as exc:
+            raise MonitorError(f"{command}: {exc.error_class}: {exc}") from exc
+        except TimeoutError as exc:
+            raise MonitorError(f"{command}: no answer within {timeout:g}s") from exc
+        except (StateError, QMPError, EOFError, OSError) as exc:
+            raise MonitorError(f"{command}: monitor connection lost ({type(exc).__name__})") from exc
+
+
+@contextlib.asynccontextmanager
+async def session(socket: Path, timeout: float = CONNECT_TIMEOUT) -> AsyncIterator[Monitor]:
+    """Connect to ``socket`` (greeting and capabilities negotiation within ``timeout``).
+
+    :raise MonitorError: When the socket is missing, refuses, or the greeting does not come in time.
+    """
+    client = QMPClient(f"infinization:{socket.parent.name}")
+    try:
+        await asyncio.wait_for(client.connect(str(socket)), timeout)
+    except (ConnectError, QMPError, OSError, TimeoutError, EOFError) as exc:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+        reason = "timed out (is another client holding it?)" if isinstance(exc, TimeoutError) else str(exc)
+        raise MonitorError(f"cannot connect to QMP monitor {socket}: {reason}") from exc
+    try:
+        yield Monitor(client, socket)
+    finally:
+        # After 'quit' the peer is gone: qemu.qmp may raise EOFError here, which means what we wanted.
+        with contextlib.suppress(Exception):
+            await client.disconnect()

@@ -1,0 +1,66 @@
+"""The reconciler's own files in the state directory: last-applied records and launch records.
+
+``record.json`` is written by the executor before it changes anything for a VM (it is our claim on the VM
+and on the disks we create); ``launch.json`` holds the argv and spec of the QEMU we started, and is only
+trusted while the live process's /proc cmdline equals that argv. This module reads them and defines their
+format; ``apply.files`` writes them atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from reconciler.plan.observed import AppliedRecord
+from reconciler.spec.layout import StateLayout
+from reconciler.spec.models import VirtualMachine
+
+RECORD_VERSION = 1
+
+
+class LaunchRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int = RECORD_VERSION
+    argv: list[str]
+    vm: VirtualMachine
+
+
+class CorruptRecord(Exception):
+    """A record file exists but cannot be read; the VM is left alone until a person looks."""
+
+
+def read_record(path: Path) -> AppliedRecord | None:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return AppliedRecord.model_validate_json(text)
+    except ValidationError as exc:
+        raise CorruptRecord(f"{path}: {exc}") from exc
+
+
+def read_launch(path: Path) -> LaunchRecord | None:
+    try:
+        return LaunchRecord.model_validate_json(path.read_text())
+    except (FileNotFoundError, ValidationError, json.JSONDecodeError):
+        return None
+
+
+def known_vm_names(layout: StateLayout) -> list[str]:
+    """VM folders in the state directory (ours by construction: only the executor creates them)."""
+    if not layout.vms.is_dir():
+        return []
+    return sorted(entry.name for entry in layout.vms.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def read_records(layout: StateLayout) -> dict[str, AppliedRecord]:
+    records = {}
+    for name in known_vm_names(layout):
+        record = read_record(layout.vm(name).record)
+        if record is not None:
+            records[name] = record
+    return records

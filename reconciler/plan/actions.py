@@ -1,0 +1,116 @@
+"""The plan as data: a closed set of actions and steps, with reasons for people.
+
+A ``Plan`` holds one ``Change`` per VM. The action says what happens to the VM as a whole; the steps say
+how, in the order the executor runs them; ``reasons`` and ``fields`` are for people and never drive a
+decision. The JSON form (``Plan.model_dump_json``) is versioned by ``FORMAT_VERSION`` and is what
+``plan --json`` prints, ``plan --out`` saves and ``apply PLANFILE`` reads back.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSION = 1
+
+
+class Action(StrEnum):
+    CREATE = "create"
+    UPDATE = "update"
+    RESTART = "restart"
+    DELETE = "delete"
+    NOOP = "no-op"
+
+    @property
+    def symbol(self) -> str:
+        return {"create": "+", "update": "~", "restart": "-/+", "delete": "-", "no-op": " "}[self.value]
+
+
+class StepKind(StrEnum):
+    WRITE_RECORD = "write-record"
+    CREATE_DISK = "create-disk"
+    GROW_DISK_LIVE = "grow-disk-live"
+    GROW_DISK_OFFLINE = "grow-disk-offline"
+    STOP = "stop"
+    START = "start"
+    DELETE_DISK = "delete-disk"
+    FORGET = "forget"
+
+
+class Mode(StrEnum):
+    """How a change to one field reaches the VM."""
+
+    LIVE = "live"
+    RESTART = "restart"
+    REFUSED = "refused"
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Step(_Data):
+    kind: StepKind
+    vm: str
+    target: str = ""
+    args: dict[str, Any] = Field(default_factory=dict)
+    summary: str
+
+
+class FieldChange(_Data):
+    path: str
+    before: Any = None
+    after: Any = None
+    mode: Mode
+    how: str
+
+
+class Change(_Data):
+    vm: str
+    action: Action
+    reasons: list[str] = Field(default_factory=list)
+    fields: list[FieldChange] = Field(default_factory=list)
+    steps: list[Step] = Field(default_factory=list)
+    pending_restart: list[str] = Field(
+        default_factory=list, description="Causes of a restart that is needed but not allowed yet."
+    )
+    refusals: list[str] = Field(default_factory=list, description="Why this VM's change cannot be applied.")
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.steps)
+
+
+class Plan(_Data):
+    format_version: int = FORMAT_VERSION
+    manifest_dir: str
+    state_dir: str
+    desired_digest: str
+    observed_digest: str
+    allow_restart: bool = False
+    changes: list[Change] = Field(default_factory=list)
+
+    def counts(self) -> dict[Action, int]:
+        counts = dict.fromkeys(Action, 0)
+        for change in self.changes:
+            if change.steps:
+                counts[change.action] += 1
+        return counts
+
+    @property
+    def refused(self) -> list[Change]:
+        return [change for change in self.changes if change.refusals]
+
+    @property
+    def pending(self) -> list[Change]:
+        return [change for change in self.changes if change.pending_restart]
+
+    @property
+    def empty(self) -> bool:
+        """No step to run, nothing pending and nothing refused: the host matches the manifests."""
+        return not any(change.steps or change.pending_restart or change.refusals for change in self.changes)
+
+    def change(self, vm: str) -> Change | None:
+        return next((change for change in self.changes if change.vm == vm), None)

@@ -1,0 +1,72 @@
+"""The one table that says, for every spec field, how a change to it reaches a VM.
+
+The planner looks fields up here to decide between a live change, a restart and a refusal; the plan
+shows the ``how`` next to each change; ``docs/fields.md`` is generated from ``TABLE`` (see
+``render_markdown``) so users read the same truth. Paths use ``*`` for a disk or NIC name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reconciler.plan.actions import Mode
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    pattern: tuple[str, ...]
+    mode: Mode
+    how: str
+    note: str = ""
+
+
+TABLE: tuple[FieldRule, ...] = (
+    FieldRule(("runStrategy",), Mode.LIVE, "start or stop the VM", "Always starts it, Halted stops it gracefully."),
+    FieldRule(("restartPolicy",), Mode.LIVE, "recorded", "Decides whether restart-needing changes wait."),
+    FieldRule(("terminationGracePeriodSeconds",), Mode.LIVE, "recorded", "Used by the next graceful stop."),
+    FieldRule(("machine", "type"), Mode.RESTART, "machine type is fixed when QEMU starts"),
+    FieldRule(("machine", "accel"), Mode.RESTART, "accelerator is chosen when QEMU starts"),
+    FieldRule(("cpu",), Mode.RESTART, "vCPU topology and model are fixed when QEMU starts"),
+    FieldRule(("memory", "size"), Mode.RESTART, "memory size is fixed when QEMU starts"),
+    FieldRule(("boot",), Mode.RESTART, "kernel, initrd and cmdline are read when the VM boots"),
+    FieldRule(("disks", "*"), Mode.RESTART, "a disk is attached when QEMU starts",
+              "Adding or removing a disk; a removed disk's file is kept."),
+    FieldRule(("disks", "*", "size"), Mode.LIVE, "block_resize (running) or qemu-img resize (stopped)",
+              "Grow only: a smaller size is refused, never applied."),
+    FieldRule(("disks", "*", "image"), Mode.REFUSED, "a disk's backing image cannot change",
+              "Give the disk a new name to create it from another image."),
+    FieldRule(("disks", "*", "imageFormat"), Mode.REFUSED, "a disk's backing image cannot change"),
+    FieldRule(("disks", "*", "deletePolicy"), Mode.LIVE, "recorded", "Read when the VM is deleted."),
+    FieldRule(("networks", "*"), Mode.RESTART, "a NIC is attached when QEMU starts"),
+    FieldRule(("networks", "*", "mac"), Mode.RESTART, "a NIC's MAC is set when QEMU starts"),
+    FieldRule(("networks", "*", "type"), Mode.RESTART, "a NIC's backend is set when QEMU starts"),
+    FieldRule(("networks", "*", "portForwards"), Mode.RESTART, "user-mode port forwards are set when QEMU starts"),
+    FieldRule(("metadata", "labels"), Mode.LIVE, "recorded"),
+)
+
+
+def rule_for(path: tuple[str, ...]) -> FieldRule:
+    """The most specific rule whose pattern is a prefix of ``path`` (``*`` matches any name)."""
+    best: FieldRule | None = None
+    for rule in TABLE:
+        if len(rule.pattern) > len(path):
+            continue
+        if all(want in ("*", got) for want, got in zip(rule.pattern, path, strict=False)) and (
+            best is None or len(rule.pattern) > len(best.pattern)
+        ):
+            best = rule
+    if best is None:
+        # A field nobody classified is treated as needing a restart: never silently ignored.
+        return FieldRule(path, Mode.RESTART, "not live-updatable")
+    return best
+
+
+def render_markdown() -> str:
+    lines = [
+        "| field | change | how | note |",
+        "|---|---|---|---|",
+    ]
+    for rule in TABLE:
+        path = ".".join("<name>" if part == "*" else part for part in rule.pattern)
+        lines.append(f"| `{path}` | {rule.mode.value} | {rule.how} | {rule.note} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,65 @@
+"""What the planner knows about the host: frozen snapshots built by ``reconciler.observe``.
+
+These are facts, not opinions: the observers fill them from /proc, QMP, ``qemu-img info -U`` and the
+state directory, and the planner reads them. They serialise to JSON so a plan's inputs can be digested
+(a saved plan is refused when they changed) and so a plan can be computed offline from a recording.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reconciler.spec.models import VirtualMachine, VirtualMachineSpec
+
+
+class _Fact(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ObservedImage(_Fact):
+    """One image file as ``qemu-img info -U`` reports it (or its absence)."""
+
+    path: str
+    exists: bool
+    virtual_size: int | None = None
+    format: str | None = None
+    backing: str | None = None
+    error: str | None = None
+
+
+class ObservedProcess(_Fact):
+    """A live QEMU whose /proc cmdline proved it is ours for this VM."""
+
+    pid: int
+    status: str = Field(description="QMP query-status: running, paused, shutdown...; 'unreachable' without QMP")
+    launched: VirtualMachineSpec | None = Field(
+        default=None, description="The spec the process was started with (launch.json, checked against argv)."
+    )
+
+
+class ObservedVM(_Fact):
+    name: str
+    process: ObservedProcess | None = None
+    disks: dict[str, ObservedImage] = Field(default_factory=dict, description="Our disk files, by disk name.")
+
+
+class AppliedRecord(_Fact):
+    """The last-applied record of a VM: proof that we manage it, and which disk files we created."""
+
+    vm: VirtualMachine
+    owned_disks: list[str] = Field(default_factory=list)
+    source: str | None = None
+
+
+class ObservedState(_Fact):
+    state_dir: str
+    vms: dict[str, ObservedVM] = Field(default_factory=dict)
+    images: dict[str, ObservedImage] = Field(default_factory=dict, description="Backing images, by path.")
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+    def vm(self, name: str) -> ObservedVM:
+        return self.vms.get(name) or ObservedVM(name=name)

@@ -1,0 +1,316 @@
+"""``plan(desired, observed, last_applied) -> Plan``: the pure heart of the reconciler.
+
+For each VM it decides one action and the ordered steps that carry it out, from three inputs only:
+the desired VMs (manifests), the observed host (``ObservedState``) and the last-applied records. No I/O,
+no clock, no randomness: the same inputs give a byte-identical plan. The per-field decisions come from
+``plan.fields``; this module only combines them. Called by the CLI (plan, apply, status) and the sync loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan, Step, StepKind
+from reconciler.plan.fields import rule_for
+from reconciler.plan.observed import AppliedRecord, ObservedImage, ObservedState, ObservedVM
+from reconciler.spec.layout import StateLayout, disk_node
+from reconciler.spec.models import DiskSpec, VirtualMachine, VirtualMachineSpec
+from reconciler.spec.units import format_size
+
+Path_ = tuple[str, ...]
+
+
+def flatten(spec: VirtualMachineSpec) -> dict[Path_, Any]:
+    """Spec fields as path -> value, with disks and NICs keyed by name (so order never matters)."""
+    data = spec.model_dump(mode="python")
+    flat: dict[Path_, Any] = {}
+
+    def walk(prefix: Path_, value: Any) -> None:
+        if isinstance(value, dict):
+            for key in sorted(value):
+                walk((*prefix, key), value[key])
+        else:
+            flat[prefix] = value
+
+    for key in sorted(data):
+        value = data[key]
+        if key in ("disks", "networks"):
+            for item in value:
+                flat[(key, item["name"])] = "present"
+                walk((key, item["name"]), {k: v for k, v in item.items() if k != "name"})
+        else:
+            walk((key,), value)
+    return flat
+
+
+def field_diff(before: VirtualMachineSpec, after: VirtualMachineSpec) -> list[tuple[Path_, Any, Any]]:
+    """Every leaf that differs, sorted by path. A whole disk/NIC added or removed is one entry."""
+    old, new = flatten(before), flatten(after)
+    changed: list[tuple[Path_, Any, Any]] = []
+    gone_items = {path for path in old if len(path) == 2 and path[0] in ("disks", "networks") and path not in new}
+    new_items = {path for path in new if len(path) == 2 and path[0] in ("disks", "networks") and path not in old}
+    for path in sorted(set(old) | set(new)):
+        if path[:2] in gone_items | new_items and len(path) > 2:
+            continue  # reported once, as the item being added or removed
+        if old.get(path) != new.get(path):
+            changed.append((path, old.get(path), new.get(path)))
+    return changed
+
+
+def _dotted(path: Path_) -> str:
+    head, *rest = path
+    if head in ("disks", "networks") and rest:
+        name, *tail = rest
+        return f"{head}[{name}]" + "".join(f".{part}" for part in tail)
+    return ".".join(path)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    allow_restart: bool = False
+
+
+@dataclass
+class _VMPlan:
+    """Scratch space while one VM's change is worked out."""
+
+    name: str
+    reasons: list[str] = field(default_factory=list)
+    fields: list[FieldChange] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+    restart_causes: list[str] = field(default_factory=list)
+    disk_steps: list[Step] = field(default_factory=list)
+    live_grows: list[Step] = field(default_factory=list)
+    offline_grows: list[Step] = field(default_factory=list)
+
+
+def plan(
+    desired: Mapping[str, VirtualMachine],
+    observed: ObservedState,
+    last_applied: Mapping[str, AppliedRecord],
+    *,
+    manifest_dir: str = "",
+    desired_digest: str = "",
+    options: PlanOptions | None = None,
+) -> Plan:
+    """Compute the plan. ``desired`` must be a complete, valid set: a VM missing from it is deleted."""
+    options = options or PlanOptions()
+    layout = StateLayout(Path(observed.state_dir))
+    names = sorted(set(desired) | set(last_applied) | {n for n, vm in observed.vms.items() if vm.process})
+    changes = []
+    for name in names:
+        change = _plan_vm(name, desired.get(name), observed, last_applied.get(name), layout, options)
+        if change is not None:
+            changes.append(change)
+    return Plan(
+        manifest_dir=manifest_dir,
+        state_dir=observed.state_dir,
+        desired_digest=desired_digest,
+        observed_digest=observed.digest(),
+        allow_restart=options.allow_restart,
+        changes=changes,
+    )
+
+
+def _plan_vm(
+    name: str,
+    desired: VirtualMachine | None,
+    observed: ObservedState,
+    record: AppliedRecord | None,
+    layout: StateLayout,
+    options: PlanOptions,
+) -> Change | None:
+    obs = observed.vm(name)
+    if desired is None:
+        return _plan_delete(name, obs, record)
+    spec = desired.spec
+    work = _VMPlan(name)
+    running = obs.process is not None
+    attached = {d.name for d in obs.process.launched.disks} if obs.process and obs.process.launched else set()
+
+    for disk in spec.disks:
+        _plan_disk(work, disk, obs.disks.get(disk.name), observed, layout, running and disk.name in attached)
+
+    if running:
+        assert obs.process is not None
+        _restart_causes(work, spec, obs)
+
+    record_changed = record is None or record.vm != desired
+    if record is not None and record.vm != desired:
+        _record_only_fields(work, record.vm, desired)
+
+    if work.refusals:
+        return Change(vm=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
+
+    allowed = options.allow_restart or spec.restartPolicy == "Auto"
+    steps: list[Step] = []
+    pending: list[str] = []
+    action = Action.NOOP
+    stop = Step(kind=StepKind.STOP, vm=name, summary="stop gracefully (ACPI power button, then quit)",
+                args={"timeout": spec.terminationGracePeriodSeconds})
+    start = Step(kind=StepKind.START, vm=name, summary="start QEMU and wait for its monitor")
+
+    if spec.runStrategy == "Halted":
+        if running:
+            work.reasons.append("runStrategy is Halted and the VM is running")
+            steps = [stop, *work.disk_steps, *work.offline_grows]
+        else:
+            steps = [*work.disk_steps, *work.offline_grows]
+    elif not running:
+        work.reasons.append("the VM is not running and runStrategy is Always" if record else "new VM")
+        steps = [*work.disk_steps, *work.offline_grows, start]
+    elif work.restart_causes and allowed:
+        work.reasons.append("restart: " + "; ".join(work.restart_causes))
+        steps = [*work.live_grows, *work.disk_steps, stop, *work.offline_grows, start]
+        action = Action.RESTART
+    else:
+        steps = list(work.live_grows)
+        pending = list(work.restart_causes)
+
+    if steps or record_changed:
+        steps = [_record_step(name, desired, record), *steps]
+    if action is Action.NOOP and steps:
+        action = Action.CREATE if record is None else Action.UPDATE
+    return Change(vm=name, action=action, reasons=work.reasons, fields=work.fields, steps=steps,
+                  pending_restart=pending, refusals=[])
+
+
+def _record_step(name: str, desired: VirtualMachine, record: AppliedRecord | None) -> Step:
+    return Step(
+        kind=StepKind.WRITE_RECORD,
+        vm=name,
+        summary="record the desired spec as last applied",
+        args={"vm": desired.model_dump(mode="json")},
+    )
+
+
+def _plan_disk(
+    work: _VMPlan,
+    disk: DiskSpec,
+    current: ObservedImage | None,
+    observed: ObservedState,
+    layout: StateLayout,
+    attached_live: bool,
+) -> None:
+    path = str(layout.vm(work.name).disk(disk.name))
+    label = f"disk {disk.name}"
+    if current is None or not current.exists:
+        base = observed.images.get(disk.image) if disk.image else None
+        if disk.image and (base is None or not base.exists):
+            work.refusals.append(f"{label}: backing image {disk.image} does not exist")
+            return
+        if base is not None and disk.size is not None and base.virtual_size and disk.size < base.virtual_size:
+            work.refusals.append(
+                f"{label}: size {format_size(disk.size)} is smaller than its image "
+                f"({format_size(base.virtual_size)}); disks never shrink"
+            )
+            return
+        size = disk.size if disk.size is not None else (base.virtual_size if base else None)
+        what = f"create {format_size(size)} qcow2" if size else "create qcow2"
+        if disk.image:
+            what += f" backed by {disk.image}"
+        work.disk_steps.append(Step(
+            kind=StepKind.CREATE_DISK, vm=work.name, target=disk.name, summary=f"{label}: {what}",
+            args={"path": path, "size": disk.size, "image": disk.image, "image_format": disk.imageFormat},
+        ))
+        work.fields.append(FieldChange(path=f"disks[{disk.name}]", before=None, after="present", mode=Mode.LIVE,
+                                       how="qemu-img create"))
+        return
+    if current.error:
+        work.refusals.append(f"{label}: cannot read {path}: {current.error}")
+        return
+    if current.format != "qcow2":
+        work.refusals.append(f"{label}: {path} is {current.format}, expected qcow2")
+        return
+    if disk.image and current.backing != disk.image:
+        work.refusals.append(
+            f"{label}: its backing image is {current.backing or 'none'}, the manifest says {disk.image}; "
+            "a disk's image cannot change (give the disk a new name)"
+        )
+        work.fields.append(FieldChange(path=f"disks[{disk.name}].image", before=current.backing, after=disk.image,
+                                       mode=Mode.REFUSED, how=rule_for(("disks", "*", "image")).how))
+        return
+    if disk.size is None or current.virtual_size is None or disk.size == current.virtual_size:
+        return
+    before, after = format_size(current.virtual_size), format_size(disk.size)
+    if disk.size < current.virtual_size:
+        work.refusals.append(f"{label}: shrinking {before} -> {after} is refused; disks never shrink")
+        work.fields.append(FieldChange(path=f"disks[{disk.name}].size", before=before, after=after,
+                                       mode=Mode.REFUSED, how="disks never shrink"))
+        return
+    if attached_live:
+        step = Step(kind=StepKind.GROW_DISK_LIVE, vm=work.name, target=disk.name,
+                    summary=f"{label}: grow {before} -> {after} (block_resize)",
+                    args={"node": disk_node(disk.name), "size": disk.size, "path": path})
+        work.live_grows.append(step)
+        how = "live: block_resize"
+    else:
+        step = Step(kind=StepKind.GROW_DISK_OFFLINE, vm=work.name, target=disk.name,
+                    summary=f"{label}: grow {before} -> {after} (qemu-img resize)",
+                    args={"size": disk.size, "path": path})
+        work.offline_grows.append(step)
+        how = "qemu-img resize (VM stopped)"
+    work.fields.append(FieldChange(path=f"disks[{disk.name}].size", before=before, after=after, mode=Mode.LIVE,
+                                   how=how))
+
+
+def _restart_causes(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM) -> None:
+    """Fields whose desired value differs from what the running QEMU was started with."""
+    assert obs.process is not None
+    launched = obs.process.launched
+    if launched is None:
+        work.restart_causes.append("the running QEMU has no launch record to compare with")
+        return
+    for path, before, after in field_diff(launched, spec):
+        rule = rule_for(path)
+        if rule.mode is not Mode.RESTART:
+            continue
+        label = _dotted(path)
+        if len(path) == 2 and path[0] in ("disks", "networks"):
+            cause = f"{label} {'added' if after else 'removed'}"
+        else:
+            cause = f"{label} changed ({before!r} -> {after!r})"
+        work.restart_causes.append(f"{cause}: {rule.how}")
+        work.fields.append(FieldChange(path=label, before=before, after=after, mode=Mode.RESTART, how=rule.how))
+
+
+def _record_only_fields(work: _VMPlan, before: VirtualMachine, after: VirtualMachine) -> None:
+    if before.metadata.labels != after.metadata.labels:
+        work.fields.append(FieldChange(path="metadata.labels", before=before.metadata.labels,
+                                       after=after.metadata.labels, mode=Mode.LIVE, how="recorded"))
+    for path, old, new in field_diff(before.spec, after.spec):
+        rule = rule_for(path)
+        if rule.mode is Mode.LIVE and rule.how == "recorded":
+            work.fields.append(FieldChange(path=_dotted(path), before=old, after=new, mode=Mode.LIVE, how=rule.how))
+        elif path == ("runStrategy",):
+            work.fields.append(FieldChange(path="runStrategy", before=old, after=new, mode=Mode.LIVE, how=rule.how))
+
+
+def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None) -> Change | None:
+    if record is None:
+        # A QEMU that is ours (its cmdline names our pidfile) but that we have no record of can only come
+        # from a crash before the record was written; stop it, there is nothing else of ours to remove.
+        if obs.process is None:
+            return None
+        return Change(vm=name, action=Action.DELETE, reasons=["running but not in any manifest"],
+                      steps=[Step(kind=StepKind.STOP, vm=name, summary="stop gracefully", args={"timeout": 60}),
+                             Step(kind=StepKind.FORGET, vm=name, summary="forget the VM (disks are kept)")])
+    steps: list[Step] = []
+    if obs.process is not None:
+        steps.append(Step(kind=StepKind.STOP, vm=name, summary="stop gracefully (ACPI power button, then quit)",
+                          args={"timeout": record.vm.spec.terminationGracePeriodSeconds}))
+    kept = []
+    for disk in record.vm.spec.disks:
+        image = obs.disks.get(disk.name)
+        if disk.deletePolicy == "Delete" and disk.name in record.owned_disks and image and image.exists:
+            steps.append(Step(kind=StepKind.DELETE_DISK, vm=name, target=disk.name,
+                              summary=f"disk {disk.name}: delete {image.path} (deletePolicy: Delete)",
+                              args={"path": image.path}))
+        elif image and image.exists:
+            kept.append(disk.name)
+    summary = "forget the VM" + (f" (keeping disks: {', '.join(kept)})" if kept else "")
+    steps.append(Step(kind=StepKind.FORGET, vm=name, summary=summary))
+    return Change(vm=name, action=Action.DELETE, reasons=["its manifest was removed"], steps=steps)

@@ -1,0 +1,1 @@
+"""Pure translation of desired VMs into QEMU command lines. No I/O."""

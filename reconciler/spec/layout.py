@@ -1,0 +1,108 @@
+"""Where everything the reconciler writes lives under its state directory (pure path arithmetic).
+
+    STATE/lock                         the run lock (flock)
+    STATE/vms/NAME/record.json         last-applied record: the spec we applied and the disks we created
+    STATE/vms/NAME/launch.json         the spec and argv the current QEMU was started with
+    STATE/vms/NAME/qemu.pid            QEMU's pidfile
+    STATE/vms/NAME/qmp.sock            QMP monitor for short-lived clients (CLI, executor)
+    STATE/vms/NAME/events.sock         a second QMP monitor, kept free for a long-lived event listener
+    STATE/vms/NAME/serial.log          the guest's serial console
+    STATE/disks/NAME/DISK.qcow2        disk images: outside the VM folder, so forgetting a VM keeps them
+
+Disk and VM names are validated by the spec models, so every path here stays inside STATE.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_STATE_DIR = "/var/lib/infinization"
+STATE_DIR_ENV = "INFINIZATION_STATE_DIR"
+UNIX_PATH_MAX = 107
+
+
+def state_dir_from_env(explicit: str | None = None) -> Path:
+    return Path(explicit or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR).absolute()
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    root: Path
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def vms(self) -> Path:
+        return self.root / "vms"
+
+    @property
+    def disks(self) -> Path:
+        return self.root / "disks"
+
+    def vm(self, name: str) -> VMPaths:
+        return VMPaths(self.vms / name, self.disks / name)
+
+
+@dataclass(frozen=True)
+class VMPaths:
+    dir: Path
+    disk_dir: Path
+
+    @property
+    def record(self) -> Path:
+        return self.dir / "record.json"
+
+    @property
+    def launch(self) -> Path:
+        return self.dir / "launch.json"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
+
+    @property
+    def qmp(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def events(self) -> Path:
+        return self.dir / "events.sock"
+
+    @property
+    def serial(self) -> Path:
+        return self.dir / "serial.log"
+
+    def disk(self, disk_name: str) -> Path:
+        return self.disk_dir / f"{disk_name}.qcow2"
+
+    def check(self) -> None:
+        """Refuse paths QEMU cannot use: sockets longer than a sun_path, or option separators."""
+        for path in (self.qmp, self.events):
+            if len(os.fsencode(path)) > UNIX_PATH_MAX:
+                raise ValueError(
+                    f"socket path {path} is longer than {UNIX_PATH_MAX} bytes; use a shorter --state-dir"
+                )
+        for path in (self.dir, self.disk_dir):
+            if "," in str(path) or "=" in str(path):
+                raise ValueError(f"state path {path} must not contain ',' or '='")
+
+
+def disk_node(disk_name: str) -> str:
+    """The QEMU format-node name of a disk (what ``block_resize`` targets); also its device id."""
+    return f"disk-{disk_name}"
+
+
+def disk_file_node(disk_name: str) -> str:
+    return f"file-{disk_name}"
+
+
+def nic_device(nic_name: str) -> str:
+    return f"nic-{nic_name}"
+
+
+def nic_netdev(nic_name: str) -> str:
+    return f"net-{nic_name}"

@@ -1,0 +1,343 @@
+"""The strict manifest loader: YAML files in a directory -> validated models, or every error at once.
+
+Strict means: duplicate keys are errors, only YAML 1.2 core scalars are implicit (``52:54:00:12:34:56``
+stays a string, ``on``/``no`` stay strings), unknown fields are errors, and every error names
+``file:line:col``, the field path and what was expected. All files are read and all errors are returned
+together, so one run shows everything to fix. Called by the CLI and the sync loop; pure except for reading
+the files it is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from reconciler.spec.models import API_VERSION, VirtualMachine, nic_mac
+
+Loc = tuple[str | int, ...]
+KINDS: dict[str, type[BaseModel]] = {"VirtualMachine": VirtualMachine}
+
+
+@dataclass(frozen=True, order=True)
+class ManifestError:
+    """One problem in one manifest, located as precisely as the YAML allows."""
+
+    file: str
+    line: int
+    col: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.col}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Source:
+    file: str
+    line: int
+
+
+@dataclass(frozen=True)
+class LoadedVM:
+    vm: VirtualMachine
+    source: Source
+
+
+@dataclass
+class ManifestSet:
+    """Everything one read of the manifest directory produced."""
+
+    directory: str
+    vms: dict[str, LoadedVM] = field(default_factory=dict)
+    errors: list[ManifestError] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    failed_files: set[str] = field(default_factory=set)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def digest(self) -> str:
+        """A hash of the desired state (not of the files' bytes): comments and key order don't count."""
+        canonical = {name: loaded.vm.model_dump(mode="json") for name, loaded in sorted(self.vms.items())}
+        return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core-schema implicit types only (no sexagesimal ints, no yes/no/on/off)."""
+
+
+_StrictLoader.yaml_implicit_resolvers = {}
+for _tag, _regexp, _first in (
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:int", r"^[-+]?[0-9]+$", "-+0123456789"),
+    ("tag:yaml.org,2002:float", r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$", "-+0123456789."),
+):
+    _StrictLoader.add_implicit_resolver(_tag, re.compile(_regexp), list(_first))
+
+
+class _YamlProblem(Exception):
+    def __init__(self, node: yaml.Node, message: str) -> None:
+        super().__init__(message)
+        self.node = node
+        self.message = message
+
+
+@dataclass
+class _Marks:
+    """Where each path of one document sits in the file (1-based line and column)."""
+
+    values: dict[Loc, tuple[int, int]] = field(default_factory=dict)
+    keys: dict[Loc, tuple[int, int]] = field(default_factory=dict)
+
+    def locate(self, loc: Loc, prefer_key: bool = False) -> tuple[int, int]:
+        for end in range(len(loc), -1, -1):
+            prefix = loc[:end]
+            if prefer_key and end == len(loc) and prefix in self.keys:
+                return self.keys[prefix]
+            if prefix in self.values:
+                return self.values[prefix]
+        return (1, 1)
+
+
+def _pos(node: yaml.Node) -> tuple[int, int]:
+    return (node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _construct(node: yaml.Node, loc: Loc, marks: _Marks) -> Any:
+    """Turn a composed node into plain Python data, recording marks and rejecting duplicate keys."""
+    marks.values[loc] = _pos(node)
+    if isinstance(node, yaml.MappingNode):
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+                raise _YamlProblem(key_node, "mapping keys must be plain strings")
+            key = key_node.value
+            if key in result:
+                line, _ = marks.keys[(*loc, key)]
+                raise _YamlProblem(key_node, f"duplicate key {key!r} (first defined on line {line})")
+            marks.keys[(*loc, key)] = _pos(key_node)
+            result[key] = _construct(value_node, (*loc, key), marks)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(item, (*loc, index), marks) for index, item in enumerate(node.value)]
+    assert isinstance(node, yaml.ScalarNode)
+    tag = node.tag
+    if tag == "tag:yaml.org,2002:str":
+        return node.value
+    if tag == "tag:yaml.org,2002:int":
+        return int(node.value)
+    if tag == "tag:yaml.org,2002:float":
+        return float(node.value)
+    if tag == "tag:yaml.org,2002:bool":
+        return node.value.lower() == "true"
+    if tag == "tag:yaml.org,2002:null":
+        return None
+    raise _YamlProblem(node, f"unsupported YAML tag {tag!r}")
+
+
+def format_loc(loc: Iterable[str | int]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _fields_at(model: type[BaseModel], loc: Loc) -> list[str] | None:
+    """The field names a model accepts at ``loc`` (for 'unknown field' hints), if it can be resolved."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        info = current.model_fields.get(str(part))
+        if info is None:
+            return None
+        current = _innermost_model(info.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return None
+
+
+def _innermost_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _innermost_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _pydantic_errors(
+    exc: ValidationError, model: type[BaseModel], file: str, marks: _Marks
+) -> Iterator[ManifestError]:
+    for err in exc.errors(include_url=False):
+        loc: Loc = tuple(part for part in err["loc"] if isinstance(part, int | str))
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _fields_at(model, loc[:-1])
+            message = f"unknown field {loc[-1]!r}" + (
+                f" (expected one of: {', '.join(allowed)})" if allowed else ""
+            )
+            line, col = marks.locate(loc, prefer_key=True)
+        elif err["type"] == "missing":
+            message = "required field is missing"
+            line, col = marks.locate(loc)
+        else:
+            line, col = marks.locate(loc)
+            if "input" in err and err["type"] != "value_error" and not isinstance(err["input"], dict | list):
+                message += f" (got {err['input']!r})"
+        yield ManifestError(file, line, col, format_loc(loc), message)
+
+
+def _load_document(data: Any, file: str, marks: _Marks) -> tuple[BaseModel | None, list[ManifestError]]:
+    if not isinstance(data, dict):
+        line, col = marks.locate(())
+        return None, [ManifestError(file, line, col, "", "a manifest must be a mapping with apiVersion and kind")]
+    kind = data.get("kind")
+    if kind not in KINDS:
+        line, col = marks.locate(("kind",))
+        what = "is missing" if kind is None else f"{kind!r} is not a known kind"
+        return None, [ManifestError(file, line, col, "kind", f"{what}; expected one of: {', '.join(KINDS)}")]
+    if data.get("apiVersion") != API_VERSION:
+        line, col = marks.locate(("apiVersion",))
+        return None, [
+            ManifestError(file, line, col, "apiVersion", f"expected {API_VERSION!r}, got {data.get('apiVersion')!r}")
+        ]
+    model = KINDS[kind]
+    try:
+        return model.model_validate(data), []
+    except ValidationError as exc:
+        return None, sorted(_pydantic_errors(exc, model, file, marks))
+
+
+def manifest_files(directory: Path) -> list[Path]:
+    """YAML files under ``directory``, sorted, skipping hidden files and folders (``.git``...)."""
+    found = []
+    for path in directory.rglob("*"):
+        relative = path.relative_to(directory)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            found.append(path)
+    return sorted(found)
+
+
+def load_text(text: str, file: str) -> tuple[list[tuple[BaseModel, Source]], list[ManifestError]]:
+    """Parse every document of one file's text."""
+    objects: list[tuple[BaseModel, Source]] = []
+    errors: list[ManifestError] = []
+    try:
+        for node in yaml.compose_all(text, Loader=_StrictLoader):
+            if node is None:
+                continue
+            marks = _Marks()
+            try:
+                data = _construct(node, (), marks)
+            except _YamlProblem as problem:
+                line, col = _pos(problem.node)
+                errors.append(ManifestError(file, line, col, "", problem.message))
+                continue
+            obj, doc_errors = _load_document(data, file, marks)
+            errors.extend(doc_errors)
+            if obj is not None:
+                objects.append((obj, Source(file, _pos(node)[0])))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        errors.append(ManifestError(file, line, col, "", f"invalid YAML: {exc.problem or exc.context}"))
+    except yaml.YAMLError as exc:  # pragma: no cover - every PyYAML parse error is marked
+        errors.append(ManifestError(file, 1, 1, "", f"invalid YAML: {exc}"))
+    return objects, errors
+
+
+def load_directory(directory: str | Path) -> ManifestSet:
+    """Load and cross-check every manifest under ``directory``."""
+    root = Path(directory)
+    result = ManifestSet(directory=str(root))
+    if not root.is_dir():
+        result.errors.append(ManifestError(str(root), 1, 1, "", "not a directory"))
+        return result
+    for path in manifest_files(root):
+        file = str(path)
+        result.files.append(file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            result.errors.append(ManifestError(file, 1, 1, "", f"cannot read: {exc}"))
+            result.failed_files.add(file)
+            continue
+        objects, errors = load_text(text, file)
+        if errors:
+            result.errors.extend(errors)
+            result.failed_files.add(file)
+        for obj, source in objects:
+            if isinstance(obj, VirtualMachine):
+                _add_vm(result, obj, source)
+    _check_unique_across(result)
+    return result
+
+
+def _add_vm(result: ManifestSet, vm: VirtualMachine, source: Source) -> None:
+    first = result.vms.get(vm.name)
+    if first is not None:
+        result.errors.append(
+            ManifestError(
+                source.file,
+                source.line,
+                1,
+                "metadata.name",
+                f"VirtualMachine {vm.name!r} is already defined at {first.source.file}:{first.source.line}",
+            )
+        )
+        result.failed_files.add(source.file)
+        return
+    result.vms[vm.name] = LoadedVM(vm, source)
+
+
+def _check_unique_across(result: ManifestSet) -> None:
+    """MACs and host port forwards must be unique across all VMs of the host."""
+    macs: dict[str, str] = {}
+    ports: dict[tuple[str, str, int], str] = {}
+    for name, loaded in sorted(result.vms.items()):
+        spec = loaded.vm.spec
+        for index, nic in enumerate(spec.networks):
+            mac = nic_mac(name, nic)
+            where = f"spec.networks[{index}]"
+            if mac in macs:
+                result.errors.append(
+                    ManifestError(
+                        loaded.source.file, loaded.source.line, 1, f"{where}.mac",
+                        f"MAC {mac} is also used by {macs[mac]}",
+                    )
+                )
+                result.failed_files.add(loaded.source.file)
+            macs.setdefault(mac, f"VirtualMachine {name!r} NIC {nic.name!r}")
+            for forward in nic.portForwards:
+                key = (forward.hostAddress, forward.protocol, forward.host)
+                if key in ports:
+                    result.errors.append(
+                        ManifestError(
+                            loaded.source.file, loaded.source.line, 1, f"{where}.portForwards",
+                            f"host port {forward.protocol}/{forward.hostAddress}:{forward.host} "
+                            f"is also forwarded by {ports[key]}",
+                        )
+                    )
+                    result.failed_files.add(loaded.source.file)
+                ports.setdefault(key, f"VirtualMachine {name!r}")

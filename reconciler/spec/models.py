@@ -1,0 +1,206 @@
+"""Frozen pydantic models of the manifest kinds (apiVersion ``infinization.io/v1alpha1``).
+
+The loader (``spec.loader``) builds these from YAML; the planner compares them; the argv builder turns
+them into QEMU options. Every string that can reach a QEMU option is validated here, once, so that no
+``,``, ``=`` or control character can inject an option, and every path is absolute and normalised.
+Defaults live here and nowhere else, so a default never shows up as drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from reconciler.spec.units import Size
+
+API_VERSION = "infinization.io/v1alpha1"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=False, validate_default=True)
+
+
+def _no_control(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (newline, tab, NUL...)")
+    return value
+
+
+def _option_safe(value: str) -> str:
+    """A value that is placed inside a QEMU ``key=value,...`` option: no ',' or '=' or control chars."""
+    _no_control(value)
+    if "," in value or "=" in value:
+        raise ValueError("must not contain ',' or '=' (they would inject QEMU options)")
+    return value
+
+
+def _absolute_path(value: str) -> str:
+    _option_safe(value)
+    if not value.startswith("/"):
+        raise ValueError("must be an absolute path")
+    if ".." in value.split("/"):
+        raise ValueError("must not contain '..'")
+    return posixpath.normpath(value)
+
+
+def _mac(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", value):
+        raise ValueError("must be a MAC address like 52:54:00:12:34:56")
+    if int(value[:2], 16) & 1:
+        raise ValueError("must be a unicast MAC address (the first octet must be even)")
+    return value.lower()
+
+
+def _accel_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+AbsolutePath = Annotated[str, AfterValidator(_absolute_path)]
+MacAddress = Annotated[str, AfterValidator(_mac)]
+ResourceName = Annotated[
+    str,
+    Field(min_length=1, max_length=40, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"),
+]
+"""A VM name: lowercase letters, digits and '-', at most 40 characters, not starting or ending with '-'."""
+DeviceName = Annotated[str, Field(min_length=1, max_length=24, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")]
+"""A disk or NIC name inside one VM; it becomes part of QEMU ids and file names."""
+Accel = Literal["kvm", "tcg"]
+
+
+class ObjectMeta(_Frozen):
+    name: ResourceName
+    labels: dict[Annotated[str, Field(max_length=63)], Annotated[str, AfterValidator(_no_control)]] = Field(
+        default_factory=dict
+    )
+
+
+class MachineSpec(_Frozen):
+    type: Literal["q35", "pc"] = "q35"
+    accel: Annotated[list[Accel], BeforeValidator(_accel_list), Field(min_length=1)] = Field(
+        default_factory=lambda: ["kvm", "tcg"],
+        description="An accelerator or a list tried in order (QEMU falls back to the next one).",
+    )
+
+    @model_validator(mode="after")
+    def _unique_accels(self) -> MachineSpec:
+        if len(set(self.accel)) != len(self.accel):
+            raise ValueError("accel lists an accelerator twice")
+        return self
+
+
+class CpuSpec(_Frozen):
+    sockets: Annotated[int, Field(ge=1, le=16)] = 1
+    cores: Annotated[int, Field(ge=1, le=128)] = 1
+    threads: Annotated[int, Field(ge=1, le=2)] = 1
+    model: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)] | None = None
+
+    @property
+    def count(self) -> int:
+        return self.sockets * self.cores * self.threads
+
+
+class MemorySpec(_Frozen):
+    size: Size = 512 * 1024**2
+
+    @model_validator(mode="after")
+    def _whole_mebibytes(self) -> MemorySpec:
+        if self.size % 1024**2 or self.size < 16 * 1024**2:
+            raise ValueError("memory size must be a whole number of MiB, at least 16Mi")
+        return self
+
+
+class BootSpec(_Frozen):
+    kernel: AbsolutePath
+    initrd: AbsolutePath | None = None
+    cmdline: Annotated[str, AfterValidator(_no_control), Field(max_length=4096)] = ""
+
+
+class DiskSpec(_Frozen):
+    name: DeviceName
+    size: Size | None = Field(default=None, description="Virtual size; grows in place, never shrinks.")
+    image: AbsolutePath | None = Field(
+        default=None, description="A backing image: the disk is a copy-on-write linked clone of it."
+    )
+    imageFormat: Literal["qcow2", "raw"] = "qcow2"
+    deletePolicy: Literal["Retain", "Delete"] = Field(
+        default="Retain", description="What happens to the disk file when its VM is deleted."
+    )
+
+    @model_validator(mode="after")
+    def _size_or_image(self) -> DiskSpec:
+        if self.size is None and self.image is None:
+            raise ValueError("a disk needs a size, an image, or both")
+        if self.size is not None and (self.size % 512 or self.size == 0):
+            raise ValueError("disk size must be a positive multiple of 512 bytes")
+        return self
+
+
+class PortForward(_Frozen):
+    host: Annotated[int, Field(ge=1, le=65535)]
+    guest: Annotated[int, Field(ge=1, le=65535)]
+    protocol: Literal["tcp", "udp"] = "tcp"
+    hostAddress: Annotated[
+        str, Field(pattern=r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$", description="Host address to bind.")
+    ] = "127.0.0.1"
+
+
+class NetworkInterfaceSpec(_Frozen):
+    name: DeviceName
+    type: Literal["user"] = "user"
+    mac: MacAddress | None = Field(
+        default=None, description="Defaults to a stable address derived from the VM and NIC names."
+    )
+    portForwards: list[PortForward] = Field(default_factory=list)
+
+
+class VirtualMachineSpec(_Frozen):
+    runStrategy: Literal["Always", "Halted"] = "Always"
+    restartPolicy: Literal["Manual", "Auto"] = Field(
+        default="Manual",
+        description="Manual: changes that need a restart wait for `apply --allow-restart`. Auto: restart.",
+    )
+    machine: MachineSpec = Field(default_factory=MachineSpec)
+    cpu: CpuSpec = Field(default_factory=CpuSpec)
+    memory: MemorySpec = Field(default_factory=MemorySpec)
+    boot: BootSpec | None = None
+    disks: list[DiskSpec] = Field(default_factory=list)
+    networks: list[NetworkInterfaceSpec] = Field(default_factory=list)
+    terminationGracePeriodSeconds: Annotated[int, Field(ge=0, le=3600)] = Field(
+        default=60, description="How long a graceful stop (ACPI power button) may take before QEMU is quit."
+    )
+
+    @model_validator(mode="after")
+    def _unique_device_names(self) -> VirtualMachineSpec:
+        for kind, items in (("disks", self.disks), ("networks", self.networks)):
+            seen: set[str] = set()
+            for item in items:
+                if item.name in seen:
+                    raise ValueError(f"{kind}: the name {item.name!r} is used twice")
+                seen.add(item.name)
+        return self
+
+
+class VirtualMachine(_Frozen):
+    apiVersion: Literal["infinization.io/v1alpha1"]
+    kind: Literal["VirtualMachine"]
+    metadata: ObjectMeta
+    spec: VirtualMachineSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+def default_mac(vm_name: str, nic_name: str) -> str:
+    """A stable locally-administered QEMU-range MAC derived from the VM and NIC names."""
+    digest = hashlib.sha256(f"{vm_name}/{nic_name}".encode()).digest()
+    return "52:54:00:{:02x}:{:02x}:{:02x}".format(*digest[:3])
+
+
+def nic_mac(vm_name: str, nic: NetworkInterfaceSpec) -> str:
+    return nic.mac if nic.mac is not None else default_mac(vm_name, nic.name)

@@ -1,0 +1,330 @@
+#!/bin/bash
+# Build Infinization's small test guest (kernel + busybox initramfs) from
+# Debian packages, cached.
+#
+# Usage: scripts/build-guest.sh OUTDIR
+#
+# Produces OUTDIR/vmlinuz and OUTDIR/initrd.img.  OUTDIR/.stamp records the
+# inputs (kernel package + version, busybox-static version, sha256 of this
+# script); when it matches and both outputs exist the script exits at once.
+#
+# Downloaded .debs are kept in ${INFZ_CACHE:-/var/cache/infinization}/debs.
+# Nothing is installed on the host.
+#
+# Boot with: -kernel OUTDIR/vmlinuz -initrd OUTDIR/initrd.img
+#            -append 'console=ttyS0 panic=-1'
+# The guest prints on the first serial port:
+#   INFZ-BOOTED                      once, when ready
+#   INFZ-REPORT seq=<n> disks=<name>:<bytes>[,...] nics=<if>@<mac>:<up|down>[,...] mem_kb=<kB> cpus=<n>
+#                                    whenever anything but seq changes
+#   INFZ-POWEROFF                    when the ACPI power button was pressed
+# It onlines hot-plugged CPUs and memory blocks, brings NICs up, and powers
+# off (QEMU exits) on QMP system_powerdown.
+set -euo pipefail
+
+META_PKG=linux-image-cloud-amd64
+BUSYBOX_PKG=busybox-static
+# Load order matters (dependencies first); missing ones are skipped in the guest.
+MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
+virtio_blk failover net_failover virtio_net virtio_balloon evdev button
+scsi_common scsi_mod virtio_scsi sd_mod cdrom sr_mod isofs"
+
+log() { echo "build-guest: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ $# -eq 1 ] && [ -n "$1" ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
+OUTDIR=$1
+SELF=$(readlink -f "${BASH_SOURCE[0]}")
+SCRIPT_SHA=$(sha256sum "$SELF" | cut -d' ' -f1)
+CACHE=${INFZ_CACHE:-/var/cache/infinization}
+DEBS=$CACHE/debs
+
+mkdir -p "$OUTDIR"
+OUTDIR=$(readlink -f "$OUTDIR")
+STAMP=$OUTDIR/.stamp
+
+# Serialise concurrent builds into the same OUTDIR.
+exec 9>"$OUTDIR/.lock"
+flock 9
+
+# --- resolve inputs --------------------------------------------------------
+KPKG= KVER= BBVER=
+resolve() {
+    # One apt-cache call (each one rebuilds apt's cache when pkgcache is
+    # disabled, ~0.5 s).  The meta-package depends on "KPKG (= VERSION)".
+    local out
+    out=$(apt-cache show --no-all-versions "$META_PKG" "$BUSYBOX_PKG" 2>/dev/null) || true
+    read -r KPKG KVER < <(awk -v m="$META_PKG" '
+        /^Package:/ { p = $2 }
+        p == m && /^Depends:/ {
+            n = split(substr($0, 10), deps, ",")
+            for (i = 1; i <= n; i++) {
+                if (match(deps[i], /linux-image-[0-9][^ (|]*/)) {
+                    pkg = substr(deps[i], RSTART, RLENGTH); ver = ""
+                    if (match(deps[i], /\(= [^)]*\)/)) ver = substr(deps[i], RSTART + 3, RLENGTH - 4)
+                    print pkg, ver; exit
+                }
+            }
+        }' <<<"$out") || true
+    BBVER=$(awk -v m="$BUSYBOX_PKG" '/^Package:/ { p = $2 } p == m && /^Version:/ { print $2; exit }' <<<"$out") || true
+    [ -n "${KPKG:-}" ] && [ -n "$BBVER" ] || return 1
+    if [ -z "${KVER:-}" ]; then   # no exact "(= VERSION)": ask for the candidate
+        KVER=$(apt-cache policy "$KPKG" 2>/dev/null | awk '$1 == "Candidate:" { print $2; exit }') || true
+    fi
+    [ -n "$KVER" ] && [ "$KVER" != "(none)" ]
+}
+stamp_text() {
+    printf 'kernel=%s %s\nbusybox=%s\nscript=%s\n' "$KPKG" "$KVER" "$BBVER" "$SCRIPT_SHA"
+}
+outputs_exist() { [ -s "$OUTDIR/vmlinuz" ] && [ -s "$OUTDIR/initrd.img" ] && [ -f "$STAMP" ]; }
+
+if ! resolve; then
+    log "cannot resolve $META_PKG from the apt lists; running apt-get update once"
+    if ! apt-get update -qq >&2 || ! resolve; then
+        # Offline and no lists: an existing build from this very script is
+        # still better than failing.
+        if outputs_exist && grep -qx "script=$SCRIPT_SHA" "$STAMP"; then
+            echo "guest in $OUTDIR is cached (apt unavailable; kernel version not re-checked)"
+            exit 0
+        fi
+        die "cannot resolve the kernel package behind $META_PKG"
+    fi
+fi
+KREL=${KPKG#linux-image-}
+
+if outputs_exist && [ "$(cat "$STAMP")" = "$(stamp_text)" ]; then
+    echo "guest in $OUTDIR is cached ($KPKG $KVER)"
+    exit 0
+fi
+
+log "building guest: $KPKG $KVER, $BUSYBOX_PKG $BBVER -> $OUTDIR"
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/infz-guest.XXXXXX")
+trap 'rm -rf "$TMP"' EXIT
+
+# --- fetch .debs (cached) --------------------------------------------------
+mkdir -p "$DEBS"
+# Let apt's sandbox user write here (avoids the "unsandboxed" warning).
+if [ "$(id -u)" = 0 ] && id _apt >/dev/null 2>&1; then chown _apt "$DEBS" 2>/dev/null || true; fi
+
+# fetch PKG VERSION -> prints the path of a verified .deb in $DEBS
+fetch() {
+    local pkg=$1 ver=$2 sha f
+    sha=$(apt-cache show "$pkg=$ver" 2>/dev/null | awk '$1 == "SHA256:" { print $2; exit }') || true
+    for f in "$DEBS/${pkg}_"*.deb; do
+        [ -f "$f" ] || continue
+        [ "$(dpkg-deb -f "$f" Package 2>/dev/null)" = "$pkg" ] || continue
+        [ "$(dpkg-deb -f "$f" Version 2>/dev/null)" = "$ver" ] || continue
+        if [ -z "$sha" ] || [ "$(sha256sum "$f" | cut -d' ' -f1)" = "$sha" ]; then
+            echo "$f"; return 0
+        fi
+        rm -f "$f"
+    done
+    log "downloading $pkg=$ver"
+    (cd "$DEBS" && flock "$DEBS/.lock" apt-get download -q "$pkg=$ver" >&2) ||
+        die "apt-get download $pkg=$ver failed"
+    for f in "$DEBS/${pkg}_"*.deb; do
+        [ -f "$f" ] && [ "$(dpkg-deb -f "$f" Version 2>/dev/null)" = "$ver" ] && { echo "$f"; return 0; }
+    done
+    die "downloaded $pkg=$ver but cannot find the .deb in $DEBS"
+}
+KDEB=$(fetch "$KPKG" "$KVER")
+BBDEB=$(fetch "$BUSYBOX_PKG" "$BBVER")
+
+dpkg -x "$KDEB" "$TMP/kernel"
+dpkg -x "$BBDEB" "$TMP/busybox"
+
+VMLINUZ=$TMP/kernel/boot/vmlinuz-$KREL
+[ -f "$VMLINUZ" ] || die "no /boot/vmlinuz-$KREL in $KDEB"
+MODDIR=$TMP/kernel/lib/modules/$KREL
+[ -d "$MODDIR" ] || die "no /lib/modules/$KREL in $KDEB"
+BUSYBOX=$TMP/busybox/bin/busybox
+[ -x "$BUSYBOX" ] || die "no /bin/busybox in $BBDEB"
+
+# --- initramfs tree --------------------------------------------------------
+R=$TMP/root
+mkdir -p "$R"/{bin,dev,proc,sys,run,tmp,var/log,etc/acpi/PWRF,lib/modules/infz}
+ln -s bin "$R/sbin"
+mkdir -p "$R/usr"
+ln -s ../bin "$R/usr/bin"
+ln -s ../bin "$R/usr/sbin"
+ln -s ../run "$R/var/run"
+chmod 1777 "$R/tmp"
+
+install -m 0755 "$BUSYBOX" "$R/bin/busybox"
+for applet in $("$BUSYBOX" --list); do
+    case $applet in busybox) continue ;; esac
+    ln -sf busybox "$R/bin/$applet"
+done
+[ -L "$R/bin/sh" ] || die "busybox has no sh applet"
+
+# Console/null nodes so the kernel can hand /init an open console (only
+# possible as root; /init copes without them).
+mknod -m 600 "$R/dev/console" c 5 1 2>/dev/null || true
+mknod -m 666 "$R/dev/null" c 1 3 2>/dev/null || true
+
+# Kernel modules, decompressed so busybox insmod can load them.
+for m in $MODULES; do
+    f=$(find "$MODDIR" \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "$m.ko.gz" \) -print -quit)
+    if [ -z "$f" ]; then
+        log "warning: module $m not found in $KPKG (built in or absent); skipping"
+        continue
+    fi
+    case $f in
+        *.ko.xz)  xz -dc "$f" >"$R/lib/modules/infz/$m.ko" ;;
+        *.ko.zst) zstd -qdc "$f" >"$R/lib/modules/infz/$m.ko" ;;
+        *.ko.gz)  gzip -dc "$f" >"$R/lib/modules/infz/$m.ko" ;;
+        *)        cp "$f" "$R/lib/modules/infz/$m.ko" ;;
+    esac
+done
+echo $MODULES >"$R/lib/modules/infz/order"
+
+# busybox acpid maps KEY_POWER from /dev/input/event* to "PWRF/00000080" and
+# executes /etc/acpi/PWRF/00000080 (it chdirs to /etc/acpi).
+cat >"$R/etc/acpi/PWRF/00000080" <<'EOF'
+#!/bin/sh
+echo INFZ-POWEROFF >/dev/console 2>/dev/null
+sync
+poweroff -f
+EOF
+chmod 0755 "$R/etc/acpi/PWRF/00000080"
+
+# /init: PID 1 must never exit, so it only mounts and then keeps (re)starting
+# the real work in /bin/infz-main.
+cat >"$R/init" <<'EOF'
+#!/bin/sh
+PATH=/bin; export PATH
+mount -t devtmpfs devtmpfs /dev
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+while :; do
+    { /bin/sh /bin/infz-main; } </dev/console >/dev/console 2>&1
+    { echo "infz: main loop exited ($?), restarting"; } >/dev/console 2>&1
+    sleep 1
+done
+EOF
+chmod 0755 "$R/init"
+
+cat >"$R/bin/infz-main" <<'EOF'
+#!/bin/sh
+# Setup once, then report forever.  Restartable: state lives in /run.
+PATH=/bin; export PATH
+
+start_acpid() {
+    [ -e /dev/input/event0 ] || return 0
+    if [ -r /run/acpid.pid ]; then
+        pid=; { read pid </run/acpid.pid; } 2>/dev/null
+        [ -n "$pid" ] && [ -d "/proc/$pid" ] && return 0
+    fi
+    acpid -c /etc/acpi -l /var/log/acpid.log -p /run/acpid.pid
+}
+
+nic_up() {    # bring NICs (ethX, enpX, ...) administratively up
+    for d in /sys/class/net/*; do
+        n=${d##*/}
+        case $n in eth*|en*) ;; *) continue ;; esac
+        fl=; { read fl <"$d/flags"; } 2>/dev/null
+        case $fl in 0x*) ;; *) fl=0x0 ;; esac
+        [ $(( fl & 1 )) -eq 1 ] || ip link set "$n" up 2>/dev/null
+    done
+}
+
+if [ ! -e /run/infz-setup-done ]; then
+    : >/run/infz-setup-done
+    for m in $(cat /lib/modules/infz/order); do
+        if [ -e "/lib/modules/infz/$m.ko" ]; then
+            insmod "/lib/modules/infz/$m.ko" || echo "infz: insmod $m failed"
+        else
+            echo "infz: module $m not in initramfs, skipped"
+        fi
+    done
+    ip link set lo up 2>/dev/null
+    nic_up
+    # Hot-added memory: online it right away; movable so it can be unplugged.
+    { echo online_movable >/sys/devices/system/memory/auto_online_blocks; } 2>/dev/null
+    start_acpid || echo "infz: acpid failed to start"
+    # Keep kernel info/debug chatter (e.g. on hotplug) off the console so it
+    # cannot split report lines; warnings and worse still show.
+    { echo 5 >/proc/sys/kernel/printk; } 2>/dev/null
+    echo INFZ-BOOTED
+fi
+
+seq=0; prev=
+{ read seq </run/infz-seq; } 2>/dev/null
+case $seq in ''|*[!0-9]*) seq=0 ;; esac
+{ read -r prev </run/infz-prev; } 2>/dev/null
+
+while :; do
+    # Online offline CPUs and memory blocks.
+    for f in /sys/devices/system/cpu/cpu[0-9]*/online; do
+        v=; { read v <"$f"; } 2>/dev/null
+        [ "$v" = 0 ] && { echo 1 >"$f"; } 2>/dev/null
+    done
+    for f in /sys/devices/system/memory/memory[0-9]*/state; do
+        v=; { read v <"$f"; } 2>/dev/null
+        if [ "$v" = offline ]; then
+            { echo online_movable >"$f"; } 2>/dev/null || { echo online >"$f"; } 2>/dev/null
+        fi
+    done
+    nic_up
+    start_acpid 2>/dev/null
+
+    disks=
+    for d in /sys/block/*; do
+        n=${d##*/}
+        case $n in vd*|sd*|sr*) ;; *) continue ;; esac
+        s=; { read s <"$d/size"; } 2>/dev/null
+        case $s in ''|*[!0-9]*) s=0 ;; esac
+        disks="${disks:+$disks,}$n:$(( s * 512 ))"
+    done
+
+    nics=
+    for d in /sys/class/net/*; do
+        n=${d##*/}
+        [ "$n" = lo ] && continue
+        [ -e "$d" ] || continue
+        mac=; { read mac <"$d/address"; } 2>/dev/null
+        c=; { read c <"$d/carrier"; } 2>/dev/null
+        st=down; [ "$c" = 1 ] && st=up
+        nics="${nics:+$nics,}$n@$mac:$st"
+    done
+
+    mem=; { read k mem u </proc/meminfo; } 2>/dev/null
+
+    cpus=0; online=
+    { read online </sys/devices/system/cpu/online; } 2>/dev/null
+    oifs=$IFS; IFS=,
+    for r in $online; do
+        a=${r%-*}; b=${r#*-}
+        case $a$b in ''|*[!0-9]*) continue ;; esac
+        cpus=$(( cpus + b - a + 1 ))
+    done
+    IFS=$oifs
+
+    cur="disks=$disks nics=$nics mem_kb=$mem cpus=$cpus"
+    if [ "$cur" != "$prev" ]; then
+        seq=$(( seq + 1 ))
+        echo "INFZ-REPORT seq=$seq $cur"
+        prev=$cur
+        { echo "$seq" >/run/infz-seq; echo "$cur" >/run/infz-prev; } 2>/dev/null
+    fi
+    usleep 300000 2>/dev/null || sleep 1
+done
+EOF
+chmod 0755 "$R/bin/infz-main"
+
+# --- pack ------------------------------------------------------------------
+# Fixed mtimes so the same inputs give a byte-identical initrd.
+find "$R" -exec touch -h -d @0 {} +
+(cd "$R" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
+    cpio --quiet --null -o -H newc -R 0:0 --reproducible) | gzip -9 -n >"$TMP/initrd.img"
+
+# Replace outputs atomically; the stamp goes last.
+rm -f "$STAMP"
+cp "$VMLINUZ" "$OUTDIR/.vmlinuz.new"
+cp "$TMP/initrd.img" "$OUTDIR/.initrd.img.new"
+mv -f "$OUTDIR/.vmlinuz.new" "$OUTDIR/vmlinuz"
+mv -f "$OUTDIR/.initrd.img.new" "$OUTDIR/initrd.img"
+stamp_text >"$STAMP.new"
+mv -f "$STAMP.new" "$STAMP"
+echo "guest built in $OUTDIR ($KPKG $KVER, initrd $(stat -c %s "$OUTDIR/initrd.img") bytes)"
