@@ -138,9 +138,9 @@ def _plan_vm(
         assert obs.process is not None
         _restart_causes(work, spec, obs)
 
-    record_changed = record is None or record.vm != desired
-    if record is not None and record.vm != desired:
-        _record_only_fields(work, record.vm, desired)
+    # The record is rewritten when something else happens, or when a field that is only recorded
+    # (labels, deletePolicy...) changed; a pending restart alone does not rewrite it.
+    recorded_changes = _record_only_fields(work, record.vm, desired) if record is not None else 0
 
     if work.refusals:
         return Change(vm=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
@@ -170,7 +170,7 @@ def _plan_vm(
         steps = list(work.live_grows)
         pending = list(work.restart_causes)
 
-    if steps or record_changed:
+    if steps or record is None or recorded_changes:
         steps = [_record_step(name, desired, record), *steps]
     if action is Action.NOOP and steps:
         action = Action.CREATE if record is None else Action.UPDATE
@@ -246,7 +246,7 @@ def _plan_disk(
                     summary=f"{label}: grow {before} -> {after} (block_resize)",
                     args={"node": disk_node(disk.name), "size": disk.size, "path": path})
         work.live_grows.append(step)
-        how = "live: block_resize"
+        how = "block_resize"
     else:
         step = Step(kind=StepKind.GROW_DISK_OFFLINE, vm=work.name, target=disk.name,
                     summary=f"{label}: grow {before} -> {after} (qemu-img resize)",
@@ -277,16 +277,19 @@ def _restart_causes(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM) ->
         work.fields.append(FieldChange(path=label, before=before, after=after, mode=Mode.RESTART, how=rule.how))
 
 
-def _record_only_fields(work: _VMPlan, before: VirtualMachine, after: VirtualMachine) -> None:
+def _record_only_fields(work: _VMPlan, before: VirtualMachine, after: VirtualMachine) -> int:
+    """Add the changed fields that only the record holds; return how many there are."""
+    count = 0
     if before.metadata.labels != after.metadata.labels:
         work.fields.append(FieldChange(path="metadata.labels", before=before.metadata.labels,
                                        after=after.metadata.labels, mode=Mode.LIVE, how="recorded"))
+        count += 1
     for path, old, new in field_diff(before.spec, after.spec):
         rule = rule_for(path)
         if rule.mode is Mode.LIVE and rule.how == "recorded":
             work.fields.append(FieldChange(path=_dotted(path), before=old, after=new, mode=Mode.LIVE, how=rule.how))
-        elif path == ("runStrategy",):
-            work.fields.append(FieldChange(path="runStrategy", before=old, after=new, mode=Mode.LIVE, how=rule.how))
+            count += 1
+    return count
 
 
 def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None) -> Change | None:

@@ -1,0 +1,40 @@
+"""Fixtures for end-to-end tests on real QEMU: the test guest (built once, cached) and isolated hosts."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import GUEST_DIR, ROOT, Host
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Path:
+    """Build (or reuse) the busybox test guest from Debian packages."""
+    for tool in ("qemu-system-x86_64", "qemu-img"):
+        assert shutil.which(tool), f"{tool} is not installed: run .ci/run or scripts/setup.sh"
+    subprocess.run(["bash", str(ROOT / "scripts/build-guest.sh"), str(GUEST_DIR)], check=True)
+    return GUEST_DIR
+
+
+@pytest.fixture
+def host(guest_image: Path) -> Iterator[Host]:
+    # A short path: QMP socket paths must stay under 107 bytes.
+    base = Path(tempfile.mkdtemp(prefix="infz-", dir="/tmp"))
+    h = Host(base)
+    try:
+        yield h
+    finally:
+        h.kill_all()
+        shutil.rmtree(base, ignore_errors=True)

@@ -1,0 +1,183 @@
+"""Helpers for end-to-end tests: run the real CLI, write manifests, read what the guest reports.
+
+The guest (scripts/build-guest.sh) prints ``INFZ-REPORT seq=N disks=... nics=... mem_kb=... cpus=...`` on
+its serial console whenever what it sees changes; ``Guest.wait_report`` polls the serial log with a deadline
+until a report satisfies a predicate, so tests assert on what the guest itself sees.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[2]
+GUEST_DIR = Path(os.environ.get("INFZ_GUEST_DIR", "/var/cache/infinization/guest"))
+REPORT_RE = re.compile(r"INFZ-REPORT seq=(\d+) disks=(\S*) nics=(\S*) mem_kb=(\d+) cpus=(\d+)")
+
+
+@dataclass(frozen=True)
+class Report:
+    seq: int
+    disks: dict[str, int]
+    nics: dict[str, tuple[str, str]]
+    mem_kb: int
+    cpus: int
+
+
+def parse_report(line: str) -> Report | None:
+    match = REPORT_RE.search(line)
+    if not match:
+        return None
+    seq, disks, nics, mem, cpus = match.groups()
+    disk_map = {n: int(s) for n, s in (item.split(":") for item in disks.split(",") if item)}
+    nic_map = {}
+    for item in filter(None, nics.split(",")):
+        ifname, rest = item.split("@", 1)
+        mac, state = rest.rsplit(":", 1)
+        nic_map[ifname] = (mac, state)
+    return Report(int(seq), disk_map, nic_map, int(mem), int(cpus))
+
+
+def vm_manifest(name: str, *, disks: str = "", run_strategy: str = "Always", extra: str = "",
+                mac: str | None = None, cores: int = 1, memory: str = "256Mi") -> str:
+    nic_mac = f", mac: \"{mac}\"" if mac else ""
+    return f"""apiVersion: infinization.io/v1alpha1
+kind: VirtualMachine
+metadata:
+  name: {name}
+spec:
+  runStrategy: {run_strategy}
+  machine: {{type: q35, accel: tcg}}
+  cpu: {{cores: {cores}}}
+  memory: {{size: {memory}}}
+  terminationGracePeriodSeconds: 15
+  boot:
+    kernel: {GUEST_DIR}/vmlinuz
+    initrd: {GUEST_DIR}/initrd.img
+    cmdline: "console=ttyS0 panic=-1"
+  disks:
+{disks or "    - {name: root, size: 64Mi}"}
+  networks:
+    - {{name: nat, type: user{nic_mac}}}
+{extra}"""
+
+
+class Host:
+    """One isolated reconciler installation: a state dir and a manifest dir under a short /tmp path."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.state = base / "st"
+        self.manifests = base / "m"
+        self.manifests.mkdir(parents=True, exist_ok=True)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ, INFINIZATION_STATE_DIR=str(self.state), NO_COLOR="1", COLUMNS="200")
+        env.update(extra)
+        return env
+
+    def cli(self, *args: str, check: bool = False, env: dict[str, str] | None = None,
+            timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([sys.executable, "-m", "reconciler", *args], capture_output=True, text=True,
+                              env=env or self.env(), timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+        if check and done.returncode != 0:
+            raise AssertionError(f"infinization {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def apply(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.cli("apply", str(self.manifests), "--yes", *extra, check=check)
+
+    def plan_exit(self) -> int:
+        return self.cli("plan", str(self.manifests), "--detailed-exitcode").returncode
+
+    def write(self, filename: str, text: str) -> Path:
+        path = self.manifests / filename
+        path.write_text(text)
+        return path
+
+    def pidfile(self, vm: str) -> Path:
+        return self.state / "vms" / vm / "qemu.pid"
+
+    def disk(self, vm: str, disk: str) -> Path:
+        return self.state / "disks" / vm / f"{disk}.qcow2"
+
+    def qemu_pids(self, vm: str) -> list[int]:
+        """Every live process whose cmdline names this VM's pidfile (whatever any pidfile says)."""
+        needle = str(self.pidfile(vm)).encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if needle in cmdline.split(b"\0") and state not in ("Z", "X"):
+                found.append(int(entry.name))
+        return found
+
+    def guest(self, vm: str) -> Guest:
+        return Guest(self.state / "vms" / vm / "serial.log")
+
+    def kill_all(self) -> None:
+        """Test clean-up: SIGKILL every QEMU started under this state dir."""
+        needle = str(self.state).encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmdline.split(b"\0")[0] and needle in cmdline:
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+class Guest:
+    def __init__(self, serial: Path) -> None:
+        self.serial = serial
+
+    def reports(self) -> list[Report]:
+        try:
+            text = self.serial.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [r for r in map(parse_report, text.splitlines()) if r is not None]
+
+    def wait_report(self, predicate: Callable[[Report], bool], timeout: float = 60, after_seq: int = -1,
+                    what: str = "") -> Report:
+        """The newest report that satisfies ``predicate`` (polling the serial log until ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reports = self.reports()
+            # A restart appends a new boot whose seq starts again at 1: only the last boot counts.
+            latest = reports[-1] if reports else None
+            if latest is not None and latest.seq > after_seq and predicate(latest):
+                return latest
+            if time.monotonic() > deadline:
+                raise AssertionError(f"guest never reported {what or 'the expected state'}; last: {latest}")
+            time.sleep(0.1)
+
+
+def wait_gone(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
