@@ -25,6 +25,7 @@ from reconciler.spec.models import VirtualMachine
 QUIT_TIMEOUT = 5.0
 READY_TIMEOUT = 30.0
 POLL = 0.05
+REPRESS = 2.0
 
 
 class StepFailed(Exception):
@@ -82,17 +83,30 @@ async def _wait_running(socket: Path) -> None:
     raise StepFailed(f"the VM did not reach 'running' within {READY_TIMEOUT:g}s ({last})")
 
 
+async def _press_power_button(paths: VMPaths, pid: int, grace: float) -> bool:
+    """Press the ACPI power button until the guest powers off or ``grace`` runs out.
+
+    The press is repeated every ``REPRESS`` seconds because a guest that is still booting has no ACPI
+    handler yet and would lose a single press; a guest already shutting down ignores the extra ones.
+    """
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            async with monitor.session(paths.qmp) as qmp:
+                await qmp.execute("system_powerdown")
+        except monitor.MonitorError:
+            return await _wait_dead(pid, 0)
+        if await _wait_dead(pid, min(REPRESS, max(0.0, deadline - time.monotonic()))):
+            return True
+    return False
+
+
 async def stop(paths: VMPaths, grace: float) -> str:
     """Stop the VM's QEMU if it runs: ACPI power button, then quit, then SIGKILL; return what worked."""
     process = processes.find_qemu(paths.pidfile)
     if process is None:
         return "not running"
-    try:
-        async with monitor.session(paths.qmp) as qmp:
-            await qmp.execute("system_powerdown")
-    except monitor.MonitorError:
-        grace = 0  # no monitor: nothing can press the power button
-    if grace > 0 and await _wait_dead(process.pid, grace):
+    if grace > 0 and await _press_power_button(paths, process.pid, grace):
         return "guest powered off"
     try:
         async with monitor.session(paths.qmp) as qmp:
@@ -100,7 +114,7 @@ async def stop(paths: VMPaths, grace: float) -> str:
     except monitor.MonitorError:
         pass
     if await _wait_dead(process.pid, QUIT_TIMEOUT):
-        return "quit" if grace == 0 else f"quit after the guest ignored the power button for {grace:g}s"
+        return f"quit after the guest ignored the power button for {grace:g}s" if grace else "quit"
     if processes.still_same(process, paths.pidfile):
         os.kill(process.pid, signal.SIGKILL)
     if await _wait_dead(process.pid, QUIT_TIMEOUT):
