@@ -59,10 +59,7 @@ def read_cmdline(pid: int) -> tuple[str, ...] | None:
 def is_our_qemu(cmdline: tuple[str, ...], pidfile: Path) -> bool:
     if not cmdline or not os.path.basename(cmdline[0]).startswith("qemu-system-"):
         return False
-    for index, arg in enumerate(cmdline[:-1]):
-        if arg == "-pidfile" and cmdline[index + 1] == str(pidfile):
-            return True
-    return False
+    return any(arg == "-pidfile" and cmdline[i + 1] == str(pidfile) for i, arg in enumerate(cmdline[:-1]))
 
 
 def find_qemu(pidfile: Path) -> QemuProcess | None:

@@ -70,3 +70,7 @@ def render_markdown() -> str:
         path = ".".join("<name>" if part == "*" else part for part in rule.pattern)
         lines.append(f"| `{path}` | {rule.mode.value} | {rule.how} | {rule.note} |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # pragma: no cover - regenerates docs/fields.md's table
+    print(render_markdown(), end="")

@@ -8,6 +8,7 @@ no clock, no randomness: the same inputs give a byte-identical plan. The per-fie
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,15 @@ def field_diff(before: VirtualMachineSpec, after: VirtualMachineSpec) -> list[tu
         if old.get(path) != new.get(path):
             changed.append((path, old.get(path), new.get(path)))
     return changed
+
+
+def _fmt(path: Path_, value: Any) -> Any:
+    """Values as people read them: sizes in 1024 units, structures as compact JSON."""
+    if path and path[-1] == "size" and isinstance(value, int):
+        return format_size(value)
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(", ", ": "))
+    return value
 
 
 def _dotted(path: Path_) -> str:
@@ -132,7 +142,7 @@ def _plan_vm(
     attached = {d.name for d in obs.process.launched.disks} if obs.process and obs.process.launched else set()
 
     for disk in spec.disks:
-        _plan_disk(work, disk, obs.disks.get(disk.name), observed, layout, running and disk.name in attached)
+        _plan_disk(work, disk, obs.disks.get(disk.name), observed, layout, running, disk.name in attached)
 
     if running:
         assert obs.process is not None
@@ -149,8 +159,7 @@ def _plan_vm(
     steps: list[Step] = []
     pending: list[str] = []
     action = Action.NOOP
-    stop = Step(kind=StepKind.STOP, vm=name, summary="stop gracefully (ACPI power button, then quit)",
-                args={"timeout": spec.terminationGracePeriodSeconds})
+    stop = _stop_step(name, spec.terminationGracePeriodSeconds)
     start = Step(kind=StepKind.START, vm=name, summary="start QEMU and wait for its monitor")
 
     if spec.runStrategy == "Halted":
@@ -163,7 +172,8 @@ def _plan_vm(
         work.reasons.append("the VM is not running and runStrategy is Always" if record else "new VM")
         steps = [*work.disk_steps, *work.offline_grows, start]
     elif work.restart_causes and allowed:
-        work.reasons.append("restart: " + "; ".join(work.restart_causes))
+        work.reasons.append(f"{len(work.restart_causes)} change(s) need a restart, which is allowed "
+                            f"({'--allow-restart' if options.allow_restart else 'restartPolicy: Auto'})")
         steps = [*work.live_grows, *work.disk_steps, stop, *work.offline_grows, start]
         action = Action.RESTART
     else:
@@ -176,6 +186,11 @@ def _plan_vm(
         action = Action.CREATE if record is None else Action.UPDATE
     return Change(vm=name, action=action, reasons=work.reasons, fields=work.fields, steps=steps,
                   pending_restart=pending, refusals=[])
+
+
+def _stop_step(name: str, grace: int) -> Step:
+    return Step(kind=StepKind.STOP, vm=name, args={"timeout": grace},
+                summary=f"stop gracefully (ACPI power button for up to {grace}s, then quit)")
 
 
 def _record_step(name: str, desired: VirtualMachine, record: AppliedRecord | None) -> Step:
@@ -193,8 +208,10 @@ def _plan_disk(
     current: ObservedImage | None,
     observed: ObservedState,
     layout: StateLayout,
-    attached_live: bool,
+    running: bool,
+    attached: bool,
 ) -> None:
+    attached_live = running and attached
     path = str(layout.vm(work.name).disk(disk.name))
     label = f"disk {disk.name}"
     if current is None or not current.exists:
@@ -216,8 +233,9 @@ def _plan_disk(
             kind=StepKind.CREATE_DISK, vm=work.name, target=disk.name, summary=f"{label}: {what}",
             args={"path": path, "size": disk.size, "image": disk.image, "image_format": disk.imageFormat},
         ))
-        work.fields.append(FieldChange(path=f"disks[{disk.name}]", before=None, after="present", mode=Mode.LIVE,
-                                       how="qemu-img create"))
+        if not running:  # on a running VM the new disk is a restart cause, listed as such
+            work.fields.append(FieldChange(path=f"disks[{disk.name}]", before=None, after="present",
+                                           mode=Mode.LIVE, how="qemu-img create"))
         return
     if current.error:
         work.refusals.append(f"{label}: cannot read {path}: {current.error}")
@@ -269,10 +287,11 @@ def _restart_causes(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM) ->
         if rule.mode is not Mode.RESTART:
             continue
         label = _dotted(path)
+        before, after = _fmt(path, before), _fmt(path, after)
         if len(path) == 2 and path[0] in ("disks", "networks"):
             cause = f"{label} {'added' if after else 'removed'}"
         else:
-            cause = f"{label} changed ({before!r} -> {after!r})"
+            cause = f"{label} changed ({before} -> {after})"
         work.restart_causes.append(f"{cause}: {rule.how}")
         work.fields.append(FieldChange(path=label, before=before, after=after, mode=Mode.RESTART, how=rule.how))
 
@@ -281,13 +300,14 @@ def _record_only_fields(work: _VMPlan, before: VirtualMachine, after: VirtualMac
     """Add the changed fields that only the record holds; return how many there are."""
     count = 0
     if before.metadata.labels != after.metadata.labels:
-        work.fields.append(FieldChange(path="metadata.labels", before=before.metadata.labels,
-                                       after=after.metadata.labels, mode=Mode.LIVE, how="recorded"))
+        work.fields.append(FieldChange(path="metadata.labels", before=_fmt((), before.metadata.labels),
+                                       after=_fmt((), after.metadata.labels), mode=Mode.LIVE, how="recorded"))
         count += 1
     for path, old, new in field_diff(before.spec, after.spec):
         rule = rule_for(path)
         if rule.mode is Mode.LIVE and rule.how == "recorded":
-            work.fields.append(FieldChange(path=_dotted(path), before=old, after=new, mode=Mode.LIVE, how=rule.how))
+            work.fields.append(FieldChange(path=_dotted(path), before=_fmt(path, old), after=_fmt(path, new),
+                                           mode=Mode.LIVE, how=rule.how))
             count += 1
     return count
 
@@ -299,12 +319,11 @@ def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None) -> Ch
         if obs.process is None:
             return None
         return Change(vm=name, action=Action.DELETE, reasons=["running but not in any manifest"],
-                      steps=[Step(kind=StepKind.STOP, vm=name, summary="stop gracefully", args={"timeout": 60}),
+                      steps=[_stop_step(name, VirtualMachineSpec().terminationGracePeriodSeconds),
                              Step(kind=StepKind.FORGET, vm=name, summary="forget the VM (disks are kept)")])
     steps: list[Step] = []
     if obs.process is not None:
-        steps.append(Step(kind=StepKind.STOP, vm=name, summary="stop gracefully (ACPI power button, then quit)",
-                          args={"timeout": record.vm.spec.terminationGracePeriodSeconds}))
+        steps.append(_stop_step(name, record.vm.spec.terminationGracePeriodSeconds))
     kept = []
     for disk in record.vm.spec.disks:
         image = obs.disks.get(disk.name)

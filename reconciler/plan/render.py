@@ -68,6 +68,8 @@ def _render_change(change: Change) -> list[str]:
         return []
     lines += [f"      [dim]# {_escape(reason)}[/]" for reason in change.reasons]
     for field in change.fields:
+        if change.pending_restart and field.mode is Mode.RESTART:
+            continue  # listed once, below, as the causes of the pending restart
         colour = {Mode.LIVE: "yellow", Mode.RESTART: "magenta", Mode.REFUSED: "red"}[field.mode]
         arrow = f"{_value(field.before)} -> {_value(field.after)}"
         how = field.how if field.mode is Mode.REFUSED else f"{field.mode.value}: {field.how}"

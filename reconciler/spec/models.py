@@ -79,10 +79,14 @@ class ObjectMeta(_Frozen):
     )
 
 
+def _default_accels() -> list[Accel]:
+    return ["kvm", "tcg"]
+
+
 class MachineSpec(_Frozen):
     type: Literal["q35", "pc"] = "q35"
     accel: Annotated[list[Accel], BeforeValidator(_accel_list), Field(min_length=1)] = Field(
-        default_factory=lambda: ["kvm", "tcg"],
+        default_factory=_default_accels,
         description="An accelerator or a list tried in order (QEMU falls back to the next one).",
     )
 

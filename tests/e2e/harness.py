@@ -7,15 +7,16 @@ until a report satisfies a predicate, so tests assert on what the guest itself s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(os.environ.get("INFZ_GUEST_DIR", "/var/cache/infinization/guest"))
@@ -138,10 +139,8 @@ class Host:
             except OSError:
                 continue
             if b"qemu-system" in cmdline.split(b"\0")[0] and needle in cmdline:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(int(entry.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
 
 class Guest:

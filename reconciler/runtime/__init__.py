@@ -1,0 +1,1 @@
+"""Long-running drivers of the reconciler (the ``sync`` loop and its queues). Empty until continuous sync lands."""

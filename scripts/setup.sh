@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install everything Infinization needs on a Debian 12 host, as root, idempotently:
+# QEMU and tools from Debian, a virtualenv with the package (editable, with test tools),
+# the `infinization` command on PATH, and the cached test/demo guest.
+#
+#   INFZ_VENV   where the virtualenv goes   (default /opt/infinization/venv)
+#   PYTHON      the Python >= 3.11 to use   (default python3)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${INFZ_VENV:-/opt/infinization/venv}
+PYTHON=${PYTHON:-python3}
+PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio nftables iproute2 util-linux xz-utils
+          python3 python3-venv python3-pip ca-certificates)
+
+log() { echo "setup: $*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: run as root (it installs Debian packages and manages VMs)" >&2
+    exit 1
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtualenv $VENV"
+    mkdir -p "$(dirname "$VENV")"
+    "$PYTHON" -m venv "$VENV"
+fi
+log "installing infinization into $VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+ln -sf "$VENV/bin/infinization" /usr/local/bin/infinization
+
+log "building the guest (cached)"
+bash "$ROOT/scripts/build-guest.sh" /var/cache/infinization/guest
+log "done: $("$VENV/bin/infinization" --version)"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up (see setup.sh) and run every check: ruff, mypy, then the whole pytest suite, including the
+# end-to-end tests that boot real QEMU guests. Extra arguments go to pytest.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bash "$ROOT/scripts/setup.sh"
+VENV=${INFZ_VENV:-/opt/infinization/venv}
+cd "$ROOT"
+echo "== ruff"
+"$VENV/bin/ruff" check reconciler tests
+echo "== mypy (strict on spec/ and plan/)"
+"$VENV/bin/mypy" reconciler
+echo "== pytest"
+exec "$VENV/bin/python" -m pytest "$@"

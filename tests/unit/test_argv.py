@@ -1,0 +1,83 @@
+"""The pure argv builder: what QEMU is asked for, and that no value can inject an option."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reconciler.qemu.argv import UnsafeOptionValue, _kv, build_argv
+from reconciler.spec.layout import StateLayout
+from reconciler.spec.loader import load_text
+from reconciler.spec.models import VirtualMachine
+
+MANIFEST = """apiVersion: infinization.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: web}
+spec:
+  machine: {type: pc, accel: [kvm, tcg]}
+  cpu: {sockets: 1, cores: 2, threads: 1, model: qemu64}
+  memory: {size: 1Gi}
+  boot: {kernel: /srv/k, initrd: /srv/i, cmdline: "console=ttyS0,115200 root=/dev/vda"}
+  disks: [{name: root, size: 1Gi}]
+  networks: [{name: nat, mac: "52:54:00:00:00:09", portForwards: [{host: 2222, guest: 22}]}]
+"""
+
+
+def _vm() -> VirtualMachine:
+    objects, errors = load_text(MANIFEST, "x")
+    assert not errors
+    vm = objects[0][0]
+    assert isinstance(vm, VirtualMachine)
+    return vm
+
+
+def _after(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == flag]
+
+
+def test_argv_carries_the_spec() -> None:
+    vm = _vm()
+    paths = StateLayout(Path("/var/lib/infz")).vm("web")
+    argv = build_argv(vm.name, vm.spec, paths)
+    assert argv[0] == "qemu-system-x86_64"
+    assert _after(argv, "-machine") == ["pc"]
+    assert _after(argv, "-accel") == ["kvm", "tcg"]
+    assert _after(argv, "-smp") == ["2,sockets=1,cores=2,threads=1"]
+    assert _after(argv, "-m") == ["size=1024M"]
+    assert _after(argv, "-append") == ["console=ttyS0,115200 root=/dev/vda"]
+    assert _after(argv, "-pidfile") == ["/var/lib/infz/vms/web/qemu.pid"]
+    assert "-daemonize" in argv and "-nodefaults" in argv
+    blockdevs = [json.loads(x) for x in _after(argv, "-blockdev")]
+    assert blockdevs[1] == {"driver": "qcow2", "node-name": "disk-root", "file": "file-root"}
+    assert blockdevs[0]["filename"] == "/var/lib/infz/disks/web/root.qcow2"
+    devices = [json.loads(x) for x in _after(argv, "-device")]
+    assert {"driver": "virtio-net-pci", "id": "nic-nat", "netdev": "net-nat", "mac": "52:54:00:00:00:09"} in devices
+    assert _after(argv, "-netdev") == ["user,id=net-nat,hostfwd=tcp:127.0.0.1:2222-:22"]
+    monitors = [a for a in _after(argv, "-chardev") if a.startswith("socket")]
+    assert len(monitors) == 2, "one monitor for commands, one kept free for an event listener"
+
+
+def test_argv_is_deterministic() -> None:
+    vm = _vm()
+    paths = StateLayout(Path("/s")).vm("web")
+    assert build_argv(vm.name, vm.spec, paths) == build_argv(vm.name, vm.spec, paths)
+
+
+@pytest.mark.parametrize("value", ["a,b", "a=b", "a\nb", "a\x00b"])
+def test_kv_refuses_separators(value: str) -> None:
+    with pytest.raises(UnsafeOptionValue):
+        _kv("file", path=value)
+
+
+def test_state_dir_with_a_comma_is_refused() -> None:
+    vm = _vm()
+    with pytest.raises(ValueError, match="must not contain"):
+        build_argv(vm.name, vm.spec, StateLayout(Path("/tmp/a,b")).vm("web"))
+
+
+def test_overlong_socket_paths_are_refused_clearly() -> None:
+    vm = _vm()
+    with pytest.raises(ValueError, match="longer than 107 bytes"):
+        build_argv(vm.name, vm.spec, StateLayout(Path("/tmp/" + "x" * 100)).vm("web"))

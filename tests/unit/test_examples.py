@@ -1,0 +1,37 @@
+"""Every example (and the bundled manifests/) loads cleanly and plans a create on an empty host."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reconciler.plan.actions import Action
+from reconciler.plan.observed import ObservedImage, ObservedState
+from reconciler.plan.planner import plan
+from reconciler.spec.loader import load_directory
+
+ROOT = Path(__file__).resolve().parents[2]
+DIRS = sorted(p for p in (ROOT / "examples").iterdir() if p.is_dir()) + [ROOT / "manifests"]
+
+
+@pytest.mark.parametrize("directory", DIRS, ids=lambda p: p.name)
+def test_example_is_valid_and_plans_a_create(directory: Path) -> None:
+    manifests = load_directory(directory)
+    assert manifests.errors == []
+    assert manifests.vms, f"{directory} holds no VirtualMachine"
+    desired = {name: loaded.vm for name, loaded in manifests.vms.items()}
+    images = {
+        disk.image: ObservedImage(path=disk.image, exists=True, virtual_size=1024**3, format="qcow2")
+        for vm in desired.values() for disk in vm.spec.disks if disk.image
+    }
+    result = plan(desired, ObservedState(state_dir="/st", images=images), {})
+    assert [change.action for change in result.changes] == [Action.CREATE] * len(desired)
+    assert not result.refused
+
+
+def test_examples_are_numbered_and_listed() -> None:
+    index = (ROOT / "examples" / "README.md").read_text()
+    for directory in DIRS[:-1]:
+        assert directory.name[:3].rstrip("-").isdigit()
+        assert f"| {directory.name} |" in index

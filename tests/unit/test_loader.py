@@ -1,0 +1,139 @@
+"""The strict loader: every error located at file:line:col with its field path, all errors at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reconciler.spec.loader import load_directory, load_text
+from reconciler.spec.models import VirtualMachine
+
+HEAD = "apiVersion: infinization.io/v1alpha1\nkind: VirtualMachine\n"
+
+
+def errors_of(text: str) -> list[str]:
+    return [str(e) for e in load_text(text, "f.yaml")[1]]
+
+
+def vm_of(text: str) -> VirtualMachine:
+    objects, errors = load_text(text, "f.yaml")
+    assert not errors, errors
+    obj = objects[0][0]
+    assert isinstance(obj, VirtualMachine)
+    return obj
+
+
+def test_minimal_vm_gets_defaults() -> None:
+    vm = vm_of(HEAD + "metadata: {name: a}\nspec: {}\n")
+    assert vm.spec.runStrategy == "Always"
+    assert vm.spec.machine.type == "q35" and vm.spec.machine.accel == ["kvm", "tcg"]
+    assert vm.spec.memory.size == 512 * 1024**2
+    assert vm.spec.restartPolicy == "Manual"
+
+
+def test_unquoted_mac_stays_a_string() -> None:
+    vm = vm_of(HEAD + "metadata: {name: a}\nspec:\n  networks:\n    - {name: n, mac: 52:54:00:12:34:56}\n")
+    assert vm.spec.networks[0].mac == "52:54:00:12:34:56"
+
+
+def test_yaml11_booleans_are_not_booleans() -> None:
+    errors = errors_of(HEAD + "metadata: {name: a}\nspec:\n  runStrategy: on\n")
+    assert errors == ["f.yaml:5:16: spec.runStrategy: Input should be 'Always' or 'Halted' (got 'on')"]
+
+
+def test_duplicate_keys_are_rejected_with_both_lines() -> None:
+    errors = errors_of(HEAD + "metadata: {name: a}\nspec:\n  cpu: {cores: 1}\n  cpu: {cores: 2}\n")
+    assert errors == ["f.yaml:6:3: duplicate key 'cpu' (first defined on line 5)"]
+
+
+def test_unknown_field_names_the_allowed_ones() -> None:
+    errors = errors_of(HEAD + "metadata: {name: a}\nspec:\n  memory: {size: 1Gi, sizee: 2}\n")
+    assert errors == ["f.yaml:5:23: spec.memory.sizee: unknown field 'sizee' (expected one of: size)"]
+
+
+def test_all_errors_of_a_document_at_once() -> None:
+    text = HEAD + (
+        "metadata: {name: Bad_Name}\n"
+        "spec:\n"
+        "  machine: {type: q36, accel: [tcg, hvf]}\n"
+        "  disks:\n"
+        "    - {name: root}\n"
+        "    - {name: d2, size: 1000}\n"
+    )
+    errors = errors_of(text)
+    assert [e.split(": ")[0] + ": " + e.split(": ")[1] for e in errors] == [
+        "f.yaml:3:18: metadata.name",
+        "f.yaml:5:19: spec.machine.type",
+        "f.yaml:5:37: spec.machine.accel[1]",
+        "f.yaml:7:7: spec.disks[0]",
+        "f.yaml:8:7: spec.disks[1]",
+    ]
+    assert "a disk needs a size, an image, or both" in errors[3]
+    assert "multiple of 512" in errors[4]
+
+
+def test_missing_required_field() -> None:
+    assert errors_of(HEAD + "spec: {}\n") == ["f.yaml:1:1: metadata: required field is missing"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("kernel", '"/boot/vmlinuz,if=none"'),
+        ("kernel", '"/boot/vm=linuz"'),
+        ("kernel", '"/boot/vmlinuz\\nx"'),
+        ("kernel", "relative/vmlinuz"),
+        ("kernel", "/boot/../etc/shadow"),
+        ("cmdline", '"console=ttyS0\\n-device foo"'),
+    ],
+)
+def test_option_injection_and_path_escapes_are_rejected(field: str, value: str) -> None:
+    boot = {"kernel": "/boot/vmlinuz", field: value}
+    text = HEAD + "metadata: {name: a}\nspec:\n  boot: {" + ", ".join(f"{k}: {v}" for k, v in boot.items()) + "}\n"
+    errors = errors_of(text)
+    assert len(errors) == 1 and f"spec.boot.{field}" in errors[0], errors
+
+
+def test_commas_are_fine_in_the_kernel_cmdline() -> None:
+    vm = vm_of(HEAD + 'metadata: {name: a}\nspec:\n  boot: {kernel: /k, cmdline: "console=ttyS0,115200"}\n')
+    assert vm.spec.boot is not None and vm.spec.boot.cmdline == "console=ttyS0,115200"
+
+
+def test_yaml_syntax_error_is_located() -> None:
+    assert errors_of("a: [1, 2\nb: 3\n")[0].startswith("f.yaml:2:")
+
+
+def test_unknown_kind_and_wrong_api_version() -> None:
+    assert "'Pod' is not a known kind" in errors_of("apiVersion: v1\nkind: Pod\n")[0]
+    assert "apiVersion: expected 'infinization.io/v1alpha1'" in errors_of("apiVersion: v1\nkind: VirtualMachine\n")[0]
+
+
+def test_directory_cross_checks(tmp_path: Path) -> None:
+    nic = "    - {name: n, mac: '52:54:00:00:00:01', portForwards: [{host: 2222, guest: %d}]}\n"
+    (tmp_path / "a.yaml").write_text(HEAD + "metadata: {name: a}\nspec:\n  networks:\n" + nic % 22)
+    (tmp_path / "b.yaml").write_text(HEAD + "metadata: {name: a}\nspec: {}\n---\n" + HEAD +
+                                     "metadata: {name: b}\nspec:\n  networks:\n" + nic % 80)
+    (tmp_path / ".hidden.yaml").write_text("not: [valid")
+    (tmp_path / "notes.txt").write_text("ignored")
+    result = load_directory(tmp_path)
+    messages = [str(e) for e in result.errors]
+    assert any("b.yaml:1:1: metadata.name: VirtualMachine 'a' is already defined at" in m for m in messages)
+    assert any("MAC 52:54:00:00:00:01 is also used by VirtualMachine 'a'" in m for m in messages)
+    assert any("host port tcp/127.0.0.1:2222 is also forwarded by VirtualMachine 'a'" in m for m in messages)
+    assert len(result.files) == 2
+
+
+def test_derived_macs_are_stable_and_unique() -> None:
+    from reconciler.spec.models import default_mac
+
+    assert default_mac("web", "nat") == default_mac("web", "nat")
+    assert default_mac("web", "nat") != default_mac("web2", "nat")
+    assert default_mac("web", "nat").startswith("52:54:00:")
+
+
+def test_digest_ignores_formatting(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(HEAD + "metadata: {name: a}\nspec: {memory: {size: 1Gi}}\n")
+    first = load_directory(tmp_path).digest()
+    (tmp_path / "a.yaml").write_text("# comment\n" + HEAD + "metadata:\n  name: a\nspec:\n  memory:\n    size: 1024M\n")
+    assert load_directory(tmp_path).digest() == first
