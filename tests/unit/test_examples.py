@@ -12,7 +12,7 @@ from reconciler.plan.planner import plan
 from reconciler.spec.loader import load_directory
 
 ROOT = Path(__file__).resolve().parents[2]
-DIRS = sorted(p for p in (ROOT / "examples").iterdir() if p.is_dir()) + [ROOT / "manifests"]
+DIRS = [*sorted(p for p in (ROOT / "examples").iterdir() if p.is_dir()), ROOT / "manifests"]
 
 
 @pytest.mark.parametrize("directory", DIRS, ids=lambda p: p.name)
