@@ -119,6 +119,7 @@ class Executor:
         if step.kind is StepKind.FORGET:
             if processes.find_qemu(paths.pidfile) is not None:
                 raise StepFailed("the VM is still running: refusing to forget it")
-            shutil.rmtree(paths.dir, ignore_errors=False) if paths.dir.exists() else None
+            if paths.dir.exists():
+                shutil.rmtree(paths.dir)
             return "forgotten"
         raise StepFailed(f"unknown step kind {step.kind}")  # pragma: no cover - the enum is closed

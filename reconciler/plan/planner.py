@@ -181,7 +181,7 @@ def _plan_vm(
         pending = list(work.restart_causes)
 
     if steps or record is None or recorded_changes:
-        steps = [_record_step(name, desired, record), *steps]
+        steps = [_record_step(name, desired), *steps]
     if action is Action.NOOP and steps:
         action = Action.CREATE if record is None else Action.UPDATE
     return Change(vm=name, action=action, reasons=work.reasons, fields=work.fields, steps=steps,
@@ -193,7 +193,7 @@ def _stop_step(name: str, grace: int) -> Step:
                 summary=f"stop gracefully (ACPI power button for up to {grace}s, then quit)")
 
 
-def _record_step(name: str, desired: VirtualMachine, record: AppliedRecord | None) -> Step:
+def _record_step(name: str, desired: VirtualMachine) -> Step:
     return Step(
         kind=StepKind.WRITE_RECORD,
         vm=name,
