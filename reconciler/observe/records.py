@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from reconciler.plan.observed import AppliedRecord
 from reconciler.spec.layout import StateLayout
@@ -26,6 +26,32 @@ class LaunchRecord(BaseModel):
     version: int = RECORD_VERSION
     argv: list[str]
     vm: VirtualMachine
+
+
+class LiveRecord(BaseModel):
+    """What QMP cannot tell us back (link state, balloon target, unplugs we asked for), for one QEMU.
+
+    Valid only for the process it names: a restarted QEMU starts with links up, no balloon target and no
+    pending unplug, so a record for another pid/start time is ignored.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pid: int
+    start_time: int
+    links: dict[str, str] = Field(default_factory=dict)
+    balloon_target: int | None = None
+    unplugs: list[str] = Field(default_factory=list)
+
+
+def read_live(path: Path, pid: int, start_time: int) -> LiveRecord:
+    try:
+        record = LiveRecord.model_validate_json(path.read_text())
+    except (FileNotFoundError, ValidationError, json.JSONDecodeError):
+        record = None
+    if record is None or (record.pid, record.start_time) != (pid, start_time):
+        return LiveRecord(pid=pid, start_time=start_time)
+    return record
 
 
 class CorruptRecord(Exception):

@@ -9,10 +9,18 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from reconciler.observe import images, monitor, processes
-from reconciler.observe.records import known_vm_names, read_launch
-from reconciler.plan.observed import AppliedRecord, ObservedImage, ObservedProcess, ObservedState, ObservedVM
+from reconciler.observe.live import observe_live
+from reconciler.observe.records import LiveRecord, known_vm_names, read_launch, read_live
+from reconciler.plan.observed import (
+    AppliedRecord,
+    LiveState,
+    ObservedImage,
+    ObservedProcess,
+    ObservedState,
+    ObservedVM,
+)
 from reconciler.spec.layout import StateLayout
-from reconciler.spec.models import VirtualMachine
+from reconciler.spec.models import VirtualMachine, VirtualMachineSpec
 
 
 async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str]) -> ObservedVM:
@@ -22,19 +30,22 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str]) 
     if process is not None:
         launch = read_launch(paths.launch)
         launched = launch.vm.spec if launch is not None and tuple(launch.argv) == process.cmdline else None
-        observed_process = ObservedProcess(pid=process.pid, status=await query_status(paths.qmp),
-                                           launched=launched)
+        status, live = await query_running(paths.qmp, launched, read_live(paths.live, process.pid, process.start_time))
+        observed_process = ObservedProcess(pid=process.pid, status=status, launched=launched, live=live)
     disks = {disk: images.inspect_image(paths.disk(disk)) for disk in sorted(set(disk_names))}
     return ObservedVM(name=name, process=observed_process, disks=disks)
 
 
-async def query_status(socket: Path) -> str:
+async def query_running(
+    socket: Path, launched: VirtualMachineSpec | None, record: LiveRecord
+) -> tuple[str, LiveState | None]:
+    """The run status and live configuration of a running QEMU, in one monitor session."""
     try:
         async with monitor.session(socket) as qmp:
-            reply = await qmp.execute("query-status")
+            status = str((await qmp.execute("query-status")).get("status", "unknown"))
+            return status, await observe_live(qmp, launched, record)
     except monitor.MonitorError:
-        return "unreachable"
-    return str(reply.get("status", "unknown"))
+        return "unreachable", None
 
 
 async def observe(

@@ -29,6 +29,38 @@ class ObservedImage(_Fact):
     error: str | None = None
 
 
+class LiveDisk(_Fact):
+    device: bool = Field(description="The virtio-blk device is plugged.")
+    node: bool = Field(description="The qcow2 block node exists.")
+    iops: int = 0
+    bps: int = 0
+
+
+class LiveNic(_Fact):
+    device: bool
+    netdev: bool
+    mac: str | None = None
+    link: str = "up"
+
+
+class LiveCdrom(_Fact):
+    image: str | None = None
+
+
+class LiveState(_Fact):
+    """What a running QEMU has right now, read over QMP (link state and balloon target from live.json)."""
+
+    disks: dict[str, LiveDisk] = Field(default_factory=dict)
+    nics: dict[str, LiveNic] = Field(default_factory=dict)
+    cdroms: dict[str, LiveCdrom] = Field(default_factory=dict)
+    cpus: int
+    memory: int = Field(description="Base memory plus hot-plugged DIMMs, in bytes.")
+    dimms: int = 0
+    balloon_target: int | None = Field(default=None, description="Last balloon target we set; None: full.")
+    free_slots: int = Field(description="Spare hot-plug slots with nothing plugged in.")
+    pending_unplugs: list[str] = Field(default_factory=list, description="Device ids whose unplug is pending.")
+
+
 class ObservedProcess(_Fact):
     """A live QEMU whose /proc cmdline proved it is ours for this VM."""
 
@@ -37,6 +69,7 @@ class ObservedProcess(_Fact):
     launched: VirtualMachineSpec | None = Field(
         default=None, description="The spec the process was started with (launch.json, checked against argv)."
     )
+    live: LiveState | None = Field(default=None, description="Devices, vCPUs and memory now; None: no QMP.")
 
 
 class ObservedVM(_Fact):

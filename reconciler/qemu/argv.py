@@ -13,8 +13,20 @@ import json
 import re
 from typing import Any
 
-from reconciler.spec.layout import VMPaths, disk_file_node, disk_node, nic_device, nic_netdev
-from reconciler.spec.models import VirtualMachineSpec, nic_mac
+from reconciler.spec.layout import (
+    BALLOON_DEVICE,
+    SCSI_CONTROLLER,
+    VMPaths,
+    cdrom_device,
+    cdrom_file_node,
+    disk_file_node,
+    disk_node,
+    nic_device,
+    nic_netdev,
+    root_port,
+    spare_port,
+)
+from reconciler.spec.models import NetworkInterfaceSpec, VirtualMachineSpec, nic_mac
 
 QEMU_BINARY = "qemu-system-x86_64"
 _UNSAFE = re.compile(r"[,=\x00-\x1f\x7f]")
@@ -55,9 +67,7 @@ def build_argv(name: str, spec: VirtualMachineSpec, paths: VMPaths, binary: str 
         argv += ["-accel", _kv(accel)]
     if spec.cpu.model:
         argv += ["-cpu", _kv(spec.cpu.model)]
-    cpu = spec.cpu
-    argv += ["-smp", _kv(str(cpu.count), sockets=cpu.sockets, cores=cpu.cores, threads=cpu.threads)]
-    argv += ["-m", _kv("", size=f"{spec.memory.size // 1024**2}M")]
+    argv += _cpu_and_memory(spec)
     argv += ["-display", "none", "-vga", "none"]
     argv += [
         "-chardev", _kv("socket", id="qmp", path=paths.qmp, server="on", wait="off"),
@@ -75,26 +85,82 @@ def build_argv(name: str, spec: VirtualMachineSpec, paths: VMPaths, binary: str 
             argv += ["-initrd", _safe(spec.boot.initrd)]
         if spec.boot.cmdline:
             argv += ["-append", spec.boot.cmdline]
+    pcie = spec.machine.type == "q35"
+    chassis = iter(range(1, 256))
     for disk in spec.disks:
-        argv += [
-            "-blockdev",
-            _json({"driver": "file", "node-name": disk_file_node(disk.name), "filename": str(paths.disk(disk.name))}),
-            "-blockdev",
-            _json({"driver": "qcow2", "node-name": disk_node(disk.name), "file": disk_file_node(disk.name)}),
-            "-device",
-            _json({"driver": "virtio-blk-pci", "id": disk_node(disk.name), "drive": disk_node(disk.name),
-                   "serial": disk.name}),
-        ]
+        argv += _port(pcie, disk_node(disk.name), next(chassis))
+        argv += ["-blockdev", _json(disk_file_blockdev(disk.name, str(paths.disk(disk.name)))),
+                 "-blockdev", _json(disk_format_blockdev(disk.name))]
+        argv += ["-device", _json(disk_device_args(disk.name, root_port(disk_node(disk.name)) if pcie else None))]
     for nic in spec.networks:
-        forwards = [
-            f"hostfwd={_safe(f'{fwd.protocol}:{fwd.hostAddress}:{fwd.host}-:{fwd.guest}')}"
-            for fwd in nic.portForwards
-        ]
-        argv += [
-            "-netdev", ",".join([_kv("user", id=nic_netdev(nic.name)), *forwards]),
-            "-device",
-            _json({"driver": "virtio-net-pci", "id": nic_device(nic.name), "netdev": nic_netdev(nic.name),
-                   "mac": nic_mac(name, nic)}),
-        ]
+        argv += _port(pcie, nic_device(nic.name), next(chassis))
+        forwards = [f"hostfwd={_safe(forward)}" for forward in host_forwards(nic)]
+        argv += ["-netdev", ",".join([_kv("user", id=nic_netdev(nic.name)), *forwards])]
+        argv += ["-device", _json(nic_device_args(name, nic, root_port(nic_device(nic.name)) if pcie else None))]
+    if pcie:
+        for index in range(spec.hotplugSlots):
+            argv += ["-device", _json({"driver": "pcie-root-port", "id": spare_port(index), "chassis": next(chassis),
+                                       "bus": "pcie.0"})]
+    argv += ["-device", _json({"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER})]
+    for cdrom in spec.cdroms:
+        device: dict[str, Any] = {"driver": "scsi-cd", "id": cdrom_device(cdrom.name), "bus": f"{SCSI_CONTROLLER}.0"}
+        if cdrom.image:
+            argv += ["-blockdev", _json(cdrom_blockdev(cdrom.name, cdrom.image))]
+            device["drive"] = cdrom_device(cdrom.name)
+        argv += ["-device", _json(device)]
+    if spec.memory.balloon:
+        argv += ["-device", _json({"driver": "virtio-balloon-pci", "id": BALLOON_DEVICE})]
     argv += ["-pidfile", str(paths.pidfile), "-daemonize"]
     return argv
+
+
+def _cpu_and_memory(spec: VirtualMachineSpec) -> list[str]:
+    cpu, memory = spec.cpu, spec.memory
+    # vCPUs are hot-plugged as cores: the topology QEMU sees is sized for maxCpus.
+    max_cores = cpu.max_count // (cpu.sockets * cpu.threads)
+    smp = _kv(str(cpu.count), sockets=cpu.sockets, cores=max_cores, threads=cpu.threads, maxcpus=cpu.max_count)
+    mem = {"size": f"{memory.size // 1024**2}M"}
+    if memory.maxSize is not None and memory.maxSize > memory.size:
+        mem.update(slots=str(memory.slots), maxmem=f"{memory.maxSize // 1024**2}M")
+    return ["-smp", smp, "-m", _kv("", **mem)]
+
+
+def _port(pcie: bool, device_id: str, chassis: int) -> list[str]:
+    if not pcie:
+        return []
+    return ["-device", _json({"driver": "pcie-root-port", "id": root_port(device_id), "chassis": chassis,
+                              "bus": "pcie.0"})]
+
+
+def host_forwards(nic: NetworkInterfaceSpec) -> list[str]:
+    return [f"{fwd.protocol}:{fwd.hostAddress}:{fwd.host}-:{fwd.guest}" for fwd in nic.portForwards]
+
+
+def disk_file_blockdev(disk_name: str, path: str) -> dict[str, Any]:
+    return {"driver": "file", "node-name": disk_file_node(disk_name), "filename": path}
+
+
+def disk_format_blockdev(disk_name: str) -> dict[str, Any]:
+    return {"driver": "qcow2", "node-name": disk_node(disk_name), "file": disk_file_node(disk_name)}
+
+
+def disk_device_args(disk_name: str, bus: str | None) -> dict[str, Any]:
+    args: dict[str, Any] = {"driver": "virtio-blk-pci", "id": disk_node(disk_name), "drive": disk_node(disk_name),
+                            "serial": disk_name}
+    if bus:
+        args["bus"] = bus
+    return args
+
+
+def nic_device_args(vm_name: str, nic: NetworkInterfaceSpec, bus: str | None) -> dict[str, Any]:
+    args: dict[str, Any] = {"driver": "virtio-net-pci", "id": nic_device(nic.name), "netdev": nic_netdev(nic.name),
+                            "mac": nic_mac(vm_name, nic)}
+    if bus:
+        args["bus"] = bus
+    return args
+
+
+def cdrom_blockdev(cdrom_name: str, image: str) -> dict[str, Any]:
+    return {"driver": "raw", "node-name": cdrom_device(cdrom_name), "read-only": True,
+            "file": {"driver": "file", "node-name": cdrom_file_node(cdrom_name), "filename": image,
+                     "read-only": True}}

@@ -3,6 +3,7 @@
     STATE/lock                         the run lock (flock)
     STATE/vms/NAME/record.json         last-applied record: the spec we applied and the disks we created
     STATE/vms/NAME/launch.json         the spec and argv the current QEMU was started with
+    STATE/vms/NAME/live.json           what QMP cannot report back (link state, balloon target, unplugs)
     STATE/vms/NAME/qemu.pid            QEMU's pidfile
     STATE/vms/NAME/qmp.sock            QMP monitor for short-lived clients (CLI, executor)
     STATE/vms/NAME/events.sock         a second QMP monitor, kept free for a long-lived event listener
@@ -61,6 +62,10 @@ class VMPaths:
         return self.dir / "launch.json"
 
     @property
+    def live(self) -> Path:
+        return self.dir / "live.json"
+
+    @property
     def pidfile(self) -> Path:
         return self.dir / "qemu.pid"
 
@@ -106,3 +111,26 @@ def nic_device(nic_name: str) -> str:
 
 def nic_netdev(nic_name: str) -> str:
     return f"net-{nic_name}"
+
+
+def cdrom_device(cdrom_name: str) -> str:
+    """The scsi-cd device id of a CD-ROM drive; its medium's format node has the same name."""
+    return f"cd-{cdrom_name}"
+
+
+def cdrom_file_node(cdrom_name: str) -> str:
+    return f"cdfile-{cdrom_name}"
+
+
+def root_port(device_id: str) -> str:
+    """The PCIe root port a cold-plugged device sits on (q35), so it can be unplugged live too."""
+    return f"rp-{device_id}"
+
+
+def spare_port(index: int) -> str:
+    """A spare PCIe root port reserved at start for a device added live (q35)."""
+    return f"hp-{index}"
+
+
+SCSI_CONTROLLER = "scsi0"
+BALLOON_DEVICE = "balloon0"

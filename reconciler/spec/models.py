@@ -102,19 +102,44 @@ class CpuSpec(_Frozen):
     cores: Annotated[int, Field(ge=1, le=128)] = 1
     threads: Annotated[int, Field(ge=1, le=2)] = 1
     model: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)] | None = None
+    maxCpus: Annotated[int, Field(ge=1, le=1024)] | None = Field(
+        default=None,
+        description="Most vCPUs the VM may have; cores can be added live up to it. Default: no hot-plug.",
+    )
 
     @property
     def count(self) -> int:
         return self.sockets * self.cores * self.threads
 
+    @property
+    def max_count(self) -> int:
+        return self.maxCpus if self.maxCpus is not None else self.count
+
+    @model_validator(mode="after")
+    def _max_fits_topology(self) -> CpuSpec:
+        if self.maxCpus is not None:
+            if self.maxCpus < self.count:
+                raise ValueError(f"maxCpus ({self.maxCpus}) is below sockets*cores*threads ({self.count})")
+            if self.maxCpus % (self.sockets * self.threads):
+                raise ValueError("maxCpus must be a multiple of sockets*threads (vCPUs are added as cores)")
+        return self
+
 
 class MemorySpec(_Frozen):
     size: Size = 512 * 1024**2
+    maxSize: Size | None = Field(
+        default=None, description="Memory can grow live (DIMM hot-plug) up to this. Default: no hot-plug."
+    )
+    balloon: bool = Field(default=False, description="A virtio balloon, so memory can also shrink live.")
+    slots: Annotated[int, Field(ge=1, le=32)] = Field(default=8, description="DIMM slots (with maxSize).")
 
     @model_validator(mode="after")
     def _whole_mebibytes(self) -> MemorySpec:
-        if self.size % 1024**2 or self.size < 16 * 1024**2:
-            raise ValueError("memory size must be a whole number of MiB, at least 16Mi")
+        for label, value in (("size", self.size), ("maxSize", self.maxSize)):
+            if value is not None and (value % 1024**2 or value < 16 * 1024**2):
+                raise ValueError(f"memory {label} must be a whole number of MiB, at least 16Mi")
+        if self.maxSize is not None and self.maxSize < self.size:
+            raise ValueError("memory maxSize is below size")
         return self
 
 
@@ -134,6 +159,8 @@ class DiskSpec(_Frozen):
     deletePolicy: Literal["Retain", "Delete"] = Field(
         default="Retain", description="What happens to the disk file when its VM is deleted."
     )
+    iops: Annotated[int, Field(ge=0)] = Field(default=0, description="I/O operations per second limit; 0: none.")
+    bps: Size = Field(default=0, description="Bytes per second limit; 0: none.")
 
     @model_validator(mode="after")
     def _size_or_image(self) -> DiskSpec:
@@ -160,6 +187,12 @@ class NetworkInterfaceSpec(_Frozen):
         default=None, description="Defaults to a stable address derived from the VM and NIC names."
     )
     portForwards: list[PortForward] = Field(default_factory=list)
+    link: Literal["up", "down"] = Field(default="up", description="Link state, as the guest sees it.")
+
+
+class CdromSpec(_Frozen):
+    name: DeviceName
+    image: AbsolutePath | None = Field(default=None, description="An ISO image; none: an empty drive.")
 
 
 class VirtualMachineSpec(_Frozen):
@@ -174,13 +207,17 @@ class VirtualMachineSpec(_Frozen):
     boot: BootSpec | None = None
     disks: list[DiskSpec] = Field(default_factory=list)
     networks: list[NetworkInterfaceSpec] = Field(default_factory=list)
+    cdroms: list[CdromSpec] = Field(default_factory=list)
+    hotplugSlots: Annotated[int, Field(ge=0, le=16)] = Field(
+        default=4, description="Spare PCIe slots reserved at start for disks and NICs added live."
+    )
     terminationGracePeriodSeconds: Annotated[int, Field(ge=0, le=3600)] = Field(
         default=60, description="How long a graceful stop (ACPI power button) may take before QEMU is quit."
     )
 
     @model_validator(mode="after")
     def _unique_device_names(self) -> VirtualMachineSpec:
-        for kind, items in (("disks", self.disks), ("networks", self.networks)):
+        for kind, items in (("disks", self.disks), ("networks", self.networks), ("cdroms", self.cdroms)):
             seen: set[str] = set()
             for item in items:
                 if item.name in seen:
