@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler.apply import disks, files, vmprocess
+from reconciler.apply import disks, files, hotplug, vmprocess
 from reconciler.apply.vmprocess import StepFailed
-from reconciler.observe import processes
+from reconciler.observe import monitor, processes
 from reconciler.observe.records import read_record
 from reconciler.plan.actions import Change, Plan, Step, StepKind
-from reconciler.spec.layout import StateLayout
+from reconciler.spec.layout import StateLayout, VMPaths
 from reconciler.spec.models import VirtualMachine
 
 CRASH_ENV = "INFINIZATION_CRASH_AT"
@@ -74,7 +74,7 @@ class Executor:
             try:
                 detail = await self._run_step(step)
                 ok = True
-            except (StepFailed, OSError, ValueError) as exc:
+            except (StepFailed, monitor.MonitorError, OSError, ValueError) as exc:
                 detail, ok = str(exc), False
             result = StepResult(step, ok, detail, time.monotonic() - began)
             outcome.results.append(result)
@@ -99,14 +99,18 @@ class Executor:
         if step.kind is StepKind.GROW_DISK_LIVE:
             return await disks.grow_live(paths.qmp, args["node"], Path(args["path"]), int(args["size"]))
         if step.kind is StepKind.GROW_DISK_OFFLINE:
-            if processes.find_qemu(paths.pidfile) is not None:
-                raise StepFailed("the VM is running: refusing to modify an image in use")
+            # qemu-img takes the image's write lock: it refuses an image a running QEMU has open.
             return disks.grow_offline(Path(args["path"]), int(args["size"]))
         if step.kind is StepKind.START:
-            record = read_record(paths.record)
-            if record is None:
-                raise StepFailed("no record to start from")
-            return await vmprocess.start(paths, record.vm)
+            vm = self._recorded_vm(paths)
+            started = await vmprocess.start(paths, vm)
+            async with monitor.session(paths.qmp) as qmp:
+                extra = await hotplug.after_start(qmp, paths, vm)
+            return ", ".join([started, *extra])
+        if step.kind in _LIVE_STEPS:
+            vm = self._recorded_vm(paths)
+            async with monitor.session(paths.qmp) as qmp:
+                return await _live_step(qmp, paths, vm, step)
         if step.kind is StepKind.STOP:
             return await vmprocess.stop(paths, float(args.get("timeout", 60)))
         if step.kind is StepKind.DELETE_DISK:
@@ -123,3 +127,50 @@ class Executor:
                 shutil.rmtree(paths.dir)
             return "forgotten"
         raise StepFailed(f"unknown step kind {step.kind}")  # pragma: no cover - the enum is closed
+
+    @staticmethod
+    def _recorded_vm(paths: VMPaths) -> VirtualMachine:
+        record = read_record(paths.record)
+        if record is None:
+            raise StepFailed("no record of this VM: the record step must run first")
+        return record.vm
+
+
+_LIVE_STEPS = {
+    StepKind.HOTPLUG_DISK, StepKind.UNPLUG_DISK, StepKind.HOTPLUG_NIC, StepKind.UNPLUG_NIC, StepKind.SET_LINK,
+    StepKind.SET_IO_LIMITS, StepKind.ADD_CPUS, StepKind.ADD_MEMORY, StepKind.SET_BALLOON, StepKind.HOTPLUG_CDROM,
+    StepKind.UNPLUG_CDROM, StepKind.CHANGE_MEDIA,
+}
+
+
+async def _live_step(qmp: monitor.Monitor, paths: VMPaths, vm: VirtualMachine, step: Step) -> str:
+    args, target = step.args, step.target
+    match step.kind:
+        case StepKind.HOTPLUG_DISK:
+            return await hotplug.hotplug_disk(qmp, paths, vm, target, int(args["iops"]), int(args["bps"]))
+        case StepKind.UNPLUG_DISK:
+            return await hotplug.unplug_disk(qmp, paths, target)
+        case StepKind.HOTPLUG_NIC:
+            done = await hotplug.hotplug_nic(qmp, vm, target)
+            if args.get("link") == "down":
+                done += ", link " + await hotplug.set_link(qmp, paths, target, False)
+            return done
+        case StepKind.UNPLUG_NIC:
+            return await hotplug.unplug_nic(qmp, paths, target)
+        case StepKind.SET_LINK:
+            return await hotplug.set_link(qmp, paths, target, bool(args["up"]))
+        case StepKind.SET_IO_LIMITS:
+            return await hotplug.set_io_limits(qmp, target, int(args["iops"]), int(args["bps"]))
+        case StepKind.ADD_CPUS:
+            return await hotplug.add_cpus(qmp, int(args["count"]))
+        case StepKind.ADD_MEMORY:
+            return await hotplug.add_memory(qmp, int(args["size"]))
+        case StepKind.SET_BALLOON:
+            return await hotplug.set_balloon(qmp, paths, int(args["size"]))
+        case StepKind.HOTPLUG_CDROM:
+            return await hotplug.hotplug_cdrom(qmp, target, args.get("image"))
+        case StepKind.UNPLUG_CDROM:
+            return await hotplug.unplug_cdrom(qmp, paths, target)
+        case StepKind.CHANGE_MEDIA:
+            return await hotplug.change_media(qmp, target, args.get("image"))
+    raise StepFailed(f"not a live step: {step.kind}")  # pragma: no cover

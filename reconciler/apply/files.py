@@ -6,10 +6,12 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
-from reconciler.observe.records import LaunchRecord, read_record
+from reconciler.observe import processes
+from reconciler.observe.records import LaunchRecord, LiveRecord, read_live, read_record
 from reconciler.plan.observed import AppliedRecord
 from reconciler.spec.layout import VMPaths
 from reconciler.spec.models import VirtualMachine
@@ -56,3 +58,18 @@ def claim_disk(paths: VMPaths, disk: str) -> None:
 
 def write_launch(paths: VMPaths, argv: list[str], vm: VirtualMachine) -> None:
     write_atomic(paths.launch, _dump(LaunchRecord(argv=argv, vm=vm)))
+
+
+def update_live(paths: VMPaths, **changes: Any) -> None:
+    """Change live.json for the QEMU that runs now (a record for an older process is replaced)."""
+    process = processes.find_qemu(paths.pidfile)
+    if process is None:
+        return
+    current = read_live(paths.live, process.pid, process.start_time)
+    merged = current.model_dump()
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    write_atomic(paths.live, _dump(LiveRecord.model_validate(merged)))

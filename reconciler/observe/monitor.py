@@ -35,6 +35,11 @@ class Monitor:
         self._client = client
         self.socket = socket
 
+    @property
+    def client(self) -> QMPClient:
+        """The underlying qemu.qmp client, for event listeners."""
+        return self._client
+
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None,
                       timeout: float = COMMAND_TIMEOUT) -> Any:
         """Run one command and return its ``return`` value.

@@ -37,6 +37,18 @@ class StepKind(StrEnum):
     START = "start"
     DELETE_DISK = "delete-disk"
     FORGET = "forget"
+    HOTPLUG_DISK = "hotplug-disk"
+    UNPLUG_DISK = "unplug-disk"
+    HOTPLUG_NIC = "hotplug-nic"
+    UNPLUG_NIC = "unplug-nic"
+    SET_LINK = "set-link"
+    SET_IO_LIMITS = "set-io-limits"
+    ADD_CPUS = "add-cpus"
+    ADD_MEMORY = "add-memory"
+    SET_BALLOON = "set-balloon"
+    HOTPLUG_CDROM = "hotplug-cdrom"
+    UNPLUG_CDROM = "unplug-cdrom"
+    CHANGE_MEDIA = "change-media"
 
 
 class Mode(StrEnum):
@@ -77,6 +89,9 @@ class Change(_Data):
         default_factory=list, description="Causes of a restart that is needed but not allowed yet."
     )
     refusals: list[str] = Field(default_factory=list, description="Why this VM's change cannot be applied.")
+    unplug_pending: list[str] = Field(
+        default_factory=list, description="Devices whose unplug the guest has not completed yet."
+    )
 
     @property
     def has_work(self) -> bool:

@@ -16,12 +16,16 @@ from typing import Any
 
 from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan, Step, StepKind
 from reconciler.plan.fields import rule_for
-from reconciler.plan.observed import AppliedRecord, ObservedImage, ObservedState, ObservedVM
+from reconciler.plan.live import LivePlan, plan_live
+from reconciler.plan.observed import AppliedRecord, ObservedImage, ObservedProcess, ObservedState, ObservedVM
 from reconciler.spec.layout import StateLayout, disk_node
 from reconciler.spec.models import DiskSpec, VirtualMachine, VirtualMachineSpec
 from reconciler.spec.units import format_size
 
 Path_ = tuple[str, ...]
+
+
+_KEYED = ("disks", "networks", "cdroms")
 
 
 def flatten(spec: VirtualMachineSpec) -> dict[Path_, Any]:
@@ -38,7 +42,7 @@ def flatten(spec: VirtualMachineSpec) -> dict[Path_, Any]:
 
     for key in sorted(data):
         value = data[key]
-        if key in ("disks", "networks"):
+        if key in _KEYED:
             for item in value:
                 flat[(key, item["name"])] = "present"
                 walk((key, item["name"]), {k: v for k, v in item.items() if k != "name"})
@@ -51,8 +55,8 @@ def field_diff(before: VirtualMachineSpec, after: VirtualMachineSpec) -> list[tu
     """Every leaf that differs, sorted by path. A whole disk/NIC added or removed is one entry."""
     old, new = flatten(before), flatten(after)
     changed: list[tuple[Path_, Any, Any]] = []
-    gone_items = {path for path in old if len(path) == 2 and path[0] in ("disks", "networks") and path not in new}
-    new_items = {path for path in new if len(path) == 2 and path[0] in ("disks", "networks") and path not in old}
+    gone_items = {path for path in old if len(path) == 2 and path[0] in _KEYED and path not in new}
+    new_items = {path for path in new if len(path) == 2 and path[0] in _KEYED and path not in old}
     for path in sorted(set(old) | set(new)):
         if path[:2] in gone_items | new_items and len(path) > 2:
             continue  # reported once, as the item being added or removed
@@ -63,7 +67,7 @@ def field_diff(before: VirtualMachineSpec, after: VirtualMachineSpec) -> list[tu
 
 def _fmt(path: Path_, value: Any) -> Any:
     """Values as people read them: sizes in 1024 units, structures as compact JSON."""
-    if path and path[-1] == "size" and isinstance(value, int):
+    if path and path[-1].lower().endswith("size") and isinstance(value, int):
         return format_size(value)
     if isinstance(value, dict | list):
         return json.dumps(value, separators=(", ", ": "))
@@ -72,7 +76,7 @@ def _fmt(path: Path_, value: Any) -> Any:
 
 def _dotted(path: Path_) -> str:
     head, *rest = path
-    if head in ("disks", "networks") and rest:
+    if head in _KEYED and rest:
         name, *tail = rest
         return f"{head}[{name}]" + "".join(f".{part}" for part in tail)
     return ".".join(path)
@@ -139,23 +143,34 @@ def _plan_vm(
     spec = desired.spec
     work = _VMPlan(name)
     running = obs.process is not None
-    attached = {d.name for d in obs.process.launched.disks} if obs.process and obs.process.launched else set()
+    live = obs.process.live if obs.process else None
+    attached = {disk for disk, state in live.disks.items() if state.device} if live else set()
 
     for disk in spec.disks:
         _plan_disk(work, disk, obs.disks.get(disk.name), observed, layout, running, disk.name in attached)
 
+    live_plan: LivePlan | None = None
     if running:
         assert obs.process is not None
-        _restart_causes(work, spec, obs)
+        live_plan = _running_vm(work, spec, obs.process)
 
     # The record is rewritten when something else happens, or when a field that is only recorded
     # (labels, deletePolicy...) changed; a pending restart alone does not rewrite it.
     recorded_changes = _record_only_fields(work, record.vm, desired) if record is not None else 0
 
+    allowed = options.allow_restart or spec.restartPolicy == "Auto"
+    free = live.free_slots if live else 0
+    if live_plan is not None and live_plan.slots_needed > free:
+        message = (f"{live_plan.slots_needed} device(s) to hot-plug but only {free} free hot-plug slot(s) "
+                   f"(spec.hotplugSlots, fixed when QEMU started)")
+        if allowed:
+            work.restart_causes.append(message)
+        else:
+            work.refusals.append(message + "; apply --allow-restart to plug them by restarting instead")
+
     if work.refusals:
         return Change(vm=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
 
-    allowed = options.allow_restart or spec.restartPolicy == "Auto"
     steps: list[Step] = []
     pending: list[str] = []
     action = Action.NOOP
@@ -172,12 +187,16 @@ def _plan_vm(
         work.reasons.append("the VM is not running and runStrategy is Always" if record else "new VM")
         steps = [*work.disk_steps, *work.offline_grows, start]
     elif work.restart_causes and allowed:
-        work.reasons.append(f"{len(work.restart_causes)} change(s) need a restart, which is allowed "
-                            f"({'--allow-restart' if options.allow_restart else 'restartPolicy: Auto'})")
+        work.reasons.append(f"a restart is allowed ({'--allow-restart' if options.allow_restart else 'restartPolicy: Auto'})"
+                            f" and needed for:")
+        work.reasons += [f"  {cause}" for cause in work.restart_causes]
         steps = [*work.live_grows, *work.disk_steps, stop, *work.offline_grows, start]
         action = Action.RESTART
     else:
-        steps = list(work.live_grows)
+        assert live_plan is not None
+        work.fields += live_plan.fields
+        steps = [*live_plan.unplugs, *work.disk_steps, *work.offline_grows, *work.live_grows, *live_plan.plugs,
+                 *live_plan.settings]
         pending = list(work.restart_causes)
 
     if steps or record is None or recorded_changes:
@@ -185,7 +204,23 @@ def _plan_vm(
     if action is Action.NOOP and steps:
         action = Action.CREATE if record is None else Action.UPDATE
     return Change(vm=name, action=action, reasons=work.reasons, fields=work.fields, steps=steps,
-                  pending_restart=pending, refusals=[])
+                  pending_restart=pending, refusals=[],
+                  unplug_pending=live_plan.unplug_pending if live_plan and action is not Action.RESTART else [])
+
+
+def _running_vm(work: _VMPlan, spec: VirtualMachineSpec, process: ObservedProcess) -> LivePlan | None:
+    """Restart causes and live changes for a VM whose QEMU runs."""
+    if process.launched is None:
+        work.restart_causes.append("the running QEMU has no launch record to compare with")
+        return None
+    if process.live is None:
+        work.refusals.append(f"its QMP monitor does not answer (status: {process.status}); "
+                             "nothing can be changed live until it does")
+        return None
+    _restart_causes(work, spec, process.launched)
+    live_plan = plan_live(work.name, spec, process.launched, process.live)
+    work.restart_causes += live_plan.restart_causes
+    return live_plan
 
 
 def _stop_step(name: str, grace: int) -> Step:
@@ -275,20 +310,19 @@ def _plan_disk(
                                    how=how))
 
 
-def _restart_causes(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM) -> None:
-    """Fields whose desired value differs from what the running QEMU was started with."""
-    assert obs.process is not None
-    launched = obs.process.launched
-    if launched is None:
-        work.restart_causes.append("the running QEMU has no launch record to compare with")
-        return
+# Fields compared with what the live VM reports rather than with its launch record.
+_OBSERVED_LIVE: frozenset[Path_] = frozenset({("networks", "*", "mac")})
+
+
+def _restart_causes(work: _VMPlan, spec: VirtualMachineSpec, launched: VirtualMachineSpec) -> None:
+    """Fields fixed at start whose desired value differs from what the running QEMU was started with."""
     for path, before, after in field_diff(launched, spec):
         rule = rule_for(path)
-        if rule.mode is not Mode.RESTART:
+        if rule.mode is not Mode.RESTART or rule.pattern in _OBSERVED_LIVE:
             continue
         label = _dotted(path)
         before, after = _fmt(path, before), _fmt(path, after)
-        if len(path) == 2 and path[0] in ("disks", "networks"):
+        if len(path) == 2 and path[0] in _KEYED:
             cause = f"{label} {'added' if after else 'removed'}"
         else:
             cause = f"{label} changed ({before} -> {after})"

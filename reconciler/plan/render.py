@@ -68,14 +68,15 @@ def _render_change(change: Change) -> list[str]:
         return []
     lines += [f"      [dim]# {_escape(reason)}[/]" for reason in change.reasons]
     for field in change.fields:
-        if change.pending_restart and field.mode is Mode.RESTART:
-            continue  # listed once, below, as the causes of the pending restart
+        if field.mode is Mode.RESTART and (change.pending_restart or change.action is Action.RESTART):
+            continue  # listed once, as the causes of the (pending) restart
         colour = {Mode.LIVE: "yellow", Mode.RESTART: "magenta", Mode.REFUSED: "red"}[field.mode]
         arrow = f"{_value(field.before)} -> {_value(field.after)}"
         how = field.how if field.mode is Mode.REFUSED else f"{field.mode.value}: {field.how}"
         lines.append(f"      [{colour}]~[/] {_escape(field.path)}: {_escape(arrow)}  [dim]({_escape(how)})[/]")
     for index, step in enumerate(change.steps, 1):
         lines.append(f"      {index}. {_escape(step.summary)}")
+    lines += [f"      [yellow]unplug pending:[/] {_escape(note)}" for note in change.unplug_pending]
     if change.pending_restart:
         lines.append("      [magenta]restart pending[/] (apply --allow-restart, or set spec.restartPolicy: Auto):")
         lines += [f"        - {_escape(cause)}" for cause in change.pending_restart]

@@ -44,7 +44,7 @@ def test_argv_carries_the_spec() -> None:
     assert argv[0] == "qemu-system-x86_64"
     assert _after(argv, "-machine") == ["pc"]
     assert _after(argv, "-accel") == ["kvm", "tcg"]
-    assert _after(argv, "-smp") == ["2,sockets=1,cores=2,threads=1"]
+    assert _after(argv, "-smp") == ["2,sockets=1,cores=2,threads=1,maxcpus=2"]
     assert _after(argv, "-m") == ["size=1024M"]
     assert _after(argv, "-append") == ["console=ttyS0,115200 root=/dev/vda"]
     assert _after(argv, "-pidfile") == ["/var/lib/infz/vms/web/qemu.pid"]
@@ -55,6 +55,9 @@ def test_argv_carries_the_spec() -> None:
     devices = [json.loads(x) for x in _after(argv, "-device")]
     assert {"driver": "virtio-net-pci", "id": "nic-nat", "netdev": "net-nat", "mac": "52:54:00:00:00:09"} in devices
     assert _after(argv, "-netdev") == ["user,id=net-nat,hostfwd=tcp:127.0.0.1:2222-:22"]
+    assert {"driver": "pcie-root-port", "id": "rp-disk-root", "chassis": 1, "bus": "pcie.0"} in devices
+    spares = [d["id"] for d in devices if d["id"].startswith("hp-")]
+    assert spares == ["hp-0", "hp-1", "hp-2", "hp-3"], "4 spare hot-plug slots by default"
     monitors = [a for a in _after(argv, "-chardev") if a.startswith("socket")]
     assert len(monitors) == 2, "one monitor for commands, one kept free for an event listener"
 
@@ -81,3 +84,15 @@ def test_overlong_socket_paths_are_refused_clearly() -> None:
     vm = _vm()
     with pytest.raises(ValueError, match="longer than 107 bytes"):
         build_argv(vm.name, vm.spec, StateLayout(Path("/tmp/" + "x" * 100)).vm("web"))
+
+
+def test_hotplug_maxima_shape_smp_and_memory() -> None:
+    vm = _vm()
+    spec = vm.spec.model_copy(update={
+        "cpu": vm.spec.cpu.model_copy(update={"cores": 1, "maxCpus": 4}),
+        "memory": vm.spec.memory.model_copy(update={"maxSize": 4 * 1024**3, "balloon": True}),
+    })
+    argv = build_argv(vm.name, spec, StateLayout(Path("/s")).vm("web"))
+    assert _after(argv, "-smp") == ["1,sockets=1,cores=4,threads=1,maxcpus=4"]
+    assert _after(argv, "-m") == ["size=1024M,slots=8,maxmem=4096M"]
+    assert {"driver": "virtio-balloon-pci", "id": "balloon0"} in [json.loads(x) for x in _after(argv, "-device")]

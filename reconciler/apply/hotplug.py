@@ -1,0 +1,247 @@
+"""Change a running VM over QMP: hot-plug and unplug disks, NICs and CD-ROM drives, change media, links,
+I/O limits, vCPUs, memory and the balloon.
+
+Called by the executor, one step at a time, each within one monitor session. Every function looks at
+the VM first and does only what is missing (so a re-run after a crash finishes the job), and confirms
+the result before it returns. An unplug waits for ``DEVICE_DELETED`` under a deadline; a guest that does
+not release the device leaves the unplug pending (recorded in live.json, retried by the next reconcile),
+and the backend is only deleted once the device is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from reconciler.apply.files import update_live
+from reconciler.apply.vmprocess import StepFailed
+from reconciler.observe import processes
+from reconciler.observe.live import free_spare_ports, peripheral_ids
+from reconciler.observe.monitor import Monitor, MonitorError
+from reconciler.observe.records import read_live
+from reconciler.qemu.argv import (
+    cdrom_blockdev,
+    disk_device_args,
+    disk_file_blockdev,
+    disk_format_blockdev,
+    host_forwards,
+    nic_device_args,
+)
+from reconciler.spec.layout import (
+    SCSI_CONTROLLER,
+    VMPaths,
+    cdrom_device,
+    disk_file_node,
+    disk_node,
+    nic_device,
+    nic_netdev,
+)
+from reconciler.spec.models import VirtualMachine
+
+UNPLUG_TIMEOUT = 5.0
+DEVICE_TIMEOUT = 30.0
+
+
+async def _nodes(qmp: Monitor) -> set[str]:
+    return {n["node-name"] for n in await qmp.execute("query-named-block-nodes", {"flat": True})}
+
+
+async def _free_bus(qmp: Monitor, vm: VirtualMachine) -> str | None:
+    """A spare root port on q35 (None on pc, where devices go straight onto pci.0)."""
+    if vm.spec.machine.type != "q35":
+        return None
+    free = free_spare_ports(await qmp.execute("query-pci"))
+    if not free:
+        raise StepFailed("no free hot-plug slot left (spec.hotplugSlots); a restart adds the device instead")
+    return free[0]
+
+
+async def _confirm_present(qmp: Monitor, device: str) -> None:
+    if device not in await peripheral_ids(qmp):
+        raise StepFailed(f"device_add of {device} returned, but the device is not there")
+
+
+async def hotplug_disk(qmp: Monitor, paths: VMPaths, vm: VirtualMachine, disk: str, iops: int, bps: int) -> str:
+    device = disk_node(disk)
+    if device in await peripheral_ids(qmp):
+        return "already plugged"
+    nodes = await _nodes(qmp)
+    if disk_file_node(disk) not in nodes:
+        await qmp.execute("blockdev-add", disk_file_blockdev(disk, str(paths.disk(disk))))
+    if disk_node(disk) not in nodes:
+        await qmp.execute("blockdev-add", disk_format_blockdev(disk))
+    bus = await _free_bus(qmp, vm)
+    await qmp.execute("device_add", disk_device_args(disk, bus), timeout=DEVICE_TIMEOUT)
+    await _confirm_present(qmp, device)
+    if iops or bps:
+        await set_io_limits(qmp, disk, iops, bps)
+    return f"plugged on {bus or 'pci.0'}"
+
+
+async def set_io_limits(qmp: Monitor, disk: str, iops: int, bps: int) -> str:
+    await qmp.execute("block_set_io_throttle", {
+        "id": disk_node(disk), "iops": iops, "iops_rd": 0, "iops_wr": 0, "bps": bps, "bps_rd": 0, "bps_wr": 0,
+    })
+    return f"iops={iops} bps={bps}"
+
+
+async def _unplug(qmp: Monitor, paths: VMPaths, device: str) -> bool:
+    """device_del and wait for DEVICE_DELETED; False (and recorded as pending) if the guest keeps it."""
+    if device not in await peripheral_ids(qmp):
+        return True
+    # Register before device_del so the event cannot be missed. virtio devices send DEVICE_DELETED twice;
+    # the first one is for their virtio-backend child and has no 'device' field.
+    with qmp.client.listener(("DEVICE_DELETED",)) as listener:
+        with contextlib.suppress(MonitorError):  # repeating device_del while pending may error: harmless
+            await qmp.execute("device_del", {"id": device})
+
+        async def deleted() -> None:
+            async for event in listener:
+                data: dict[str, Any] = event.get("data", {})  # type: ignore[assignment]
+                if data.get("device") == device:
+                    return
+
+        try:
+            await asyncio.wait_for(deleted(), UNPLUG_TIMEOUT)
+        except TimeoutError:
+            if device in await peripheral_ids(qmp):
+                record = _live_record(paths)
+                if record is not None and device not in record.unplugs:
+                    update_live(paths, unplugs=[*record.unplugs, device])
+                return False
+    record = _live_record(paths)
+    if record is not None and device in record.unplugs:
+        update_live(paths, unplugs=[d for d in record.unplugs if d != device])
+    return True
+
+
+def _live_record(paths: VMPaths) -> Any:
+    process = processes.find_qemu(paths.pidfile)
+    return read_live(paths.live, process.pid, process.start_time) if process else None
+
+
+PENDING = "unplug pending: the guest has not released the device; a later reconcile or a reset finishes it"
+
+
+async def unplug_disk(qmp: Monitor, paths: VMPaths, disk: str) -> str:
+    if not await _unplug(qmp, paths, disk_node(disk)):
+        return PENDING
+    nodes = await _nodes(qmp)
+    for node in (disk_node(disk), disk_file_node(disk)):
+        if node in nodes:
+            await qmp.execute("blockdev-del", {"node-name": node})
+    return "unplugged; the disk file is kept"
+
+
+async def hotplug_nic(qmp: Monitor, vm: VirtualMachine, nic_name: str) -> str:
+    nic = next(n for n in vm.spec.networks if n.name == nic_name)
+    device = nic_device(nic.name)
+    if device in await peripheral_ids(qmp):
+        return "already plugged"
+    netdev: dict[str, Any] = {"type": "user", "id": nic_netdev(nic.name)}
+    if nic.portForwards:
+        netdev["hostfwd"] = [{"str": forward} for forward in host_forwards(nic)]
+    with contextlib.suppress(MonitorError):  # left over by an interrupted earlier attempt: reuse it
+        await qmp.execute("netdev_add", netdev)
+    bus = await _free_bus(qmp, vm)
+    await qmp.execute("device_add", nic_device_args(vm.name, nic, bus), timeout=DEVICE_TIMEOUT)
+    await _confirm_present(qmp, device)
+    return f"plugged on {bus or 'pci.0'}"
+
+
+async def unplug_nic(qmp: Monitor, paths: VMPaths, nic: str) -> str:
+    if not await _unplug(qmp, paths, nic_device(nic)):
+        return PENDING
+    with contextlib.suppress(MonitorError):  # already gone
+        await qmp.execute("netdev_del", {"id": nic_netdev(nic)})
+    update_live(paths, links={nic: "up"})
+    return "unplugged"
+
+
+async def set_link(qmp: Monitor, paths: VMPaths, nic: str, up: bool) -> str:
+    await qmp.execute("set_link", {"name": nic_device(nic), "up": up})
+    update_live(paths, links={nic: "up" if up else "down"})
+    return "up" if up else "down"
+
+
+async def hotplug_cdrom(qmp: Monitor, cdrom: str, image: str | None) -> str:
+    device = cdrom_device(cdrom)
+    if device in await peripheral_ids(qmp):
+        return "already plugged"
+    args: dict[str, Any] = {"driver": "scsi-cd", "id": device, "bus": f"{SCSI_CONTROLLER}.0"}
+    if image:
+        if device not in await _nodes(qmp):
+            await qmp.execute("blockdev-add", cdrom_blockdev(cdrom, image))
+        args["drive"] = device
+    await qmp.execute("device_add", args, timeout=DEVICE_TIMEOUT)
+    await _confirm_present(qmp, device)
+    return "plugged"
+
+
+async def unplug_cdrom(qmp: Monitor, paths: VMPaths, cdrom: str) -> str:
+    if not await _unplug(qmp, paths, cdrom_device(cdrom)):
+        return PENDING
+    if cdrom_device(cdrom) in await _nodes(qmp):
+        await qmp.execute("blockdev-del", {"node-name": cdrom_device(cdrom)})
+    return "unplugged"
+
+
+async def change_media(qmp: Monitor, cdrom: str, image: str | None) -> str:
+    """Open the tray, take the medium out, put the new one in, close: node names stay predictable."""
+    device = cdrom_device(cdrom)
+    await qmp.execute("blockdev-open-tray", {"id": device, "force": True})
+    await qmp.execute("blockdev-remove-medium", {"id": device})
+    if device in await _nodes(qmp):
+        await qmp.execute("blockdev-del", {"node-name": device})
+    if image:
+        await qmp.execute("blockdev-add", cdrom_blockdev(cdrom, image))
+        await qmp.execute("blockdev-insert-medium", {"id": device, "node-name": device})
+    await qmp.execute("blockdev-close-tray", {"id": device})
+    return f"inserted {image}" if image else "ejected"
+
+
+async def add_cpus(qmp: Monitor, count: int) -> str:
+    have = len(await qmp.execute("query-cpus-fast"))
+    if have >= count:
+        return f"already {have} vCPUs"
+    slots = [s for s in await qmp.execute("query-hotpluggable-cpus") if "qom-path" not in s]
+    slots.sort(key=lambda s: tuple(s["props"].get(k, 0) for k in ("socket-id", "core-id", "thread-id")))
+    for slot in slots[: count - have]:
+        props = slot["props"]
+        ident = "cpu-" + "-".join(str(props.get(k, 0)) for k in ("socket-id", "core-id", "thread-id"))
+        await qmp.execute("device_add", {"driver": slot["type"], "id": ident, **props}, timeout=DEVICE_TIMEOUT)
+    now = len(await qmp.execute("query-cpus-fast"))
+    if now != count:
+        raise StepFailed(f"asked for {count} vCPUs, QEMU has {now}")
+    return f"{have} -> {now} vCPUs"
+
+
+async def add_memory(qmp: Monitor, size: int) -> str:
+    devices = await peripheral_ids(qmp)
+    index = next(i for i in range(64) if f"dimm-{i}" not in devices)
+    backend = f"mem-dimm-{index}"
+    with contextlib.suppress(MonitorError):  # left over by an interrupted earlier attempt: reuse it
+        await qmp.execute("object-add", {"qom-type": "memory-backend-ram", "id": backend, "size": size})
+    await qmp.execute("device_add", {"driver": "pc-dimm", "id": f"dimm-{index}", "memdev": backend},
+                      timeout=DEVICE_TIMEOUT)
+    await _confirm_present(qmp, f"dimm-{index}")
+    return f"dimm-{index} of {size // 1024**2} MiB"
+
+
+async def set_balloon(qmp: Monitor, paths: VMPaths, size: int) -> str:
+    await qmp.execute("balloon", {"value": size})
+    update_live(paths, balloon_target=size)
+    return f"target {size // 1024**2} MiB"
+
+
+async def after_start(qmp: Monitor, paths: VMPaths, vm: VirtualMachine) -> list[str]:
+    """Settings QEMU has no command-line option for: links that start down, I/O limits."""
+    done = []
+    for nic in vm.spec.networks:
+        if nic.link == "down":
+            done.append(f"{nic.name} link " + await set_link(qmp, paths, nic.name, False))
+    for disk in vm.spec.disks:
+        if disk.iops or disk.bps:
+            done.append(f"{disk.name} " + await set_io_limits(qmp, disk.name, disk.iops, disk.bps))
+    return done

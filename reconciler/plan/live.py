@@ -1,0 +1,179 @@
+"""Live changes to a running VM: what to hot-plug, unplug or set, from desired vs the live QMP state.
+
+Called by the planner for a VM whose QEMU runs. It compares the desired spec with ``LiveState`` (what the
+VM has now) and with the spec QEMU was started with (for limits fixed at start: ``cpu.maxCpus``,
+``memory.maxSize``, slots). A change it cannot make live becomes a restart cause, never a silent no-op.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from reconciler.plan.actions import FieldChange, Mode, Step, StepKind
+from reconciler.plan.fields import rule_for
+from reconciler.plan.observed import LiveState
+from reconciler.spec.layout import cdrom_device, disk_node, nic_device
+from reconciler.spec.models import VirtualMachineSpec, nic_mac
+from reconciler.spec.units import format_size
+
+
+@dataclass
+class LivePlan:
+    name: str
+    unplugs: list[Step] = field(default_factory=list)
+    plugs: list[Step] = field(default_factory=list)
+    settings: list[Step] = field(default_factory=list)
+    fields: list[FieldChange] = field(default_factory=list)
+    restart_causes: list[str] = field(default_factory=list)
+    slots_needed: int = 0
+    unplug_pending: list[str] = field(default_factory=list)
+
+    def step(self, bucket: list[Step], kind: StepKind, target: str, summary: str, **args: object) -> None:
+        bucket.append(Step(kind=kind, vm=self.name, target=target, summary=summary, args=dict(args)))
+
+    def changed(self, path: str, before: object, after: object, rule: tuple[str, ...], how: str = "") -> None:
+        self.fields.append(FieldChange(path=path, before=before, after=after, mode=Mode.LIVE,
+                                       how=how or rule_for(rule).how))
+
+
+def plan_live(name: str, spec: VirtualMachineSpec, launched: VirtualMachineSpec, live: LiveState) -> LivePlan:
+    work = LivePlan(name)
+    _disks(work, spec, live)
+    _nics(work, name, spec, live)
+    _cdroms(work, spec, live)
+    _cpus(work, spec, launched, live)
+    _memory(work, spec, launched, live)
+    return work
+
+
+def _unplug_note(work: LivePlan, live: LiveState, device: str, what: str) -> str:
+    if device in live.pending_unplugs:
+        work.unplug_pending.append(f"{what}: the guest has not released it yet (finished by a later reconcile "
+                                   "or the next reset)")
+        return " (retry: unplug pending)"
+    return ""
+
+
+def _disks(work: LivePlan, spec: VirtualMachineSpec, live: LiveState) -> None:
+    wanted = {disk.name: disk for disk in spec.disks}
+    for name, present in sorted(live.disks.items()):
+        if name in wanted:
+            continue
+        note = _unplug_note(work, live, disk_node(name), f"disk {name}")
+        work.step(work.unplugs, StepKind.UNPLUG_DISK, name,
+                  f"disk {name}: unplug (device_del, wait for DEVICE_DELETED, blockdev-del){note}",
+                  device=present.device)
+        work.changed(f"disks[{name}]", "present", None, ("disks", "*"), "unplug; the file is kept")
+    for disk in spec.disks:
+        have = live.disks.get(disk.name)
+        if have is None or not have.device:
+            work.slots_needed += 1
+            work.step(work.plugs, StepKind.HOTPLUG_DISK, disk.name,
+                      f"disk {disk.name}: hot-plug (blockdev-add + device_add)", iops=disk.iops, bps=disk.bps)
+            work.changed(f"disks[{disk.name}]", None, "present", ("disks", "*"))
+        elif (have.iops, have.bps) != (disk.iops, disk.bps):
+            work.step(work.settings, StepKind.SET_IO_LIMITS, disk.name,
+                      f"disk {disk.name}: I/O limits iops={disk.iops} bps={disk.bps}", iops=disk.iops, bps=disk.bps)
+            work.changed(f"disks[{disk.name}].iops/bps", f"{have.iops}/{have.bps}", f"{disk.iops}/{disk.bps}",
+                         ("disks", "*", "iops"))
+
+
+def _nics(work: LivePlan, vm_name: str, spec: VirtualMachineSpec, live: LiveState) -> None:
+    wanted = {nic.name: nic for nic in spec.networks}
+    for name, present in sorted(live.nics.items()):
+        if name in wanted:
+            continue
+        note = _unplug_note(work, live, nic_device(name), f"NIC {name}")
+        work.step(work.unplugs, StepKind.UNPLUG_NIC, name,
+                  f"NIC {name}: unplug (device_del, wait for DEVICE_DELETED, netdev_del){note}",
+                  device=present.device)
+        work.changed(f"networks[{name}]", "present", None, ("networks", "*"), "unplug")
+    for nic in spec.networks:
+        have = live.nics.get(nic.name)
+        mac = nic_mac(vm_name, nic)
+        if have is None or not have.device:
+            work.slots_needed += 1
+            work.step(work.plugs, StepKind.HOTPLUG_NIC, nic.name,
+                      f"NIC {nic.name}: hot-plug {mac} (netdev_add + device_add)", link=nic.link)
+            work.changed(f"networks[{nic.name}]", None, "present", ("networks", "*"))
+            continue
+        if have.mac != mac:
+            work.restart_causes.append(f"networks[{nic.name}].mac changed ({have.mac} -> {mac}): "
+                                       f"{rule_for(('networks', '*', 'mac')).how}")
+            work.fields.append(FieldChange(path=f"networks[{nic.name}].mac", before=have.mac, after=mac,
+                                           mode=Mode.RESTART, how=rule_for(("networks", "*", "mac")).how))
+        if have.link != nic.link:
+            work.step(work.settings, StepKind.SET_LINK, nic.name, f"NIC {nic.name}: link {nic.link} (set_link)",
+                      up=nic.link == "up")
+            work.changed(f"networks[{nic.name}].link", have.link, nic.link, ("networks", "*", "link"))
+
+
+def _cdroms(work: LivePlan, spec: VirtualMachineSpec, live: LiveState) -> None:
+    wanted = {cdrom.name: cdrom for cdrom in spec.cdroms}
+    for name in sorted(set(live.cdroms) - set(wanted)):
+        note = _unplug_note(work, live, cdrom_device(name), f"CD-ROM {name}")
+        work.step(work.unplugs, StepKind.UNPLUG_CDROM, name, f"CD-ROM {name}: unplug the drive{note}")
+        work.changed(f"cdroms[{name}]", "present", None, ("cdroms", "*"), "device_del")
+    for cdrom in spec.cdroms:
+        have = live.cdroms.get(cdrom.name)
+        if have is None:
+            what = f" with {cdrom.image}" if cdrom.image else " (empty)"
+            work.step(work.plugs, StepKind.HOTPLUG_CDROM, cdrom.name, f"CD-ROM {cdrom.name}: add drive{what}",
+                      image=cdrom.image)
+            work.changed(f"cdroms[{cdrom.name}]", None, "present", ("cdroms", "*"))
+        elif have.image != cdrom.image:
+            verb = "eject" if cdrom.image is None else ("insert" if have.image is None else "change medium to")
+            work.step(work.settings, StepKind.CHANGE_MEDIA, cdrom.name,
+                      f"CD-ROM {cdrom.name}: {verb} {cdrom.image or ''}".rstrip(), image=cdrom.image)
+            work.changed(f"cdroms[{cdrom.name}].image", have.image, cdrom.image, ("cdroms", "*", "image"))
+
+
+def _cpus(work: LivePlan, spec: VirtualMachineSpec, launched: VirtualMachineSpec, live: LiveState) -> None:
+    want, have, limit = spec.cpu.count, live.cpus, launched.cpu.max_count
+    if want == have:
+        return
+    same_shape = (spec.cpu.sockets, spec.cpu.threads) == (launched.cpu.sockets, launched.cpu.threads)
+    if want > have and want <= limit and same_shape:
+        work.step(work.settings, StepKind.ADD_CPUS, "", f"vCPUs: {have} -> {want} (device_add)", count=want)
+        work.changed("cpu.count", have, want, ("cpu", "cores"))
+        return
+    if want < have:
+        why = "QEMU 7.2 cannot unplug vCPUs"
+    elif not same_shape:
+        why = "sockets and threads are fixed when QEMU starts"
+    else:
+        why = f"the VM was started with at most {limit} vCPUs (cpu.maxCpus)"
+    work.restart_causes.append(f"vCPUs {have} -> {want}: {why}")
+    work.fields.append(FieldChange(path="cpu.count", before=have, after=want, mode=Mode.RESTART, how=why))
+
+
+def _memory(work: LivePlan, spec: VirtualMachineSpec, launched: VirtualMachineSpec, live: LiveState) -> None:
+    want, capacity = spec.memory.size, live.memory
+    balloon = launched.memory.balloon
+    current = live.balloon_target if balloon and live.balloon_target is not None else capacity
+    if want == current:
+        return
+    if want > capacity:
+        limit = launched.memory.maxSize or launched.memory.size
+        if want <= limit and live.dimms < launched.memory.slots:
+            work.step(work.settings, StepKind.ADD_MEMORY, "",
+                      f"memory: {format_size(capacity)} -> {format_size(want)} (pc-dimm of "
+                      f"{format_size(want - capacity)})", size=want - capacity)
+            work.changed("memory.size", format_size(current), format_size(want), ("memory", "size"), "pc-dimm")
+            if balloon and live.balloon_target is not None:
+                work.step(work.settings, StepKind.SET_BALLOON, "", f"balloon: release to {format_size(want)}",
+                          size=want)
+            return
+        why = (f"the VM was started with memory.maxSize {format_size(limit)}" if want > limit
+               else "no DIMM slot left")
+    elif balloon:
+        work.step(work.settings, StepKind.SET_BALLOON, "", f"balloon: {format_size(current)} -> {format_size(want)}",
+                  size=want)
+        work.changed("memory.size", format_size(current), format_size(want), ("memory", "size"), "balloon")
+        return
+    else:
+        why = "memory shrinks live only through a balloon (memory.balloon: true)"
+    work.restart_causes.append(f"memory {format_size(current)} -> {format_size(want)}: {why}")
+    work.fields.append(FieldChange(path="memory.size", before=format_size(current), after=format_size(want),
+                                   mode=Mode.RESTART, how=why))
