@@ -187,8 +187,8 @@ def _plan_vm(
         work.reasons.append("the VM is not running and runStrategy is Always" if record else "new VM")
         steps = [*work.disk_steps, *work.offline_grows, start]
     elif work.restart_causes and allowed:
-        work.reasons.append(f"a restart is allowed ({'--allow-restart' if options.allow_restart else 'restartPolicy: Auto'})"
-                            f" and needed for:")
+        permission = "--allow-restart" if options.allow_restart else "restartPolicy: Auto"
+        work.reasons.append(f"a restart is allowed ({permission}) and needed for:")
         work.reasons += [f"  {cause}" for cause in work.restart_causes]
         steps = [*work.live_grows, *work.disk_steps, stop, *work.offline_grows, start]
         action = Action.RESTART
