@@ -16,6 +16,7 @@
 # The guest prints on the first serial port:
 #   INFZ-BOOTED                      once, when ready
 #   INFZ-REPORT seq=<n> disks=<name>:<bytes>[,...] nics=<if>@<mac>:<up|down>[,...] mem_kb=<kB> cpus=<n>
+#               cds=<srN>:<ISO volume label or ->[,...]
 #                                    whenever anything but seq changes
 #   INFZ-POWEROFF                    when the ACPI power button was pressed
 # It onlines hot-plugged CPUs and memory blocks, brings NICs up, and powers
@@ -301,7 +302,18 @@ while :; do
     done
     IFS=$oifs
 
-    cur="disks=$disks nics=$nics mem_kb=$mem cpus=$cpus"
+    # CD-ROMs: the ISO 9660 volume label of the medium ("-" when empty). Reading the drive also makes
+    # the kernel notice a medium change (the size in /sys/block is only refreshed on open).
+    cds=
+    for d in /sys/block/sr*; do
+        [ -e "$d" ] || continue
+        n=${d##*/}
+        label=$(dd if=/dev/$n bs=2048 skip=16 count=1 2>/dev/null | dd bs=1 skip=40 count=32 2>/dev/null \
+                | tr -d '\000' | sed 's/ *$//; s/ /_/g')
+        cds="${cds:+$cds,}$n:${label:--}"
+    done
+
+    cur="disks=$disks nics=$nics mem_kb=$mem cpus=$cpus cds=$cds"
     if [ "$cur" != "$prev" ]; then
         seq=$(( seq + 1 ))
         echo "INFZ-REPORT seq=$seq $cur"

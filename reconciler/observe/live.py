@@ -38,7 +38,7 @@ def free_spare_ports(pci: list[dict[str, Any]]) -> list[str]:
         for device in bus.get("devices", []):
             qdev = device.get("qdev_id", "")
             bridge = device.get("pci_bridge")
-            if qdev.startswith("hp-") and bridge is not None and not bridge.get("bus", {}).get("devices"):
+            if qdev.startswith("hp-") and bridge is not None and not bridge.get("devices"):
                 free.append(qdev)
     return sorted(free, key=lambda port: int(port.split("-")[1]))
 

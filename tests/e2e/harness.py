@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(os.environ.get("INFZ_GUEST_DIR", "/var/cache/infinization/guest"))
-REPORT_RE = re.compile(r"INFZ-REPORT seq=(\d+) disks=(\S*) nics=(\S*) mem_kb=(\d+) cpus=(\d+)")
+REPORT_RE = re.compile(r"INFZ-REPORT seq=(\d+) disks=(\S*) nics=(\S*) mem_kb=(\d+) cpus=(\d+)(?: cds=(\S*))?")
 
 
 @dataclass(frozen=True)
@@ -30,20 +30,22 @@ class Report:
     nics: dict[str, tuple[str, str]]
     mem_kb: int
     cpus: int
+    cds: dict[str, str]
 
 
 def parse_report(line: str) -> Report | None:
     match = REPORT_RE.search(line)
     if not match:
         return None
-    seq, disks, nics, mem, cpus = match.groups()
+    seq, disks, nics, mem, cpus, cds = match.groups()
     disk_map = {n: int(s) for n, s in (item.split(":") for item in disks.split(",") if item)}
     nic_map = {}
     for item in filter(None, nics.split(",")):
         ifname, rest = item.split("@", 1)
         mac, state = rest.rsplit(":", 1)
         nic_map[ifname] = (mac, state)
-    return Report(int(seq), disk_map, nic_map, int(mem), int(cpus))
+    cd_map = dict(item.split(":", 1) for item in (cds or "").split(",") if item)
+    return Report(int(seq), disk_map, nic_map, int(mem), int(cpus), cd_map)
 
 
 def vm_manifest(name: str, *, disks: str = "", run_strategy: str = "Always", extra: str = "",
