@@ -209,10 +209,11 @@ def status_rows(snap: Snapshot) -> list[dict[str, Any]]:
             "phase": _phase(snap, name),
             "pid": vm.process.pid if vm.process else None,
             "runStrategy": loaded.vm.spec.runStrategy if loaded else None,
-            "inSync": not (change.steps or change.pending_restart or change.refusals),
+            "inSync": not (change.steps or change.pending_restart or change.refusals or change.unplug_pending),
             "action": change.action.value if change.steps else None,
             "pendingRestart": change.pending_restart,
             "refused": change.refusals,
+            "unplugPending": change.unplug_pending,
             "disks": {n: d.virtual_size for n, d in vm.disks.items() if d.exists},
             "manifest": loaded.source.file if loaded else None,
         })
@@ -239,6 +240,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             notes.append(f"pending: {row['action']}")
         notes += [f"restart pending: {cause}" for cause in row["pendingRestart"]]
         notes += [f"refused: {why}" for why in row["refused"]]
+        notes += [f"unplug pending: {why}" for why in row["unplugPending"]]
         table.add_row(row["name"], row["phase"], str(row["pid"] or "-"), "yes" if row["inSync"] else "no",
                       escape("\n".join(notes)))
     out.print(table)

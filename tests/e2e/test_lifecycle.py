@@ -158,19 +158,22 @@ def test_restart_needing_change_waits_for_permission(host: Host) -> None:
     (pid,) = host.qemu_pids("rs")
     host.guest("rs").wait_report(lambda r: r.cpus == 1, what="1 cpu")
 
-    host.write("r.yaml", vm_manifest("rs", cores=2))
+    changed = vm_manifest("rs", cores=2).replace("type: q35", "type: pc")
+    host.write("r.yaml", changed)
     plan = host.cli("plan", str(host.manifests), "--detailed-exitcode")
-    assert plan.returncode == 2 and "cpu.cores changed (1 -> 2)" in plan.stdout
+    assert plan.returncode == 2
+    assert "machine.type changed (q35 -> pc)" in plan.stdout, "every cause is listed"
+    assert "vCPUs 1 -> 2" in plan.stdout
     host.apply()
     assert host.qemu_pids("rs") == [pid], "no restart without permission"
     status = json.loads(host.cli("status", "--json", check=True).stdout)["vms"][0]
-    assert status["inSync"] is False and any("cpu.cores" in c for c in status["pendingRestart"])
+    assert status["inSync"] is False and len(status["pendingRestart"]) == 2
 
     # Reverting the change clears the pending restart.
     host.write("r.yaml", vm_manifest("rs"))
     assert host.plan_exit() == 0
 
-    host.write("r.yaml", vm_manifest("rs", cores=2))
+    host.write("r.yaml", changed)
     host.apply("--allow-restart")
     (new_pid,) = host.qemu_pids("rs")
     assert new_pid != pid
