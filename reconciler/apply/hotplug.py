@@ -82,7 +82,8 @@ async def hotplug_disk(qmp: Monitor, paths: VMPaths, vm: VirtualMachine, disk: s
 async def set_io_limits(qmp: Monitor, disk: str, iops: int, bps: int) -> str:
     # With -blockdev the device's BlockBackend is reached through its QOM path, not its id.
     await qmp.execute("block_set_io_throttle", {
-        "id": f"/machine/peripheral/{disk_node(disk)}/virtio-backend", "iops": iops, "iops_rd": 0, "iops_wr": 0, "bps": bps, "bps_rd": 0, "bps_wr": 0,
+        "id": f"/machine/peripheral/{disk_node(disk)}/virtio-backend",
+        "iops": iops, "iops_rd": 0, "iops_wr": 0, "bps": bps, "bps_rd": 0, "bps_wr": 0,
     })
     return f"iops={iops} bps={bps}"
 

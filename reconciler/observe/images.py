@@ -31,5 +31,5 @@ def inspect_image(path: Path | str) -> ObservedImage:
         backing = os.path.normpath(os.path.join(path.parent, backing))
     return ObservedImage(
         path=str(path), exists=True, virtual_size=int(info["virtual-size"]), format=info.get("format"),
-        backing=backing,
+        backing=backing, backing_format=info.get("backing-filename-format"),
     )

@@ -48,7 +48,6 @@ TABLE: tuple[FieldRule, ...] = (
     FieldRule(("networks", "*"), Mode.LIVE, "hot-plug: netdev_add + device_add on a spare slot",
               "Removal: device_del, wait for DEVICE_DELETED, then netdev_del."),
     FieldRule(("networks", "*", "mac"), Mode.RESTART, "a NIC's MAC is set when it is plugged"),
-    FieldRule(("networks", "*", "type"), Mode.RESTART, "a NIC's backend is set when it is plugged"),
     FieldRule(("networks", "*", "portForwards"), Mode.RESTART, "user-mode port forwards are set when QEMU starts"),
     FieldRule(("networks", "*", "link"), Mode.LIVE, "set_link"),
     FieldRule(("cdroms", "*"), Mode.LIVE, "device_add scsi-cd on the virtio-scsi controller"),

@@ -26,6 +26,7 @@ class ObservedImage(_Fact):
     virtual_size: int | None = None
     format: str | None = None
     backing: str | None = None
+    backing_format: str | None = None
     error: str | None = None
 
 

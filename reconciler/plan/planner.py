@@ -286,6 +286,15 @@ def _plan_disk(
         work.fields.append(FieldChange(path=f"disks[{disk.name}].image", before=current.backing, after=disk.image,
                                        mode=Mode.REFUSED, how=rule_for(("disks", "*", "image")).how))
         return
+    if disk.image and current.backing_format and current.backing_format != disk.imageFormat:
+        work.refusals.append(
+            f"{label}: its backing image is {current.backing_format}, the manifest says {disk.imageFormat}; "
+            "a disk's image cannot change"
+        )
+        work.fields.append(FieldChange(path=f"disks[{disk.name}].imageFormat", before=current.backing_format,
+                                       after=disk.imageFormat, mode=Mode.REFUSED,
+                                       how=rule_for(("disks", "*", "imageFormat")).how))
+        return
     if disk.size is None or current.virtual_size is None or disk.size == current.virtual_size:
         return
     before, after = format_size(current.virtual_size), format_size(disk.size)

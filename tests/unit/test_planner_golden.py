@@ -64,3 +64,43 @@ def test_deterministic_and_round_trips(case: str) -> None:
     first, second = _case_plan(CASES / case), _case_plan(CASES / case)
     assert first.model_dump_json() == second.model_dump_json()
     assert Plan.model_validate_json(first.model_dump_json()) == first
+
+
+# Every row of the field table, and a golden case whose plan shows that row at work.
+TABLE_COVERAGE: dict[tuple[str, ...], tuple[str, str]] = {
+    ("runStrategy",): ("halted_stops_running_vm", "runStrategy is Halted"),
+    ("restartPolicy",): ("restart_policy_auto_with_live_grow", "restartPolicy: Manual -> Auto"),
+    ("terminationGracePeriodSeconds",): ("fixed_at_start_fields_and_recorded_ones",
+                                         "terminationGracePeriodSeconds: 60 -> 5  (live: recorded)"),
+    ("hotplugSlots",): ("restart_pending_lists_every_cause", "hotplugSlots changed (4 -> 2)"),
+    ("machine", "type"): ("restart_pending_lists_every_cause", "machine.type changed (q35 -> pc)"),
+    ("machine", "accel"): ("fixed_at_start_fields_and_recorded_ones", "machine.accel changed"),
+    ("cpu",): ("fixed_at_start_fields_and_recorded_ones", "cpu.model changed (None -> qemu64)"),
+    ("cpu", "cores"): ("cpus_and_memory_grow_live", "vCPUs: 1 -> 3 (device_add)"),
+    ("cpu", "maxCpus"): ("beyond_declared_maxima_needs_restart", "cpu.maxCpus changed (4 -> 8)"),
+    ("memory",): ("fixed_at_start_fields_and_recorded_ones", "memory.balloon changed (False -> True)"),
+    ("memory", "size"): ("memory_shrinks_through_balloon", "balloon: 512Mi -> 384Mi"),
+    ("boot",): ("restart_pending_lists_every_cause", "boot.cmdline changed"),
+    ("disks", "*"): ("disk_added_live_is_created_and_hotplugged", "disk data: hot-plug"),
+    ("disks", "*", "size"): ("grow_disk_live", "disk root: grow 1Gi -> 2Gi (block_resize)"),
+    ("disks", "*", "image"): ("backing_image_changed_is_refused", "a disk's image cannot change"),
+    ("disks", "*", "imageFormat"): ("backing_format_changed_is_refused", "disks[root].imageFormat: qcow2 -> raw"),
+    ("disks", "*", "deletePolicy"): ("delete_policy_change_is_recorded_live", "deletePolicy: Retain -> Delete"),
+    ("disks", "*", "iops"): ("io_limits_change_live", "I/O limits iops=1000"),
+    ("disks", "*", "bps"): ("io_limits_change_live", "bps=10485760"),
+    ("networks", "*"): ("nic_added_and_link_down_live", "NIC second: hot-plug"),
+    ("networks", "*", "mac"): ("restart_pending_lists_every_cause", "networks[nat].mac changed"),
+    ("networks", "*", "portForwards"): ("restart_pending_lists_every_cause", "networks[nat].portForwards changed"),
+    ("networks", "*", "link"): ("nic_added_and_link_down_live", "NIC nat: link down (set_link)"),
+    ("cdroms", "*"): ("cdrom_media_inserted_and_drive_added_live", "CD-ROM cd1: add drive (empty)"),
+    ("cdroms", "*", "image"): ("cdrom_media_inserted_and_drive_added_live", "CD-ROM cd0: insert /srv/iso/tools.iso"),
+    ("metadata", "labels"): ("labels_only_update_the_record", "metadata.labels"),
+}
+
+
+def test_every_field_table_row_has_a_golden_case() -> None:
+    from reconciler.plan.fields import TABLE
+
+    assert {rule.pattern for rule in TABLE} == set(TABLE_COVERAGE)
+    for pattern, (case, snippet) in TABLE_COVERAGE.items():
+        assert snippet in (CASES / case / "expected.txt").read_text(), (pattern, case)
