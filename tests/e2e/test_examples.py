@@ -40,3 +40,15 @@ def test_example_auto_restart_restarts_without_flag(host: Host) -> None:
     (new_pid,) = host.qemu_pids("ex-auto")
     assert new_pid != pid
     host.guest("ex-auto").wait_report(lambda r: r.cpus == 2, what="2 cpus")
+
+
+def test_example_live_resources_grows_without_restart(host: Host) -> None:
+    text = (ROOT / "examples/06-live-resources/vm.yaml").read_text()
+    (host.manifests / "vm.yaml").write_text(text)
+    host.apply()
+    (pid,) = host.qemu_pids("ex-live")
+    host.guest("ex-live").wait_report(lambda r: r.cpus == 1 and "sr0" in r.cds, what="boot")
+    (host.manifests / "vm.yaml").write_text(text.replace("cores: 1,", "cores: 3,"))
+    host.apply()
+    host.guest("ex-live").wait_report(lambda r: r.cpus == 3, what="3 cpus")
+    assert host.qemu_pids("ex-live") == [pid]
