@@ -114,7 +114,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _print_step(result: StepResult) -> None:
     mark = "[green]ok[/]" if result.ok else "[red]FAILED[/]"
-    out.print(f"  {result.step.vm}: {escape(result.step.summary)} ... {mark} [dim]({escape(result.detail)}, "
+    out.print(f"  {result.step.name}: {escape(result.step.summary)} ... {mark} [dim]({escape(result.detail)}, "
               f"{result.seconds * 1000:.0f} ms)[/]")
 
 
@@ -201,7 +201,7 @@ def _phase(snap: Snapshot, name: str) -> str:
 def status_rows(snap: Snapshot) -> list[dict[str, Any]]:
     rows = []
     for change in snap.plan.changes:
-        name = change.vm
+        name = change.name
         vm = snap.observed.vm(name)
         loaded = snap.manifests.vms.get(name)
         rows.append({

@@ -80,15 +80,15 @@ class Executor:
             outcome.results.append(result)
             self.report(result)
             if not ok:
-                outcome.failed_vms[change.vm] = f"{step.summary}: {detail}"
+                outcome.failed_vms[change.name] = f"{step.summary}: {detail}"
                 return
             _maybe_crash("after", step.kind)
 
     async def _run_step(self, step: Step) -> str:
-        paths = self.layout.vm(step.vm)
+        paths = self.layout.vm(step.name)
         args = step.args
         if step.kind is StepKind.WRITE_RECORD:
-            files.write_record(paths, VirtualMachine.model_validate(args["vm"]), self.sources.get(step.vm))
+            files.write_record(paths, VirtualMachine.model_validate(args["vm"]), self.sources.get(step.name))
             return "recorded"
         if step.kind is StepKind.CREATE_DISK:
             path = Path(args["path"])

@@ -9,7 +9,7 @@ decision. The JSON form (``Plan.model_dump_json``) is versioned by ``FORMAT_VERS
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -65,7 +65,7 @@ class _Data(BaseModel):
 
 class Step(_Data):
     kind: StepKind
-    vm: str
+    name: str = Field(description="The VM, Network or firewall the step acts on.")
     target: str = ""
     args: dict[str, Any] = Field(default_factory=dict)
     summary: str
@@ -80,7 +80,8 @@ class FieldChange(_Data):
 
 
 class Change(_Data):
-    vm: str
+    resource: Literal["VirtualMachine", "Network", "Firewall"] = "VirtualMachine"
+    name: str
     action: Action
     reasons: list[str] = Field(default_factory=list)
     fields: list[FieldChange] = Field(default_factory=list)
@@ -127,5 +128,5 @@ class Plan(_Data):
         """No step to run, nothing pending and nothing refused: the host matches the manifests."""
         return not any(change.steps or change.pending_restart or change.refusals for change in self.changes)
 
-    def change(self, vm: str) -> Change | None:
-        return next((change for change in self.changes if change.vm == vm), None)
+    def change(self, name: str) -> Change | None:
+        return next((change for change in self.changes if change.name == name), None)

@@ -30,7 +30,7 @@ class LivePlan:
     unplug_pending: list[str] = field(default_factory=list)
 
     def step(self, bucket: list[Step], kind: StepKind, target: str, summary: str, **args: object) -> None:
-        bucket.append(Step(kind=kind, vm=self.name, target=target, summary=summary, args=dict(args)))
+        bucket.append(Step(kind=kind, name=self.name, target=target, summary=summary, args=dict(args)))
 
     def changed(self, path: str, before: object, after: object, rule: tuple[str, ...], how: str = "") -> None:
         self.fields.append(FieldChange(path=path, before=before, after=after, mode=Mode.LIVE,

@@ -169,13 +169,13 @@ def _plan_vm(
             work.refusals.append(message + "; apply --allow-restart to plug them by restarting instead")
 
     if work.refusals:
-        return Change(vm=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
+        return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
 
     steps: list[Step] = []
     pending: list[str] = []
     action = Action.NOOP
     stop = _stop_step(name, spec.terminationGracePeriodSeconds)
-    start = Step(kind=StepKind.START, vm=name, summary="start QEMU and wait for its monitor")
+    start = Step(kind=StepKind.START, name=name, summary="start QEMU and wait for its monitor")
 
     if spec.runStrategy == "Halted":
         if running:
@@ -203,7 +203,7 @@ def _plan_vm(
         steps = [_record_step(name, desired), *steps]
     if action is Action.NOOP and steps:
         action = Action.CREATE if record is None else Action.UPDATE
-    return Change(vm=name, action=action, reasons=work.reasons, fields=work.fields, steps=steps,
+    return Change(name=name, action=action, reasons=work.reasons, fields=work.fields, steps=steps,
                   pending_restart=pending, refusals=[],
                   unplug_pending=live_plan.unplug_pending if live_plan and action is not Action.RESTART else [])
 
@@ -224,14 +224,14 @@ def _running_vm(work: _VMPlan, spec: VirtualMachineSpec, process: ObservedProces
 
 
 def _stop_step(name: str, grace: int) -> Step:
-    return Step(kind=StepKind.STOP, vm=name, args={"timeout": grace},
+    return Step(kind=StepKind.STOP, name=name, args={"timeout": grace},
                 summary=f"stop gracefully (ACPI power button for up to {grace}s, then quit)")
 
 
 def _record_step(name: str, desired: VirtualMachine) -> Step:
     return Step(
         kind=StepKind.WRITE_RECORD,
-        vm=name,
+        name=name,
         summary="record the desired spec as last applied",
         args={"vm": desired.model_dump(mode="json")},
     )
@@ -265,7 +265,7 @@ def _plan_disk(
         if disk.image:
             what += f" backed by {disk.image}"
         work.disk_steps.append(Step(
-            kind=StepKind.CREATE_DISK, vm=work.name, target=disk.name, summary=f"{label}: {what}",
+            kind=StepKind.CREATE_DISK, name=work.name, target=disk.name, summary=f"{label}: {what}",
             args={"path": path, "size": disk.size, "image": disk.image, "image_format": disk.imageFormat},
         ))
         if not running:  # on a running VM the new disk is a restart cause, listed as such
@@ -304,13 +304,13 @@ def _plan_disk(
                                        mode=Mode.REFUSED, how="disks never shrink"))
         return
     if attached_live:
-        step = Step(kind=StepKind.GROW_DISK_LIVE, vm=work.name, target=disk.name,
+        step = Step(kind=StepKind.GROW_DISK_LIVE, name=work.name, target=disk.name,
                     summary=f"{label}: grow {before} -> {after} (block_resize)",
                     args={"node": disk_node(disk.name), "size": disk.size, "path": path})
         work.live_grows.append(step)
         how = "block_resize"
     else:
-        step = Step(kind=StepKind.GROW_DISK_OFFLINE, vm=work.name, target=disk.name,
+        step = Step(kind=StepKind.GROW_DISK_OFFLINE, name=work.name, target=disk.name,
                     summary=f"{label}: grow {before} -> {after} (qemu-img resize)",
                     args={"size": disk.size, "path": path})
         work.offline_grows.append(step)
@@ -361,9 +361,9 @@ def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None) -> Ch
         # from a crash before the record was written; stop it, there is nothing else of ours to remove.
         if obs.process is None:
             return None
-        return Change(vm=name, action=Action.DELETE, reasons=["running but not in any manifest"],
+        return Change(name=name, action=Action.DELETE, reasons=["running but not in any manifest"],
                       steps=[_stop_step(name, VirtualMachineSpec().terminationGracePeriodSeconds),
-                             Step(kind=StepKind.FORGET, vm=name, summary="forget the VM (disks are kept)")])
+                             Step(kind=StepKind.FORGET, name=name, summary="forget the VM (disks are kept)")])
     steps: list[Step] = []
     if obs.process is not None:
         steps.append(_stop_step(name, record.vm.spec.terminationGracePeriodSeconds))
@@ -371,11 +371,11 @@ def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None) -> Ch
     for disk in record.vm.spec.disks:
         image = obs.disks.get(disk.name)
         if disk.deletePolicy == "Delete" and disk.name in record.owned_disks and image and image.exists:
-            steps.append(Step(kind=StepKind.DELETE_DISK, vm=name, target=disk.name,
+            steps.append(Step(kind=StepKind.DELETE_DISK, name=name, target=disk.name,
                               summary=f"disk {disk.name}: delete {image.path} (deletePolicy: Delete)",
                               args={"path": image.path}))
         elif image and image.exists:
             kept.append(disk.name)
     summary = "forget the VM" + (f" (keeping disks: {', '.join(kept)})" if kept else "")
-    steps.append(Step(kind=StepKind.FORGET, vm=name, summary=summary))
-    return Change(vm=name, action=Action.DELETE, reasons=["its manifest was removed"], steps=steps)
+    steps.append(Step(kind=StepKind.FORGET, name=name, summary=summary))
+    return Change(name=name, action=Action.DELETE, reasons=["its manifest was removed"], steps=steps)

@@ -56,14 +56,14 @@ def _render_change(change: Change) -> list[str]:
     lines: list[str] = []
     style = _STYLE[change.action]
     if change.refusals:
-        lines.append(f"  [bold red]x[/] VirtualMachine [bold]{change.vm}[/] [red]cannot be changed[/]")
+        lines.append(f"  [bold red]x[/] {change.resource} [bold]{change.name}[/] [red]cannot be changed[/]")
         lines += [f"      [red]refused:[/] {_escape(reason)}" for reason in change.refusals]
     elif change.steps:
         lines.append(
-            f"  [{style}]{change.action.symbol}[/] VirtualMachine [bold]{change.vm}[/] {_VERB[change.action]}"
+            f"  [{style}]{change.action.symbol}[/] {change.resource} [bold]{change.name}[/] {_VERB[change.action]}"
         )
     elif change.pending_restart:
-        lines.append(f"  [magenta]![/] VirtualMachine [bold]{change.vm}[/] has changes that need a restart")
+        lines.append(f"  [magenta]![/] {change.resource} [bold]{change.name}[/] has changes that need a restart")
     else:
         return []
     lines += [f"      [dim]# {_escape(reason)}[/]" for reason in change.reasons]

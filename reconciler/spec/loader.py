@@ -20,10 +20,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from reconciler.spec.models import API_VERSION, VirtualMachine, nic_mac
+from reconciler.spec.models import API_VERSION, Network, VirtualMachine, nic_mac
 
 Loc = tuple[str | int, ...]
-KINDS: dict[str, type[BaseModel]] = {"VirtualMachine": VirtualMachine}
+KINDS: dict[str, type[BaseModel]] = {"VirtualMachine": VirtualMachine, "Network": Network}
 
 
 @dataclass(frozen=True, order=True)
@@ -53,12 +53,19 @@ class LoadedVM:
     source: Source
 
 
+@dataclass(frozen=True)
+class LoadedNetwork:
+    network: Network
+    source: Source
+
+
 @dataclass
 class ManifestSet:
     """Everything one read of the manifest directory produced."""
 
     directory: str
     vms: dict[str, LoadedVM] = field(default_factory=dict)
+    networks: dict[str, LoadedNetwork] = field(default_factory=dict)
     errors: list[ManifestError] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     failed_files: set[str] = field(default_factory=set)
@@ -69,7 +76,10 @@ class ManifestSet:
 
     def digest(self) -> str:
         """A hash of the desired state (not of the files' bytes): comments and key order don't count."""
-        canonical = {name: loaded.vm.model_dump(mode="json") for name, loaded in sorted(self.vms.items())}
+        canonical = {
+            "vms": {name: loaded.vm.model_dump(mode="json") for name, loaded in sorted(self.vms.items())},
+            "networks": {name: n.network.model_dump(mode="json") for name, n in sorted(self.networks.items())},
+        }
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
@@ -290,6 +300,8 @@ def load_directory(directory: str | Path) -> ManifestSet:
         for obj, source in objects:
             if isinstance(obj, VirtualMachine):
                 _add_vm(result, obj, source)
+            elif isinstance(obj, Network):
+                _add_network(result, obj, source)
     _check_unique_across(result)
     return result
 
@@ -311,6 +323,26 @@ def _add_vm(result: ManifestSet, vm: VirtualMachine, source: Source) -> None:
     result.vms[vm.name] = LoadedVM(vm, source)
 
 
+def _add_network(result: ManifestSet, network: Network, source: Source) -> None:
+    first = result.networks.get(network.name)
+    clash = next((n for n in result.networks.values() if n.network.spec.bridge == network.spec.bridge), None)
+    if first is not None or clash is not None:
+        other = first or clash
+        assert other is not None
+        what = f"Network {network.name!r} is already defined" if first else \
+            f"bridge {network.spec.bridge!r} is already used by Network {other.network.name!r}"
+        result.errors.append(ManifestError(source.file, source.line, 1, "metadata.name" if first else "spec.bridge",
+                                           f"{what} at {other.source.file}:{other.source.line}"))
+        result.failed_files.add(source.file)
+        return
+    result.networks[network.name] = LoadedNetwork(network, source)
+
+
+def _error(result: ManifestSet, source: Source, path: str, message: str) -> None:
+    result.errors.append(ManifestError(source.file, source.line, 1, path, message))
+    result.failed_files.add(source.file)
+
+
 def _check_unique_across(result: ManifestSet) -> None:
     """MACs and host port forwards must be unique across all VMs of the host."""
     macs: dict[str, str] = {}
@@ -320,6 +352,10 @@ def _check_unique_across(result: ManifestSet) -> None:
         for index, nic in enumerate(spec.networks):
             mac = nic_mac(name, nic)
             where = f"spec.networks[{index}]"
+            if nic.network is not None and nic.network not in result.networks:
+                known = ", ".join(sorted(result.networks)) or "none"
+                _error(result, loaded.source, f"{where}.network",
+                       f"no Network named {nic.network!r} (defined: {known})")
             if mac in macs:
                 result.errors.append(
                     ManifestError(

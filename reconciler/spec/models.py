@@ -9,6 +9,7 @@ Defaults live here and nowhere else, so a default never shows up as drift.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import posixpath
 import re
 from typing import Annotated, Any, Literal
@@ -180,14 +181,112 @@ class PortForward(_Frozen):
     ] = "127.0.0.1"
 
 
+def _cidr(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address or CIDR") from exc
+
+
+def _interface_address(value: str) -> str:
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an address with a prefix, like 10.77.0.1/24") from exc
+    if iface.version != 4 or iface.network.prefixlen > 30:
+        raise ValueError("the bridge address must be IPv4 with a prefix of /30 or shorter")
+    return str(iface)
+
+
+def _ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IP address") from exc
+
+
+def _ports(value: str) -> str:
+    parts = []
+    for item in value.replace(" ", "").split(","):
+        low, _, high = item.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise ValueError(f"{value!r}: expected ports like '22,80-90'")
+        a, b = int(low), int(high or low)
+        if not 1 <= a <= b <= 65535:
+            raise ValueError(f"{value!r}: ports must be 1-65535, ranges low-high")
+        parts.append(f"{a}-{b}" if b != a else str(a))
+    return ",".join(parts)
+
+
+Cidr = Annotated[str, AfterValidator(_cidr)]
+IpAddress = Annotated[str, AfterValidator(_ip)]
+InterfaceName = Annotated[str, Field(min_length=1, max_length=15, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+"""A Linux interface name: at most 15 characters."""
+
+
+class FirewallRule(_Frozen):
+    direction: Literal["in", "out", "both"] = Field(description="in: to the guest; out: from the guest.")
+    action: Literal["accept", "drop", "reject"]
+    protocol: Literal["tcp", "udp", "icmp", "icmpv6", "any"] = "any"
+    ports: Annotated[str, AfterValidator(_ports)] | None = Field(
+        default=None, description="Destination ports for tcp/udp: '22,80-90'."
+    )
+    source: Cidr | None = None
+    destination: Cidr | None = None
+    state: list[Literal["new", "established", "related", "invalid"]] = Field(default_factory=list)
+    priority: Annotated[int, Field(ge=0, le=1000)] = Field(default=500, description="Lower runs first.")
+
+    @model_validator(mode="after")
+    def _ports_need_a_port_protocol(self) -> FirewallRule:
+        if self.ports and self.protocol not in ("tcp", "udp"):
+            raise ValueError("ports need protocol tcp or udp")
+        for cidr in (self.source, self.destination):
+            if cidr is not None:
+                version = ipaddress.ip_network(cidr).version
+                if (self.protocol == "icmp" and version == 6) or (self.protocol == "icmpv6" and version == 4):
+                    raise ValueError(f"protocol {self.protocol} does not match the address family of {cidr}")
+        if self.source and self.destination and \
+                ipaddress.ip_network(self.source).version != ipaddress.ip_network(self.destination).version:
+            raise ValueError("source and destination must be of the same address family")
+        return self
+
+
+class FirewallSpec(_Frozen):
+    default: Literal["accept", "drop"] = "accept"
+    rules: list[FirewallRule] = Field(default_factory=list)
+    antiSpoofing: bool = Field(
+        default=True, description="The guest may only send from its own MAC (and its declared ips)."
+    )
+
+
 class NetworkInterfaceSpec(_Frozen):
     name: DeviceName
-    type: Literal["user"] = "user"
+    type: Literal["user", "bridge"] = "user"
+    network: ResourceName | None = Field(default=None, description="type bridge: a Network by name.")
+    bridge: InterfaceName | None = Field(default=None, description="type bridge: an existing host bridge.")
     mac: MacAddress | None = Field(
         default=None, description="Defaults to a stable address derived from the VM and NIC names."
     )
+    ips: list[IpAddress] = Field(default_factory=list, description="The guest's addresses, for anti-spoofing.")
     portForwards: list[PortForward] = Field(default_factory=list)
     link: Literal["up", "down"] = Field(default="up", description="Link state, as the guest sees it.")
+    queues: Annotated[int, Field(ge=1, le=16)] = Field(default=1, description="Multiqueue (type bridge).")
+    firewall: FirewallSpec | None = Field(default=None, description="type bridge: per-NIC nftables rules.")
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> NetworkInterfaceSpec:
+        if self.type == "user":
+            for field_name in ("network", "bridge", "firewall"):
+                if getattr(self, field_name) is not None:
+                    raise ValueError(f"{field_name} needs type: bridge")
+            if self.queues != 1:
+                raise ValueError("queues needs type: bridge")
+        else:
+            if (self.network is None) == (self.bridge is None):
+                raise ValueError("type bridge needs exactly one of network (a Network) or bridge (a host bridge)")
+            if self.portForwards:
+                raise ValueError("portForwards are for type: user")
+        return self
 
 
 class CdromSpec(_Frozen):
@@ -237,6 +336,48 @@ class VirtualMachine(_Frozen):
         return self.metadata.name
 
 
+class DhcpSpec(_Frozen):
+    rangeStart: IpAddress
+    rangeEnd: IpAddress
+    leaseTime: Annotated[int, Field(ge=120, le=86400 * 7)] = 3600
+
+
+class NetworkSpec(_Frozen):
+    bridge: InterfaceName
+    address: Annotated[str, AfterValidator(_interface_address)] | None = Field(
+        default=None, description="The host's address on the bridge, with its prefix: 10.77.0.1/24."
+    )
+    nat: bool = Field(default=False, description="Masquerade the subnet to the host's uplinks.")
+    isolated: bool = Field(default=False, description="No forwarding in or out: guests see only each other.")
+    dhcp: DhcpSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NetworkSpec:
+        if self.nat and self.address is None:
+            raise ValueError("nat needs an address (the subnet to masquerade)")
+        if self.nat and self.isolated:
+            raise ValueError("a network cannot be both nat and isolated")
+        if self.dhcp is not None:
+            if self.address is None:
+                raise ValueError("dhcp needs an address")
+            subnet = ipaddress.ip_interface(self.address).network
+            for bound in (self.dhcp.rangeStart, self.dhcp.rangeEnd):
+                if ipaddress.ip_address(bound) not in subnet:
+                    raise ValueError(f"dhcp range bound {bound} is outside {subnet}")
+        return self
+
+
+class Network(_Frozen):
+    apiVersion: Literal["infinization.io/v1alpha1"]
+    kind: Literal["Network"]
+    metadata: ObjectMeta
+    spec: NetworkSpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
 def default_mac(vm_name: str, nic_name: str) -> str:
     """A stable locally-administered QEMU-range MAC derived from the VM and NIC names."""
     digest = hashlib.sha256(f"{vm_name}/{nic_name}".encode()).digest()
@@ -245,3 +386,8 @@ def default_mac(vm_name: str, nic_name: str) -> str:
 
 def nic_mac(vm_name: str, nic: NetworkInterfaceSpec) -> str:
     return nic.mac if nic.mac is not None else default_mac(vm_name, nic.name)
+
+
+def tap_name(vm_name: str, nic_name: str) -> str:
+    """A deterministic TAP name within Linux's 15 characters: 'inz' + 12 hex digits of a hash."""
+    return "inz" + hashlib.sha256(f"{vm_name}/{nic_name}".encode()).hexdigest()[:12]

@@ -42,7 +42,7 @@ def _case_plan(case: Path) -> Plan:
 def _render(result: Plan) -> str:
     text = Text.from_markup(render_plan(result)).plain
     steps = [
-        {"vm": step.vm, "kind": step.kind.value, "target": step.target,
+        {"name": step.name, "kind": step.kind.value, "target": step.target,
          **{k: v for k, v in step.args.items() if k != "vm"}}
         for change in result.changes for step in change.steps
     ]
