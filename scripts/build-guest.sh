@@ -12,15 +12,30 @@
 # Nothing is installed on the host.
 #
 # Boot with: -kernel OUTDIR/vmlinuz -initrd OUTDIR/initrd.img
-#            -append 'console=ttyS0 panic=-1'
+#            -append 'console=ttyS0 panic=-1 [infz.* parameters, below]'
 # The guest prints on the first serial port:
 #   INFZ-BOOTED                      once, when ready
 #   INFZ-REPORT seq=<n> disks=<name>:<bytes>[,...] nics=<if>@<mac>:<up|down>[,...] mem_kb=<kB> cpus=<n>
-#               cds=<srN>:<ISO volume label or ->[,...]
-#                                    whenever anything but seq changes
+#               cds=<srN>:<ISO volume label or ->[,...] [ping=<target>:<ok|fail>[,...]]
+#               ips=<if>:<addr>/<prefix>[,...]
+#                                    (one line) whenever anything but seq changes; ping= only
+#                                    with infz.ping, ips= always (IPv4 on non-lo interfaces,
+#                                    empty when none)
 #   INFZ-POWEROFF                    when the ACPI power button was pressed
 # It onlines hot-plugged CPUs and memory blocks, brings NICs up, and powers
 # off (QEMU exits) on QMP system_powerdown.
+#
+# Optional kernel command line parameters (read once from /proc/cmdline):
+#   infz.ip=<if>:<addr>/<prefix>[+<if>:<addr>/<prefix>...]
+#                  add these IPv4 addresses once the interface exists and is up
+#                  (retried every loop, so hot-plugged NICs get theirs too)
+#   infz.gw=<addr> default route via <addr>, added as soon as it is reachable
+#   infz.mac=<if>:<mac>[+<if>:<mac>...]
+#                  set the interface's MAC before bringing it up the first time
+#                  (simulates a guest spoofing its MAC)
+#   infz.ping=<addr>[+<addr>...]
+#                  ping each IPv4 target once per loop (busybox ping -c 1 -W 1,
+#                  all targets in parallel, so ~1 s at most) and report ping=
 set -euo pipefail
 
 META_PKG=linux-image-cloud-amd64
@@ -220,14 +235,74 @@ start_acpid() {
     acpid -c /etc/acpi -l /var/log/acpid.log -p /run/acpid.pid
 }
 
+# infz.* kernel parameters ("+"-separated lists; see build-guest.sh).
+CFG_IP= CFG_GW= CFG_MAC= CFG_PING=
+for w in $(cat /proc/cmdline 2>/dev/null); do
+    case $w in
+        infz.ip=*)   CFG_IP=$(echo "${w#*=}" | tr + ' ') ;;
+        infz.gw=*)   CFG_GW=${w#*=} ;;
+        infz.mac=*)  CFG_MAC=$(echo "${w#*=}" | tr + ' ') ;;
+        infz.ping=*) CFG_PING=$(echo "${w#*=}" | tr + ' ') ;;
+    esac
+done
+PENDING_IP=$CFG_IP PENDING_GW=$CFG_GW
+
 nic_up() {    # bring NICs (ethX, enpX, ...) administratively up
     for d in /sys/class/net/*; do
         n=${d##*/}
         case $n in eth*|en*) ;; *) continue ;; esac
         fl=; { read fl <"$d/flags"; } 2>/dev/null
         case $fl in 0x*) ;; *) fl=0x0 ;; esac
-        [ $(( fl & 1 )) -eq 1 ] || ip link set "$n" up 2>/dev/null
+        [ $(( fl & 1 )) -eq 1 ] && continue
+        for e in $CFG_MAC; do    # infz.mac: spoof before the first "up"
+            [ "${e%%:*}" = "$n" ] || continue
+            mac=; { read mac <"$d/address"; } 2>/dev/null
+            [ "$mac" = "${e#*:}" ] || ip link set "$n" address "${e#*:}" \
+                || echo "infz: cannot set $n address ${e#*:}"
+        done
+        ip link set "$n" up 2>/dev/null
     done
+}
+
+net_config() {    # apply pending infz.ip / infz.gw; retried until done
+    left=
+    for e in $PENDING_IP; do
+        n=${e%%:*} a=${e#*:}
+        fl=; { read fl <"/sys/class/net/$n/flags"; } 2>/dev/null
+        case $fl in 0x*) ;; *) left="$left $e"; continue ;; esac
+        if [ $(( fl & 1 )) -ne 1 ]; then left="$left $e"; continue; fi
+        case " $(ip -4 -o addr show dev "$n" 2>/dev/null | awk '{ print $4 }' | tr '\n' ' ') " in
+            *" $a "*) continue ;;    # already there (e.g. infz-main restarted)
+        esac
+        ip addr add "$a" dev "$n" 2>/dev/null || left="$left $e"
+    done
+    PENDING_IP=$left
+    if [ -n "$PENDING_GW" ]; then
+        if ip route show 2>/dev/null | grep -q "^default via $PENDING_GW "; then
+            PENDING_GW=
+        elif ip route add default via "$PENDING_GW" 2>/dev/null; then
+            PENDING_GW=
+        fi
+    fi
+}
+
+ping_all() {    # -> "ping=T:ok|fail,..." (empty without infz.ping); targets in parallel
+    [ -n "$CFG_PING" ] || return 0
+    rm -f /run/infz-ping.*
+    i=0
+    for t in $CFG_PING; do
+        i=$(( i + 1 ))
+        ( if ping -c 1 -W 1 "$t" >/dev/null 2>&1; then r=ok; else r=fail; fi
+          echo "$r" >"/run/infz-ping.$i" ) &
+    done
+    wait
+    out= i=0
+    for t in $CFG_PING; do
+        i=$(( i + 1 ))
+        r=fail; { read r <"/run/infz-ping.$i"; } 2>/dev/null
+        out="${out:+$out,}$t:$r"
+    done
+    echo " ping=$out"
 }
 
 if [ ! -e /run/infz-setup-done ]; then
@@ -268,6 +343,7 @@ while :; do
         fi
     done
     nic_up
+    net_config
     start_acpid 2>/dev/null
 
     disks=
@@ -313,7 +389,12 @@ while :; do
         cds="${cds:+$cds,}$n:${label:--}"
     done
 
-    cur="disks=$disks nics=$nics mem_kb=$mem cpus=$cpus cds=$cds"
+    pings=$(ping_all)
+
+    # IPv4 addresses actually configured on non-lo interfaces.
+    ips=$(ip -4 -o addr show 2>/dev/null | awk '$3 == "inet" && $2 != "lo" { printf "%s%s:%s", s, $2, $4; s = "," }')
+
+    cur="disks=$disks nics=$nics mem_kb=$mem cpus=$cpus cds=$cds$pings ips=$ips"
     if [ "$cur" != "$prev" ]; then
         seq=$(( seq + 1 ))
         echo "INFZ-REPORT seq=$seq $cur"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from reconciler.plan.observed import AppliedRecord
+from reconciler.plan.observed import AppliedRecord, NetworkRecord
 from reconciler.spec.layout import StateLayout
 from reconciler.spec.models import VirtualMachine
 
@@ -81,6 +81,17 @@ def known_vm_names(layout: StateLayout) -> list[str]:
     if not layout.vms.is_dir():
         return []
     return sorted(entry.name for entry in layout.vms.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def read_network_records(layout: StateLayout) -> dict[str, NetworkRecord]:
+    records = {}
+    if layout.networks.is_dir():
+        for path in sorted(layout.networks.glob("*.json")):
+            try:
+                records[path.stem] = NetworkRecord.model_validate_json(path.read_text())
+            except ValidationError as exc:
+                raise CorruptRecord(f"{path}: {exc}") from exc
+    return records
 
 
 def read_records(layout: StateLayout) -> dict[str, AppliedRecord]:

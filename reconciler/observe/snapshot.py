@@ -10,7 +10,8 @@ from pathlib import Path
 
 from reconciler.observe import images, monitor, processes
 from reconciler.observe.live import observe_live
-from reconciler.observe.records import LiveRecord, known_vm_names, read_launch, read_live
+from reconciler.observe.hostnet import observe_host_network
+from reconciler.observe.records import LiveRecord, known_vm_names, read_launch, read_live, read_network_records
 from reconciler.plan.observed import (
     AppliedRecord,
     LiveState,
@@ -20,7 +21,7 @@ from reconciler.plan.observed import (
     ObservedVM,
 )
 from reconciler.spec.layout import StateLayout
-from reconciler.spec.models import VirtualMachine, VirtualMachineSpec
+from reconciler.spec.models import Network, VirtualMachine, VirtualMachineSpec, tap_name
 
 
 async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str]) -> ObservedVM:
@@ -52,8 +53,10 @@ async def observe(
     layout: StateLayout,
     desired: Mapping[str, VirtualMachine],
     records: Mapping[str, AppliedRecord],
+    networks: Mapping[str, Network] | None = None,
 ) -> ObservedState:
-    """Everything the planner needs about the VMs in ``desired``, in ``records`` or in the state folder."""
+    """Everything the planner needs about the VMs in ``desired``, in ``records`` or in the state folder,
+    and about the host networking they and the desired ``networks`` use."""
     names = sorted(set(desired) | set(records) | set(known_vm_names(layout)))
     vms = {}
     backing: dict[str, ObservedImage] = {}
@@ -66,4 +69,15 @@ async def observe(
                     if disk.image and disk.image not in backing:
                         backing[disk.image] = images.inspect_image(disk.image)
         vms[name] = await observe_vm(layout, name, disk_names)
-    return ObservedState(state_dir=str(layout.root), vms=vms, images=backing)
+    network_records = read_network_records(layout)
+    interesting = {n.spec.bridge for n in (networks or {}).values()}
+    interesting |= {r.network.spec.bridge for r in network_records.values()}
+    for vm in [*desired.values(), *(r.vm for r in records.values())]:
+        for nic in vm.spec.networks:
+            if nic.type == "bridge":
+                interesting.add(tap_name(vm.name, nic.name))
+                if nic.bridge:
+                    interesting.add(nic.bridge)
+    host = await observe_host_network(interesting)
+    return ObservedState(state_dir=str(layout.root), vms=vms, images=backing, host=host,
+                         network_records=network_records)

@@ -11,7 +11,7 @@ import hashlib
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from reconciler.spec.models import VirtualMachine, VirtualMachineSpec
+from reconciler.spec.models import Network, VirtualMachine, VirtualMachineSpec
 
 
 class _Fact(BaseModel):
@@ -87,8 +87,43 @@ class AppliedRecord(_Fact):
     source: str | None = None
 
 
+class ObservedLink(_Fact):
+    """A host network interface, from netlink."""
+
+    name: str
+    kind: str | None = None
+    up: bool = False
+    master: str | None = None
+    addresses: list[str] = Field(default_factory=list)
+
+
+class HostCapabilities(_Fact):
+    bridge_conntrack: bool = True
+    bridge_reject: bool = True
+    vhost_net: bool = False
+
+
+class ObservedHostNetwork(_Fact):
+    """Bridges, TAPs, the firewall rules we own (by comment) and what the kernel can do."""
+
+    links: dict[str, ObservedLink] = Field(default_factory=dict)
+    firewall: dict[str, str] = Field(
+        default_factory=dict, description="'family/chain/infz:HASH' -> comment, for the rules found in our tables."
+    )
+    ip_forward: bool = False
+    capabilities: HostCapabilities = Field(default_factory=HostCapabilities)
+
+
+class NetworkRecord(_Fact):
+    """A Network we created: the proof that its bridge is ours to delete."""
+
+    network: Network
+
+
 class ObservedState(_Fact):
     state_dir: str
+    host: ObservedHostNetwork = Field(default_factory=ObservedHostNetwork)
+    network_records: dict[str, NetworkRecord] = Field(default_factory=dict)
     vms: dict[str, ObservedVM] = Field(default_factory=dict)
     images: dict[str, ObservedImage] = Field(default_factory=dict, description="Backing images, by path.")
 

@@ -9,6 +9,7 @@
     STATE/vms/NAME/events.sock         a second QMP monitor, kept free for a long-lived event listener
     STATE/vms/NAME/serial.log          the guest's serial console
     STATE/disks/NAME/DISK.qcow2        disk images: outside the VM folder, so forgetting a VM keeps them
+    STATE/networks/NAME.json           a Network we created (its bridge is ours to repair and delete)
 
 Disk and VM names are validated by the spec models, so every path here stays inside STATE.
 """
@@ -43,6 +44,13 @@ class StateLayout:
     @property
     def disks(self) -> Path:
         return self.root / "disks"
+
+    @property
+    def networks(self) -> Path:
+        return self.root / "networks"
+
+    def network_record(self, name: str) -> Path:
+        return self.networks / f"{name}.json"
 
     def vm(self, name: str) -> VMPaths:
         return VMPaths(self.vms / name, self.disks / name)

@@ -15,12 +15,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(os.environ.get("INFZ_GUEST_DIR", "/var/cache/infinization/guest"))
-REPORT_RE = re.compile(r"INFZ-REPORT seq=(\d+) disks=(\S*) nics=(\S*) mem_kb=(\d+) cpus=(\d+)(?: cds=(\S*))?")
+REPORT_RE = re.compile(r"INFZ-REPORT seq=(\d+) disks=(\S*) nics=(\S*) mem_kb=(\d+) cpus=(\d+)(?: cds=(\S*))?"
+                       r"(?: ping=(\S*))?(?: ips=(\S*))?")
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,15 @@ class Report:
     mem_kb: int
     cpus: int
     cds: dict[str, str]
+    ping: dict[str, str] = field(default_factory=dict)  # target -> "ok" | "fail" (only with infz.ping=)
+    ips: dict[str, list[str]] = field(default_factory=dict)  # iface -> ["10.77.0.2/24", ...] (IPv4, no lo)
 
 
 def parse_report(line: str) -> Report | None:
     match = REPORT_RE.search(line)
     if not match:
         return None
-    seq, disks, nics, mem, cpus, cds = match.groups()
+    seq, disks, nics, mem, cpus, cds, ping, ips = match.groups()
     disk_map = {n: int(s) for n, s in (item.split(":") for item in disks.split(",") if item)}
     nic_map = {}
     for item in filter(None, nics.split(",")):
@@ -45,7 +48,12 @@ def parse_report(line: str) -> Report | None:
         mac, state = rest.rsplit(":", 1)
         nic_map[ifname] = (mac, state)
     cd_map = dict(item.split(":", 1) for item in (cds or "").split(",") if item)
-    return Report(int(seq), disk_map, nic_map, int(mem), int(cpus), cd_map)
+    ping_map = dict(item.rsplit(":", 1) for item in (ping or "").split(",") if item)
+    ip_map: dict[str, list[str]] = {}
+    for item in filter(None, (ips or "").split(",")):
+        ifname, addr = item.split(":", 1)
+        ip_map.setdefault(ifname, []).append(addr)
+    return Report(int(seq), disk_map, nic_map, int(mem), int(cpus), cd_map, ping_map, ip_map)
 
 
 def vm_manifest(name: str, *, disks: str = "", run_strategy: str = "Always", extra: str = "",

@@ -1,0 +1,94 @@
+"""Observe host networking: links over netlink (pyroute2), our nftables rules, ip_forward, kernel features.
+
+Read-only. Called by the snapshot builder. The sync pyroute2 ``IPRoute`` is used in a worker thread
+(it refuses to run inside an event loop's thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from reconciler.hostnet.nftables import BRIDGE_TABLE, IP_TABLE
+from reconciler.plan.observed import HostCapabilities, ObservedHostNetwork, ObservedLink
+
+NFT = "nft"
+_PROBES = {
+    "bridge_conntrack": "ct state established accept",
+    "bridge_reject": "reject",
+}
+
+
+def _links() -> dict[str, ObservedLink]:
+    with IPRoute() as ipr:
+        raw = ipr.get_links()
+        names = {link["index"]: link.get("IFLA_IFNAME") for link in raw}
+        addresses: dict[int, list[str]] = {}
+        for addr in ipr.get_addr():
+            addresses.setdefault(addr["index"], []).append(f"{addr.get('IFA_ADDRESS')}/{addr['prefixlen']}")
+    links = {}
+    for link in raw:
+        info = link.get("IFLA_LINKINFO")
+        kind = info.get("IFLA_INFO_KIND") if info else None
+        name = link.get("IFLA_IFNAME")
+        master = link.get("IFLA_MASTER")
+        links[name] = ObservedLink(
+            name=name, kind="tap" if kind == "tun" else kind, up=bool(link["flags"] & 1),
+            master=names.get(master) if master else None, addresses=sorted(addresses.get(link["index"], [])),
+        )
+    return links
+
+
+def _nft_json(family: str, table: str) -> list[dict[str, Any]]:
+    done = subprocess.run([NFT, "-j", "list", "table", family, table], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return []  # the table does not exist (yet, or any more)
+    return list(json.loads(done.stdout).get("nftables", []))
+
+
+def _firewall() -> dict[str, str]:
+    found = {}
+    for family, table in (("bridge", BRIDGE_TABLE), ("ip", IP_TABLE)):
+        for item in _nft_json(family, table):
+            rule = item.get("rule")
+            comment = rule.get("comment", "") if rule else ""
+            if rule and comment.startswith("infz:"):
+                found[f"{family}/{rule['chain']}/{comment.split(' ', 1)[0]}"] = comment
+    return found
+
+
+@functools.cache
+def _capabilities() -> HostCapabilities:
+    """Probe the kernel once per process with ``nft --check`` (nothing is changed)."""
+    results = {}
+    for name, rule in _PROBES.items():
+        script = (f"table bridge infzprobe {{\n chain c {{\n  type filter hook forward priority 0; policy accept;\n"
+                  f"  {rule}\n }}\n}}\n")
+        done = subprocess.run([NFT, "-c", "-f", "-"], input=script, capture_output=True, text=True, check=False)
+        results[name] = done.returncode == 0
+    return HostCapabilities(**results, vhost_net=Path("/dev/vhost-net").exists())
+
+
+def _ip_forward() -> bool:
+    try:
+        return Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
+def _observe(names: set[str]) -> ObservedHostNetwork:
+    # Only the links we care about: unrelated interfaces coming and going must not make plans stale.
+    links = {name: link for name, link in _links().items() if name in names}
+    return ObservedHostNetwork(links=links, firewall=_firewall(), ip_forward=_ip_forward(),
+                               capabilities=_capabilities())
+
+
+async def observe_host_network(names: set[str]) -> ObservedHostNetwork:
+    """The links named in ``names`` (bridges, TAPs), our firewall rules and the kernel's features."""
+    return await asyncio.to_thread(_observe, names)
