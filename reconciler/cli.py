@@ -70,8 +70,9 @@ async def _snapshot(directory: str, layout: StateLayout, allow_restart: bool) ->
         records = read_records(layout)
     except CorruptRecord as exc:
         raise CliError(f"corrupt state record, fix or remove it by hand: {exc}") from exc
-    observed = await observe(layout, desired, records)
-    result = plan(desired, observed, records, manifest_dir=str(Path(directory).absolute()),
+    networks = {name: loaded.network for name, loaded in manifests.networks.items()}
+    observed = await observe(layout, desired, records, networks)
+    result = plan(desired, observed, records, networks=networks, manifest_dir=str(Path(directory).absolute()),
                   desired_digest=manifests.digest(), options=PlanOptions(allow_restart=allow_restart))
     return Snapshot(manifests, records, observed, result)
 
@@ -167,7 +168,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if not result.ok:
         err.print(f"[red]Apply failed[/] for {len(result.failed_vms)} VM(s). Re-run apply after fixing the cause.")
         return 1
-    out.print(f"\n[green bold]Apply complete![/] VMs: {done}.")
+    out.print(f"\n[green bold]Apply complete![/] Resources: {done}.")
     remaining = [c for c in after.plan.changes if c.steps]
     if remaining:
         err.print(f"[yellow]warning:[/] the host has not converged yet: {summary_line(after.plan)}")

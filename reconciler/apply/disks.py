@@ -13,7 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from reconciler.apply.vmprocess import StepFailed
+from reconciler.apply.errors import StepFailed
 from reconciler.observe import monitor
 from reconciler.observe.images import QEMU_IMG, inspect_image
 from reconciler.spec.units import format_size

@@ -8,6 +8,7 @@ the crash-safety tests use to prove that a re-run converges.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -16,13 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reconciler.apply import disks, files, hotplug, vmprocess
-from reconciler.apply.vmprocess import StepFailed
+from reconciler.apply import disks, files, hostnet, hotplug, vmprocess
+from reconciler.apply.errors import StepFailed
 from reconciler.observe import monitor, processes
-from reconciler.observe.records import read_record
+from reconciler.observe.records import read_network_records, read_record
 from reconciler.plan.actions import Change, Plan, Step, StepKind
+from reconciler.plan.observed import NetworkRecord
 from reconciler.spec.layout import StateLayout, VMPaths
-from reconciler.spec.models import VirtualMachine
+from reconciler.spec.models import Network, VirtualMachine
 
 CRASH_ENV = "INFINIZATION_CRASH_AT"
 
@@ -101,16 +103,19 @@ class Executor:
         if step.kind is StepKind.GROW_DISK_OFFLINE:
             # qemu-img takes the image's write lock: it refuses an image a running QEMU has open.
             return disks.grow_offline(Path(args["path"]), int(args["size"]))
+        if step.kind in _NETWORK_STEPS:
+            # pyroute2's sync IPRoute refuses to run in the event loop's thread.
+            return await asyncio.to_thread(self._network_step, step)
         if step.kind is StepKind.START:
             vm = self._recorded_vm(paths)
-            started = await vmprocess.start(paths, vm)
+            started = await vmprocess.start(paths, vm, self._bridges(vm), vhost=Path("/dev/vhost-net").exists())
             async with monitor.session(paths.qmp) as qmp:
                 extra = await hotplug.after_start(qmp, paths, vm)
             return ", ".join([started, *extra])
         if step.kind in _LIVE_STEPS:
             vm = self._recorded_vm(paths)
             async with monitor.session(paths.qmp) as qmp:
-                return await _live_step(qmp, paths, vm, step)
+                return await _live_step(qmp, paths, vm, step, self._bridges(vm))
         if step.kind is StepKind.STOP:
             return await vmprocess.stop(paths, float(args.get("timeout", 60)))
         if step.kind is StepKind.DELETE_DISK:
@@ -128,6 +133,41 @@ class Executor:
             return "forgotten"
         raise StepFailed(f"unknown step kind {step.kind}")  # pragma: no cover - the enum is closed
 
+    def _network_step(self, step: Step) -> str:
+        args = step.args
+        if step.kind is StepKind.WRITE_NETWORK_RECORD:
+            record = NetworkRecord(network=Network.model_validate(args["network"]))
+            files.write_atomic(self.layout.network_record(step.name), record.model_dump_json(indent=2) + "\n")
+            return "recorded"
+        if step.kind is StepKind.ENSURE_BRIDGE:
+            return hostnet.ensure_bridge(args["bridge"], args.get("address"), args.get("remove_address"),
+                                         bool(args.get("ip_forward")))
+        if step.kind is StepKind.DELETE_BRIDGE:
+            if self.layout.network_record(step.name).exists():
+                return hostnet.delete_bridge(args["bridge"])
+            raise StepFailed(f"no record of Network {step.name}: refusing to delete a bridge we did not create")
+        if step.kind is StepKind.FORGET_NETWORK:
+            self.layout.network_record(step.name).unlink(missing_ok=True)
+            return "forgotten"
+        if step.kind is StepKind.APPLY_FIREWALL:
+            return hostnet.apply_firewall(args["script"])
+        if step.kind is StepKind.REPAIR_TAP:
+            return hostnet.repair_tap(args["tap"], args["bridge"])
+        raise StepFailed(f"not a network step: {step.kind}")  # pragma: no cover
+
+    def _bridges(self, vm: VirtualMachine) -> dict[str, str]:
+        """Each bridged NIC's bridge: its own, or its Network's (from the network records)."""
+        records = read_network_records(self.layout)
+        bridges = {}
+        for nic in vm.spec.networks:
+            if nic.bridge:
+                bridges[nic.name] = nic.bridge
+            elif nic.network:
+                if nic.network not in records:
+                    raise StepFailed(f"NIC {nic.name}: Network {nic.network} has not been created")
+                bridges[nic.name] = records[nic.network].network.spec.bridge
+        return bridges
+
     @staticmethod
     def _recorded_vm(paths: VMPaths) -> VirtualMachine:
         record = read_record(paths.record)
@@ -136,6 +176,11 @@ class Executor:
         return record.vm
 
 
+_NETWORK_STEPS = {
+    StepKind.WRITE_NETWORK_RECORD, StepKind.ENSURE_BRIDGE, StepKind.DELETE_BRIDGE, StepKind.FORGET_NETWORK,
+    StepKind.APPLY_FIREWALL, StepKind.REPAIR_TAP,
+}
+
 _LIVE_STEPS = {
     StepKind.HOTPLUG_DISK, StepKind.UNPLUG_DISK, StepKind.HOTPLUG_NIC, StepKind.UNPLUG_NIC, StepKind.SET_LINK,
     StepKind.SET_IO_LIMITS, StepKind.ADD_CPUS, StepKind.ADD_MEMORY, StepKind.SET_BALLOON, StepKind.HOTPLUG_CDROM,
@@ -143,7 +188,8 @@ _LIVE_STEPS = {
 }
 
 
-async def _live_step(qmp: monitor.Monitor, paths: VMPaths, vm: VirtualMachine, step: Step) -> str:
+async def _live_step(qmp: monitor.Monitor, paths: VMPaths, vm: VirtualMachine, step: Step,
+                     bridges: dict[str, str]) -> str:
     args, target = step.args, step.target
     match step.kind:
         case StepKind.HOTPLUG_DISK:
@@ -151,7 +197,7 @@ async def _live_step(qmp: monitor.Monitor, paths: VMPaths, vm: VirtualMachine, s
         case StepKind.UNPLUG_DISK:
             return await hotplug.unplug_disk(qmp, paths, target)
         case StepKind.HOTPLUG_NIC:
-            done = await hotplug.hotplug_nic(qmp, vm, target)
+            done = await hotplug.hotplug_nic(qmp, vm, target, bridges)
             if args.get("link") == "down":
                 done += ", link " + await hotplug.set_link(qmp, paths, target, False)
             return done

@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 from typing import Any
 
+from reconciler.apply import hostnet
+from reconciler.apply.errors import StepFailed
 from reconciler.apply.files import update_live
-from reconciler.apply.vmprocess import StepFailed
 from reconciler.observe import processes
 from reconciler.observe.live import free_spare_ports, peripheral_ids
 from reconciler.observe.monitor import Monitor, MonitorError
@@ -37,7 +38,7 @@ from reconciler.spec.layout import (
     nic_device,
     nic_netdev,
 )
-from reconciler.spec.models import VirtualMachine
+from reconciler.spec.models import NetworkInterfaceSpec, VirtualMachine, nic_mac, tap_name
 
 UNPLUG_TIMEOUT = 5.0
 DEVICE_TIMEOUT = 30.0
@@ -136,13 +137,15 @@ async def unplug_disk(qmp: Monitor, paths: VMPaths, disk: str) -> str:
     return "unplugged; the disk file is kept"
 
 
-async def hotplug_nic(qmp: Monitor, vm: VirtualMachine, nic_name: str) -> str:
+async def hotplug_nic(qmp: Monitor, vm: VirtualMachine, nic_name: str, bridges: dict[str, str]) -> str:
     nic = next(n for n in vm.spec.networks if n.name == nic_name)
     device = nic_device(nic.name)
     if device in await peripheral_ids(qmp):
         return "already plugged"
     netdev: dict[str, Any] = {"type": "user", "id": nic_netdev(nic.name)}
-    if nic.portForwards:
+    if nic.type == "bridge":
+        netdev = await _pass_tap(qmp, vm, nic, bridges[nic.name])
+    elif nic.portForwards:
         netdev["hostfwd"] = [{"str": forward} for forward in host_forwards(nic)]
     with contextlib.suppress(MonitorError):  # left over by an interrupted earlier attempt: reuse it
         await qmp.execute("netdev_add", netdev)
@@ -150,6 +153,25 @@ async def hotplug_nic(qmp: Monitor, vm: VirtualMachine, nic_name: str) -> str:
     await qmp.execute("device_add", nic_device_args(vm.name, nic, bus), timeout=DEVICE_TIMEOUT)
     await _confirm_present(qmp, device)
     return f"plugged on {bus or 'pci.0'}"
+
+
+async def _pass_tap(qmp: Monitor, vm: VirtualMachine, nic: NetworkInterfaceSpec, bridge: str) -> dict[str, Any]:
+    """Create the NIC's TAP and hand its fds to QEMU over the monitor socket (SCM_RIGHTS + getfd)."""
+    fds = await asyncio.to_thread(hostnet.open_tap, tap_name(vm.name, nic.name), bridge, nic.queues,
+                                  nic_mac(vm.name, nic))
+    names = [f"{nic_netdev(nic.name)}-q{index}" for index in range(len(fds))]
+    try:
+        for fd, name in zip(fds, names, strict=True):
+            qmp.client.send_fd_scm(fd)
+            await qmp.execute("getfd", {"fdname": name})
+    finally:
+        hostnet.close_all(fds)
+    netdev: dict[str, Any] = {"type": "tap", "id": nic_netdev(nic.name), "vhost": False}
+    if len(names) == 1:
+        netdev["fd"] = names[0]
+    else:
+        netdev["fds"] = ":".join(names)
+    return netdev
 
 
 async def unplug_nic(qmp: Monitor, paths: VMPaths, nic: str) -> str:

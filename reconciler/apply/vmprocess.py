@@ -16,20 +16,18 @@ import subprocess
 import time
 from pathlib import Path
 
+from reconciler.apply import hostnet
+from reconciler.apply.errors import StepFailed
 from reconciler.apply.files import write_launch
 from reconciler.observe import monitor, processes
 from reconciler.qemu.argv import build_argv
 from reconciler.spec.layout import VMPaths
-from reconciler.spec.models import VirtualMachine
+from reconciler.spec.models import VirtualMachine, nic_mac, tap_name
 
 QUIT_TIMEOUT = 5.0
 READY_TIMEOUT = 30.0
 POLL = 0.05
 REPRESS = 2.0
-
-
-class StepFailed(Exception):
-    """A step could not be carried out; the message says why, in terms a person can act on."""
 
 
 async def _wait_dead(pid: int, timeout: float) -> bool:
@@ -41,22 +39,35 @@ async def _wait_dead(pid: int, timeout: float) -> bool:
     return True
 
 
-async def start(paths: VMPaths, vm: VirtualMachine, binary: str | None = None) -> str:
-    """Start the VM unless its QEMU already runs; return what was done."""
+async def start(paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str], vhost: bool = False) -> str:
+    """Start the VM unless its QEMU already runs; return what was done.
+
+    ``bridges`` maps each bridged NIC to its bridge: their TAPs are created here and handed to QEMU as
+    file descriptors (closed on our side once QEMU has them).
+    """
     if processes.find_qemu(paths.pidfile) is not None:
         return "already running"
     paths.dir.mkdir(parents=True, exist_ok=True)
-    argv = build_argv(vm.name, vm.spec, paths, **({"binary": binary} if binary else {}))
-    write_launch(paths, argv, vm)
+    taps: dict[str, list[int]] = {}
     try:
-        done = await asyncio.to_thread(
-            subprocess.run, argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            timeout=READY_TIMEOUT, check=False, start_new_session=True,
-        )
-    except FileNotFoundError as exc:
-        raise StepFailed(f"cannot run {argv[0]}: is QEMU installed?") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise StepFailed(f"QEMU did not finish starting within {READY_TIMEOUT:g}s") from exc
+        for nic in vm.spec.networks:
+            if nic.type == "bridge":
+                taps[nic.name] = await asyncio.to_thread(
+                    hostnet.open_tap, tap_name(vm.name, nic.name), bridges[nic.name], nic.queues, nic_mac(vm.name, nic))
+        argv = build_argv(vm.name, vm.spec, paths, taps=taps, vhost=vhost)
+        write_launch(paths, argv, vm)
+        try:
+            done = await asyncio.to_thread(
+                subprocess.run, argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                timeout=READY_TIMEOUT, check=False, start_new_session=True,
+                pass_fds=[fd for fds in taps.values() for fd in fds],
+            )
+        except FileNotFoundError as exc:
+            raise StepFailed(f"cannot run {argv[0]}: is QEMU installed?") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise StepFailed(f"QEMU did not finish starting within {READY_TIMEOUT:g}s") from exc
+    finally:
+        hostnet.close_all([fd for fds in taps.values() for fd in fds])
     if done.returncode != 0:
         message = done.stderr.strip() or f"exit status {done.returncode}"
         raise StepFailed(f"QEMU refused to start: {message}")

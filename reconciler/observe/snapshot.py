@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from reconciler.observe import images, monitor, processes
-from reconciler.observe.live import observe_live
 from reconciler.observe.hostnet import observe_host_network
+from reconciler.observe.live import observe_live
 from reconciler.observe.records import LiveRecord, known_vm_names, read_launch, read_live, read_network_records
 from reconciler.plan.observed import (
     AppliedRecord,

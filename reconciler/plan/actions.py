@@ -49,6 +49,12 @@ class StepKind(StrEnum):
     HOTPLUG_CDROM = "hotplug-cdrom"
     UNPLUG_CDROM = "unplug-cdrom"
     CHANGE_MEDIA = "change-media"
+    WRITE_NETWORK_RECORD = "write-network-record"
+    ENSURE_BRIDGE = "ensure-bridge"
+    DELETE_BRIDGE = "delete-bridge"
+    FORGET_NETWORK = "forget-network"
+    APPLY_FIREWALL = "apply-firewall"
+    REPAIR_TAP = "repair-tap"
 
 
 class Mode(StrEnum):

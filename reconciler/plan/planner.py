@@ -17,9 +17,10 @@ from typing import Any
 from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan, Step, StepKind
 from reconciler.plan.fields import rule_for
 from reconciler.plan.live import LivePlan, plan_live
+from reconciler.plan.networks import plan_networks, tap_repairs
 from reconciler.plan.observed import AppliedRecord, ObservedImage, ObservedProcess, ObservedState, ObservedVM
 from reconciler.spec.layout import StateLayout, disk_node
-from reconciler.spec.models import DiskSpec, VirtualMachine, VirtualMachineSpec
+from reconciler.spec.models import DiskSpec, Network, VirtualMachine, VirtualMachineSpec
 from reconciler.spec.units import format_size
 
 Path_ = tuple[str, ...]
@@ -106,19 +107,28 @@ def plan(
     observed: ObservedState,
     last_applied: Mapping[str, AppliedRecord],
     *,
+    networks: Mapping[str, Network] | None = None,
     manifest_dir: str = "",
     desired_digest: str = "",
     options: PlanOptions | None = None,
 ) -> Plan:
-    """Compute the plan. ``desired`` must be a complete, valid set: a VM missing from it is deleted."""
+    """Compute the plan. ``desired`` must be a complete, valid set: a VM missing from it is deleted.
+
+    Order: Networks (bridges) and the firewall first, then VMs, then Networks being deleted.
+    """
     options = options or PlanOptions()
+    networks = networks or {}
     layout = StateLayout(Path(observed.state_dir))
+    net = plan_networks(networks, desired, observed)
     names = sorted(set(desired) | set(last_applied) | {n for n, vm in observed.vms.items() if vm.process})
-    changes = []
+    changes = list(net.first)
     for name in names:
-        change = _plan_vm(name, desired.get(name), observed, last_applied.get(name), layout, options)
+        change = _plan_vm(name, desired.get(name), observed, last_applied.get(name), layout, options, networks)
+        if change is not None and change.steps and name in net.blocked:
+            change = change.model_copy(update={"steps": [], "refusals": [net.blocked[name]]})
         if change is not None:
             changes.append(change)
+    changes += net.last
     return Plan(
         manifest_dir=manifest_dir,
         state_dir=observed.state_dir,
@@ -136,6 +146,7 @@ def _plan_vm(
     record: AppliedRecord | None,
     layout: StateLayout,
     options: PlanOptions,
+    networks: Mapping[str, Network],
 ) -> Change | None:
     obs = observed.vm(name)
     if desired is None:
@@ -194,9 +205,10 @@ def _plan_vm(
         action = Action.RESTART
     else:
         assert live_plan is not None
-        work.fields += live_plan.fields
-        steps = [*live_plan.unplugs, *work.disk_steps, *work.offline_grows, *work.live_grows, *live_plan.plugs,
-                 *live_plan.settings]
+        repairs, repair_fields = tap_repairs(desired, networks, observed)
+        work.fields += live_plan.fields + repair_fields
+        steps = [*live_plan.unplugs, *work.disk_steps, *work.offline_grows, *work.live_grows, *repairs,
+                 *live_plan.plugs, *live_plan.settings]
         pending = list(work.restart_causes)
 
     if steps or record is None or recorded_changes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from reconciler.spec.layout import (
@@ -53,8 +54,19 @@ def _json(options: dict[str, Any]) -> str:
     return json.dumps(options, separators=(",", ":"), sort_keys=False)
 
 
-def build_argv(name: str, spec: VirtualMachineSpec, paths: VMPaths, binary: str = QEMU_BINARY) -> list[str]:
-    """The full argv that starts ``name`` daemonized, with its monitors, serial log and pidfile."""
+def build_argv(
+    name: str,
+    spec: VirtualMachineSpec,
+    paths: VMPaths,
+    binary: str = QEMU_BINARY,
+    taps: Mapping[str, list[int]] | None = None,
+    vhost: bool = False,
+) -> list[str]:
+    """The full argv that starts ``name`` daemonized, with its monitors, serial log and pidfile.
+
+    ``taps`` gives, for each bridged NIC, the file descriptors of its TAP queues (inherited by QEMU).
+    """
+    taps = taps or {}
     paths.check()
     argv = [
         binary,
@@ -94,8 +106,15 @@ def build_argv(name: str, spec: VirtualMachineSpec, paths: VMPaths, binary: str 
         argv += ["-device", _json(disk_device_args(disk.name, root_port(disk_node(disk.name)) if pcie else None))]
     for nic in spec.networks:
         argv += _port(pcie, nic_device(nic.name), next(chassis))
-        forwards = [f"hostfwd={_safe(forward)}" for forward in host_forwards(nic)]
-        argv += ["-netdev", ",".join([_kv("user", id=nic_netdev(nic.name)), *forwards])]
+        if nic.type == "bridge":
+            fds = taps.get(nic.name)
+            if not fds:
+                raise ValueError(f"NIC {nic.name}: no TAP file descriptor to hand to QEMU")
+            fd_option = {"fd": fds[0]} if len(fds) == 1 else {"fds": ":".join(map(str, fds))}
+            argv += ["-netdev", _kv("tap", id=nic_netdev(nic.name), **fd_option, vhost="on" if vhost else "off")]
+        else:
+            forwards = [f"hostfwd={_safe(forward)}" for forward in host_forwards(nic)]
+            argv += ["-netdev", ",".join([_kv("user", id=nic_netdev(nic.name)), *forwards])]
         argv += ["-device", _json(nic_device_args(name, nic, root_port(nic_device(nic.name)) if pcie else None))]
     if pcie:
         for index in range(spec.hotplugSlots):
@@ -155,6 +174,8 @@ def disk_device_args(disk_name: str, bus: str | None) -> dict[str, Any]:
 def nic_device_args(vm_name: str, nic: NetworkInterfaceSpec, bus: str | None) -> dict[str, Any]:
     args: dict[str, Any] = {"driver": "virtio-net-pci", "id": nic_device(nic.name), "netdev": nic_netdev(nic.name),
                             "mac": nic_mac(vm_name, nic)}
+    if nic.queues > 1:
+        args.update({"mq": True, "vectors": 2 * nic.queues + 2})
     if bus:
         args["bus"] = bus
     return args

@@ -1,0 +1,119 @@
+"""Change host networking: bridges and TAPs over netlink (pyroute2), nftables, ip_forward.
+
+TAPs are opened by us on /dev/net/tun (not persistent), attached to their bridge and handed to QEMU as
+file descriptors, the way libvirt does: when QEMU exits, the TAP disappears with it, so nothing leaks.
+Called by the executor and by ``vmprocess.start`` / ``hotplug.hotplug_nic``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from reconciler.apply.errors import StepFailed
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def ensure_bridge(bridge: str, address: str | None, remove_address: str | None, ip_forward: bool) -> str:
+    done = []
+    with IPRoute() as ipr:
+        index = _index(ipr, bridge)
+        if index is None:
+            ipr.link("add", ifname=bridge, kind="bridge")
+            index = _index(ipr, bridge)
+            done.append("created")
+        assert index is not None
+        current = {f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=index)}
+        if remove_address and remove_address in current:
+            ip, prefix = remove_address.split("/")
+            ipr.addr("del", index=index, address=ip, prefixlen=int(prefix))
+            done.append(f"removed {remove_address}")
+        if address and address not in current:
+            ip, prefix = address.split("/")
+            ipr.addr("add", index=index, address=ip, prefixlen=int(prefix))
+            done.append(f"address {address}")
+        ipr.link("set", index=index, state="up")
+    if ip_forward:
+        forward = Path("/proc/sys/net/ipv4/ip_forward")
+        if forward.read_text().strip() != "1":
+            forward.write_text("1\n")
+            done.append("ip_forward on")
+    return ", ".join(done) or "already in place"
+
+
+def delete_bridge(bridge: str) -> str:
+    with IPRoute() as ipr:
+        index = _index(ipr, bridge)
+        if index is None:
+            return "already gone"
+        ipr.link("del", index=index)
+    return "deleted"
+
+
+def apply_firewall(script: str) -> str:
+    done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise StepFailed(f"nft refused the ruleset (nothing was changed): {done.stderr.strip()}")
+    return "applied in one transaction"
+
+
+def repair_tap(tap: str, bridge: str) -> str:
+    with IPRoute() as ipr:
+        index, master = _index(ipr, tap), _index(ipr, bridge)
+        if index is None:
+            raise StepFailed(f"TAP {tap} is gone: the VM must be restarted to get it back")
+        if master is None:
+            raise StepFailed(f"bridge {bridge} does not exist")
+        ipr.link("set", index=index, master=master, state="up")
+    return f"attached to {bridge}, up"
+
+
+def open_tap(name: str, bridge: str, queues: int, mac: str) -> list[int]:
+    """Create TAP ``name`` (one fd per queue), attach it to ``bridge`` and set it up; return the fds.
+
+    :raise StepFailed: When the TAP cannot be created or the bridge is missing.
+    """
+    flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
+    fds: list[int] = []
+    try:
+        for _ in range(queues):
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            fds.append(fd)
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+        with IPRoute() as ipr:
+            index, master = _index(ipr, name), _index(ipr, bridge)
+            if master is None:
+                raise StepFailed(f"bridge {bridge} does not exist")
+            # The host side gets the guest's MAC with a 0xFE first byte (as libvirt does), so the bridge
+            # never takes the guest's address as its own.
+            ipr.link("set", index=index, master=master, address="fe" + mac[2:], state="up")
+    except (OSError, NetlinkError) as exc:
+        close_all(fds)
+        raise StepFailed(f"cannot create TAP {name} on {bridge}: {exc}") from exc
+    except StepFailed:
+        close_all(fds)
+        raise
+    return fds
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

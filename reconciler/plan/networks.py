@@ -1,0 +1,189 @@
+"""Plan host networking: Networks (bridges), the nftables rulesets, and each bridged NIC's TAP.
+
+Called by the planner. Pure. Work is ordered so that a bridge exists before a TAP joins it, a NIC's
+firewall is in place before the NIC is connected (fail-closed: when the rules cannot be applied, VMs with
+bridged NICs are not started or changed), and a Network is deleted only after, and only if, no VM uses it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from reconciler.hostnet.nftables import Capabilities, NicFirewall, RoutedNetwork, UnsupportedRule, build_ruleset
+from reconciler.plan.actions import Action, Change, FieldChange, Mode, Step, StepKind
+from reconciler.plan.observed import ObservedState
+from reconciler.spec.models import FirewallSpec, Network, NetworkInterfaceSpec, VirtualMachine, nic_mac, tap_name
+
+FIREWALL = "nftables"
+
+
+@dataclass
+class NetworkPlan:
+    first: list[Change] = field(default_factory=list)
+    last: list[Change] = field(default_factory=list)
+    blocked: dict[str, str] = field(default_factory=dict)  # VM name -> why it must wait
+
+
+def nic_bridge(nic: NetworkInterfaceSpec, networks: Mapping[str, Network]) -> str | None:
+    if nic.bridge:
+        return nic.bridge
+    if nic.network and nic.network in networks:
+        return networks[nic.network].spec.bridge
+    return None
+
+
+def plan_networks(
+    networks: Mapping[str, Network], vms: Mapping[str, VirtualMachine], observed: ObservedState
+) -> NetworkPlan:
+    result = NetworkPlan()
+    for name in sorted(networks):
+        change = _ensure_network(networks[name], observed)
+        if change is not None:
+            result.first.append(change)
+    firewall = _firewall(networks, vms, observed, result)
+    if firewall is not None:
+        result.first.append(firewall)
+    for name in sorted(set(observed.network_records) - set(networks)):
+        result.last.append(_delete_network(name, vms, observed))
+    for vm in vms.values():
+        for nic in vm.spec.networks:
+            if nic.type != "bridge":
+                continue
+            bridge = nic_bridge(nic, networks)
+            creating = any(c.name == nic.network and c.steps for c in result.first if c.resource == "Network")
+            link = observed.host.links.get(bridge or "")
+            if bridge is None or (link is None and not creating):
+                result.blocked.setdefault(vm.name, f"NIC {nic.name}: bridge {bridge or nic.network} does not exist")
+            elif link is not None and link.kind != "bridge":
+                result.blocked.setdefault(vm.name, f"NIC {nic.name}: {bridge} is not a bridge")
+    return result
+
+
+def _ensure_network(network: Network, observed: ObservedState) -> Change | None:
+    spec, name = network.spec, network.name
+    record = observed.network_records.get(name)
+    link = observed.host.links.get(spec.bridge)
+    reasons: list[str] = []
+    if link is None:
+        reasons.append("new network" if record is None else f"drift: bridge {spec.bridge} is missing")
+    elif record is None:
+        return Change(resource="Network", name=name, action=Action.NOOP, refusals=[
+            f"bridge {spec.bridge} already exists and was not created by infinization; "
+            f"use `bridge: {spec.bridge}` on the NICs instead of a Network"])
+    elif link.kind != "bridge":
+        return Change(resource="Network", name=name, action=Action.NOOP,
+                      refusals=[f"{spec.bridge} exists and is a {link.kind}, not a bridge"])
+    else:
+        if not link.up:
+            reasons.append(f"drift: bridge {spec.bridge} is down")
+        if spec.address and spec.address not in link.addresses:
+            reasons.append(f"address {spec.address} is missing on {spec.bridge}")
+    old_address = record.network.spec.address if record else None
+    remove = old_address if old_address and old_address != spec.address else None
+    if remove and link is not None and remove in link.addresses:
+        reasons.append(f"address {remove} is no longer wanted on {spec.bridge}")
+    if spec.nat and not observed.host.ip_forward:
+        reasons.append("NAT needs net.ipv4.ip_forward=1")
+    if not reasons and record is not None and record.network == network:
+        return None
+    steps = [Step(kind=StepKind.WRITE_NETWORK_RECORD, name=name, summary="record the network as ours",
+                  args={"network": network.model_dump(mode="json")})]
+    if reasons:
+        steps.append(Step(kind=StepKind.ENSURE_BRIDGE, name=name,
+                          summary=f"bridge {spec.bridge}: create or repair (up, {spec.address or 'no address'})",
+                          args={"bridge": spec.bridge, "address": spec.address, "remove_address": remove,
+                                "ip_forward": spec.nat}))
+    fields = []
+    if record is not None and record.network != network:
+        fields = [FieldChange(path="spec", before=record.network.spec.model_dump(mode="json"),
+                              after=spec.model_dump(mode="json"), mode=Mode.LIVE, how="bridge and nftables")]
+    return Change(resource="Network", name=name, action=Action.CREATE if record is None else Action.UPDATE,
+                  reasons=reasons, fields=fields, steps=steps)
+
+
+def _delete_network(name: str, vms: Mapping[str, VirtualMachine], observed: ObservedState) -> Change:
+    record = observed.network_records[name]
+    users = sorted(vm.name for vm in vms.values() for nic in vm.spec.networks if nic.network == name)
+    if users:
+        return Change(resource="Network", name=name, action=Action.NOOP,
+                      refusals=[f"its manifest was removed but VMs still use it: {', '.join(users)}"])
+    bridge = record.network.spec.bridge
+    return Change(resource="Network", name=name, action=Action.DELETE, reasons=["its manifest was removed"], steps=[
+        Step(kind=StepKind.DELETE_BRIDGE, name=name, summary=f"delete bridge {bridge}", args={"bridge": bridge}),
+        Step(kind=StepKind.FORGET_NETWORK, name=name, summary="forget the network"),
+    ])
+
+
+def firewall_nics(vms: Mapping[str, VirtualMachine]) -> list[NicFirewall]:
+    nics = []
+    for vm in vms.values():
+        for nic in vm.spec.networks:
+            if nic.type == "bridge":
+                nics.append(NicFirewall(vm=vm.name, nic=nic.name, tap=tap_name(vm.name, nic.name),
+                                        mac=nic_mac(vm.name, nic), ips=tuple(nic.ips),
+                                        firewall=nic.firewall or FirewallSpec()))
+    return nics
+
+
+def _firewall(networks: Mapping[str, Network], vms: Mapping[str, VirtualMachine], observed: ObservedState,
+              result: NetworkPlan) -> Change | None:
+    caps = observed.host.capabilities
+    routed = [RoutedNetwork(name=n.name, bridge=n.spec.bridge, subnet=_subnet(n.spec.address), nat=n.spec.nat,
+                            isolated=n.spec.isolated) for n in networks.values() if n.spec.address]
+    try:
+        ruleset = build_ruleset(firewall_nics(vms), routed, Capabilities(caps.bridge_conntrack, caps.bridge_reject))
+    except UnsupportedRule as exc:
+        for vm in vms.values():
+            if any(nic.type == "bridge" for nic in vm.spec.networks):
+                result.blocked[vm.name] = f"its firewall cannot be applied: {exc}"
+        return Change(resource="Firewall", name=FIREWALL, action=Action.NOOP, refusals=[str(exc)])
+    wanted = ruleset.by_key()
+    found = observed.host.firewall
+    added = [key for key in wanted if key not in found]  # in ruleset order
+    removed = sorted(set(found) - set(wanted))
+    if not added and not removed:
+        return None
+    fields = [FieldChange(path="rule", before=None, after=wanted[key].comment.split(" ", 1)[1], mode=Mode.LIVE,
+                          how="nftables") for key in added]
+    fields += [FieldChange(path="rule", before=found[key].split(" ", 1)[-1], after=None, mode=Mode.LIVE,
+                           how="nftables") for key in removed]
+    reasons = []
+    if found and added:
+        reasons.append(f"{len(added)} rule(s) missing or changed (drift or new rules)")
+    if removed:
+        reasons.append(f"{len(removed)} rule(s) no longer wanted")
+    step = Step(kind=StepKind.APPLY_FIREWALL, name=FIREWALL, summary="replace the infinization nftables tables "
+                "atomically (one transaction)", args={"script": ruleset.script()})
+    return Change(resource="Firewall", name=FIREWALL, action=Action.UPDATE if found else Action.CREATE,
+                  reasons=reasons, fields=fields, steps=[step])
+
+
+def _subnet(address: str | None) -> str:
+    return str(ipaddress.ip_interface(address).network) if address else ""
+
+
+def tap_repairs(
+    vm: VirtualMachine, networks: Mapping[str, Network], observed: ObservedState
+) -> tuple[list[Step], list[FieldChange]]:
+    """For a running VM: TAPs detached from their bridge or down are re-attached live; a gone TAP needs a
+    restart (its file descriptor belonged to QEMU)."""
+    steps: list[Step] = []
+    fields: list[FieldChange] = []
+    for nic in vm.spec.networks:
+        if nic.type != "bridge":
+            continue
+        tap = tap_name(vm.name, nic.name)
+        link = observed.host.links.get(tap)
+        bridge = nic_bridge(nic, networks)
+        if link is None:
+            continue  # not plugged (yet): the NIC's hot-plug creates it; or gone: reported by live state
+        if link.master != bridge or not link.up:
+            what = f"detached from {bridge}" if link.master != bridge else "down"
+            steps.append(Step(kind=StepKind.REPAIR_TAP, name=vm.name, target=nic.name,
+                              summary=f"NIC {nic.name}: TAP {tap} is {what}: attach to {bridge} and set up",
+                              args={"tap": tap, "bridge": bridge}))
+            fields.append(FieldChange(path=f"networks[{nic.name}].tap", before=link.master, after=bridge,
+                                      mode=Mode.LIVE, how="netlink: set master, up"))
+    return steps, fields
