@@ -120,6 +120,12 @@ def _describe(rule: FirewallRule) -> str:
     return " ".join(words)
 
 
+def _verdict(action: str, direction: str) -> str:
+    """The sender's 'accept' only means 'return': the packet must still pass the receiver's in-chain,
+    which the base chain jumps to next (an 'accept' would end the whole hook there)."""
+    return "return" if action == "accept" and direction == "out" else action
+
+
 def nic_rules(nic: NicFirewall, caps: Capabilities) -> list[Rule]:
     """The rules of one NIC's two chains, in order.
 
@@ -143,7 +149,7 @@ def nic_rules(nic: NicFirewall, caps: Capabilities) -> list[Rule]:
     ordered = sorted(enumerate(nic.firewall.rules), key=lambda pair: (pair[1].priority, pair[0]))
     for chain, direction in ((out_chain, "out"), (in_chain, "in")):
         # ARP always passes (after anti-spoofing): without it no IP traffic works, whatever the rules say.
-        rules.append(Rule("bridge", chain, "ether type arp accept", f"{who} {direction} arp"))
+        rules.append(Rule("bridge", chain, f"ether type arp {_verdict('accept', direction)}", f"{who} {direction} arp"))
         for index, rule in ordered:
             if rule.direction not in (direction, "both"):
                 continue
@@ -153,9 +159,10 @@ def nic_rules(nic: NicFirewall, caps: Capabilities) -> list[Rule]:
             if rule.action == "reject" and not caps.bridge_reject:
                 raise UnsupportedRule(f"{who} rule {index + 1}: 'reject' needs nft_reject_bridge, which this "
                                       "host's kernel lacks; use drop")
-            text = " ".join(filter(None, [_match(rule), rule.action]))
+            text = " ".join(filter(None, [_match(rule), _verdict(rule.action, direction)]))
             rules.append(Rule("bridge", chain, text, f"{who} {direction} {index + 1}: {_describe(rule)}"))
-        rules.append(Rule("bridge", chain, nic.firewall.default, f"{who} {direction} default {nic.firewall.default}"))
+        rules.append(Rule("bridge", chain, _verdict(nic.firewall.default, direction),
+                          f"{who} {direction} default {nic.firewall.default}"))
     return rules
 
 

@@ -150,7 +150,7 @@ def _firewall(networks: Mapping[str, Network], vms: Mapping[str, VirtualMachine]
     fields += [FieldChange(path="rule", before=found[key].split(" ", 1)[-1], after=None, mode=Mode.LIVE,
                            how="nftables") for key in removed]
     reasons = []
-    if found and added:
+    if added:
         reasons.append(f"{len(added)} rule(s) missing or changed (drift or new rules)")
     if removed:
         reasons.append(f"{len(removed)} rule(s) no longer wanted")

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+import subprocess
+import uuid
+
 from tests.e2e.harness import GUEST_DIR, ROOT, Host
 
 
@@ -37,4 +40,21 @@ def host(guest_image: Path) -> Iterator[Host]:
         yield h
     finally:
         h.kill_all()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def net_host(guest_image: Path) -> Iterator[Host]:
+    """A Host whose reconciler runs in its own network namespace: bridges, TAPs, nftables and ip_forward
+    stay inside it, and deleting the namespace removes them all."""
+    netns = f"infz-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up"], check=True)
+    base = Path(tempfile.mkdtemp(prefix="infz-", dir="/tmp"))
+    h = Host(base, netns=netns)
+    try:
+        yield h
+    finally:
+        h.kill_all()
+        subprocess.run(["ip", "netns", "del", netns], check=False)
         shutil.rmtree(base, ignore_errors=True)

@@ -83,8 +83,9 @@ spec:
 class Host:
     """One isolated reconciler installation: a state dir and a manifest dir under a short /tmp path."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, netns: str | None = None) -> None:
         self.base = base
+        self.netns = netns
         self.state = base / "st"
         self.manifests = base / "m"
         self.manifests.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,8 @@ class Host:
 
     def cli(self, *args: str, check: bool = False, env: dict[str, str] | None = None,
             timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([sys.executable, "-m", "reconciler", *args], capture_output=True, text=True,
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        done = subprocess.run([*prefix, sys.executable, "-m", "reconciler", *args], capture_output=True, text=True,
                               env=env or self.env(), timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
         if check and done.returncode != 0:
             raise AssertionError(f"infinization {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}")
@@ -190,3 +192,7 @@ def wait_gone(pid: int, timeout: float = 30) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def in_netns(netns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, check=check)
