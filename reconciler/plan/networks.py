@@ -151,7 +151,8 @@ def _firewall(networks: Mapping[str, Network], vms: Mapping[str, VirtualMachine]
                            how="nftables") for key in removed]
     reasons = []
     if added:
-        reasons.append(f"{len(added)} rule(s) missing or changed (drift or new rules)")
+        reasons.append(f"{len(added)} rule(s) to install" if not found else
+                       f"{len(added)} rule(s) missing or changed (drift or new rules)")
     if removed:
         reasons.append(f"{len(removed)} rule(s) no longer wanted")
     step = Step(kind=StepKind.APPLY_FIREWALL, name=FIREWALL, summary="replace the infinization nftables tables "
@@ -180,7 +181,7 @@ def tap_repairs(
         if link is None:
             continue  # not plugged (yet): the NIC's hot-plug creates it; or gone: reported by live state
         if link.master != bridge or not link.up:
-            what = f"detached from {bridge}" if link.master != bridge else "down"
+            what = f"on {link.master or 'no bridge'}" if link.master != bridge else "down"
             steps.append(Step(kind=StepKind.REPAIR_TAP, name=vm.name, target=nic.name,
                               summary=f"NIC {nic.name}: TAP {tap} is {what}: attach to {bridge} and set up",
                               args={"tap": tap, "bridge": bridge}))

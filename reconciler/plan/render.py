@@ -70,6 +70,10 @@ def _render_change(change: Change) -> list[str]:
     for field in change.fields:
         if field.mode is Mode.RESTART and (change.pending_restart or change.action is Action.RESTART):
             continue  # listed once, as the causes of the (pending) restart
+        if field.path == "rule":  # firewall rule-level diff: a rule is added or removed, never edited
+            sign, text = ("[green]+[/]", field.after) if field.after is not None else ("[red]-[/]", field.before)
+            lines.append(f"      {sign} rule {_escape(_value(text))}")
+            continue
         colour = {Mode.LIVE: "yellow", Mode.RESTART: "magenta", Mode.REFUSED: "red"}[field.mode]
         arrow = f"{_value(field.before)} -> {_value(field.after)}"
         how = field.how if field.mode is Mode.REFUSED else f"{field.mode.value}: {field.how}"

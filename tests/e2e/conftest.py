@@ -5,13 +5,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-import subprocess
-import uuid
 
 from tests.e2e.harness import GUEST_DIR, ROOT, Host
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import uuid
 
+from reconciler.spec.models import tap_name
 from tests.e2e.harness import GUEST_DIR, Host, in_netns
 
 NETWORK = """apiVersion: infinization.io/v1alpha1
@@ -76,7 +77,7 @@ def test_two_vms_ping_and_a_drop_rule_stops_it_live(net_host: Host) -> None:
 
     # Drift: a bridge deleted and a chain flushed by hand are shown by plan and repaired by apply.
     in_netns(host.netns or "", "ip", "link", "del", "br-lan")
-    in_netns(host.netns or "", "nft", "flush", "table", "bridge", "infinization")
+    in_netns(host.netns or "", "nft", "flush", "chain", "bridge", "infinization", f"in-{tap_name('b', 'lan0')}")
     pinging(host, "a", "10.77.0.12", "fail")
     drift = host.cli("plan", str(host.manifests), "--detailed-exitcode")
     assert drift.returncode == 2

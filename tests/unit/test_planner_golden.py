@@ -21,7 +21,7 @@ from reconciler.plan.observed import AppliedRecord, ObservedState
 from reconciler.plan.planner import PlanOptions, plan
 from reconciler.plan.render import render_plan
 from reconciler.spec.loader import load_text
-from reconciler.spec.models import VirtualMachine
+from reconciler.spec.models import Network, VirtualMachine
 
 CASES = Path(__file__).parent / "plan_cases"
 
@@ -30,13 +30,15 @@ def _case_plan(case: Path) -> Plan:
     objects, errors = load_text((case / "desired.yaml").read_text(), "desired.yaml")
     assert not errors, errors
     desired = {obj.name: obj for obj, _ in objects if isinstance(obj, VirtualMachine)}
+    networks = {obj.name: obj for obj, _ in objects if isinstance(obj, Network)}
     observed = ObservedState.model_validate(yaml.safe_load((case / "observed.yaml").read_text()))
     records_file = case / "records.yaml"
     raw_records = yaml.safe_load(records_file.read_text()) if records_file.exists() else {}
     records = {name: AppliedRecord.model_validate(data) for name, data in (raw_records or {}).items()}
     options_file = case / "options.yaml"
     options = PlanOptions(**yaml.safe_load(options_file.read_text())) if options_file.exists() else PlanOptions()
-    return plan(desired, observed, records, manifest_dir="/m", desired_digest="d", options=options)
+    return plan(desired, observed, records, networks=networks, manifest_dir="/m", desired_digest="d",
+                options=options)
 
 
 def _render(result: Plan) -> str:
@@ -95,6 +97,14 @@ TABLE_COVERAGE: dict[tuple[str, ...], tuple[str, str]] = {
     ("cdroms", "*"): ("cdrom_media_inserted_and_drive_added_live", "CD-ROM cd1: add drive (empty)"),
     ("cdroms", "*", "image"): ("cdrom_media_inserted_and_drive_added_live", "CD-ROM cd0: insert /srv/iso/tools.iso"),
     ("metadata", "labels"): ("labels_only_update_the_record", "metadata.labels"),
+    ("networks", "*", "type"): ("nic_type_change_needs_restart", "networks[nat].type changed (user -> bridge)"),
+    ("networks", "*", "queues"): ("nic_queues_change_needs_restart", "networks[lan0].queues changed (1 -> 4)"),
+    ("networks", "*", "network"): ("nic_moved_to_another_network_live_with_rule_diff",
+                                   "is on br-lan: attach to br-dmz"),
+    ("networks", "*", "bridge"): ("nic_moved_to_another_existing_bridge_live", "is on br-old: attach to br-new"),
+    ("networks", "*", "firewall"): ("firewall_rules_change_live_as_rule_diffs",
+                                    "web/lan0 in 1: accept tcp ports 22,80-90 from 10.77.0.0/24"),
+    ("networks", "*", "ips"): ("nic_moved_to_another_network_live_with_rule_diff", "web/lan0 anti-spoofing ipv4"),
 }
 
 
