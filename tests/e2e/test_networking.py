@@ -144,3 +144,30 @@ def test_network_in_use_is_not_deleted(net_host: Host) -> None:
     host.apply()
     assert "br-lan" not in in_netns(host.netns or "", "ip", "-br", "link").stdout
     assert host.qemu_pids("a") == []
+
+
+def test_bridged_nic_hot_plugged_with_multiqueue(net_host: Host) -> None:
+    """A second bridged NIC (2 queues) is hot-plugged: its TAP fds go to QEMU over the monitor socket."""
+    host = net_host
+    host.write("net.yaml", NETWORK.format(extra=""))
+    # The guest configures eth1 as soon as it appears (the cmdline must not change: that needs a restart).
+    base = vm("a", "10.77.0.11", "10.77.0.1", mac="52:54:00:77:00:01").replace(
+        "infz.ip=eth0:10.77.0.11/24", "infz.ip=eth0:10.77.0.11/24+eth1:10.77.0.21/24")
+    host.write("a.yaml", base)
+    host.apply()
+    (pid,) = host.qemu_pids("a")
+    pinging(host, "a", "10.77.0.1", "ok")
+
+    second = base + (
+        "    - {name: lan1, type: bridge, network: lan, mac: \"52:54:00:77:01:01\", queues: 2, "
+        "ips: [\"10.77.0.21\"]}\n")
+    host.write("a.yaml", second)
+    applied = host.apply()
+    assert "NIC lan1: hot-plug" in applied.stdout
+    report = host.guest("a").wait_report(lambda r: ("52:54:00:77:01:01", "up") in r.nics.values()
+                                         and "eth1" in r.ips, what="eth1 with its address")
+    assert report.ips["eth1"] == ["10.77.0.21/24"]
+    link = in_netns(host.netns or "", "ip", "-d", "link", "show", tap_name("a", "lan1")).stdout
+    assert "master br-lan" in link and "multi_queue" in link
+    assert host.qemu_pids("a") == [pid]
+    assert host.plan_exit() == 0
