@@ -221,6 +221,31 @@ def status_rows(snap: Snapshot) -> list[dict[str, Any]]:
     return rows
 
 
+def network_rows(snap: Snapshot) -> list[dict[str, Any]]:
+    rows = []
+    names = sorted(set(snap.manifests.networks) | set(snap.observed.network_records))
+    for name in names:
+        loaded = snap.manifests.networks.get(name)
+        record = snap.observed.network_records.get(name)
+        network = loaded.network if loaded else record.network if record else None
+        if network is None:
+            continue
+        link = snap.observed.host.links.get(network.spec.bridge)
+        dhcp = snap.observed.host.dhcp.get(name)
+        change = next((c for c in snap.plan.changes if c.resource == "Network" and c.name == name), None)
+        rows.append({
+            "name": name,
+            "bridge": network.spec.bridge,
+            "up": bool(link and link.up),
+            "addresses": link.addresses if link else [],
+            "nat": network.spec.nat,
+            "dhcpPid": dhcp.pid if dhcp else None,
+            "leases": [lease.model_dump() for lease in dhcp.leases] if dhcp else [],
+            "inSync": change is None or not (change.steps or change.refusals),
+        })
+    return rows
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     layout = _layout(args)
     directory = args.directory or _remembered_dir(layout)
@@ -230,7 +255,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         snap = asyncio.run(_snapshot(directory, layout, allow_restart=False))
     rows = status_rows(snap)
     if args.json:
-        print(json.dumps({"format_version": 1, "manifests": directory, "vms": rows}, indent=2))
+        print(json.dumps({"format_version": 1, "manifests": directory, "vms": rows,
+                          "networks": network_rows(snap)}, indent=2))
         return 0
     table = Table(title=f"VMs on this host (manifests: {directory})")
     for column in ("NAME", "PHASE", "PID", "IN SYNC", "NOTES"):
@@ -245,6 +271,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row(row["name"], row["phase"], str(row["pid"] or "-"), "yes" if row["inSync"] else "no",
                       escape("\n".join(notes)))
     out.print(table)
+    networks = network_rows(snap)
+    if networks:
+        net_table = Table(title="Networks")
+        for column in ("NAME", "BRIDGE", "UP", "ADDRESS", "NAT", "DHCP LEASES", "IN SYNC"):
+            net_table.add_column(column)
+        for row in networks:
+            leases = "\n".join(f"{lease['ip']} {lease['mac']}" for lease in row["leases"]) or "-"
+            net_table.add_row(row["name"], row["bridge"], "yes" if row["up"] else "no",
+                              ", ".join(row["addresses"]) or "-", "yes" if row["nat"] else "no", leases,
+                              "yes" if row["inSync"] else "no")
+        out.print(net_table)
     return 0
 
 

@@ -36,6 +36,18 @@
 #   infz.ping=<addr>[+<addr>...]
 #                  ping each IPv4 target once per loop (busybox ping -c 1 -W 1,
 #                  all targets in parallel, so ~1 s at most) and report ping=
+#   infz.dhcp=<if>[+<if>...]
+#                  once the interface exists and is up, run busybox udhcpc on it
+#                  in the background (-f -t 5 -T 1 -A 2: 5 discovers 1 s apart,
+#                  then 2 s pause, retried forever until a server answers; the
+#                  report loop never waits for it).  /etc/udhcpc.script adds the
+#                  lease as <ip>/<prefix> (replacing the previous lease address),
+#                  replaces the default route via the offered router, and on
+#                  deconfig flushes all IPv4 addresses of the interface (so do
+#                  not combine infz.ip and infz.dhcp on one interface).  The
+#                  lease shows up in ips=.  udhcpc is restarted if it dies or the
+#                  interface is re-created (new ifindex); its output goes to
+#                  /var/log/udhcpc.<if>.log, not the console.
 set -euo pipefail
 
 META_PKG=linux-image-cloud-amd64
@@ -205,6 +217,56 @@ poweroff -f
 EOF
 chmod 0755 "$R/etc/acpi/PWRF/00000080"
 
+# infz.dhcp: udhcpc event script.  udhcpc exports $interface, $ip, $subnet
+# (dotted netmask), $router (space-separated list) and more; $1 is the event.
+cat >"$R/etc/udhcpc.script" <<'EOF'
+#!/bin/sh
+PATH=/bin; export PATH
+state=/run/udhcpc.$interface.addr
+case $1 in
+    deconfig)
+        ip -4 addr flush dev "$interface" 2>/dev/null
+        rm -f "$state"
+        ;;
+    bound|renew)
+        # Netmask -> prefix length (counts the leading one bits).
+        pfx=
+        if [ -n "$subnet" ]; then
+            oifs=$IFS; IFS=.; set -- $subnet; IFS=$oifs
+            if [ $# -eq 4 ]; then
+                pfx=0
+                for o in "$@"; do
+                    case $o in ''|*[!0-9]*) pfx=; break ;; esac
+                    while [ $(( o & 128 )) -ne 0 ]; do
+                        pfx=$(( pfx + 1 )); o=$(( (o << 1) & 255 ))
+                    done
+                done
+            fi
+        fi
+        [ -n "$pfx" ] || pfx=${mask:-32}
+        new=$ip/$pfx
+        old=; { read old <"$state"; } 2>/dev/null
+        if [ -n "$old" ] && [ "$old" != "$new" ]; then
+            ip addr del "$old" dev "$interface" 2>/dev/null
+        fi
+        # On renew the address usually exists already (EEXIST): fine.
+        if [ -n "$broadcast" ]; then
+            ip addr add "$new" broadcast "$broadcast" dev "$interface" 2>/dev/null ||
+                ip addr add "$new" dev "$interface" 2>/dev/null
+        else
+            ip addr add "$new" dev "$interface" 2>/dev/null
+        fi
+        echo "$new" >"$state"
+        if [ -n "$router" ]; then
+            set -- $router
+            ip route replace default via "$1" dev "$interface" 2>/dev/null
+        fi
+        ;;
+esac
+exit 0
+EOF
+chmod 0755 "$R/etc/udhcpc.script"
+
 # /init: PID 1 must never exit, so it only mounts and then keeps (re)starting
 # the real work in /bin/infz-main.
 cat >"$R/init" <<'EOF'
@@ -236,13 +298,14 @@ start_acpid() {
 }
 
 # infz.* kernel parameters ("+"-separated lists; see build-guest.sh).
-CFG_IP= CFG_GW= CFG_MAC= CFG_PING=
+CFG_IP= CFG_GW= CFG_MAC= CFG_PING= CFG_DHCP=
 for w in $(cat /proc/cmdline 2>/dev/null); do
     case $w in
         infz.ip=*)   CFG_IP=$(echo "${w#*=}" | tr + ' ') ;;
         infz.gw=*)   CFG_GW=${w#*=} ;;
         infz.mac=*)  CFG_MAC=$(echo "${w#*=}" | tr + ' ') ;;
         infz.ping=*) CFG_PING=$(echo "${w#*=}" | tr + ' ') ;;
+        infz.dhcp=*) CFG_DHCP=$(echo "${w#*=}" | tr + ' ') ;;
     esac
 done
 PENDING_IP=$CFG_IP PENDING_GW=$CFG_GW
@@ -284,6 +347,26 @@ net_config() {    # apply pending infz.ip / infz.gw; retried until done
             PENDING_GW=
         fi
     fi
+}
+
+dhcp_run() {    # infz.dhcp: keep one background udhcpc per listed, up interface
+    for n in $CFG_DHCP; do
+        fl=; { read fl <"/sys/class/net/$n/flags"; } 2>/dev/null
+        case $fl in 0x*) ;; *) continue ;; esac
+        [ $(( fl & 1 )) -eq 1 ] || continue
+        idx=; { read idx <"/sys/class/net/$n/ifindex"; } 2>/dev/null
+        pid= was=; { read pid was <"/run/infz-dhcp.$n"; } 2>/dev/null
+        if [ -n "$pid" ] && [ -d "/proc/$pid" ]; then
+            c=; { read c <"/proc/$pid/comm"; } 2>/dev/null
+            if [ "$c" = udhcpc ]; then
+                [ "$was" = "$idx" ] && continue
+                kill "$pid" 2>/dev/null    # interface re-created: start afresh
+            fi
+        fi
+        udhcpc -f -i "$n" -t 5 -T 1 -A 2 -s /etc/udhcpc.script \
+            </dev/null >>"/var/log/udhcpc.$n.log" 2>&1 &
+        echo "$! $idx" >"/run/infz-dhcp.$n"
+    done
 }
 
 ping_all() {    # -> "ping=T:ok|fail,..." (empty without infz.ping); targets in parallel
@@ -344,6 +427,7 @@ while :; do
     done
     nic_up
     net_config
+    dhcp_run
     start_acpid 2>/dev/null
 
     disks=

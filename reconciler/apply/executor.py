@@ -153,6 +153,10 @@ class Executor:
             return hostnet.apply_firewall(args["script"])
         if step.kind is StepKind.REPAIR_TAP:
             return hostnet.repair_tap(args["tap"], args["bridge"])
+        if step.kind is StepKind.ENSURE_DHCP:
+            return hostnet.ensure_dhcp(list(args["argv"]), Path(args["pidfile"]))
+        if step.kind is StepKind.STOP_DHCP:
+            return hostnet.stop_dhcp(Path(args["pidfile"]))
         raise StepFailed(f"not a network step: {step.kind}")  # pragma: no cover
 
     def _bridges(self, vm: VirtualMachine) -> dict[str, str]:
@@ -178,7 +182,7 @@ class Executor:
 
 _NETWORK_STEPS = {
     StepKind.WRITE_NETWORK_RECORD, StepKind.ENSURE_BRIDGE, StepKind.DELETE_BRIDGE, StepKind.FORGET_NETWORK,
-    StepKind.APPLY_FIREWALL, StepKind.REPAIR_TAP,
+    StepKind.APPLY_FIREWALL, StepKind.REPAIR_TAP, StepKind.ENSURE_DHCP, StepKind.STOP_DHCP,
 }
 
 _LIVE_STEPS = {

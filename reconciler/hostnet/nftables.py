@@ -139,6 +139,9 @@ def nic_rules(nic: NicFirewall, caps: Capabilities) -> list[Rule]:
         v4 = [ip for ip in nic.ips if ipaddress.ip_address(ip).version == 4]
         v6 = [ip for ip in nic.ips if ipaddress.ip_address(ip).version == 6]
         if v4:
+            # A DHCP client has no address yet: let its DISCOVER/REQUEST (from 0.0.0.0) through.
+            rules.append(Rule("bridge", out_chain, "ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 "
+                              "udp dport 67 return", f"{who} dhcp client"))
             rules.append(Rule("bridge", out_chain, "arp saddr ip != { " + ", ".join(v4) + " } drop",
                               f"{who} anti-spoofing arp"))
             rules.append(Rule("bridge", out_chain, "meta protocol ip ip saddr != { " + ", ".join(v4) + " } drop",

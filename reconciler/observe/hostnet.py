@@ -7,6 +7,7 @@ Read-only. Called by the snapshot builder. The sync pyroute2 ``IPRoute`` is used
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import subprocess
@@ -16,7 +17,8 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from reconciler.hostnet.nftables import BRIDGE_TABLE, IP_TABLE
-from reconciler.plan.observed import HostCapabilities, ObservedHostNetwork, ObservedLink
+from reconciler.observe import processes
+from reconciler.plan.observed import DhcpLease, HostCapabilities, ObservedDhcp, ObservedHostNetwork, ObservedLink
 
 NFT = "nft"
 _PROBES = {
@@ -82,13 +84,33 @@ def _ip_forward() -> bool:
         return False
 
 
-def _observe(names: set[str]) -> ObservedHostNetwork:
+def _observe(names: set[str], dhcp: dict[str, tuple[Path, Path]]) -> ObservedHostNetwork:
     # Only the links we care about: unrelated interfaces coming and going must not make plans stale.
     links = {name: link for name, link in _links().items() if name in names}
     return ObservedHostNetwork(links=links, firewall=_firewall(), ip_forward=_ip_forward(),
-                               capabilities=_capabilities())
+                               capabilities=_capabilities(),
+                               dhcp={net: observe_dhcp(*files) for net, files in sorted(dhcp.items())})
 
 
-async def observe_host_network(names: set[str]) -> ObservedHostNetwork:
-    """The links named in ``names`` (bridges, TAPs), our firewall rules and the kernel's features."""
-    return await asyncio.to_thread(_observe, names)
+async def observe_host_network(names: set[str], dhcp: dict[str, tuple[Path, Path]]) -> ObservedHostNetwork:
+    """The links named in ``names`` (bridges, TAPs), our firewall rules, the kernel's features, and the
+    DHCP servers of the Networks in ``dhcp`` (name -> pidfile, leases file)."""
+    return await asyncio.to_thread(_observe, names, dhcp)
+
+
+def observe_dhcp(pidfile: Path, leases: Path) -> ObservedDhcp:
+    """The dnsmasq that owns ``pidfile`` (proven by its /proc cmdline naming it) and its leases."""
+    lease_list = []
+    with contextlib.suppress(OSError):
+        for line in leases.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[0].isdigit():
+                lease_list.append(DhcpLease(expires=int(parts[0]), mac=parts[1], ip=parts[2],
+                                            hostname=None if parts[3] == "*" else parts[3]))
+    pid = processes.read_pidfile(pidfile)
+    if pid is None or not processes.is_alive(pid):
+        return ObservedDhcp(leases=lease_list)
+    cmdline = processes.read_cmdline(pid)
+    if not cmdline or f"--pid-file={pidfile}" not in cmdline:
+        return ObservedDhcp(leases=lease_list)
+    return ObservedDhcp(argv=list(cmdline), pid=pid, leases=lease_list)

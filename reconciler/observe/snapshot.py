@@ -78,6 +78,8 @@ async def observe(
                 interesting.add(tap_name(vm.name, nic.name))
                 if nic.bridge:
                     interesting.add(nic.bridge)
-    host = await observe_host_network(interesting)
+    dhcp = {name: (layout.dhcp_pidfile(name), layout.dhcp_leases(name))
+            for name in set(networks or {}) | set(network_records)}
+    host = await observe_host_network(interesting, dhcp)
     return ObservedState(state_dir=str(layout.root), vms=vms, images=backing, host=host,
                          network_records=network_records)

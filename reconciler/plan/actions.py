@@ -55,6 +55,8 @@ class StepKind(StrEnum):
     FORGET_NETWORK = "forget-network"
     APPLY_FIREWALL = "apply-firewall"
     REPAIR_TAP = "repair-tap"
+    ENSURE_DHCP = "ensure-dhcp"
+    STOP_DHCP = "stop-dhcp"
 
 
 class Mode(StrEnum):

@@ -10,10 +10,13 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from reconciler.hostnet.dhcp import dnsmasq_argv
 from reconciler.hostnet.nftables import Capabilities, NicFirewall, RoutedNetwork, UnsupportedRule, build_ruleset
 from reconciler.plan.actions import Action, Change, FieldChange, Mode, Step, StepKind
 from reconciler.plan.observed import ObservedState
+from reconciler.spec.layout import StateLayout
 from reconciler.spec.models import FirewallSpec, Network, NetworkInterfaceSpec, VirtualMachine, nic_mac, tap_name
 
 FIREWALL = "nftables"
@@ -86,21 +89,48 @@ def _ensure_network(network: Network, observed: ObservedState) -> Change | None:
         reasons.append(f"address {remove} is no longer wanted on {spec.bridge}")
     if spec.nat and not observed.host.ip_forward:
         reasons.append("NAT needs net.ipv4.ip_forward=1")
+    dhcp_steps = _dhcp_steps(network, observed, reasons)
     if not reasons and record is not None and record.network == network:
         return None
     steps = [Step(kind=StepKind.WRITE_NETWORK_RECORD, name=name, summary="record the network as ours",
                   args={"network": network.model_dump(mode="json")})]
-    if reasons:
+    if reasons and reasons != ["dhcp"]:
         steps.append(Step(kind=StepKind.ENSURE_BRIDGE, name=name,
                           summary=f"bridge {spec.bridge}: create or repair (up, {spec.address or 'no address'})",
                           args={"bridge": spec.bridge, "address": spec.address, "remove_address": remove,
                                 "ip_forward": spec.nat}))
+    steps += dhcp_steps
+    reasons = [reason for reason in reasons if reason != "dhcp"]
     fields = []
     if record is not None and record.network != network:
         fields = [FieldChange(path="spec", before=record.network.spec.model_dump(mode="json"),
                               after=spec.model_dump(mode="json"), mode=Mode.LIVE, how="bridge and nftables")]
     return Change(resource="Network", name=name, action=Action.CREATE if record is None else Action.UPDATE,
                   reasons=reasons, fields=fields, steps=steps)
+
+
+def _dhcp_steps(network: Network, observed: ObservedState, reasons: list[str]) -> list[Step]:
+    """Start, restart (its arguments changed) or stop the Network's dnsmasq."""
+    layout = StateLayout(Path(observed.state_dir))
+    pidfile, leases = layout.dhcp_pidfile(network.name), layout.dhcp_leases(network.name)
+    running = observed.host.dhcp.get(network.name)
+    current = running.argv if running else None
+    if network.spec.dhcp is None:
+        if current is None:
+            return []
+        reasons.append("dhcp")
+        return [_stop_dhcp(network.name, pidfile)]
+    wanted = dnsmasq_argv(network, pidfile, leases)
+    if current == wanted:
+        return []
+    reasons.append("dhcp")
+    what = "start" if current is None else "restart (its settings changed)"
+    return [Step(kind=StepKind.ENSURE_DHCP, name=network.name, summary=f"DHCP: {what} dnsmasq on {network.spec.bridge}",
+                 args={"argv": wanted, "pidfile": str(pidfile)})]
+
+
+def _stop_dhcp(name: str, pidfile: Path) -> Step:
+    return Step(kind=StepKind.STOP_DHCP, name=name, summary="DHCP: stop dnsmasq", args={"pidfile": str(pidfile)})
 
 
 def _delete_network(name: str, vms: Mapping[str, VirtualMachine], observed: ObservedState) -> Change:
@@ -110,7 +140,10 @@ def _delete_network(name: str, vms: Mapping[str, VirtualMachine], observed: Obse
         return Change(resource="Network", name=name, action=Action.NOOP,
                       refusals=[f"its manifest was removed but VMs still use it: {', '.join(users)}"])
     bridge = record.network.spec.bridge
+    dhcp = observed.host.dhcp.get(name)
+    stop = [_stop_dhcp(name, StateLayout(Path(observed.state_dir)).dhcp_pidfile(name))] if dhcp and dhcp.argv else []
     return Change(resource="Network", name=name, action=Action.DELETE, reasons=["its manifest was removed"], steps=[
+        *stop,
         Step(kind=StepKind.DELETE_BRIDGE, name=name, summary=f"delete bridge {bridge}", args={"bridge": bridge}),
         Step(kind=StepKind.FORGET_NETWORK, name=name, summary="forget the network"),
     ])

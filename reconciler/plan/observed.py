@@ -97,6 +97,21 @@ class ObservedLink(_Fact):
     addresses: list[str] = Field(default_factory=list)
 
 
+class DhcpLease(_Fact):
+    mac: str
+    ip: str
+    hostname: str | None = None
+    expires: int = 0
+
+
+class ObservedDhcp(_Fact):
+    """A Network's dnsmasq: its argv if it runs (verified from /proc), and its leases."""
+
+    argv: list[str] | None = None
+    pid: int | None = None
+    leases: list[DhcpLease] = Field(default_factory=list)
+
+
 class HostCapabilities(_Fact):
     bridge_conntrack: bool = True
     bridge_reject: bool = True
@@ -112,6 +127,7 @@ class ObservedHostNetwork(_Fact):
     )
     ip_forward: bool = False
     capabilities: HostCapabilities = Field(default_factory=HostCapabilities)
+    dhcp: dict[str, ObservedDhcp] = Field(default_factory=dict, description="By Network name.")
 
 
 class NetworkRecord(_Fact):
@@ -128,7 +144,9 @@ class ObservedState(_Fact):
     images: dict[str, ObservedImage] = Field(default_factory=dict, description="Backing images, by path.")
 
     def digest(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+        """What plans depend on (DHCP leases renew all the time and are only reported, never planned on)."""
+        data = self.model_dump_json(exclude={"host": {"dhcp": {"__all__": {"leases"}}}})
+        return hashlib.sha256(data.encode()).hexdigest()
 
     def vm(self, name: str) -> ObservedVM:
         return self.vms.get(name) or ObservedVM(name=name)

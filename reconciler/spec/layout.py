@@ -10,6 +10,7 @@
     STATE/vms/NAME/serial.log          the guest's serial console
     STATE/disks/NAME/DISK.qcow2        disk images: outside the VM folder, so forgetting a VM keeps them
     STATE/networks/NAME.json           a Network we created (its bridge is ours to repair and delete)
+    STATE/networks/NAME.dnsmasq.pid    its DHCP server (dnsmasq), and NAME.leases, the leases it gave
 
 Disk and VM names are validated by the spec models, so every path here stays inside STATE.
 """
@@ -51,6 +52,12 @@ class StateLayout:
 
     def network_record(self, name: str) -> Path:
         return self.networks / f"{name}.json"
+
+    def dhcp_pidfile(self, name: str) -> Path:
+        return self.networks / f"{name}.dnsmasq.pid"
+
+    def dhcp_leases(self, name: str) -> Path:
+        return self.networks / f"{name}.leases"
 
     def vm(self, name: str) -> VMPaths:
         return VMPaths(self.vms / name, self.disks / name)

@@ -171,3 +171,32 @@ def test_bridged_nic_hot_plugged_with_multiqueue(net_host: Host) -> None:
     assert "master br-lan" in link and "multi_queue" in link
     assert host.qemu_pids("a") == [pid]
     assert host.plan_exit() == 0
+
+
+def test_dhcp_gives_the_guest_an_address_and_is_supervised(net_host: Host) -> None:
+    import json
+    import os
+    import signal
+
+    host = net_host
+    host.write("net.yaml", NETWORK.format(extra=", dhcp: {rangeStart: 10.77.0.100, rangeEnd: 10.77.0.150}"))
+    guest = vm("d", "10.77.0.99", "10.77.0.1", mac="52:54:00:77:00:0d").replace(
+        "infz.ip=eth0:10.77.0.99/24 ", "infz.dhcp=eth0 ").replace('      ips: ["10.77.0.99"]\n', "")
+    host.write("d.yaml", guest)
+    host.apply()
+    report = pinging(host, "d", "10.77.0.1", "ok", timeout=90)
+    (address,) = report.ips["eth0"]
+    assert address.startswith("10.77.0.1") and address.endswith("/24")
+
+    status = json.loads(host.cli("status", "--json", check=True).stdout)
+    (network,) = status["networks"]
+    assert network["dhcpPid"] is not None
+    assert {"mac": "52:54:00:77:00:0d", "ip": address.split("/")[0]} in [
+        {"mac": lease["mac"], "ip": lease["ip"]} for lease in network["leases"]]
+
+    # dnsmasq dies: the next reconcile sees it and starts it again.
+    os.kill(network["dhcpPid"], signal.SIGKILL)
+    plan = host.cli("plan", str(host.manifests), "--detailed-exitcode")
+    assert plan.returncode == 2 and "DHCP: start dnsmasq" in plan.stdout
+    host.apply()
+    assert host.plan_exit() == 0
