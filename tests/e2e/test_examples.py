@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tests.e2e.harness import ROOT, Host
+from tests.e2e.harness import ROOT, Host, in_netns
 
 
 def test_example_port_forwards_boots_with_its_nic(host: Host) -> None:
@@ -52,3 +52,17 @@ def test_example_live_resources_grows_without_restart(host: Host) -> None:
     host.apply()
     host.guest("ex-live").wait_report(lambda r: r.cpus == 3, what="3 cpus")
     assert host.qemu_pids("ex-live") == [pid]
+
+
+def test_example_bridged_network_firewall(net_host: Host) -> None:
+    for name in ("network.yaml", "web.yaml"):
+        shutil.copy(ROOT / "examples/07-bridged-network-firewall" / name, net_host.manifests / name)
+    net_host.apply()
+    report = net_host.guest("ex-web").wait_report(lambda r: r.ping.get("10.77.0.1") == "ok", what="gateway ping")
+    assert report.nics["eth0"] == ("52:54:00:00:07:01", "up")
+    # ICMP from the LAN is allowed in: the host (10.77.0.1) can ping the guest.
+    assert in_netns(net_host.netns or "", "ping", "-c", "1", "-W", "2", "10.77.0.10", check=False).returncode == 0
+    # Everything else meets the NIC's default, drop, in the live ruleset.
+    ruleset = in_netns(net_host.netns or "", "nft", "list", "table", "bridge", "infinization").stdout
+    assert "ex-web/lan0 in default drop" in ruleset
+    assert net_host.plan_exit() == 0

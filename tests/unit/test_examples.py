@@ -25,9 +25,13 @@ def test_example_is_valid_and_plans_a_create(directory: Path) -> None:
         disk.image: ObservedImage(path=disk.image, exists=True, virtual_size=1024**3, format="qcow2")
         for vm in desired.values() for disk in vm.spec.disks if disk.image
     }
-    result = plan(desired, ObservedState(state_dir="/st", images=images), {})
-    assert [change.action for change in result.changes] == [Action.CREATE] * len(desired)
+    networks = {name: loaded.network for name, loaded in manifests.networks.items()}
+    result = plan(desired, ObservedState(state_dir="/st", images=images), {}, networks=networks)
     assert not result.refused
+    assert {c.name: c.action for c in result.changes if c.resource == "VirtualMachine"} == dict.fromkeys(
+        desired, Action.CREATE)
+    assert {c.name: c.action for c in result.changes if c.resource == "Network"} == dict.fromkeys(
+        networks, Action.CREATE)
 
 
 def test_examples_are_numbered_and_listed() -> None:
