@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from reconciler.plan.actions import FORMAT_VERSION, Action, Plan
 from reconciler.plan.observed import AppliedRecord, ObservedState
 from reconciler.plan.planner import PlanOptions, plan
 from reconciler.plan.render import render_plan, summary_line
+from reconciler.runtime.daemon import Options, run_daemon
+from reconciler.runtime.gitrev import revision
+from reconciler.runtime.store import VMStatus, conditions_text, open_readonly
 from reconciler.spec.layout import StateLayout, state_dir_from_env
 from reconciler.spec.loader import ManifestSet, load_directory
 from reconciler.spec.models import VirtualMachine
@@ -63,11 +67,12 @@ def _load(directory: str) -> ManifestSet:
     return manifests
 
 
-async def _snapshot(directory: str, layout: StateLayout, allow_restart: bool) -> Snapshot:
+async def _snapshot(directory: str, layout: StateLayout, allow_restart: bool, host: str | None = None) -> Snapshot:
     manifests = _load(directory)
-    desired = {name: loaded.vm for name, loaded in manifests.vms.items()}
+    # A VM belongs to the host its spec names (none: hosts run without --host).
+    desired = {name: loaded.vm for name, loaded in manifests.vms.items() if loaded.vm.spec.host == host}
     try:
-        records = read_records(layout)
+        records = {n: r for n, r in read_records(layout).items() if r.vm.spec.host == host}
     except CorruptRecord as exc:
         raise CliError(f"corrupt state record, fix or remove it by hand: {exc}") from exc
     networks = {name: loaded.network for name, loaded in manifests.networks.items()}
@@ -93,8 +98,8 @@ def _remembered_dir(layout: StateLayout) -> str | None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     layout = _layout(args)
-    with StateLock(layout.lock, exclusive=False, wait=args.lock_timeout):
-        snap = asyncio.run(_snapshot(args.directory, layout, args.allow_restart))
+    # Reading needs no lock: plan and status work while apply or the sync daemon runs.
+    snap = asyncio.run(_snapshot(args.directory, layout, args.allow_restart, args.host))
     if args.out:
         write_atomic(Path(args.out), snap.plan.model_dump_json(indent=2) + "\n")
     if args.json:
@@ -145,7 +150,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     directory = saved.manifest_dir if saved else args.target
     allow_restart = saved.allow_restart if saved else args.allow_restart
     with StateLock(layout.lock, exclusive=True, wait=args.lock_timeout):
-        snap = asyncio.run(_snapshot(directory, layout, allow_restart))
+        snap = asyncio.run(_snapshot(directory, layout, allow_restart, args.host))
         if saved is not None:
             _check_fresh(saved, snap.plan, layout)
         out.print(render_plan(snap.plan), end="")
@@ -157,8 +162,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
         out.print("")
         write_atomic(_source_file(layout), json.dumps({"manifests": snap.plan.manifest_dir}) + "\n")
         sources = {name: loaded.source.file for name, loaded in snap.manifests.vms.items()}
-        result = asyncio.run(Executor(layout, _print_step, sources).run(snap.plan))
-        after = asyncio.run(_snapshot(directory, layout, allow_restart))
+        rev = revision(Path(snap.plan.manifest_dir))
+        result = asyncio.run(Executor(layout, _print_step, sources, revision=rev).run(snap.plan))
+        after = asyncio.run(_snapshot(directory, layout, allow_restart, args.host))
     counts = snap.plan.counts()
     done = ", ".join(f"{counts[a]} {verb}" for a, verb in (
         (Action.CREATE, "created"), (Action.UPDATE, "updated"), (Action.RESTART, "restarted"),
@@ -199,7 +205,18 @@ def _phase(snap: Snapshot, name: str) -> str:
     return "Stopped" if name in snap.records else "Pending"
 
 
-def status_rows(snap: Snapshot) -> list[dict[str, Any]]:
+def _daemon_status(layout: StateLayout, host: str | None) -> dict[str, VMStatus]:
+    store = open_readonly(layout.database, host or "")
+    if store is None:
+        return {}
+    try:
+        return store.statuses()
+    finally:
+        store.close()
+
+
+def status_rows(snap: Snapshot, daemon: dict[str, VMStatus] | None = None) -> list[dict[str, Any]]:
+    daemon = daemon or {}
     rows = []
     for change in snap.plan.changes:
         name = change.name
@@ -217,6 +234,9 @@ def status_rows(snap: Snapshot) -> list[dict[str, Any]]:
             "unplugPending": change.unplug_pending,
             "disks": {n: d.virtual_size for n, d in vm.disks.items() if d.exists},
             "manifest": loaded.source.file if loaded else None,
+            "revision": snap.records[name].revision if name in snap.records else None,
+            "conditions": daemon[name].conditions if name in daemon else {},
+            "lastReconcile": daemon[name].last_reconcile if name in daemon else None,
         })
     return rows
 
@@ -251,15 +271,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     directory = args.directory or _remembered_dir(layout)
     if directory is None:
         raise CliError("no manifest directory given and none applied yet: infinization status DIR")
-    with StateLock(layout.lock, exclusive=False, wait=args.lock_timeout):
-        snap = asyncio.run(_snapshot(directory, layout, allow_restart=False))
-    rows = status_rows(snap)
+    snap = asyncio.run(_snapshot(directory, layout, allow_restart=False, host=args.host))
+    rows = status_rows(snap, _daemon_status(layout, args.host))
     if args.json:
         print(json.dumps({"format_version": 1, "manifests": directory, "vms": rows,
                           "networks": network_rows(snap)}, indent=2))
         return 0
     table = Table(title=f"VMs on this host (manifests: {directory})")
-    for column in ("NAME", "PHASE", "PID", "IN SYNC", "NOTES"):
+    for column in ("NAME", "PHASE", "PID", "IN SYNC", "REVISION", "NOTES"):
         table.add_column(column)
     for row in rows:
         notes = []
@@ -268,8 +287,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         notes += [f"restart pending: {cause}" for cause in row["pendingRestart"]]
         notes += [f"refused: {why}" for why in row["refused"]]
         notes += [f"unplug pending: {why}" for why in row["unplugPending"]]
+        notes += [c for c in conditions_text(row["conditions"]) if c != "Ready" and not c.startswith(
+            ("RestartRequired", "Refused", "UnplugPending"))]
         table.add_row(row["name"], row["phase"], str(row["pid"] or "-"), "yes" if row["inSync"] else "no",
-                      escape("\n".join(notes)))
+                      row["revision"] or "-", escape("\n".join(notes)))
     out.print(table)
     networks = network_rows(snap)
     if networks:
@@ -302,6 +323,39 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    layout = _layout(args)
+    options = Options(host=args.host, dry_run=args.dry_run, allow_restart=args.allow_restart,
+                      debounce_ms=args.debounce_ms, resync_seconds=args.resync_interval)
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        raise CliError(f"{directory} is not a directory")
+    metrics_address = None if args.metrics_address == "none" else args.metrics_address
+    return run_daemon(directory, layout, options, args.database, metrics_address)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    layout = _layout(args)
+    store = open_readonly(layout.database, args.host or "")
+    if store is None:
+        raise CliError(f"no event store yet ({layout.database}): it is written by `infinization sync`")
+    try:
+        events = store.events(args.name, limit=args.limit)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return 0
+    table = Table(title=f"Events{' of ' + args.name if args.name else ''}")
+    for column in ("TIME", "VM", "KIND", "RESULT", "MESSAGE"):
+        table.add_column(column)
+    for event in events:
+        when = time.strftime("%H:%M:%S", time.localtime(event["ts"]))
+        table.add_row(when, event["vm"], event["kind"], event["result"], escape(event["message"]))
+    out.print(table)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     manifests = _load(args.directory)
     out.print(f"{len(manifests.vms)} VirtualMachine(s) in {len(manifests.files)} file(s): valid.")
@@ -324,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $INFINIZATION_STATE_DIR or /var/lib/infinization)")
     common.add_argument("--lock-timeout", type=float, default=60.0,
                         help="seconds to wait for another run on the same state directory (default 60)")
+    common.add_argument("--host", help="this host's name: only VMs whose spec.host names it (default: VMs "
+                        "without spec.host)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", parents=[common], help="show what apply would change")
@@ -344,6 +400,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", nargs="?", help="manifest directory (default: the one last applied)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("sync", parents=[common], help="keep the host converged with DIR, continuously")
+    p.add_argument("directory")
+    p.add_argument("--dry-run", action="store_true", help="warn-only: compute and report plans, change nothing")
+    p.add_argument("--allow-restart", action="store_true", help="restart VMs whose changes need it")
+    p.add_argument("--database", help="mirror status and events to PostgreSQL (postgresql://...)")
+    p.add_argument("--metrics-address", default="127.0.0.1:9464",
+                   help="Prometheus metrics HOST:PORT, or 'none' (default 127.0.0.1:9464)")
+    p.add_argument("--resync-interval", type=float, default=30.0, help="full resync period, seconds (default 30)")
+    p.add_argument("--debounce-ms", type=int, default=50, help="manifest change debounce (default 50 ms)")
+    p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("events", parents=[common], help="what the sync daemon did, newest last")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_events)
 
     p = sub.add_parser("logs", parents=[common], help="print a VM's serial console log")
     p.add_argument("name")

@@ -57,10 +57,11 @@ def _maybe_crash(moment: str, kind: StepKind) -> None:
 
 class Executor:
     def __init__(self, layout: StateLayout, report: Reporter | None = None,
-                 sources: dict[str, str] | None = None) -> None:
+                 sources: dict[str, str] | None = None, revision: str | None = None) -> None:
         self.layout = layout
         self.report = report or (lambda result: None)
         self.sources = sources or {}
+        self.revision = revision
 
     async def run(self, plan: Plan) -> ApplyResult:
         outcome = ApplyResult()
@@ -90,7 +91,8 @@ class Executor:
         paths = self.layout.vm(step.name)
         args = step.args
         if step.kind is StepKind.WRITE_RECORD:
-            files.write_record(paths, VirtualMachine.model_validate(args["vm"]), self.sources.get(step.name))
+            files.write_record(paths, VirtualMachine.model_validate(args["vm"]), self.sources.get(step.name),
+                               self.revision)
             return "recorded"
         if step.kind is StepKind.CREATE_DISK:
             path = Path(args["path"])

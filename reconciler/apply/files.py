@@ -37,11 +37,11 @@ def _dump(model: BaseModel) -> str:
     return model.model_dump_json(indent=2) + "\n"
 
 
-def write_record(paths: VMPaths, vm: VirtualMachine, source: str | None) -> AppliedRecord:
+def write_record(paths: VMPaths, vm: VirtualMachine, source: str | None, revision: str | None = None) -> AppliedRecord:
     """Record ``vm`` as last applied, keeping the list of disks we created."""
     current = read_record(paths.record)
     owned = current.owned_disks if current else []
-    record = AppliedRecord(vm=vm, owned_disks=owned, source=source)
+    record = AppliedRecord(vm=vm, owned_disks=owned, source=source, revision=revision)
     write_atomic(paths.record, _dump(record))
     return record
 

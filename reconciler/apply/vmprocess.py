@@ -74,6 +74,7 @@ async def start(paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str], vho
     process = processes.find_qemu(paths.pidfile)
     if process is None:
         raise StepFailed("QEMU exited right after starting (see `infinization logs`)")
+    paths.exit.unlink(missing_ok=True)  # a new run: how the previous one ended no longer matters
     await _wait_running(paths.qmp)
     return f"started, pid {process.pid}"
 

@@ -101,3 +101,11 @@ def read_records(layout: StateLayout) -> dict[str, AppliedRecord]:
         if record is not None:
             records[name] = record
     return records
+
+
+def read_exit(path: Path) -> str | None:
+    """The reason the VM's last QEMU ended (guest-shutdown, crash, guest-panicked...), if recorded."""
+    try:
+        return str(json.loads(path.read_text())["reason"])
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
+        return None

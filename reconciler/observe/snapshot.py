@@ -11,7 +11,14 @@ from pathlib import Path
 from reconciler.observe import images, monitor, processes
 from reconciler.observe.hostnet import observe_host_network
 from reconciler.observe.live import observe_live
-from reconciler.observe.records import LiveRecord, known_vm_names, read_launch, read_live, read_network_records
+from reconciler.observe.records import (
+    LiveRecord,
+    known_vm_names,
+    read_exit,
+    read_launch,
+    read_live,
+    read_network_records,
+)
 from reconciler.plan.observed import (
     AppliedRecord,
     LiveState,
@@ -34,7 +41,8 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str]) 
         status, live = await query_running(paths.qmp, launched, read_live(paths.live, process.pid, process.start_time))
         observed_process = ObservedProcess(pid=process.pid, status=status, launched=launched, live=live)
     disks = {disk: images.inspect_image(paths.disk(disk)) for disk in sorted(set(disk_names))}
-    return ObservedVM(name=name, process=observed_process, disks=disks)
+    last_exit = read_exit(paths.exit) if observed_process is None else None
+    return ObservedVM(name=name, process=observed_process, disks=disks, last_exit=last_exit)
 
 
 async def query_running(
@@ -54,10 +62,13 @@ async def observe(
     desired: Mapping[str, VirtualMachine],
     records: Mapping[str, AppliedRecord],
     networks: Mapping[str, Network] | None = None,
+    only: set[str] | None = None,
 ) -> ObservedState:
-    """Everything the planner needs about the VMs in ``desired``, in ``records`` or in the state folder,
-    and about the host networking they and the desired ``networks`` use."""
+    """Everything the planner needs about the VMs in ``desired``, in ``records`` or in the state folder
+    (restricted to ``only`` when given), and about the host networking they and ``networks`` use."""
     names = sorted(set(desired) | set(records) | set(known_vm_names(layout)))
+    if only is not None:  # the sync daemon reconciles one VM at a time
+        names = [name for name in names if name in only]
     vms = {}
     backing: dict[str, ObservedImage] = {}
     for name in names:

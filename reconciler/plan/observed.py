@@ -76,6 +76,9 @@ class ObservedProcess(_Fact):
 class ObservedVM(_Fact):
     name: str
     process: ObservedProcess | None = None
+    last_exit: str | None = Field(
+        default=None, description="How the last QEMU of this VM ended (exit.json): guest-shutdown, crash..."
+    )
     disks: dict[str, ObservedImage] = Field(default_factory=dict, description="Our disk files, by disk name.")
 
 
@@ -85,6 +88,7 @@ class AppliedRecord(_Fact):
     vm: VirtualMachine
     owned_disks: list[str] = Field(default_factory=list)
     source: str | None = None
+    revision: str | None = Field(default=None, description="The manifests' git revision when last applied.")
 
 
 class ObservedLink(_Fact):

@@ -188,15 +188,15 @@ def _plan_vm(
     stop = _stop_step(name, spec.terminationGracePeriodSeconds)
     start = Step(kind=StepKind.START, name=name, summary="start QEMU and wait for its monitor")
 
-    if spec.runStrategy == "Halted":
-        if running:
-            work.reasons.append("runStrategy is Halted and the VM is running")
-            steps = [stop, *work.disk_steps, *work.offline_grows]
-        else:
-            steps = [*work.disk_steps, *work.offline_grows]
+    if spec.runStrategy == "Halted" and running:
+        work.reasons.append("runStrategy is Halted and the VM is running")
+        steps = [stop, *work.disk_steps, *work.offline_grows]
     elif not running:
-        work.reasons.append("the VM is not running and runStrategy is Always" if record else "new VM")
-        steps = [*work.disk_steps, *work.offline_grows, start]
+        steps = [*work.disk_steps, *work.offline_grows]
+        why_start = _start_reason(spec.runStrategy, record is not None, obs.last_exit)
+        if why_start:
+            work.reasons.append(why_start)
+            steps.append(start)
     elif work.restart_causes and allowed:
         permission = "--allow-restart" if options.allow_restart else "restartPolicy: Auto"
         work.reasons.append(f"a restart is allowed ({permission}) and needed for:")
@@ -218,6 +218,19 @@ def _plan_vm(
     return Change(name=name, action=action, reasons=work.reasons, fields=work.fields, steps=steps,
                   pending_restart=pending, refusals=[],
                   unplug_pending=live_plan.unplug_pending if live_plan and action is not Action.RESTART else [])
+
+
+def _start_reason(strategy: str, known: bool, last_exit: str | None) -> str | None:
+    """Why a stopped VM is to be started, or None to leave it stopped."""
+    if strategy == "Always":
+        return "the VM is not running and runStrategy is Always" if known else "new VM"
+    if strategy == "RerunOnFailure":
+        if last_exit == "guest-shutdown":
+            return None  # the guest shut itself down cleanly: that is not a failure
+        if last_exit:
+            return f"the VM stopped ({last_exit}) and runStrategy is RerunOnFailure"
+        return "the VM is not running and runStrategy is RerunOnFailure" if known else "new VM"
+    return None  # Manual and Halted: the reconciler never starts it
 
 
 def _running_vm(work: _VMPlan, spec: VirtualMachineSpec, process: ObservedProcess) -> LivePlan | None:

@@ -1,8 +1,11 @@
 """Where everything the reconciler writes lives under its state directory (pure path arithmetic).
 
-    STATE/lock                         the run lock (flock)
+    STATE/lock                         the run lock (flock): apply, or a running sync daemon
+    STATE/daemon.lock                  one sync daemon per state directory
+    STATE/infinization.db              the status store (SQLite): VM status rows and events
     STATE/vms/NAME/record.json         last-applied record: the spec we applied and the disks we created
     STATE/vms/NAME/launch.json         the spec and argv the current QEMU was started with
+    STATE/vms/NAME/exit.json           how its last QEMU ended (written by the sync daemon from QMP events)
     STATE/vms/NAME/live.json           what QMP cannot report back (link state, balloon target, unplugs)
     STATE/vms/NAME/qemu.pid            QEMU's pidfile
     STATE/vms/NAME/qmp.sock            QMP monitor for short-lived clients (CLI, executor)
@@ -37,6 +40,14 @@ class StateLayout:
     @property
     def lock(self) -> Path:
         return self.root / "lock"
+
+    @property
+    def daemon_lock(self) -> Path:
+        return self.root / "daemon.lock"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "infinization.db"
 
     @property
     def vms(self) -> Path:
@@ -75,6 +86,10 @@ class VMPaths:
     @property
     def launch(self) -> Path:
         return self.dir / "launch.json"
+
+    @property
+    def exit(self) -> Path:
+        return self.dir / "exit.json"
 
     @property
     def live(self) -> Path:

@@ -295,7 +295,14 @@ class CdromSpec(_Frozen):
 
 
 class VirtualMachineSpec(_Frozen):
-    runStrategy: Literal["Always", "Halted"] = "Always"
+    runStrategy: Literal["Always", "RerunOnFailure", "Manual", "Halted"] = Field(
+        default="Always",
+        description="Always: keep it running. RerunOnFailure: restart after a crash, not after a clean guest "
+        "shutdown. Manual: never started or stopped by the reconciler. Halted: keep it stopped.",
+    )
+    host: ResourceName | None = Field(
+        default=None, description="The host that runs this VM (`sync --host NAME`); none: hosts without a name."
+    )
     restartPolicy: Literal["Manual", "Auto"] = Field(
         default="Manual",
         description="Manual: changes that need a restart wait for `apply --allow-restart`. Auto: restart.",

@@ -1,0 +1,74 @@
+"""A per-key work queue: coalesced, one run per key at a time, different keys in parallel, with delays.
+
+The sync daemon keys work by VM name (plus ``HOST`` for bridges and the firewall). Many triggers for one
+key (a burst of file events, QMP events) collapse into one run; a trigger that arrives while the key is
+running schedules exactly one more run after it, so nothing is lost and nothing piles up. The handler
+returns None when done, or a delay in seconds after which the key is to run again (backoff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+
+Handler = Callable[[str], Awaitable[float | None]]
+
+
+class WorkQueue:
+    def __init__(self, handler: Handler, parallel: int = 4) -> None:
+        self._handler = handler
+        self._parallel = asyncio.Semaphore(parallel)
+        self._due: dict[str, float] = {}
+        self._running: set[str] = set()
+        self._again: set[str] = set()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, key: str, delay: float = 0.0) -> None:
+        """Ask for ``key`` to be reconciled (after ``delay``); coalesces with any pending request."""
+        if key in self._running and delay == 0:
+            self._again.add(key)
+            return
+        due = time.monotonic() + delay
+        self._due[key] = min(self._due.get(key, due), due)
+        self._wake.set()
+
+    def pending(self) -> dict[str, float]:
+        return dict(self._due)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                now = time.monotonic()
+                ready = [k for k, due in self._due.items() if due <= now and k not in self._running]
+                for key in sorted(ready, key=lambda k: self._due[k]):
+                    del self._due[key]
+                    self._running.add(key)
+                    task = asyncio.create_task(self._work(key))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                waiting = [due for k, due in self._due.items() if k not in self._running]
+                timeout = max(0.0, min(waiting) - time.monotonic()) if waiting else None
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _work(self, key: str) -> None:
+        retry: float | None = None
+        try:
+            async with self._parallel:
+                retry = await self._handler(key)
+        finally:
+            self._running.discard(key)
+            if key in self._again:
+                self._again.discard(key)
+                self.add(key)
+            elif retry is not None:
+                self.add(key, retry)
+            self._wake.set()
