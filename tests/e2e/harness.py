@@ -8,6 +8,7 @@ until a report satisfies a predicate, so tests assert on what the guest itself s
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -104,6 +105,35 @@ class Host:
             raise AssertionError(f"infinization {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}")
         return done
 
+    def start_sync(self, *extra: str, log_name: str = "sync.log") -> subprocess.Popen[bytes]:
+        """Start `infinization sync` on this host's manifests in the background (stop it with stop_sync)."""
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        with open(self.base / log_name, "ab") as log:  # the child keeps its own copy of the fd
+            return subprocess.Popen([*prefix, sys.executable, "-m", "reconciler", "sync", str(self.manifests),
+                                     "--metrics-address", "none", "--resync-interval", "5", *extra],
+                                    env=self.env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+
+    @staticmethod
+    def stop_sync(process: subprocess.Popen[bytes]) -> int:
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout=30)
+
+    def events(self, vm: str | None = None) -> list[dict[str, object]]:
+        args = ["events", "--json", "--limit", "500"] + ([vm] if vm else [])
+        done = self.cli(*args)
+        return json.loads(done.stdout) if done.returncode == 0 else []
+
+    def wait_for(self, predicate: Callable[[], object], what: str, timeout: float = 60) -> object:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
     def apply(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.cli("apply", str(self.manifests), "--yes", *extra, check=check)
 
@@ -159,19 +189,33 @@ class Guest:
     def __init__(self, serial: Path) -> None:
         self.serial = serial
 
-    def reports(self) -> list[Report]:
+    def _lines(self) -> list[str]:
         try:
-            text = self.serial.read_text(errors="replace")
+            return self.serial.read_text(errors="replace").splitlines()
         except FileNotFoundError:
             return []
-        return [r for r in map(parse_report, text.splitlines()) if r is not None]
+
+    def boots(self) -> int:
+        """How many times the guest has booted (the serial log is appended across restarts)."""
+        return sum(1 for line in self._lines() if "INFZ-BOOTED" in line)
+
+    def reports(self, boot: int | None = None) -> list[Report]:
+        """Report lines, only from the ``boot``-th boot (1-based) when given."""
+        seen, found = 0, []
+        for line in self._lines():
+            if "INFZ-BOOTED" in line:
+                seen += 1
+            elif (report := parse_report(line)) is not None and (boot is None or seen == boot):
+                found.append(report)
+        return found
 
     def wait_report(self, predicate: Callable[[Report], bool], timeout: float = 60, after_seq: int = -1,
-                    what: str = "") -> Report:
-        """The newest report that satisfies ``predicate`` (polling the serial log until ``timeout``)."""
+                    what: str = "", boot: int | None = None) -> Report:
+        """The newest report that satisfies ``predicate`` (polling the serial log until ``timeout``);
+        with ``boot``, only reports of that boot count."""
         deadline = time.monotonic() + timeout
         while True:
-            reports = self.reports()
+            reports = self.reports(boot)
             # A restart appends a new boot whose seq starts again at 1: only the last boot counts.
             latest = reports[-1] if reports else None
             if latest is not None and latest.seq > after_seq and predicate(latest):

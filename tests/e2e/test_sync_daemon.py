@@ -1,0 +1,121 @@
+"""The sync daemon on real QEMU: event-driven convergence, restarts by run strategy, broken edits, restarts
+of the daemon itself, warn-only mode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from reconciler.observe import monitor
+from tests.e2e.harness import Host, vm_manifest, wait_gone
+
+MiB = 1024**2
+
+
+def _pid(host: Host, vm: str) -> int | None:
+    """The VM's QEMU once it is fully started: the pidfile's PID, alive, and the only one for this VM
+    (while -daemonize forks, the short-lived parent has the same command line)."""
+    try:
+        pid = int(host.pidfile(vm).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if host.qemu_pids(vm) == [pid] else None
+
+
+def _store_conditions(host: Host, vm: str) -> dict[str, str]:
+    from reconciler.runtime.store import open_readonly
+
+    store = open_readonly(host.state / "infinization.db")
+    if store is None:
+        return {}
+    try:
+        status = store.statuses().get(vm)
+        return status.conditions if status else {}
+    finally:
+        store.close()
+
+
+def _powerdown(host: Host, vm: str) -> None:
+    async def press() -> None:
+        async with monitor.session(host.state / "vms" / vm / "qmp.sock") as qmp:
+            await qmp.execute("system_powerdown")
+    asyncio.run(press())
+
+
+def test_daemon_converges_on_file_changes_and_crashes(host: Host) -> None:
+    daemon = host.start_sync()
+    try:
+        host.write("a.yaml", vm_manifest("a"))
+        pid = host.wait_for(lambda: _pid(host, "a"), "the VM to start")
+        first = host.guest("a").wait_report(lambda r: "vda" in r.disks, what="boot")
+
+        # Growing the disk in the file is applied live.
+        host.write("a.yaml", vm_manifest("a", disks="    - {name: root, size: 80Mi}"))
+        host.guest("a").wait_report(lambda r: r.disks.get("vda") == 80 * MiB, after_seq=first.seq, what="80Mi")
+        assert _pid(host, "a") == pid
+
+        # SIGKILL: QEMU comes back (runStrategy Always), and the event log says why.
+        import os
+        import signal
+        os.kill(int(str(pid)), signal.SIGKILL)
+        new = host.wait_for(lambda: (p := _pid(host, "a")) and p != pid and p, "a new QEMU")
+        assert any(e["kind"] == "process-exit" and e["result"] == "failure" for e in host.events("a"))
+
+        # A broken edit is reported and the VM keeps running with its last good spec.
+        host.write("a.yaml", vm_manifest("a", disks="    - {name: root, size: 80Mi}") + "  bogus: [\n")
+        host.wait_for(lambda: any(e["kind"] == "manifest" for e in host.events("-")), "the manifest error event")
+        assert _pid(host, "a") == new
+        host.wait_for(lambda: "ManifestInvalid" in _store_conditions(host, "a"), "ManifestInvalid in the store")
+
+        # Stopping the daemon leaves the VM running; a new daemon re-attaches without restarting it.
+        assert host.stop_sync(daemon) == 0
+        assert _pid(host, "a") == new
+        host.write("a.yaml", vm_manifest("a", disks="    - {name: root, size: 80Mi}"))
+        daemon = host.start_sync(log_name="sync2.log")
+        host.wait_for(lambda: any(e["kind"] == "daemon" and e["result"] == "started"
+                                  for e in host.events("-")[-3:]), "the second daemon")
+        host.wait_for(lambda: json.loads(host.cli("status", "--json", str(host.manifests)).stdout)["vms"][0]
+                      .get("conditions", {}).get("Ready") == "", "the VM reported Ready")
+        assert _pid(host, "a") == new, "a daemon restart must not restart VMs"
+        starts = [e for e in host.events("a") if e["kind"] == "start"]
+        assert len(starts) == 2, "started once, restarted once after the SIGKILL, never by the second daemon"
+    finally:
+        host.stop_sync(daemon)
+
+
+def test_rerun_on_failure_restarts_crashes_not_clean_shutdowns(host: Host) -> None:
+    daemon = host.start_sync()
+    try:
+        host.write("r.yaml", vm_manifest("r", run_strategy="RerunOnFailure"))
+        pid = host.wait_for(lambda: _pid(host, "r"), "the VM to start")
+        host.guest("r").wait_report(lambda r: "vda" in r.disks, what="boot")
+
+        import os
+        import signal
+        os.kill(int(str(pid)), signal.SIGKILL)
+        pid2 = host.wait_for(lambda: (p := _pid(host, "r")) and p != pid and p, "a restart after the crash")
+        host.guest("r").wait_report(lambda r: "vda" in r.disks, what="boot again", boot=2)
+
+        _powerdown(host, "r")  # the guest powers itself off cleanly (ACPI)
+        assert wait_gone(int(str(pid2)), timeout=30)
+        host.wait_for(lambda: any(e["kind"] == "process-exit" and "guest-shutdown" in str(e["message"])
+                                  for e in host.events("r")), "the clean exit event")
+        host.wait_for(lambda: json.loads(host.cli("status", "--json", str(host.manifests)).stdout)["vms"][0]
+                      ["phase"] == "Stopped", "status Stopped")
+        assert host.qemu_pids("r") == [], "a clean guest shutdown is not restarted"
+        exit_record = json.loads(Path(host.state / "vms/r/exit.json").read_text())
+        assert exit_record["reason"] == "guest-shutdown"
+    finally:
+        host.stop_sync(daemon)
+
+
+def test_dry_run_reports_and_changes_nothing(host: Host) -> None:
+    daemon = host.start_sync("--dry-run")
+    try:
+        host.write("d.yaml", vm_manifest("d"))
+        host.wait_for(lambda: any(e["kind"] == "would-create" for e in host.events("d")), "a would-create event")
+        assert host.qemu_pids("d") == []
+        assert not (host.state / "vms" / "d").exists()
+    finally:
+        host.stop_sync(daemon)
