@@ -56,3 +56,25 @@ def net_host(guest_image: Path) -> Iterator[Host]:
         h.kill_all()
         subprocess.run(["ip", "netns", "del", netns], check=False)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL server on a UNIX socket, started from Debian's packages; yields its URL."""
+    bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    assert bindir, "PostgreSQL is not installed: run scripts/setup.sh"
+    pg = bindir[-1]
+    base = Path(tempfile.mkdtemp(prefix="infz-pg-", dir="/tmp"))
+    shutil.chown(base, "postgres", "postgres")
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_pg, str(pg / "initdb"), "-D", str(base / "data"), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    port = "54329"
+    subprocess.run([*as_pg, str(pg / "pg_ctl"), "-D", str(base / "data"), "-w", "-l", str(base / "log"),
+                    "-o", f"-k {base} -c listen_addresses='' -p {port}", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@/postgres?host={base}&port={port}"
+    finally:
+        subprocess.run([*as_pg, str(pg / "pg_ctl"), "-D", str(base / "data"), "-m", "immediate", "stop"],
+                       check=False, capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)

@@ -119,3 +119,33 @@ def test_dry_run_reports_and_changes_nothing(host: Host) -> None:
         assert not (host.state / "vms" / "d").exists()
     finally:
         host.stop_sync(daemon)
+
+
+def test_two_hosts_share_the_manifests_and_the_database(host: Host, tmp_path: Path, postgres: str) -> None:
+    """Two daemons with different --host names on one machine: each runs only its own VMs, both report
+    to the same PostgreSQL."""
+    import psycopg
+
+    other = Host(Path(__import__("tempfile").mkdtemp(prefix="infz-", dir="/tmp")))
+    other.manifests = host.manifests  # one git checkout, two hosts
+    host.write("x.yaml", vm_manifest("x").replace("  runStrategy: Always", "  runStrategy: Always\n  host: h1"))
+    host.write("y.yaml", vm_manifest("y").replace("  runStrategy: Always", "  runStrategy: Always\n  host: h2"))
+    one = host.start_sync("--host", "h1", "--database", postgres)
+    two = other.start_sync("--host", "h2", "--database", postgres)
+    try:
+        host.wait_for(lambda: _pid(host, "x"), "x on h1")
+        other.wait_for(lambda: _pid(other, "y"), "y on h2")
+
+        def rows() -> set[tuple[str, str, str]]:
+            with psycopg.connect(postgres) as db:
+                return {tuple(r) for r in db.execute("SELECT host, vm, phase FROM infinization_vm_status")}
+        host.wait_for(lambda: {("h1", "x", "Running"), ("h2", "y", "Running")} <= rows(), "both rows in PostgreSQL")
+        assert not (host.state / "vms" / "y").exists() and not (other.state / "vms" / "x").exists()
+        with psycopg.connect(postgres) as db:
+            kinds = {r[0] for r in db.execute("SELECT DISTINCT kind FROM infinization_events")}
+        assert {"start", "create-disk"} <= kinds
+    finally:
+        host.stop_sync(one)
+        other.stop_sync(two)
+        other.kill_all()
+        __import__("shutil").rmtree(other.base, ignore_errors=True)
