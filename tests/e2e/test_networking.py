@@ -200,3 +200,19 @@ def test_dhcp_gives_the_guest_an_address_and_is_supervised(net_host: Host) -> No
     assert plan.returncode == 2 and "DHCP: start dnsmasq" in plan.stdout
     host.apply()
     assert host.plan_exit() == 0
+
+
+def test_sync_daemon_repairs_a_deleted_bridge_on_the_netlink_event(net_host: Host) -> None:
+    host = net_host
+    host.write("net.yaml", NETWORK.format(extra=""))
+    host.write("a.yaml", vm("a", "10.77.0.11", "10.77.0.1", mac="52:54:00:77:00:01"))
+    daemon = host.start_sync("--resync-interval", "600")  # so only the netlink event can trigger the repair
+    try:
+        pinging(host, "a", "10.77.0.1", "ok", timeout=90)
+        in_netns(host.netns or "", "ip", "link", "del", "br-lan")
+        host.wait_for(lambda: "br-lan" in in_netns(host.netns or "", "ip", "-br", "link").stdout,
+                      "the bridge to come back", timeout=20)
+        pinging(host, "a", "10.77.0.1", "ok")
+        assert any(e["kind"] == "ensure-bridge" and e["result"] == "ok" for e in host.events("lan"))
+    finally:
+        host.stop_sync(daemon)

@@ -149,3 +149,23 @@ def test_two_hosts_share_the_manifests_and_the_database(host: Host, tmp_path: Pa
         other.stop_sync(two)
         other.kill_all()
         __import__("shutil").rmtree(other.base, ignore_errors=True)
+
+
+def test_crash_loop_backs_off(host: Host) -> None:
+    import os
+    import signal
+
+    daemon = host.start_sync()
+    try:
+        host.write("c.yaml", vm_manifest("c"))
+        pid = host.wait_for(lambda: _pid(host, "c"), "the VM to start")
+        for _ in range(3):  # three crashes are restarted at once...
+            os.kill(int(str(pid)), signal.SIGKILL)
+            pid = host.wait_for(lambda old=pid: (p := _pid(host, "c")) and p != old and p, "a restart")
+        os.kill(int(str(pid)), signal.SIGKILL)  # ...the fourth within two minutes waits
+        host.wait_for(lambda: any(e["kind"] == "crash-loop" for e in host.events("c")), "the crash-loop event")
+        assert "CrashLoopBackOff" in _store_conditions(host, "c")
+        assert host.qemu_pids("c") == []
+        host.wait_for(lambda: _pid(host, "c"), "the delayed restart", timeout=30)
+    finally:
+        host.stop_sync(daemon)
