@@ -26,7 +26,7 @@ from reconciler.apply.files import write_atomic
 from reconciler.apply.lock import LockTimeout, StateLock
 from reconciler.observe.records import CorruptRecord, read_records
 from reconciler.observe.snapshot import observe
-from reconciler.plan.actions import FORMAT_VERSION, Action, Plan
+from reconciler.plan.actions import FORMAT_VERSION, Action, Plan, StepKind
 from reconciler.plan.observed import AppliedRecord, ObservedState
 from reconciler.plan.planner import PlanOptions, plan
 from reconciler.plan.render import render_plan, summary_line
@@ -67,7 +67,8 @@ def _load(directory: str) -> ManifestSet:
     return manifests
 
 
-async def _snapshot(directory: str, layout: StateLayout, allow_restart: bool, host: str | None = None) -> Snapshot:
+async def _snapshot(directory: str, layout: StateLayout, allow_restart: bool, host: str | None = None,
+                    options: PlanOptions | None = None) -> Snapshot:
     manifests = _load(directory)
     # A VM belongs to the host its spec names (none: hosts run without --host).
     desired = {name: loaded.vm for name, loaded in manifests.vms.items() if loaded.vm.spec.host == host}
@@ -78,7 +79,8 @@ async def _snapshot(directory: str, layout: StateLayout, allow_restart: bool, ho
     networks = {name: loaded.network for name, loaded in manifests.networks.items()}
     observed = await observe(layout, desired, records, networks)
     result = plan(desired, observed, records, networks=networks, manifest_dir=str(Path(directory).absolute()),
-                  desired_digest=manifests.digest(), options=PlanOptions(allow_restart=allow_restart))
+                  desired_digest=manifests.digest(),
+                  options=options or PlanOptions(allow_restart=allow_restart))
     return Snapshot(manifests, records, observed, result)
 
 
@@ -323,6 +325,30 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_start_stop(args: argparse.Namespace) -> int:
+    """Imperative start/stop of one VM (for runStrategy Manual): the manifests are never rewritten."""
+    layout = _layout(args)
+    directory = args.directory or _remembered_dir(layout)
+    if directory is None:
+        raise CliError("no manifest directory given and none applied yet: --manifests DIR")
+    names = frozenset([args.name])
+    options = PlanOptions(start=names) if args.command == "start" else PlanOptions(stop=names)
+    with StateLock(layout.lock, exclusive=True, wait=args.lock_timeout):
+        snap = asyncio.run(_snapshot(directory, layout, False, args.host, options))
+        change = snap.plan.change(args.name)
+        if change is None or args.name not in snap.manifests.vms:
+            raise CliError(f"no VirtualMachine {args.name!r} in {directory}")
+        if change.refusals:
+            raise CliError("; ".join(change.refusals))
+        wanted = StepKind.START if args.command == "start" else StepKind.STOP
+        if not any(step.kind is wanted for step in change.steps):
+            out.print(f"{args.name} is already {'running' if args.command == 'start' else 'stopped'}.")
+            return 0
+        only = snap.plan.model_copy(update={"changes": [change]})
+        result = asyncio.run(Executor(layout, _print_step, {}).run(only))
+    return 0 if result.ok else 1
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     layout = _layout(args)
     options = Options(host=args.host, dry_run=args.dry_run, allow_restart=args.allow_restart,
@@ -411,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resync-interval", type=float, default=30.0, help="full resync period, seconds (default 30)")
     p.add_argument("--debounce-ms", type=int, default=50, help="manifest change debounce (default 50 ms)")
     p.set_defaults(func=cmd_sync)
+
+    for verb in ("start", "stop"):
+        p = sub.add_parser(verb, parents=[common], help=f"{verb} one VM now (for runStrategy Manual)")
+        p.add_argument("name")
+        p.add_argument("--manifests", dest="directory", help="manifest directory (default: the last applied)")
+        p.set_defaults(func=cmd_start_stop)
 
     p = sub.add_parser("events", parents=[common], help="what the sync daemon did, newest last")
     p.add_argument("name", nargs="?")

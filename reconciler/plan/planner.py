@@ -86,6 +86,8 @@ def _dotted(path: Path_) -> str:
 @dataclass(frozen=True)
 class PlanOptions:
     allow_restart: bool = False
+    start: frozenset[str] = frozenset()  # `infinization start NAME`: start it whatever its runStrategy says
+    stop: frozenset[str] = frozenset()  # `infinization stop NAME`
 
 
 @dataclass
@@ -188,12 +190,14 @@ def _plan_vm(
     stop = _stop_step(name, spec.terminationGracePeriodSeconds)
     start = Step(kind=StepKind.START, name=name, summary="start QEMU and wait for its monitor")
 
-    if spec.runStrategy == "Halted" and running:
-        work.reasons.append("runStrategy is Halted and the VM is running")
+    if running and (spec.runStrategy == "Halted" or name in options.stop):
+        work.reasons.append("stopped by `infinization stop`" if name in options.stop else
+                            "runStrategy is Halted and the VM is running")
         steps = [stop, *work.disk_steps, *work.offline_grows]
     elif not running:
         steps = [*work.disk_steps, *work.offline_grows]
-        why_start = _start_reason(spec.runStrategy, record is not None, obs.last_exit)
+        why_start = "started by `infinization start`" if name in options.start else _start_reason(
+            spec.runStrategy, record is not None, obs.last_exit)
         if why_start:
             work.reasons.append(why_start)
             steps.append(start)

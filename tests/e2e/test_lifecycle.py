@@ -179,3 +179,17 @@ def test_restart_needing_change_waits_for_permission(host: Host) -> None:
     assert new_pid != pid
     host.guest("rs").wait_report(lambda r: r.cpus == 2, what="2 cpus")
     assert host.plan_exit() == 0
+
+
+def test_manual_vm_is_started_and_stopped_only_on_request(host: Host) -> None:
+    host.write("m.yaml", vm_manifest("man", run_strategy="Manual"))
+    host.apply()
+    assert host.disk("man", "root").exists() and host.qemu_pids("man") == []
+    assert host.plan_exit() == 0, "a stopped Manual VM is in sync"
+    host.cli("start", "man", "--manifests", str(host.manifests), check=True)
+    host.guest("man").wait_report(lambda r: "vda" in r.disks, what="boot")
+    assert host.plan_exit() == 0, "a running Manual VM is in sync too"
+    before = (host.manifests / "m.yaml").read_text()
+    host.cli("stop", "man", "--manifests", str(host.manifests), check=True)
+    assert host.qemu_pids("man") == []
+    assert (host.manifests / "m.yaml").read_text() == before, "imperative commands never rewrite manifests"

@@ -39,7 +39,9 @@ def test_unquoted_mac_stays_a_string() -> None:
 
 def test_yaml11_booleans_are_not_booleans() -> None:
     errors = errors_of(HEAD + "metadata: {name: a}\nspec:\n  runStrategy: on\n")
-    assert errors == ["f.yaml:5:16: spec.runStrategy: Input should be 'Always', 'RerunOnFailure', 'Manual' or 'Halted' (got 'on')"]
+    assert errors == [
+        "f.yaml:5:16: spec.runStrategy: Input should be 'Always', 'RerunOnFailure', 'Manual' or 'Halted' (got 'on')"
+    ]
 
 
 def test_duplicate_keys_are_rejected_with_both_lines() -> None:
