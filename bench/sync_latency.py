@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -77,7 +78,7 @@ def raw_floor(base: Path, rounds: int) -> tuple[list[float], list[float]]:
                 "-qmp", f"unix:{sock},server=on,wait=off", "-pidfile", str(pidfile), "-daemonize"]
         began = time.monotonic()
         subprocess.run(argv, check=True)
-        wait(lambda: asyncio.run(qmp_running(sock)))
+        wait(lambda s=sock: asyncio.run(qmp_running(s)))
         starts.append(time.monotonic() - began)
         os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
@@ -136,10 +137,8 @@ def infinization(base: Path, rounds: int) -> tuple[list[float], list[float]]:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
         for pidfile in state.glob("vms/*/qemu.pid"):
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pidfile.read_text()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ bash "$ROOT/scripts/setup.sh"
 VENV=${INFZ_VENV:-/opt/infinization/venv}
 cd "$ROOT"
 echo "== ruff"
-"$VENV/bin/ruff" check reconciler tests
+"$VENV/bin/ruff" check reconciler tests bench
 echo "== mypy (strict on spec/ and plan/)"
 "$VENV/bin/mypy" reconciler
 echo "== pytest"
