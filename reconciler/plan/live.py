@@ -8,6 +8,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from reconciler.plan.actions import FieldChange, Mode, Step, StepKind
@@ -55,16 +56,20 @@ def _unplug_note(work: LivePlan, live: LiveState, device: str, what: str) -> str
     return ""
 
 
+def _unplug_removed(work: LivePlan, live: LiveState, present: Iterable[str], wanted: set[str], *,
+                    device: Callable[[str], str], kind: StepKind, label: str, how: str, field: str,
+                    how_field: str) -> None:
+    """An unplug step for every device the VM has and the spec no longer lists."""
+    for name in sorted(set(present) - wanted):
+        note = _unplug_note(work, live, device(name), f"{label} {name}")
+        work.step(work.unplugs, kind, name, f"{label} {name}: unplug ({how}){note}")
+        work.changed(f"{field}[{name}]", "present", None, (field, "*"), how_field)
+
+
 def _disks(work: LivePlan, spec: VirtualMachineSpec, live: LiveState) -> None:
-    wanted = {disk.name: disk for disk in spec.disks}
-    for name, present in sorted(live.disks.items()):
-        if name in wanted:
-            continue
-        note = _unplug_note(work, live, disk_node(name), f"disk {name}")
-        work.step(work.unplugs, StepKind.UNPLUG_DISK, name,
-                  f"disk {name}: unplug (device_del, wait for DEVICE_DELETED, blockdev-del){note}",
-                  device=present.device)
-        work.changed(f"disks[{name}]", "present", None, ("disks", "*"), "unplug; the file is kept")
+    _unplug_removed(work, live, live.disks, {d.name for d in spec.disks}, device=disk_node,
+                    kind=StepKind.UNPLUG_DISK, label="disk", how="device_del, wait for DEVICE_DELETED, blockdev-del",
+                    field="disks", how_field="unplug; the file is kept")
     for disk in spec.disks:
         have = live.disks.get(disk.name)
         if have is None or not have.device:
@@ -80,15 +85,9 @@ def _disks(work: LivePlan, spec: VirtualMachineSpec, live: LiveState) -> None:
 
 
 def _nics(work: LivePlan, vm_name: str, spec: VirtualMachineSpec, live: LiveState) -> None:
-    wanted = {nic.name: nic for nic in spec.networks}
-    for name, present in sorted(live.nics.items()):
-        if name in wanted:
-            continue
-        note = _unplug_note(work, live, nic_device(name), f"NIC {name}")
-        work.step(work.unplugs, StepKind.UNPLUG_NIC, name,
-                  f"NIC {name}: unplug (device_del, wait for DEVICE_DELETED, netdev_del){note}",
-                  device=present.device)
-        work.changed(f"networks[{name}]", "present", None, ("networks", "*"), "unplug")
+    _unplug_removed(work, live, live.nics, {n.name for n in spec.networks}, device=nic_device,
+                    kind=StepKind.UNPLUG_NIC, label="NIC", how="device_del, wait for DEVICE_DELETED, netdev_del",
+                    field="networks", how_field="unplug")
     for nic in spec.networks:
         have = live.nics.get(nic.name)
         mac = nic_mac(vm_name, nic)
@@ -110,11 +109,9 @@ def _nics(work: LivePlan, vm_name: str, spec: VirtualMachineSpec, live: LiveStat
 
 
 def _cdroms(work: LivePlan, spec: VirtualMachineSpec, live: LiveState) -> None:
-    wanted = {cdrom.name: cdrom for cdrom in spec.cdroms}
-    for name in sorted(set(live.cdroms) - set(wanted)):
-        note = _unplug_note(work, live, cdrom_device(name), f"CD-ROM {name}")
-        work.step(work.unplugs, StepKind.UNPLUG_CDROM, name, f"CD-ROM {name}: unplug the drive{note}")
-        work.changed(f"cdroms[{name}]", "present", None, ("cdroms", "*"), "device_del")
+    _unplug_removed(work, live, live.cdroms, {c.name for c in spec.cdroms}, device=cdrom_device,
+                    kind=StepKind.UNPLUG_CDROM, label="CD-ROM", how="device_del", field="cdroms",
+                    how_field="device_del")
     for cdrom in spec.cdroms:
         have = live.cdroms.get(cdrom.name)
         if have is None:
