@@ -34,7 +34,7 @@ from reconciler.runtime.daemon import Options, run_daemon
 from reconciler.runtime.gitrev import revision
 from reconciler.runtime.store import VMStatus, conditions_text, open_readonly
 from reconciler.spec.layout import StateLayout, state_dir_from_env
-from reconciler.spec.loader import ManifestSet, load_directory
+from reconciler.spec.loader import LoadedVM, ManifestSet, Source, load_directory
 from reconciler.spec.models import VirtualMachine
 
 out = Console(highlight=False, soft_wrap=True)
@@ -68,8 +68,19 @@ def _load(directory: str) -> ManifestSet:
 
 
 async def _snapshot(directory: str, layout: StateLayout, allow_restart: bool, host: str | None = None,
-                    options: PlanOptions | None = None) -> Snapshot:
-    manifests = _load(directory)
+                    options: PlanOptions | None = None, tolerate_errors: bool = False) -> Snapshot:
+    if tolerate_errors:
+        manifests = load_directory(directory)
+        for error in manifests.errors:
+            err.print(f"[yellow]warning:[/] {escape(str(error))}")
+        if manifests.errors:
+            # Status must still work with a broken file: show its VMs against their last applied spec.
+            records = read_records(layout)
+            for name, record in records.items():
+                if name not in manifests.vms and (record.source in manifests.failed_files or not record.source):
+                    manifests.vms[name] = LoadedVM(record.vm, Source(record.source or "?", 0))
+    else:
+        manifests = _load(directory)
     # A VM belongs to the host its spec names (none: hosts run without --host).
     desired = {name: loaded.vm for name, loaded in manifests.vms.items() if loaded.vm.spec.host == host}
     try:
@@ -151,8 +162,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     saved = None if target.is_dir() else _read_saved_plan(target)
     directory = saved.manifest_dir if saved else args.target
     allow_restart = saved.allow_restart if saved else args.allow_restart
+    _refuse_if_daemon_runs(layout)
     with StateLock(layout.lock, exclusive=True, wait=args.lock_timeout):
         snap = asyncio.run(_snapshot(directory, layout, allow_restart, args.host))
+        _refuse_empty_directory(snap, args.allow_empty)
         if saved is not None:
             _check_fresh(saved, snap.plan, layout)
         out.print(render_plan(snap.plan), end="")
@@ -185,6 +198,23 @@ def cmd_apply(args: argparse.Namespace) -> int:
         out.print(summary_line(after.plan))
         return 1 if after.plan.refused else 0
     return 0
+
+
+def _refuse_if_daemon_runs(layout: StateLayout) -> None:
+    try:
+        with StateLock(layout.daemon_lock, exclusive=True, wait=0):
+            pass
+    except LockTimeout as exc:
+        raise CliError(f"a sync daemon runs on {layout.root}: it applies the manifests itself "
+                       "(stop it first to apply by hand)") from exc
+
+
+def _refuse_empty_directory(snap: Snapshot, allowed: bool) -> None:
+    """A directory without any manifest is far more often a wrong path or a checkout in progress than a
+    wish to delete every VM: that needs --allow-empty."""
+    if not snap.manifests.files and snap.records and not allowed:
+        raise CliError(f"{snap.manifests.directory} holds no manifests: refusing to delete all "
+                       f"{len(snap.records)} VM(s); pass --allow-empty if that is what you want")
 
 
 def _check_fresh(saved: Plan, current: Plan, layout: StateLayout) -> None:
@@ -273,7 +303,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     directory = args.directory or _remembered_dir(layout)
     if directory is None:
         raise CliError("no manifest directory given and none applied yet: infinization status DIR")
-    snap = asyncio.run(_snapshot(directory, layout, allow_restart=False, host=args.host))
+    snap = asyncio.run(_snapshot(directory, layout, allow_restart=False, host=args.host, tolerate_errors=True))
     rows = status_rows(snap, _daemon_status(layout, args.host))
     if args.json:
         print(json.dumps({"format_version": 1, "manifests": directory, "vms": rows,
@@ -420,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="DIR|PLANFILE")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     p.add_argument("--allow-restart", action="store_true", help="restart VMs whose changes need it")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="allow an empty manifest directory to delete every VM")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("status", parents=[common], help="list VMs, their phase and whether they match")

@@ -199,12 +199,13 @@ def _subnet(address: str | None) -> str:
 
 
 def tap_repairs(
-    vm: VirtualMachine, networks: Mapping[str, Network], observed: ObservedState
-) -> tuple[list[Step], list[FieldChange]]:
-    """For a running VM: TAPs detached from their bridge or down are re-attached live; a gone TAP needs a
-    restart (its file descriptor belonged to QEMU)."""
+    vm: VirtualMachine, networks: Mapping[str, Network], observed: ObservedState, plugged: set[str]
+) -> tuple[list[Step], list[FieldChange], list[str]]:
+    """For a running VM: TAPs detached from their bridge or down are re-attached live; the TAP of a
+    plugged NIC (``plugged``) that is gone needs a restart (its file descriptor belonged to QEMU)."""
     steps: list[Step] = []
     fields: list[FieldChange] = []
+    causes: list[str] = []
     for nic in vm.spec.networks:
         if nic.type != "bridge":
             continue
@@ -212,7 +213,10 @@ def tap_repairs(
         link = observed.host.links.get(tap)
         bridge = nic_bridge(nic, networks)
         if link is None:
-            continue  # not plugged (yet): the NIC's hot-plug creates it; or gone: reported by live state
+            if nic.name in plugged:
+                causes.append(f"networks[{nic.name}]: TAP {tap} is gone (deleted by hand?); only a new QEMU "
+                              "can get a new one")
+            continue  # not plugged yet: the NIC's hot-plug creates it
         if link.master != bridge or not link.up:
             what = f"on {link.master or 'no bridge'}" if link.master != bridge else "down"
             steps.append(Step(kind=StepKind.REPAIR_TAP, name=vm.name, target=nic.name,
@@ -220,4 +224,4 @@ def tap_repairs(
                               args={"tap": tap, "bridge": bridge}))
             fields.append(FieldChange(path=f"networks[{nic.name}].tap", before=link.master, after=bridge,
                                       mode=Mode.LIVE, how="netlink: set master, up"))
-    return steps, fields
+    return steps, fields, causes

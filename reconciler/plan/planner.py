@@ -163,9 +163,14 @@ def _plan_vm(
         _plan_disk(work, disk, obs.disks.get(disk.name), observed, layout, running, disk.name in attached)
 
     live_plan: LivePlan | None = None
+    repairs: list[Step] = []
     if running:
         assert obs.process is not None
         live_plan = _running_vm(work, spec, obs.process)
+        plugged = {nic for nic, state in live.nics.items() if state.device} if live else set()
+        repairs, repair_fields, tap_causes = tap_repairs(desired, networks, observed, plugged)
+        work.fields += repair_fields
+        work.restart_causes += tap_causes
 
     # The record is rewritten when something else happens, or when a field that is only recorded
     # (labels, deletePolicy...) changed; a pending restart alone does not rewrite it.
@@ -209,8 +214,7 @@ def _plan_vm(
         action = Action.RESTART
     else:
         assert live_plan is not None
-        repairs, repair_fields = tap_repairs(desired, networks, observed)
-        work.fields += live_plan.fields + repair_fields
+        work.fields += live_plan.fields
         steps = [*live_plan.unplugs, *work.disk_steps, *work.offline_grows, *work.live_grows, *repairs,
                  *live_plan.plugs, *live_plan.settings]
         pending = list(work.restart_causes)

@@ -102,6 +102,12 @@ class SyncDaemon:
         """Re-read the manifests; keep the last good state of anything in a file that fails. Return the keys
         whose desired state changed."""
         manifests = load_directory(self.directory)
+        if not manifests.files and self.state.vms:
+            # An empty directory is a wrong mount or a checkout in progress far more often than a wish to
+            # delete every VM: keep everything and say so.
+            log.error("the manifest directory holds no manifests; keeping the last good desired state")
+            self.store.event("-", "manifest", "error", f"{self.directory} holds no manifests: nothing deleted")
+            return set()
         failed = manifests.failed_files
         metrics.MANIFEST_ERRORS.set(len(manifests.errors))
         old = self.state

@@ -103,6 +103,21 @@ def test_invalid_manifest_changes_nothing(host: Host) -> None:
     assert host.apply(check=False).returncode == 1
     assert host.qemu_pids("keep") == [pid]
 
+    # status still works with a broken file: the VM is shown with its last applied spec.
+    status = host.cli("status", "--json", str(host.manifests))
+    assert status.returncode == 0 and "warning:" in status.stderr
+    rows = {row["name"]: row for row in json.loads(status.stdout)["vms"]}
+    assert rows["keep"]["phase"] == "Running" and rows["keep"]["action"] is None
+
+    # A directory with no manifest at all is refused unless --allow-empty.
+    for path in host.manifests.iterdir():
+        path.unlink()
+    refused = host.apply(check=False)
+    assert refused.returncode == 1 and "holds no manifests" in refused.stderr
+    assert host.qemu_pids("keep") == [pid]
+    host.apply("--allow-empty")
+    assert host.qemu_pids("keep") == []
+
 
 def test_delete_policy_only_deletes_disks_we_created(host: Host) -> None:
     # A file already at the disk's path was not created by us: kept even with deletePolicy Delete.

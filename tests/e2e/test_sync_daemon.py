@@ -68,6 +68,10 @@ def test_daemon_converges_on_file_changes_and_crashes(host: Host) -> None:
         assert _pid(host, "a") == new
         host.wait_for(lambda: "ManifestInvalid" in _store_conditions(host, "a"), "ManifestInvalid in the store")
 
+        # While the daemon runs, a manual apply is refused at once, with the reason.
+        manual = host.apply(check=False)
+        assert manual.returncode == 1 and "a sync daemon runs" in manual.stderr
+
         # Stopping the daemon leaves the VM running; a new daemon re-attaches without restarting it.
         assert host.stop_sync(daemon) == 0
         assert _pid(host, "a") == new
