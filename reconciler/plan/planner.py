@@ -167,7 +167,11 @@ def _plan_vm(
     if running:
         assert obs.process is not None
         live_plan = _running_vm(work, spec, obs.process)
-        plugged = {nic for nic, state in live.nics.items() if state.device} if live else set()
+        # NICs that are plugged and were bridged when plugged (per the launch or last-applied spec).
+        before = [*(obs.process.launched.networks if obs.process.launched else []),
+                  *(record.vm.spec.networks if record else [])]
+        bridged = {nic.name for nic in before if nic.type == "bridge"}
+        plugged = {nic for nic, state in live.nics.items() if state.device and nic in bridged} if live else set()
         repairs, repair_fields, tap_causes = tap_repairs(desired, networks, observed, plugged)
         work.fields += repair_fields
         work.restart_causes += tap_causes
