@@ -28,7 +28,7 @@ def test_interrupted_create_converges(host: Host, step: str, moment: str) -> Non
     assert leftovers == []
     # Deleting it afterwards leaves no process behind either.
     (host.manifests / "c.yaml").unlink()
-    host.apply()
+    host.apply("--allow-empty")
     assert host.qemu_pids("crash") == []
     assert not (host.state / "vms" / "crash").exists()
 
@@ -40,10 +40,11 @@ def test_interrupted_delete_converges(host: Host, point: str) -> None:
                                                   "    - {name: kept, size: 16Mi}"))
     host.apply()
     (host.manifests / "d.yaml").unlink()
-    crashed = host.cli("apply", str(host.manifests), "--yes", env=host.env(**{CRASH_ENV: point}))
+    crashed = host.cli("apply", str(host.manifests), "--yes", "--allow-empty",
+                       env=host.env(**{CRASH_ENV: point}))
     assert crashed.returncode == -9, crashed.stderr
 
-    host.apply()
+    host.apply("--allow-empty")
     assert host.qemu_pids("gone") == []
     assert not (host.state / "vms" / "gone").exists()
     assert not host.disk("gone", "root").exists()

@@ -24,7 +24,7 @@ def test_example_halted_then_removed(host: Host) -> None:
     assert host.qemu_pids("ex-halted") == []
     assert host.disk("ex-halted", "scratch").exists() and host.disk("ex-halted", "root").exists()
     (host.manifests / "vm.yaml").unlink()
-    host.apply()
+    host.apply("--allow-empty")
     assert not host.disk("ex-halted", "scratch").exists()
     assert host.disk("ex-halted", "root").exists()
 

@@ -59,7 +59,7 @@ def test_create_grow_halt_delete(host: Host) -> None:
     # Removing the manifest deletes the VM but keeps its disk (deletePolicy defaults to Retain).
     (host.manifests / "demo.yaml").unlink()
     assert host.plan_exit() == 2
-    host.apply()
+    host.apply("--allow-empty")
     assert not (host.state / "vms" / "demo").exists()
     assert host.disk("demo", "root").exists()
     assert host.plan_exit() == 0
@@ -132,7 +132,7 @@ def test_delete_policy_only_deletes_disks_we_created(host: Host) -> None:
     (host.manifests / "pol.yaml").unlink()
     plan = host.cli("plan", str(host.manifests), check=True).stdout
     assert "deletePolicy: Delete" in plan
-    host.apply()
+    host.apply("--allow-empty")
     assert not host.disk("pol", "root").exists()
     assert host.disk("pol", "mine").exists(), "a disk we did not create must never be deleted"
     assert host.disk("pol", "keep").exists()
