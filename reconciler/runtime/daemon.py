@@ -24,16 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from qemu.qmp import QMPClient
+from qemu.qmp import QMPClient, Runstate
 from watchfiles import awatch
 
 from reconciler.apply.executor import Executor, StepResult
 from reconciler.apply.files import write_atomic
 from reconciler.apply.lock import StateLock
 from reconciler.observe import processes
-from reconciler.observe.records import read_records
+from reconciler.observe.records import read_exit, read_records
 from reconciler.observe.snapshot import observe
 from reconciler.plan.actions import Change, Plan, StepKind
+from reconciler.plan.observed import ObservedState
 from reconciler.plan.planner import PlanOptions, plan
 from reconciler.runtime import metrics
 from reconciler.runtime.gitrev import revision
@@ -156,7 +157,7 @@ class SyncDaemon:
         self._failures[key] = failures
         return float(min(60, 2 ** (failures - 1)))
 
-    async def _snapshot(self, only: set[str]) -> Plan:
+    async def _snapshot(self, only: set[str]) -> tuple[Plan, ObservedState]:
         desired = {name: loaded.vm for name, loaded in self.state.vms.items()}
         networks = {name: loaded.network for name, loaded in self.state.networks.items()}
         records = read_records(self.layout)
@@ -164,18 +165,18 @@ class SyncDaemon:
         observed = await observe(self.layout, desired, records, networks, only=only)
         result = plan(desired, observed, records, networks=networks, manifest_dir=str(self.directory),
                       options=PlanOptions(allow_restart=self.options.allow_restart))
-        self._observed = observed
-        return result
+        # Returned, never stored on self: reconciles of different keys run concurrently.
+        return result, observed
 
     async def _reconcile_once(self, key: str) -> float | None:
         began = time.monotonic()
         only = set() if key == HOST else {key}
-        current = await self._snapshot(only)
+        current, observed = await self._snapshot(only)
         host_changes = [c for c in current.changes if c.resource != "VirtualMachine" and c.steps]
         vm_change = current.change(key) if key != HOST else None
         if vm_change is not None and vm_change.resource != "VirtualMachine":
             vm_change = None
-        delay = self._crash_loop_delay(key, vm_change)
+        delay = self._crash_loop_delay(key, vm_change, observed)
         if delay is not None:
             vm_change = None
         work = [c for c in [*host_changes, vm_change] if c is not None and c.steps]
@@ -219,11 +220,11 @@ class SyncDaemon:
             ok = (await executor.run(current.model_copy(update={"changes": vm_part}))).ok
         return ok
 
-    def _crash_loop_delay(self, key: str, change: Change | None) -> float | None:
+    def _crash_loop_delay(self, key: str, change: Change | None, observed: ObservedState) -> float | None:
         """Restarts after failures are rate-limited: past CRASH_LIMIT within CRASH_WINDOW, wait longer."""
         if change is None or not any(step.kind is StepKind.START for step in change.steps):
             return None
-        if self._observed.vm(key).last_exit not in FAILURES:
+        if observed.vm(key).last_exit not in FAILURES:
             return None
         now = time.monotonic()
         recent = [t for t in self.restarts.get(key, []) if now - t < CRASH_WINDOW]
@@ -238,9 +239,9 @@ class SyncDaemon:
         return None
 
     async def _report(self, name: str, seconds: float, failed: bool, backoff: float | None) -> None:
-        after = await self._snapshot({name})
+        after, observed = await self._snapshot({name})
         change = after.change(name)
-        vm = self._observed.vm(name)
+        vm = observed.vm(name)
         if name not in self.state.vms and (change is None or not change.steps) and vm.process is None:
             self.store.forget(name)
             self._stop_listener(name)
@@ -303,24 +304,35 @@ class SyncDaemon:
         assert self.loop is not None
         self.loop.add_reader(pidfd, exited.set)
         try:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(client.connect(str(paths.events)), 5)
+            except Exception as exc:  # still watch the process; events of this QEMU are lost, say so
+                log.warning("cannot follow QMP events", vm=name, pid=pid, error=repr(exc))
+
+            def record_exit(reason: dict[str, Any]) -> None:
+                # Not once the pidfile names another QEMU: a late write would describe the new one by its
+                # predecessor's exit. (QEMU removes its pidfile when it exits cleanly: None is fine.)
+                if processes.read_pidfile(paths.pidfile) in (None, pid):
+                    write_atomic(paths.exit, json.dumps(reason))
+
+            def handle(event: Any) -> None:
+                nonlocal shutdown
+                client.events._history.clear()  # qemu.qmp keeps every event forever otherwise
+                kind = str(event["event"])
+                data: dict[str, Any] = dict(event.get("data", {}))
+                if kind == "SHUTDOWN":
+                    shutdown = data
+                    reason = data.get("reason", "")
+                    record_exit({"reason": reason, "guest": data.get("guest")})
+                elif kind == "GUEST_PANICKED":
+                    record_exit({"reason": "guest-panicked"})
+                if kind in RELEVANT_EVENTS:
+                    self.store.event(name, "qmp-event", "info", f"{kind} {json.dumps(data)}")
+                    self.queue.add(name)
 
             async def events() -> None:
-                nonlocal shutdown
                 async for event in client.events:
-                    client.events._history.clear()  # qemu.qmp keeps every event forever otherwise
-                    kind = str(event["event"])
-                    data: dict[str, Any] = dict(event.get("data", {}))  # type: ignore[call-overload]
-                    if kind == "SHUTDOWN":
-                        shutdown = data
-                        reason = data.get("reason", "")
-                        write_atomic(paths.exit, json.dumps({"reason": reason, "guest": data.get("guest")}))
-                    elif kind == "GUEST_PANICKED":
-                        write_atomic(paths.exit, json.dumps({"reason": "guest-panicked"}))
-                    if kind in RELEVANT_EVENTS:
-                        self.store.event(name, "qmp-event", "info", f"{kind} {json.dumps(data)}")
-                        self.queue.add(name)
+                    handle(event)
 
             watcher = asyncio.create_task(events())
             ended = asyncio.create_task(exited.wait())
@@ -331,8 +343,17 @@ class SyncDaemon:
             await asyncio.gather(watcher, ended, stopped, return_exceptions=True)
             if not exited.is_set():
                 return  # the daemon is stopping or moved on to a new QEMU: the VM is not our concern here
+            # The process can be gone before its last events (SHUTDOWN) were handled: let the client read
+            # to the end of the stream, then handle what is still queued, before calling it a crash.
+            deadline = time.monotonic() + 2
+            while client.runstate == Runstate.RUNNING and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            for event in client.events.clear():
+                handle(event)
+            if shutdown is None and paths.exit.exists():
+                shutdown = {"reason": read_exit(paths.exit)}  # recorded for this run already: not a crash
             if shutdown is None:
-                write_atomic(paths.exit, json.dumps({"reason": "crash"}))
+                record_exit({"reason": "crash"})
                 self.store.event(name, "process-exit", "failure", f"QEMU pid {pid} exited without a shutdown")
             else:
                 self.store.event(name, "process-exit", "info", f"QEMU pid {pid} exited ({shutdown.get('reason')})")

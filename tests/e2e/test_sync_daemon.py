@@ -103,10 +103,13 @@ def test_rerun_on_failure_restarts_crashes_not_clean_shutdowns(host: Host) -> No
 
         _powerdown(host, "r")  # the guest powers itself off cleanly (ACPI)
         assert wait_gone(int(str(pid2)), timeout=30)
-        host.wait_for(lambda: any(e["kind"] == "process-exit" and "guest-shutdown" in str(e["message"])
-                                  for e in host.events("r")), "the clean exit event")
-        host.wait_for(lambda: json.loads(host.cli("status", "--json", str(host.manifests)).stdout)["vms"][0]
-                      ["phase"] == "Stopped", "status Stopped")
+        try:
+            host.wait_for(lambda: any(e["kind"] == "process-exit" and "guest-shutdown" in str(e["message"])
+                                      for e in host.events("r")), "the clean exit event")
+            host.wait_for(lambda: json.loads(host.cli("status", "--json", str(host.manifests)).stdout)["vms"][0]
+                          ["phase"] == "Stopped", "status Stopped", timeout=20)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; events: {host.events('r')}") from exc
         assert host.qemu_pids("r") == [], "a clean guest shutdown is not restarted"
         exit_record = json.loads(Path(host.state / "vms/r/exit.json").read_text())
         assert exit_record["reason"] == "guest-shutdown"
