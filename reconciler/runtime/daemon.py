@@ -244,7 +244,6 @@ class SyncDaemon:
         vm = observed.vm(name)
         if name not in self.state.vms and (change is None or not change.steps) and vm.process is None:
             self.store.forget(name)
-            self._stop_listener(name)
             return
         conditions: dict[str, str] = {}
         in_sync = change is None or not (change.steps or change.pending_restart or change.refusals)
@@ -269,14 +268,18 @@ class SyncDaemon:
                                        result="failed" if failed else "ok"))
         if vm.process is not None:
             self._ensure_listener(name, vm.process.pid)
-        else:
-            self._stop_listener(name)
+        # No process seen: the listener is left alone. It ends by itself when its QEMU exits (pidfd), and
+        # stopping it on a momentary miss (a QEMU that is exiting has an empty /proc cmdline) would let a
+        # second listener for the same QEMU start and report its exit again, without its SHUTDOWN.
 
     # -- QMP event listeners -----------------------------------------------------------------------
 
     def _ensure_listener(self, name: str, pid: int) -> None:
         current = self.listeners.get(name)
-        if current is not None and current.pid == pid and not current.task.done():
+        if current is not None and current.pid == pid:
+            # One listener per QEMU, ever: even a finished one is not replaced. A QEMU that is exiting can
+            # still look alive in /proc for a moment after its pidfd fired; a second listener would then
+            # report the same exit again, without its SHUTDOWN.
             return
         self._stop_listener(name)
         stop = asyncio.Event()

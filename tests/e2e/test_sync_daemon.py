@@ -111,6 +111,8 @@ def test_rerun_on_failure_restarts_crashes_not_clean_shutdowns(host: Host) -> No
         except AssertionError as exc:
             raise AssertionError(f"{exc}; events: {host.events('r')}") from exc
         assert host.qemu_pids("r") == [], "a clean guest shutdown is not restarted"
+        exits = [e for e in host.events("r") if e["kind"] == "process-exit" and f"pid {pid2} " in str(e["message"])]
+        assert len(exits) == 1, f"one exit report per QEMU, got {exits}"
         exit_record = json.loads(Path(host.state / "vms/r/exit.json").read_text())
         assert exit_record["reason"] == "guest-shutdown"
     finally:
