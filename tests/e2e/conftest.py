@@ -29,6 +29,15 @@ def guest_image() -> Path:
     return GUEST_DIR
 
 
+def _clean_up(h: Host) -> None:
+    """Kill what the test started, and fail if anything survives (a leak is a defect)."""
+    h.kill_all()
+    deadline = time.monotonic() + 10
+    while (left := h.leftover_processes()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"processes left behind by the test: {left}"
+
+
 @pytest.fixture
 def host(guest_image: Path) -> Iterator[Host]:
     # A short path: QMP socket paths must stay under 107 bytes.
@@ -37,7 +46,7 @@ def host(guest_image: Path) -> Iterator[Host]:
     try:
         yield h
     finally:
-        h.kill_all()
+        _clean_up(h)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -53,7 +62,7 @@ def net_host(guest_image: Path) -> Iterator[Host]:
     try:
         yield h
     finally:
-        h.kill_all()
+        _clean_up(h)
         subprocess.run(["ip", "netns", "del", netns], check=False)
         shutil.rmtree(base, ignore_errors=True)
 

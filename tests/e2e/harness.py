@@ -171,18 +171,34 @@ class Host:
         return Guest(self.state / "vms" / vm / "serial.log")
 
     def kill_all(self) -> None:
-        """Test clean-up: SIGKILL every QEMU started under this state dir."""
-        needle = str(self.state).encode()
+        """Test clean-up: SIGKILL every process started for this host (QEMU, dnsmasq, a sync daemon):
+        whatever names this host's folder on its command line."""
+        needle = str(self.base).encode()
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             try:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"qemu-system" in cmdline.split(b"\0")[0] and needle in cmdline:
+            if needle in cmdline:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(entry.name), signal.SIGKILL)
+
+    def leftover_processes(self) -> list[int]:
+        """Live (not zombie) processes that still name this host's folder."""
+        needle, found = str(self.base).encode(), []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if needle in cmdline and state not in ("Z", "X"):
+                found.append(int(entry.name))
+        return found
 
 
 class Guest:
