@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from reconciler.observe.monitor import Monitor, MonitorError
+from reconciler.observe.monitor import Monitor
 from reconciler.observe.records import LiveRecord
 from reconciler.plan.observed import LiveCdrom, LiveDisk, LiveNic, LiveState
 from reconciler.spec.models import VirtualMachineSpec
@@ -94,5 +94,3 @@ async def observe_live(qmp: Monitor, launched: VirtualMachineSpec | None, record
         pending_unplugs=sorted(device for device in record.unplugs if device in devices),
     )
 
-
-__all__ = ["MonitorError", "free_spare_ports", "observe_live", "peripheral_ids"]

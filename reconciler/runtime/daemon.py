@@ -445,6 +445,3 @@ def run_daemon(directory: Path, layout: StateLayout, options: Options, database_
         finally:
             store.close()
     return 0
-
-
-__all__ = ["HOST", "Options", "SyncDaemon", "processes", "run_daemon"]

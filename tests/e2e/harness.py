@@ -96,20 +96,22 @@ class Host:
         env.update(extra)
         return env
 
+    def _prefix(self) -> list[str]:
+        """Run inside this host's network namespace, when it has one."""
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
+
     def cli(self, *args: str, check: bool = False, env: dict[str, str] | None = None,
             timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
-        done = subprocess.run([*prefix, sys.executable, "-m", "reconciler", *args], capture_output=True, text=True,
-                              env=env or self.env(), timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+        done = subprocess.run([*self._prefix(), sys.executable, "-m", "reconciler", *args], capture_output=True,
+                              text=True, env=env or self.env(), timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
         if check and done.returncode != 0:
             raise AssertionError(f"infinization {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}")
         return done
 
     def start_sync(self, *extra: str, log_name: str = "sync.log") -> subprocess.Popen[bytes]:
         """Start `infinization sync` on this host's manifests in the background (stop it with stop_sync)."""
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         with open(self.base / log_name, "ab") as log:  # the child keeps its own copy of the fd
-            return subprocess.Popen([*prefix, sys.executable, "-m", "reconciler", "sync", str(self.manifests),
+            return subprocess.Popen([*self._prefix(), sys.executable, "-m", "reconciler", "sync", str(self.manifests),
                                      "--metrics-address", "none", "--resync-interval", "5", *extra],
                                     env=self.env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
@@ -154,18 +156,7 @@ class Host:
     def qemu_pids(self, vm: str) -> list[int]:
         """Every live process whose cmdline names this VM's pidfile (whatever any pidfile says)."""
         needle = str(self.pidfile(vm)).encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if needle in cmdline.split(b"\0") and state not in ("Z", "X"):
-                found.append(int(entry.name))
-        return found
+        return live_processes(lambda cmdline: needle in cmdline.split(b"\0"))
 
     def guest(self, vm: str) -> Guest:
         return Guest(self.state / "vms" / vm / "serial.log")
@@ -173,32 +164,30 @@ class Host:
     def kill_all(self) -> None:
         """Test clean-up: SIGKILL every process started for this host (QEMU, dnsmasq, a sync daemon):
         whatever names this host's folder on its command line."""
-        needle = str(self.base).encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if needle in cmdline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry.name), signal.SIGKILL)
+        for pid in self.leftover_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def leftover_processes(self) -> list[int]:
         """Live (not zombie) processes that still name this host's folder."""
-        needle, found = str(self.base).encode(), []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if needle in cmdline and state not in ("Z", "X"):
-                found.append(int(entry.name))
-        return found
+        needle = str(self.base).encode()
+        return live_processes(lambda cmdline: needle in cmdline)
+
+
+def live_processes(match: Callable[[bytes], bool]) -> list[int]:
+    """PIDs of live (not zombie) processes, other than this one, whose raw /proc cmdline ``match``es."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if match(cmdline) and state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
 
 
 class Guest:
