@@ -33,7 +33,7 @@ from reconciler.apply.lock import StateLock
 from reconciler.observe import processes
 from reconciler.observe.records import read_exit, read_records
 from reconciler.observe.snapshot import observe
-from reconciler.plan.actions import Change, Plan, StepKind
+from reconciler.plan.actions import Action, Change, Plan, StepKind
 from reconciler.plan.observed import ObservedState
 from reconciler.plan.planner import PlanOptions, plan
 from reconciler.runtime import metrics
@@ -224,7 +224,11 @@ class SyncDaemon:
         """Restarts after failures are rate-limited: past CRASH_LIMIT within CRASH_WINDOW, wait longer."""
         if change is None or not any(step.kind is StepKind.START for step in change.steps):
             return None
-        if observed.vm(key).last_exit not in FAILURES:
+        last_exit = observed.vm(key).last_exit
+        # A reconcile can run before the exit listener has written exit.json (a resync, an event of the
+        # dying QEMU): an unknown end of a VM we already ran counts as a failure here.
+        unknown = last_exit is None and change.action is not Action.CREATE
+        if last_exit not in FAILURES and not unknown:
             return None
         now = time.monotonic()
         recent = [t for t in self.restarts.get(key, []) if now - t < CRASH_WINDOW]
