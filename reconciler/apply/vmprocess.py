@@ -75,14 +75,18 @@ async def start(paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str], vho
     if process is None:
         raise StepFailed("QEMU exited right after starting (see `infinization logs`)")
     paths.exit.unlink(missing_ok=True)  # a new run: how the previous one ended no longer matters
-    await _wait_running(paths.qmp)
+    await _wait_running(paths.qmp, process.pid)
     return f"started, pid {process.pid}"
 
 
-async def _wait_running(socket: Path) -> None:
+async def _wait_running(socket: Path, pid: int) -> None:
+    """Wait for the guest to run; fail at once if its QEMU dies meanwhile (killed, or crashed while
+    loading), rather than knocking on a dead monitor's socket until the deadline."""
     deadline = time.monotonic() + READY_TIMEOUT
     last = ""
     while time.monotonic() < deadline:
+        if not processes.is_alive(pid):
+            raise StepFailed(f"QEMU pid {pid} exited before its guest ran (see `infinization logs`)")
         try:
             async with monitor.session(socket) as qmp:
                 status = (await qmp.execute("query-status")).get("status", "")

@@ -30,6 +30,28 @@ def guest_image() -> Path:
     return GUEST_DIR
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[_FAILED] = report.failed
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+def _show_logs(h: Host) -> None:
+    """After a failure, print the daemon logs of the test's host: CI keeps only what the run printed."""
+    for log in sorted(h.base.glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        print(f"--- {log} (last 80 of {len(lines)} lines)")
+        print("\n".join(lines[-80:]))
+    if h.state.exists():
+        print("--- events")
+        print(h.cli("events", "--limit", "60").stdout)
+
+
 def _clean_up(h: Host) -> None:
     """Kill what the test started, and fail if anything survives (a leak is a defect)."""
     h.kill_all()
@@ -40,19 +62,21 @@ def _clean_up(h: Host) -> None:
 
 
 @pytest.fixture
-def host(guest_image: Path) -> Iterator[Host]:
+def host(guest_image: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
     # A short path: QMP socket paths must stay under 107 bytes.
     base = Path(tempfile.mkdtemp(prefix="infz-", dir="/tmp"))
     h = Host(base)
     try:
         yield h
     finally:
+        if request.node.stash.get(_FAILED, False):
+            _show_logs(h)
         _clean_up(h)
         shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
-def net_host(guest_image: Path) -> Iterator[Host]:
+def net_host(guest_image: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
     """A Host whose reconciler runs in its own network namespace: bridges, TAPs, nftables and ip_forward
     stay inside it, and deleting the namespace removes them all."""
     netns = f"infz-{uuid.uuid4().hex[:8]}"
@@ -63,6 +87,8 @@ def net_host(guest_image: Path) -> Iterator[Host]:
     try:
         yield h
     finally:
+        if request.node.stash.get(_FAILED, False):
+            _show_logs(h)
         _clean_up(h)
         subprocess.run(["ip", "netns", "del", netns], check=False)
         shutil.rmtree(base, ignore_errors=True)
