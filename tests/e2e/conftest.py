@@ -52,8 +52,10 @@ def _show_logs(h: Host) -> None:
         print(h.cli("events", "--limit", "60").stdout)
 
 
-def _clean_up(h: Host) -> None:
+def _clean_up(h: Host, request: pytest.FixtureRequest) -> None:
     """Kill what the test started, and fail if anything survives (a leak is a defect)."""
+    if request.node.stash.get(_FAILED, False):
+        _show_logs(h)
     h.kill_all()
     deadline = time.monotonic() + 10
     while (left := h.leftover_processes()) and time.monotonic() < deadline:
@@ -69,9 +71,7 @@ def host(guest_image: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
     try:
         yield h
     finally:
-        if request.node.stash.get(_FAILED, False):
-            _show_logs(h)
-        _clean_up(h)
+        _clean_up(h, request)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -87,9 +87,7 @@ def net_host(guest_image: Path, request: pytest.FixtureRequest) -> Iterator[Host
     try:
         yield h
     finally:
-        if request.node.stash.get(_FAILED, False):
-            _show_logs(h)
-        _clean_up(h)
+        _clean_up(h, request)
         subprocess.run(["ip", "netns", "del", netns], check=False)
         shutil.rmtree(base, ignore_errors=True)
 
