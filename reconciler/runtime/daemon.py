@@ -37,7 +37,7 @@ from reconciler.plan.actions import Action, Change, Plan, StepKind
 from reconciler.plan.observed import ObservedState
 from reconciler.plan.planner import PlanOptions, plan
 from reconciler.runtime import metrics
-from reconciler.runtime.gitrev import revision
+from reconciler.runtime.gitrev import operation_in_progress, revision
 from reconciler.runtime.queue import WorkQueue
 from reconciler.runtime.store import Store, VMStatus
 from reconciler.spec.layout import StateLayout
@@ -49,6 +49,7 @@ RELEVANT_EVENTS = {"SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED", "DEV
 FAILURES = {"crash", "guest-panicked"}
 CRASH_WINDOW = 120.0
 CRASH_LIMIT = 3
+GIT_WAIT = 120.0  # a git operation holding index.lock longer than this is taken as a stale lock
 
 log = structlog.get_logger("infinization.sync")
 
@@ -138,6 +139,25 @@ class SyncDaemon:
         if {n: net.network for n, net in networks.items()} != {n: net.network for n, net in old.networks.items()}:
             changed |= {HOST, *vms}
         return changed
+
+    async def _wait_for_git(self) -> None:
+        """Act only on a complete tree: while git rewrites the directory (checkout, pull), wait for it."""
+        if not await asyncio.to_thread(operation_in_progress, self.directory):
+            return
+        log.info("a git operation is rewriting the manifests; waiting for it to finish")
+        self.store.event("-", "manifest", "waiting", "a git operation is in progress (index.lock): the manifests "
+                         "are read once it finishes")
+        deadline = time.monotonic() + GIT_WAIT
+        while await asyncio.to_thread(operation_in_progress, self.directory):
+            if time.monotonic() > deadline:
+                log.warning("git's index.lock is still there; reading the manifests anyway", seconds=GIT_WAIT)
+                self.store.event("-", "manifest", "error", f"index.lock held for over {GIT_WAIT:g}s: stale? "
+                                 "reading the manifests anyway")
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), 0.05)
+            if self.stopping.is_set():
+                return
 
     # -- reconcile ---------------------------------------------------------------------------------
 
@@ -253,6 +273,8 @@ class SyncDaemon:
         in_sync = change is None or not (change.steps or change.pending_restart or change.refusals)
         if in_sync and not failed:
             conditions["Ready"] = ""
+        if change is not None and change.steps:  # still different after this reconcile (dry run, failure, backoff)
+            conditions["Drifted"] = f"{change.action.value}: " + "; ".join(step.summary for step in change.steps)
         if change is not None and change.pending_restart:
             conditions["RestartRequired"] = "; ".join(change.pending_restart)
         if change is not None and change.refusals:
@@ -376,6 +398,7 @@ class SyncDaemon:
     async def _watch_files(self) -> None:
         async for _changes in awatch(self.directory, debounce=self.options.debounce_ms, step=20,
                                      stop_event=self.stopping, recursive=True):
+            await self._wait_for_git()
             for key in sorted(self.load()):
                 self.queue.add(key)
 
@@ -385,6 +408,7 @@ class SyncDaemon:
                 await asyncio.wait_for(self.stopping.wait(), self.options.resync_seconds)
             if self.stopping.is_set():
                 return
+            await self._wait_for_git()
             self.load()
             self._enqueue_all()
 
@@ -419,6 +443,7 @@ class SyncDaemon:
         self.loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
+        await self._wait_for_git()
         self.load()
         log.info("sync started", manifests=str(self.directory), state=str(self.layout.root),
                  host=self.options.host, dry_run=self.options.dry_run, revision=self.state.revision)

@@ -1,4 +1,5 @@
-"""The git revision of the manifest directory, if it is a git checkout ("abc1234" or "abc1234+dirty")."""
+"""Git facts about the manifest directory: its revision ("abc1234" or "abc1234+dirty"), and whether a git
+operation is rewriting it right now. Called by the sync daemon; read-only."""
 
 from __future__ import annotations
 
@@ -17,3 +18,17 @@ def revision(directory: Path) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def operation_in_progress(directory: Path) -> bool:
+    """True while git is rewriting the work tree (``index.lock`` held: checkout, pull, merge, reset).
+
+    A checkout writes files in several batches; acting on a half-written tree could delete a VM whose
+    manifest is just moving between files.
+    """
+    try:
+        found = subprocess.run(["git", "-C", str(directory), "rev-parse", "--absolute-git-dir"],
+                               capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return found.returncode == 0 and (Path(found.stdout.strip()) / "index.lock").exists()

@@ -144,6 +144,7 @@ class Host:
 
     def write(self, filename: str, text: str) -> Path:
         path = self.manifests / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         return path
 

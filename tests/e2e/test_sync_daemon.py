@@ -126,6 +126,40 @@ def test_dry_run_reports_and_changes_nothing(host: Host) -> None:
         host.wait_for(lambda: any(e["kind"] == "would-create" for e in host.events("d")), "a would-create event")
         assert host.qemu_pids("d") == []
         assert not (host.state / "vms" / "d").exists()
+        host.wait_for(lambda: "start QEMU" in _store_conditions(host, "d").get("Drifted", ""), "Drifted in the store")
+        assert "Ready" not in _store_conditions(host, "d")
+    finally:
+        host.stop_sync(daemon)
+
+
+def test_a_git_checkout_in_progress_is_not_acted_on(host: Host) -> None:
+    """While git holds index.lock the tree may be half written: a VM whose manifest is moving between files
+    must not be deleted, and nothing is read until git is done."""
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(host.manifests), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    host.write("a.yaml", vm_manifest("a"))
+    git("add", "-A")
+    git("commit", "-qm", "a")
+    daemon = host.start_sync()
+    try:
+        pid = host.wait_for(lambda: _pid(host, "a"), "the VM to start")
+        lock = host.manifests / ".git" / "index.lock"
+        lock.touch()  # what git does for the length of a checkout
+        (host.manifests / "a.yaml").unlink()  # the first batch: the VM's manifest is gone...
+        host.wait_for(lambda: any(e["kind"] == "manifest" and e["result"] == "waiting" for e in host.events("-")),
+                      "the daemon to wait for git")
+        host.write("vms/a.yaml", vm_manifest("a"))  # ...the second batch: it is back, in another file
+        host.write("n.yaml", vm_manifest("n"))
+        assert _pid(host, "a") == pid and host.qemu_pids("n") == [], "nothing is acted on while git works"
+        lock.unlink()
+        host.wait_for(lambda: _pid(host, "n"), "the new VM once git is done")
+        assert _pid(host, "a") == pid, "the moved VM was never stopped"
+        assert not any(e["kind"] in ("stop", "delete") for e in host.events("a"))
     finally:
         host.stop_sync(daemon)
 
