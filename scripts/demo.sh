@@ -13,7 +13,7 @@ echo "== the plan for $ROOT/manifests"
 infinization plan "$ROOT/manifests" || true
 
 echo "== starting the sync daemon (log: $state/sync.log)"
-setsid infinization sync "$ROOT/manifests" --metrics-address none </dev/null >>"$state/sync.log" 2>&1 &
+setsid infinization sync "$ROOT/manifests" --state-dir "$state" --metrics-address none </dev/null >>"$state/sync.log" 2>&1 &
 daemon=$!
 sleep 0.5
 if ! kill -0 "$daemon" 2>/dev/null; then
