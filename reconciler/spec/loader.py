@@ -45,6 +45,11 @@ class ManifestError:
 class Source:
     file: str
     line: int
+    marks: _Marks | None = field(default=None, compare=False, repr=False)  # where each field of it sits
+
+    def at(self, *loc: str | int, key: bool = False) -> tuple[int, int]:
+        """The line and column of a field of this document (its first line when unknown)."""
+        return self.marks.locate(loc, prefer_key=key) if self.marks else (self.line, 1)
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class _Marks:
 
     values: dict[Loc, tuple[int, int]] = field(default_factory=dict)
     keys: dict[Loc, tuple[int, int]] = field(default_factory=dict)
+    nodes: int = 0  # how many nodes were built: aliases could otherwise expand a small file exponentially
 
     def locate(self, loc: Loc, prefer_key: bool = False) -> tuple[int, int]:
         for end in range(len(loc), -1, -1):
@@ -125,9 +131,20 @@ def _pos(node: yaml.Node) -> tuple[int, int]:
     return (node.start_mark.line + 1, node.start_mark.column + 1)
 
 
-def _construct(node: yaml.Node, loc: Loc, marks: _Marks) -> Any:
-    """Turn a composed node into plain Python data, recording marks and rejecting duplicate keys."""
+MAX_NODES = 100_000
+
+
+def _construct(node: yaml.Node, loc: Loc, marks: _Marks, active: frozenset[int] = frozenset()) -> Any:
+    """Turn a composed node into plain Python data, recording marks and rejecting duplicate keys, alias
+    cycles (``&a [*a]``) and alias bombs."""
     marks.values[loc] = _pos(node)
+    marks.nodes += 1
+    if marks.nodes > MAX_NODES:
+        raise _YamlProblem(node, f"the document expands to over {MAX_NODES} values (aliases?)")
+    if id(node) in active:
+        raise _YamlProblem(node, "an alias refers to a node that contains it (a cycle)")
+    if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+        active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -138,10 +155,10 @@ def _construct(node: yaml.Node, loc: Loc, marks: _Marks) -> Any:
                 line, _ = marks.keys[(*loc, key)]
                 raise _YamlProblem(key_node, f"duplicate key {key!r} (first defined on line {line})")
             marks.keys[(*loc, key)] = _pos(key_node)
-            result[key] = _construct(value_node, (*loc, key), marks)
+            result[key] = _construct(value_node, (*loc, key), marks, active)
         return result
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, (*loc, index), marks) for index, item in enumerate(node.value)]
+        return [_construct(item, (*loc, index), marks, active) for index, item in enumerate(node.value)]
     assert isinstance(node, yaml.ScalarNode)
     tag = node.tag
     if tag == "tag:yaml.org,2002:str":
@@ -244,7 +261,8 @@ def manifest_files(directory: Path) -> list[Path]:
         relative = path.relative_to(directory)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        if path.suffix in (".yaml", ".yml") and path.is_file():
+        # A dangling symlink is listed (and fails to read): skipping it would read as the removal of its VMs.
+        if path.suffix in (".yaml", ".yml") and (path.is_file() or path.is_symlink()):
             found.append(path)
     return sorted(found)
 
@@ -267,7 +285,7 @@ def load_text(text: str, file: str) -> tuple[list[tuple[BaseModel, Source]], lis
             obj, doc_errors = _load_document(data, file, marks)
             errors.extend(doc_errors)
             if obj is not None:
-                objects.append((obj, Source(file, _pos(node)[0])))
+                objects.append((obj, Source(file, _pos(node)[0], marks)))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -306,74 +324,69 @@ def load_directory(directory: str | Path) -> ManifestSet:
     return result
 
 
+def _clash(result: ManifestSet, here: Source, there: Source, path: Loc, message: str, other: str,
+           there_path: Loc | None = None) -> None:
+    """A conflict between two documents is an error in both: neither is acted on (the sync daemon keeps
+    both files' last good state) rather than whichever happens to be read first."""
+    _error(result, here, path, f"{message} at {there.file}:{there.line}")
+    _error(result, there, there_path or path, f"{other} at {here.file}:{here.line}")
+
+
 def _add_vm(result: ManifestSet, vm: VirtualMachine, source: Source) -> None:
     first = result.vms.get(vm.name)
     if first is not None:
-        result.errors.append(
-            ManifestError(
-                source.file,
-                source.line,
-                1,
-                "metadata.name",
-                f"VirtualMachine {vm.name!r} is already defined at {first.source.file}:{first.source.line}",
-            )
-        )
-        result.failed_files.add(source.file)
+        what = f"VirtualMachine {vm.name!r} is also defined"
+        _clash(result, source, first.source, ("metadata", "name"), what, what)
         return
     result.vms[vm.name] = LoadedVM(vm, source)
 
 
 def _add_network(result: ManifestSet, network: Network, source: Source) -> None:
     first = result.networks.get(network.name)
+    if first is not None:
+        what = f"Network {network.name!r} is also defined"
+        _clash(result, source, first.source, ("metadata", "name"), what, what)
+        return
     clash = next((n for n in result.networks.values() if n.network.spec.bridge == network.spec.bridge), None)
-    if first is not None or clash is not None:
-        other = first or clash
-        assert other is not None
-        what = f"Network {network.name!r} is already defined" if first else \
-            f"bridge {network.spec.bridge!r} is already used by Network {other.network.name!r}"
-        result.errors.append(ManifestError(source.file, source.line, 1, "metadata.name" if first else "spec.bridge",
-                                           f"{what} at {other.source.file}:{other.source.line}"))
-        result.failed_files.add(source.file)
+    if clash is not None:
+        _clash(result, source, clash.source, ("spec", "bridge"),
+               f"bridge {network.spec.bridge!r} is also used by Network {clash.network.name!r}",
+               f"bridge {network.spec.bridge!r} is also used by Network {network.name!r}")
         return
     result.networks[network.name] = LoadedNetwork(network, source)
 
 
-def _error(result: ManifestSet, source: Source, path: str, message: str) -> None:
-    result.errors.append(ManifestError(source.file, source.line, 1, path, message))
+def _error(result: ManifestSet, source: Source, path: Loc, message: str) -> None:
+    line, col = source.at(*path)
+    result.errors.append(ManifestError(source.file, line, col, format_loc(path), message))
     result.failed_files.add(source.file)
 
 
 def _check_unique_across(result: ManifestSet) -> None:
-    """MACs and host port forwards must be unique across all VMs of the host."""
-    macs: dict[str, str] = {}
-    ports: dict[tuple[str, str, int], str] = {}
+    """MACs and host port forwards must be unique across all VMs of the host; a NIC's Network must exist."""
+    macs: dict[str, tuple[Source, str, Loc]] = {}
+    ports: dict[tuple[str, str, int], tuple[Source, str, Loc]] = {}
     for name, loaded in sorted(result.vms.items()):
         spec = loaded.vm.spec
         for index, nic in enumerate(spec.networks):
             mac = nic_mac(name, nic)
-            where = f"spec.networks[{index}]"
+            where: Loc = ("spec", "networks", index)
+            this = f"VirtualMachine {name!r} NIC {nic.name!r}"
             if nic.network is not None and nic.network not in result.networks:
                 known = ", ".join(sorted(result.networks)) or "none"
-                _error(result, loaded.source, f"{where}.network",
+                _error(result, loaded.source, (*where, "network"),
                        f"no Network named {nic.network!r} (defined: {known})")
             if mac in macs:
-                result.errors.append(
-                    ManifestError(
-                        loaded.source.file, loaded.source.line, 1, f"{where}.mac",
-                        f"MAC {mac} is also used by {macs[mac]}",
-                    )
-                )
-                result.failed_files.add(loaded.source.file)
-            macs.setdefault(mac, f"VirtualMachine {name!r} NIC {nic.name!r}")
-            for forward in nic.portForwards:
+                first, other, first_at = macs[mac]
+                _clash(result, loaded.source, first, (*where, "mac"), f"MAC {mac} is also used by {other}",
+                       f"MAC {mac} is also used by {this}", first_at)
+            macs.setdefault(mac, (loaded.source, this, (*where, "mac")))
+            for number, forward in enumerate(nic.portForwards):
                 key = (forward.hostAddress, forward.protocol, forward.host)
+                at: Loc = (*where, "portForwards", number, "host")
+                port = f"host port {forward.protocol}/{forward.hostAddress}:{forward.host}"
                 if key in ports:
-                    result.errors.append(
-                        ManifestError(
-                            loaded.source.file, loaded.source.line, 1, f"{where}.portForwards",
-                            f"host port {forward.protocol}/{forward.hostAddress}:{forward.host} "
-                            f"is also forwarded by {ports[key]}",
-                        )
-                    )
-                    result.failed_files.add(loaded.source.file)
-                ports.setdefault(key, f"VirtualMachine {name!r}")
+                    first, other, first_at = ports[key]
+                    for source, path, by in ((loaded.source, at, other), (first, first_at, this)):
+                        _error(result, source, path, f"{port} is also forwarded by {by}")
+                ports.setdefault(key, (loaded.source, this, at))

@@ -121,11 +121,31 @@ def test_directory_cross_checks(tmp_path: Path) -> None:
     (tmp_path / ".hidden.yaml").write_text("not: [valid")
     (tmp_path / "notes.txt").write_text("ignored")
     result = load_directory(tmp_path)
-    messages = [str(e) for e in result.errors]
-    assert any("b.yaml:1:1: metadata.name: VirtualMachine 'a' is already defined at" in m for m in messages)
-    assert any("MAC 52:54:00:00:00:01 is also used by VirtualMachine 'a'" in m for m in messages)
-    assert any("host port tcp/127.0.0.1:2222 is also forwarded by VirtualMachine 'a'" in m for m in messages)
+    messages = [str(e).replace(f"{tmp_path}/", "") for e in result.errors]
+    # A conflict is an error in both files, at the field itself: neither definition wins by file order.
+    assert "b.yaml:3:18: metadata.name: VirtualMachine 'a' is also defined at a.yaml:1" in messages
+    assert "a.yaml:3:18: metadata.name: VirtualMachine 'a' is also defined at b.yaml:1" in messages
+    assert ("b.yaml:11:22: spec.networks[0].mac: MAC 52:54:00:00:00:01 is also used by VirtualMachine 'a' NIC 'n' "
+            "at a.yaml:1") in messages
+    assert any(m.startswith("a.yaml:6:22: spec.networks[0].mac: MAC 52:54:00:00:00:01") for m in messages)
+    assert any(m.startswith("b.yaml:11:65: spec.networks[0].portForwards[0].host: host port tcp/127.0.0.1:2222 "
+                            "is also forwarded by VirtualMachine 'a'") for m in messages)
+    assert result.failed_files == {str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")}
     assert len(result.files) == 2
+
+
+def test_alias_cycles_and_bombs_are_errors_not_crashes() -> None:
+    cycle = errors_of(HEAD + "metadata: {name: c}\nspec: &a {x: [*a]}\n")
+    assert cycle == ["f.yaml:4:7: an alias refers to a node that contains it (a cycle)"]
+    levels = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else '1'] * 10)}]\n" for i in range(6))
+    assert "expands to over 100000 values" in errors_of(HEAD + "metadata: {name: d}\n" + levels)[0]
+
+
+def test_a_dangling_symlink_is_an_error_not_a_removal(tmp_path: Path) -> None:
+    (tmp_path / "vm.yaml").symlink_to(tmp_path / "moved-away.yaml")
+    result = load_directory(tmp_path)
+    assert [e.message.split(":")[0] for e in result.errors] == ["cannot read"]
+    assert result.failed_files == {str(tmp_path / "vm.yaml")}
 
 
 def test_derived_macs_are_stable_and_unique() -> None:
