@@ -76,8 +76,9 @@ async def _snapshot(directory: str, layout: StateLayout, allow_restart: bool, ho
         if manifests.errors:
             # Status must still work with a broken file: show its VMs against their last applied spec.
             records = read_records(layout)
+            failed = {str(Path(file).absolute()) for file in manifests.failed_files}
             for name, record in records.items():
-                if name not in manifests.vms and (record.source in manifests.failed_files or not record.source):
+                if name not in manifests.vms and (not record.source or str(Path(record.source).absolute()) in failed):
                     manifests.vms[name] = LoadedVM(record.vm, Source(record.source or "?", 0))
     else:
         manifests = _load(directory)
@@ -176,7 +177,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
             return 1
         out.print("")
         write_atomic(_source_file(layout), json.dumps({"manifests": snap.plan.manifest_dir}) + "\n")
-        sources = {name: loaded.source.file for name, loaded in snap.manifests.vms.items()}
+        # Absolute: the sync daemon, started elsewhere, matches a record's file against the broken ones.
+        sources = {name: str(Path(loaded.source.file).absolute()) for name, loaded in snap.manifests.vms.items()}
         rev = revision(Path(snap.plan.manifest_dir))
         result = asyncio.run(Executor(layout, _print_step, sources, revision=rev).run(snap.plan))
         after = asyncio.run(_snapshot(directory, layout, allow_restart, args.host))

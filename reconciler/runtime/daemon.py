@@ -31,7 +31,7 @@ from reconciler.apply.executor import Executor, StepResult
 from reconciler.apply.files import write_atomic
 from reconciler.apply.lock import StateLock
 from reconciler.observe import processes
-from reconciler.observe.records import read_exit, read_records
+from reconciler.observe.records import read_exit, read_network_records, read_records
 from reconciler.observe.snapshot import observe
 from reconciler.plan.actions import Action, Change, Plan, StepKind
 from reconciler.plan.observed import ObservedState
@@ -41,7 +41,7 @@ from reconciler.runtime.gitrev import operation_in_progress, revision
 from reconciler.runtime.queue import WorkQueue
 from reconciler.runtime.store import Store, VMStatus
 from reconciler.spec.layout import StateLayout
-from reconciler.spec.loader import LoadedNetwork, LoadedVM, load_directory
+from reconciler.spec.loader import LoadedNetwork, LoadedVM, Source, load_directory
 
 HOST = "@host"
 RELEVANT_EVENTS = {"SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED", "DEVICE_DELETED", "BLOCK_IO_ERROR",
@@ -86,6 +86,7 @@ class SyncDaemon:
         self.store = store
         self.options = options
         self.state = _State()
+        self._loaded = False
         self.queue = WorkQueue(self._reconcile, parallel=options.parallel)
         self.listeners: dict[str, _Listener] = {}
         self.restarts: dict[str, list[float]] = {}
@@ -100,31 +101,48 @@ class SyncDaemon:
     def _mine(self, host: str | None) -> bool:
         return host == self.options.host
 
+    def _baseline(self) -> _State:
+        """What the daemon starts from, before its first read: what was last applied. So a file that is
+        broken (or a directory that is empty) when the daemon starts keeps its VMs, exactly as if the daemon
+        had seen the file good before."""
+        vms = {name: LoadedVM(rec.vm, Source(str(Path(rec.source).absolute()) if rec.source else "", 1))
+               for name, rec in read_records(self.layout).items() if self._mine(rec.vm.spec.host)}
+        # Network records do not say which file they came from: while any file is broken, all are kept.
+        networks = {name: LoadedNetwork(rec.network, Source("", 1))
+                    for name, rec in read_network_records(self.layout).items()}
+        return _State(vms=vms, networks=networks)
+
     def load(self) -> set[str]:
         """Re-read the manifests; keep the last good state of anything in a file that fails. Return the keys
         whose desired state changed."""
         manifests = load_directory(self.directory)
-        if not manifests.files and self.state.vms:
+        old = self.state if self._loaded else self._baseline()
+        if not manifests.files and old.vms:
             # An empty directory is a wrong mount or a checkout in progress far more often than a wish to
             # delete every VM: keep everything and say so.
             log.error("the manifest directory holds no manifests; keeping the last good desired state")
             self.store.event("-", "manifest", "error", f"{self.directory} holds no manifests: nothing deleted")
+            self.state, self._loaded = old, True
             return set()
         failed = manifests.failed_files
+
+        def broken(file: str) -> bool:  # "": a baseline entry of unknown origin, kept while any file fails
+            return file in failed or (not file and bool(failed))
+
         metrics.MANIFEST_ERRORS.set(len(manifests.errors))
-        old = self.state
         vms: dict[str, LoadedVM] = {}
         for name, loaded in manifests.vms.items():
             if loaded.source.file not in failed and self._mine(loaded.vm.spec.host):
                 vms[name] = loaded
         invalid: dict[str, list[str]] = {}
         for name, loaded in old.vms.items():
-            if name not in vms and loaded.source.file in failed:
+            if name not in vms and broken(loaded.source.file):
                 vms[name] = loaded  # its file is broken: keep the last good desired state
-                invalid[name] = [str(e) for e in manifests.errors if e.file == loaded.source.file]
+                invalid[name] = [str(e) for e in manifests.errors
+                                 if e.file == loaded.source.file or (not loaded.source.file and e.file in failed)]
         networks = {n: net for n, net in manifests.networks.items() if net.source.file not in failed}
         for name, kept in old.networks.items():
-            if name not in networks and kept.source.file in failed:
+            if name not in networks and broken(kept.source.file):
                 networks[name] = kept
         for error in manifests.errors:
             log.warning("manifest error", error=str(error))
@@ -132,6 +150,7 @@ class SyncDaemon:
             for error in manifests.errors:
                 self.store.event("-", "manifest", "error", str(error))
         self._last_errors = manifests.errors
+        self._loaded = True
         self.state = _State(vms=vms, networks=networks, invalid=invalid, revision=revision(self.directory))
         changed = {name for name in set(vms) | set(old.vms)
                    if (vms.get(name) and vms[name].vm) != (old.vms.get(name) and old.vms[name].vm)}
@@ -158,6 +177,18 @@ class SyncDaemon:
                 await asyncio.wait_for(self.stopping.wait(), 0.05)
             if self.stopping.is_set():
                 return
+
+    def _reload(self) -> set[str]:
+        """``load`` for the watch and resync loops: an unexpected failure is reported and the last good
+        state kept; it must never end the loop that keeps the host converged."""
+        try:
+            return self.load()
+        except Exception as exc:
+            log.exception("reading the manifests failed; keeping the last good desired state")
+            self.store.event("-", "manifest", "error", f"reading the manifests failed: {type(exc).__name__}: {exc}")
+            if not self._loaded:  # never run on an empty desired state: it would read as "delete every VM"
+                self.state, self._loaded = self._baseline(), True
+            return set()
 
     # -- reconcile ---------------------------------------------------------------------------------
 
@@ -399,7 +430,7 @@ class SyncDaemon:
         async for _changes in awatch(self.directory, debounce=self.options.debounce_ms, step=20,
                                      stop_event=self.stopping, recursive=True):
             await self._wait_for_git()
-            for key in sorted(self.load()):
+            for key in sorted(self._reload()):
                 self.queue.add(key)
 
     async def _resync(self) -> None:
@@ -409,7 +440,7 @@ class SyncDaemon:
             if self.stopping.is_set():
                 return
             await self._wait_for_git()
-            self.load()
+            self._reload()
             self._enqueue_all()
 
     def _enqueue_all(self) -> None:
@@ -444,7 +475,7 @@ class SyncDaemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stopping.set)
         await self._wait_for_git()
-        self.load()
+        self._reload()
         log.info("sync started", manifests=str(self.directory), state=str(self.layout.root),
                  host=self.options.host, dry_run=self.options.dry_run, revision=self.state.revision)
         self.store.event("-", "daemon", "started", f"watching {self.directory}")

@@ -164,6 +164,48 @@ def test_a_git_checkout_in_progress_is_not_acted_on(host: Host) -> None:
         host.stop_sync(daemon)
 
 
+def test_a_daemon_started_on_a_broken_or_empty_directory_deletes_nothing(host: Host) -> None:
+    """The daemon has no memory of a good version when it starts: the last applied records stand in."""
+    import time
+
+    from reconciler.runtime.store import open_readonly
+
+    manifest = vm_manifest("w", disks="    - {name: root, size: 64Mi, deletePolicy: Delete}")
+    host.write("w.yaml", manifest)
+    host.apply()
+    pid = _pid(host, "w")
+    disk = host.state / "disks" / "w" / "root.qcow2"
+    assert pid and disk.exists()
+
+    def reconciled_since(moment: float) -> dict[str, str] | None:
+        store = open_readonly(host.state / "infinization.db")
+        status = store.statuses().get("w") if store else None
+        if store:
+            store.close()
+        return status.conditions if status and status.last_reconcile > moment else None
+
+    host.write("w.yaml", manifest + "  bogus: [\n")
+    began = time.time()
+    daemon = host.start_sync()
+    try:
+        conditions = host.wait_for(lambda: reconciled_since(began), "a reconcile of w")
+        assert "ManifestInvalid" in conditions, conditions  # type: ignore[operator]
+        assert _pid(host, "w") == pid and disk.exists()
+    finally:
+        host.stop_sync(daemon)
+
+    (host.manifests / "w.yaml").unlink()
+    began = time.time()
+    daemon = host.start_sync(log_name="sync2.log")
+    try:
+        host.wait_for(lambda: reconciled_since(began), "a reconcile of w")
+        assert any("holds no manifests" in str(e["message"]) for e in host.events("-"))
+        assert _pid(host, "w") == pid and disk.exists()
+        assert not any(e["kind"] in ("stop", "delete-disk") for e in host.events("w"))
+    finally:
+        host.stop_sync(daemon)
+
+
 def test_two_hosts_share_the_manifests_and_the_database(host: Host, tmp_path: Path, postgres: str) -> None:
     """Two daemons with different --host names on one machine: each runs only its own VMs, both report
     to the same PostgreSQL."""
