@@ -10,6 +10,7 @@ PID we verified (and re-verify right before signalling) as this VM's QEMU.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from reconciler.apply import hostnet
 from reconciler.apply.errors import StepFailed
-from reconciler.apply.files import write_launch
+from reconciler.apply.files import write_atomic, write_launch
 from reconciler.observe import monitor, processes
 from reconciler.qemu.argv import build_argv
 from reconciler.spec.layout import VMPaths
@@ -117,11 +118,22 @@ async def _press_power_button(paths: VMPaths, pid: int, grace: float) -> bool:
     return False
 
 
+STOPPED = "stopped"  # exit.json reason: we stopped it (not the guest's own shutdown, not a crash)
+
+
 async def stop(paths: VMPaths, grace: float) -> str:
     """Stop the VM's QEMU if it runs: ACPI power button, then quit, then SIGKILL; return what worked."""
     process = processes.find_qemu(paths.pidfile)
     if process is None:
         return "not running"
+    how = await _stop(paths, process, grace)
+    # The guest saw a power button and shut down cleanly, but it was our doing: RerunOnFailure must start
+    # it again when asked to, as it would not after a shutdown the guest chose.
+    write_atomic(paths.exit, json.dumps({"reason": STOPPED, "how": how}))
+    return how
+
+
+async def _stop(paths: VMPaths, process: processes.QemuProcess, grace: float) -> str:
     if grace > 0 and await _press_power_button(paths, process.pid, grace):
         return "guest powered off"
     try:

@@ -239,6 +239,8 @@ def _start_reason(strategy: str, known: bool, last_exit: str | None) -> str | No
     if strategy == "RerunOnFailure":
         if last_exit == "guest-shutdown":
             return None  # the guest shut itself down cleanly: that is not a failure
+        if last_exit == "stopped":
+            return "infinization stopped the VM (Halted, Manual or a stop) and runStrategy is now RerunOnFailure"
         if last_exit:
             return f"the VM stopped ({last_exit}) and runStrategy is RerunOnFailure"
         return "the VM is not running and runStrategy is RerunOnFailure" if known else "new VM"

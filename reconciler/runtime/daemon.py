@@ -372,7 +372,8 @@ class SyncDaemon:
             def record_exit(reason: dict[str, Any]) -> None:
                 # Not once the pidfile names another QEMU: a late write would describe the new one by its
                 # predecessor's exit. (QEMU removes its pidfile when it exits cleanly: None is fine.)
-                if processes.read_pidfile(paths.pidfile) in (None, pid):
+                # Nor over "stopped": the executor stopped this QEMU on purpose, whatever the guest said.
+                if processes.read_pidfile(paths.pidfile) in (None, pid) and read_exit(paths.exit) != "stopped":
                     write_atomic(paths.exit, json.dumps(reason))
 
             def handle(event: Any) -> None:

@@ -119,6 +119,25 @@ def test_rerun_on_failure_restarts_crashes_not_clean_shutdowns(host: Host) -> No
         host.stop_sync(daemon)
 
 
+def test_rerun_on_failure_starts_a_vm_the_reconciler_stopped(host: Host) -> None:
+    """Halted stops the VM with the power button, so the guest shuts down cleanly; yet it was our stop, not
+    the guest's choice, and RerunOnFailure starts it again."""
+    daemon = host.start_sync()
+    try:
+        host.write("h.yaml", vm_manifest("h"))
+        pid = host.wait_for(lambda: _pid(host, "h"), "the VM to start")
+        host.guest("h").wait_report(lambda r: "vda" in r.disks, what="boot")
+        host.write("h.yaml", vm_manifest("h", run_strategy="Halted"))
+        assert wait_gone(int(str(pid)), timeout=40)
+        host.wait_for(lambda: any(e["kind"] == "stop" and e["result"] == "ok" for e in host.events("h")), "the stop")
+        assert json.loads((host.state / "vms/h/exit.json").read_text())["reason"] == "stopped"
+        host.write("h.yaml", vm_manifest("h", run_strategy="RerunOnFailure"))
+        host.wait_for(lambda: _pid(host, "h"), "the VM started again")
+        host.guest("h").wait_report(lambda r: "vda" in r.disks, what="boot again", boot=2)
+    finally:
+        host.stop_sync(daemon)
+
+
 def test_dry_run_reports_and_changes_nothing(host: Host) -> None:
     daemon = host.start_sync("--dry-run")
     try:
