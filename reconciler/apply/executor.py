@@ -64,10 +64,22 @@ class Executor:
         self.revision = revision
 
     async def run(self, plan: Plan) -> ApplyResult:
+        """Run the plan's changes in order. Fail-closed: once a bridge or firewall change has failed, no VM
+        change runs after it (a VM started then could be on a bridge without its rules)."""
         outcome = ApplyResult()
+        host_failed: str | None = None
         for change in plan.changes:
-            if change.steps and not change.refusals:
-                await self._run_change(change, outcome)
+            if not change.steps or change.refusals:
+                continue
+            if host_failed and change.resource == "VirtualMachine":
+                skipped = StepResult(change.steps[0], False, f"skipped: {host_failed} failed first", 0.0)
+                outcome.results.append(skipped)
+                self.report(skipped)
+                outcome.failed_vms[change.name] = skipped.detail
+                continue
+            await self._run_change(change, outcome)
+            if change.resource != "VirtualMachine" and change.name in outcome.failed_vms:
+                host_failed = f"{change.resource} {change.name}"
         return outcome
 
     async def _run_change(self, change: Change, outcome: ApplyResult) -> None:

@@ -181,7 +181,15 @@ class PortForward(_Frozen):
     ] = "127.0.0.1"
 
 
+def _no_zone(value: str) -> None:
+    # Python keeps an IPv6 zone ("fe80::1%eth0") verbatim, whatever it holds (newlines, braces): it would
+    # reach the nft script as is. A rule or an address here has no use for one.
+    if "%" in value:
+        raise ValueError(f"{value!r}: scoped addresses (with a %zone) are not accepted")
+
+
 def _cidr(value: str) -> str:
+    _no_zone(value)
     try:
         return str(ipaddress.ip_network(value, strict=False))
     except ValueError as exc:
@@ -189,6 +197,7 @@ def _cidr(value: str) -> str:
 
 
 def _interface_address(value: str) -> str:
+    _no_zone(value)
     try:
         iface = ipaddress.ip_interface(value)
     except ValueError as exc:
@@ -199,6 +208,7 @@ def _interface_address(value: str) -> str:
 
 
 def _ip(value: str) -> str:
+    _no_zone(value)
     try:
         return str(ipaddress.ip_address(value))
     except ValueError as exc:

@@ -161,3 +161,15 @@ def test_digest_ignores_formatting(tmp_path: Path) -> None:
     first = load_directory(tmp_path).digest()
     (tmp_path / "a.yaml").write_text("# comment\n" + HEAD + "metadata:\n  name: a\nspec:\n  memory:\n    size: 1024M\n")
     assert load_directory(tmp_path).digest() == first
+
+
+def test_scoped_ipv6_addresses_cannot_smuggle_text_into_nftables() -> None:
+    """Python keeps an IPv6 %zone verbatim, newlines and braces included: refused wherever an address goes."""
+    zone = '"fe80::1%a } accept\\ntable ip evil { }"'
+    nic = "spec:\n  networks:\n    - {name: n, type: bridge, bridge: br0, ips: [%s]}\n"
+    errors = errors_of(HEAD + "metadata: {name: a}\n" + nic % zone)
+    assert len(errors) == 1 and "spec.networks[0].ips[0]" in errors[0] and "scoped addresses" in errors[0]
+    rule = ("spec:\n  networks:\n    - name: n\n      type: bridge\n      bridge: br0\n      firewall:\n"
+            "        rules: [{direction: in, action: drop, source: %s}]\n")
+    errors = errors_of(HEAD + "metadata: {name: a}\n" + rule % '"fe80::/64%x"')
+    assert len(errors) == 1 and "firewall.rules[0].source" in errors[0] and "scoped addresses" in errors[0]
