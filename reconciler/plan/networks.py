@@ -67,6 +67,11 @@ def plan_networks(
 def _ensure_network(network: Network, observed: ObservedState) -> Change | None:
     spec, name = network.spec, network.name
     record = observed.network_records.get(name)
+    if record is not None and record.network.spec.bridge != spec.bridge:
+        # Renaming would leave our old bridge behind and could adopt (and later delete) someone else's.
+        return Change(resource="Network", name=name, action=Action.NOOP, refusals=[
+            f"the bridge of Network {name} cannot be renamed ({record.network.spec.bridge} -> {spec.bridge}); "
+            "create a new Network and move the NICs to it"])
     link = observed.host.links.get(spec.bridge)
     reasons: list[str] = []
     if link is None:
