@@ -94,10 +94,18 @@ def read_network_records(layout: StateLayout) -> dict[str, NetworkRecord]:
     return records
 
 
-def read_records(layout: StateLayout) -> dict[str, AppliedRecord]:
+def read_records(layout: StateLayout, corrupt: dict[str, str] | None = None) -> dict[str, AppliedRecord]:
+    """Every VM's last-applied record. A corrupt one raises CorruptRecord, unless ``corrupt`` is given: then
+    it is left out and its error put there (the sync daemon: one bad file must not stall every VM)."""
     records = {}
     for name in known_vm_names(layout):
-        record = read_record(layout.vm(name).record)
+        try:
+            record = read_record(layout.vm(name).record)
+        except CorruptRecord as exc:
+            if corrupt is None:
+                raise
+            corrupt[name] = str(exc)
+            continue
         if record is not None:
             records[name] = record
     return records

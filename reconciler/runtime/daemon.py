@@ -31,10 +31,10 @@ from reconciler.apply.executor import Executor, StepResult
 from reconciler.apply.files import write_atomic
 from reconciler.apply.lock import StateLock
 from reconciler.observe import processes
-from reconciler.observe.records import read_exit, read_network_records, read_records
+from reconciler.observe.records import CorruptRecord, read_exit, read_network_records, read_records
 from reconciler.observe.snapshot import observe
 from reconciler.plan.actions import Action, Change, Plan, StepKind
-from reconciler.plan.observed import ObservedState
+from reconciler.plan.observed import AppliedRecord, ObservedState
 from reconciler.plan.planner import PlanOptions, plan
 from reconciler.runtime import metrics
 from reconciler.runtime.gitrev import operation_in_progress, revision
@@ -106,7 +106,7 @@ class SyncDaemon:
         broken (or a directory that is empty) when the daemon starts keeps its VMs, exactly as if the daemon
         had seen the file good before."""
         vms = {name: LoadedVM(rec.vm, Source(str(Path(rec.source).absolute()) if rec.source else "", 1))
-               for name, rec in read_records(self.layout).items() if self._mine(rec.vm.spec.host)}
+               for name, rec in self._records().items()}
         # Network records do not say which file they came from: while any file is broken, all are kept.
         networks = {name: LoadedNetwork(rec.network, Source("", 1))
                     for name, rec in read_network_records(self.layout).items()}
@@ -200,6 +200,10 @@ class SyncDaemon:
             log.exception("reconcile crashed", vm=key)
             self.store.event(key, "reconcile", "error", f"{type(exc).__name__}: {exc}")
             retry = self._backoff(key)
+            if key != HOST:  # the status must not go on saying Ready
+                self.store.set_status(VMStatus(vm=key, phase="Unknown", pid=None, revision=self.state.revision,
+                                               conditions={"Failed": f"{type(exc).__name__}: {exc}"},
+                                               last_reconcile=time.time(), duration_ms=0.0, result="failed"))
         metrics.RECONCILE_SECONDS.labels("host" if key == HOST else "vm").observe(time.monotonic() - began)
         return retry
 
@@ -211,8 +215,10 @@ class SyncDaemon:
     async def _snapshot(self, only: set[str]) -> tuple[Plan, ObservedState]:
         desired = {name: loaded.vm for name, loaded in self.state.vms.items()}
         networks = {name: loaded.network for name, loaded in self.state.networks.items()}
-        records = read_records(self.layout)
-        records = {name: rec for name, rec in records.items() if self._mine(rec.vm.spec.host)}
+        corrupt: dict[str, str] = {}
+        records = self._records(corrupt)
+        if mine := sorted(only & set(corrupt)):
+            raise CorruptRecord(f"{corrupt[mine[0]]} (fix or remove it by hand; the VM is left as it is)")
         observed = await observe(self.layout, desired, records, networks, only=only)
         result = plan(desired, observed, records, networks=networks, manifest_dir=str(self.directory),
                       options=PlanOptions(allow_restart=self.options.allow_restart))
@@ -444,9 +450,16 @@ class SyncDaemon:
             self._reload()
             self._enqueue_all()
 
+    def _records(self, corrupt: dict[str, str] | None = None) -> dict[str, AppliedRecord]:
+        """This host's VM records; corrupt ones are left out (into ``corrupt``), never fatal to the rest."""
+        found: dict[str, str] = {} if corrupt is None else corrupt
+        records = read_records(self.layout, corrupt=found)
+        return {name: rec for name, rec in records.items() if self._mine(rec.vm.spec.host)}
+
     def _enqueue_all(self) -> None:
         self.queue.add(HOST)
-        names = set(self.state.vms) | {n for n, r in read_records(self.layout).items() if self._mine(r.vm.spec.host)}
+        corrupt: dict[str, str] = {}
+        names = set(self.state.vms) | set(self._records(corrupt)) | set(corrupt)
         for name in sorted(names):
             self.queue.add(name)
 

@@ -138,6 +138,25 @@ def test_rerun_on_failure_starts_a_vm_the_reconciler_stopped(host: Host) -> None
         host.stop_sync(daemon)
 
 
+def test_a_corrupt_record_fails_its_vm_only(host: Host) -> None:
+    import os
+    import signal
+
+    daemon = host.start_sync()
+    try:
+        host.write("a.yaml", vm_manifest("a"))
+        host.write("b.yaml", vm_manifest("b"))
+        pid_a = host.wait_for(lambda: _pid(host, "a"), "a to start")
+        pid_b = host.wait_for(lambda: _pid(host, "b"), "b to start")
+        (host.state / "vms" / "b" / "record.json").write_text("{}")
+        os.kill(int(str(pid_a)), signal.SIGKILL)
+        host.wait_for(lambda: (p := _pid(host, "a")) and p != pid_a, "a restarted despite b's broken record")
+        host.wait_for(lambda: "record" in _store_conditions(host, "b").get("Failed", ""), "b reported Failed")
+        assert _pid(host, "b") == pid_b, "a VM whose record is unreadable is left running, as it is"
+    finally:
+        host.stop_sync(daemon)
+
+
 def test_dry_run_reports_and_changes_nothing(host: Host) -> None:
     daemon = host.start_sync("--dry-run")
     try:
