@@ -248,9 +248,14 @@ class SyncDaemon:
                          steps=[s.kind.value for s in change.steps])
         elif work:
             failed = not await self._execute(work, current)
+        unstarted = False
         if key != HOST:
-            await self._report(key, time.monotonic() - began, failed, delay)
+            unstarted = await self._report(key, time.monotonic() - began, failed, delay)
         if failed:
+            return self._backoff(key)
+        if unstarted and delay is None and not self.options.dry_run:
+            # Its QEMU died between our start and this look, before any listener could follow it: nothing
+            # else would bring us back before the next resync. Look again soon (with backoff: no hot loop).
             return self._backoff(key)
         self._failures.pop(key, None)
         return delay
@@ -299,13 +304,14 @@ class SyncDaemon:
         self.restarts[key] = recent
         return None
 
-    async def _report(self, name: str, seconds: float, failed: bool, backoff: float | None) -> None:
+    async def _report(self, name: str, seconds: float, failed: bool, backoff: float | None) -> bool:
+        """Write the VM's status as it is after the reconcile; True when it is still to be started."""
         after, observed = await self._snapshot({name})
         change = after.change(name)
         vm = observed.vm(name)
         if name not in self.state.vms and (change is None or not change.steps) and vm.process is None:
             self.store.forget(name)
-            return
+            return False
         conditions: dict[str, str] = {}
         in_sync = change is None or not (change.steps or change.pending_restart or change.refusals)
         if in_sync and not failed:
@@ -334,6 +340,7 @@ class SyncDaemon:
         # No process seen: the listener is left alone. It ends by itself when its QEMU exits (pidfd), and
         # stopping it on a momentary miss (a QEMU that is exiting has an empty /proc cmdline) would let a
         # second listener for the same QEMU start and report its exit again, without its SHUTDOWN.
+        return change is not None and any(step.kind is StepKind.START for step in change.steps)
 
     # -- QMP event listeners -----------------------------------------------------------------------
 
@@ -438,7 +445,7 @@ class SyncDaemon:
                                      stop_event=self.stopping, recursive=True):
             await self._wait_for_git()
             for key in sorted(self._reload()):
-                self.queue.add(key)
+                self.queue.add(key, urgent=True)  # a changed manifest may be the fix: skip any backoff
 
     async def _resync(self) -> None:
         while not self.stopping.is_set():

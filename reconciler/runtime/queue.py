@@ -3,7 +3,9 @@
 The sync daemon keys work by VM name (plus ``HOST`` for bridges and the firewall). Many triggers for one
 key (a burst of file events, QMP events) collapse into one run; a trigger that arrives while the key is
 running schedules exactly one more run after it, so nothing is lost and nothing piles up. The handler
-returns None when done, or a delay in seconds after which the key is to run again (backoff).
+returns None when done, or a delay in seconds after which the key is to run again (backoff). Until then
+the key is held: ordinary triggers (events, resyncs; a failing VM's own TAP churn) cannot shorten its
+backoff; only an urgent request (its manifest changed: someone may have fixed it) runs it at once.
 """
 
 from __future__ import annotations
@@ -23,17 +25,28 @@ class WorkQueue:
         self._due: dict[str, float] = {}
         self._running: set[str] = set()
         self._again: set[str] = set()
+        self._hold: dict[str, float] = {}  # key -> not before (monotonic), after a run asked for a retry
+        self._urgent: set[str] = set()  # running keys that got an urgent request meanwhile
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def add(self, key: str, delay: float = 0.0) -> None:
-        """Ask for ``key`` to be reconciled (after ``delay``); coalesces with any pending request."""
+    def add(self, key: str, delay: float = 0.0, *, urgent: bool = False) -> None:
+        """Ask for ``key`` to be reconciled (after ``delay``, and not before its hold unless ``urgent``);
+        coalesces with any pending request."""
+        if urgent:
+            self._hold.pop(key, None)
+            if key in self._running:
+                self._urgent.add(key)
         if key in self._running and delay == 0:
             self._again.add(key)
             return
-        due = time.monotonic() + delay
+        due = max(time.monotonic() + delay, self._hold.get(key, 0.0))
         self._due[key] = min(self._due.get(key, due), due)
         self._wake.set()
+
+    def held(self) -> dict[str, float]:
+        """Keys held back after a run asked for a retry, and until when (monotonic seconds)."""
+        return dict(self._hold)
 
     def pending(self) -> dict[str, float]:
         return dict(self._due)
@@ -66,6 +79,11 @@ class WorkQueue:
                 retry = await self._handler(key)
         finally:
             self._running.discard(key)
+            if retry is None:
+                self._hold.pop(key, None)
+            elif key not in self._urgent:
+                self._hold[key] = time.monotonic() + retry
+            self._urgent.discard(key)
             if key in self._again:
                 self._again.discard(key)
                 self.add(key)
