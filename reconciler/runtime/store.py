@@ -4,13 +4,16 @@ PostgreSQL for a platform's backend.
 The sync daemon writes a row per VM (phase, PID, revision, conditions, last reconcile and its timing) and
 an event per action; ``infinization status`` and ``infinization events`` read them, also while the
 daemon runs (SQLite in WAL mode: readers never block the writer). The PostgreSQL mirror receives the same
-rows; if it is unreachable the daemon logs it and goes on (the local store is the source of truth).
+rows from a background thread (``_Mirror``), so a slow or unreachable server never holds up a reconcile:
+writes queue up and are sent in order once it answers (the local store is the source of truth).
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -64,41 +67,13 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         for statement in SCHEMA:
             self._db.execute(statement)
-        self._pg: Any = None
-        if database_url:
-            self._connect_pg()
-
-    def _connect_pg(self) -> None:
-        import psycopg
-
-        try:
-            self._pg = psycopg.connect(str(self.database_url), autocommit=True, connect_timeout=5)
-            for statement in PG_SCHEMA:
-                self._pg.execute(statement)
-        except psycopg.Error as exc:
-            log.warning("postgresql mirror unavailable", error=str(exc))
-            self._pg = None
-
-    def _mirror(self, sql: str, params: tuple[Any, ...]) -> None:
-        if not self.database_url:
-            return
-        if self._pg is None:
-            self._connect_pg()
-        if self._pg is None:
-            return
-        import psycopg
-
-        try:
-            self._pg.execute(sql, params)
-        except psycopg.Error as exc:
-            log.warning("postgresql mirror write failed", error=str(exc))
-            self._pg = None
+        self._mirror = _Mirror(database_url) if database_url else None
 
     def event(self, vm: str, kind: str, result: str, message: str, duration_ms: float | None = None) -> None:
         row = (time.time(), self.host, vm, kind, result, message, duration_ms)
         self._db.execute("INSERT INTO events (ts, host, vm, kind, result, message, duration_ms) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
-        self._mirror("INSERT INTO infinization_events (ts, host, vm, kind, result, message, duration_ms) "
+        self._send("INSERT INTO infinization_events (ts, host, vm, kind, result, message, duration_ms) "
                      "VALUES (%s, %s, %s, %s, %s, %s, %s)", row)
 
     def set_status(self, status: VMStatus) -> None:
@@ -110,7 +85,7 @@ class Store:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, vm) DO UPDATE SET phase=excluded.phase, "
             "pid=excluded.pid, revision=excluded.revision, conditions=excluded.conditions, "
             "last_reconcile=excluded.last_reconcile, duration_ms=excluded.duration_ms, result=excluded.result", row)
-        self._mirror(
+        self._send(
             "INSERT INTO infinization_vm_status (host, vm, phase, pid, revision, conditions, last_reconcile, "
             "duration_ms, result) VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s) ON CONFLICT (host, vm) DO "
             "UPDATE SET phase=excluded.phase, pid=excluded.pid, revision=excluded.revision, "
@@ -119,7 +94,7 @@ class Store:
 
     def forget(self, vm: str) -> None:
         self._db.execute("DELETE FROM vm_status WHERE host = ? AND vm = ?", (self.host, vm))
-        self._mirror("DELETE FROM infinization_vm_status WHERE host = %s AND vm = %s", (self.host, vm))
+        self._send("DELETE FROM infinization_vm_status WHERE host = %s AND vm = %s", (self.host, vm))
 
     def statuses(self) -> dict[str, VMStatus]:
         rows = self._db.execute("SELECT vm, phase, pid, revision, conditions, last_reconcile, duration_ms, result "
@@ -136,10 +111,77 @@ class Store:
         keys = ("ts", "vm", "kind", "result", "message", "duration_ms")
         return [dict(zip(keys, row, strict=True)) for row in reversed(rows)]
 
+    def _send(self, sql: str, params: tuple[Any, ...]) -> None:
+        if self._mirror is not None:
+            self._mirror.send(sql, params)
+
     def close(self) -> None:
         self._db.close()
-        if self._pg is not None:
-            self._pg.close()
+        if self._mirror is not None:
+            self._mirror.close()
+
+
+class _Mirror:
+    """Writes to PostgreSQL from its own thread, in order, reconnecting with backoff while it is down."""
+
+    LIMIT = 10_000  # queued writes kept while the server is down; past that the newest are dropped
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue(self.LIMIT)
+        self._dropped = 0
+        self._thread = threading.Thread(target=self._run, name="postgresql-mirror", daemon=True)
+        self._thread.start()
+
+    def send(self, sql: str, params: tuple[Any, ...]) -> None:
+        try:
+            self._queue.put_nowait((sql, params))
+        except queue.Full:
+            self._dropped += 1
+            if self._dropped % 1000 == 1:
+                log.warning("postgresql mirror is behind; dropping writes", dropped=self._dropped)
+
+    def close(self, flush_seconds: float = 5.0) -> None:
+        """Send what is queued (for a while at most), then stop."""
+        try:
+            self._queue.put(None, timeout=flush_seconds)
+        except queue.Full:
+            return
+        self._thread.join(flush_seconds)
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        connection = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+        for statement in PG_SCHEMA:
+            connection.execute(statement)
+        return connection
+
+    def _run(self) -> None:
+        import psycopg
+
+        connection: Any = None
+        delay = 0.5
+        item = self._queue.get()
+        while item is not None:
+            try:
+                if connection is None:
+                    connection = self._connect()
+                connection.execute(*item)
+            except psycopg.OperationalError as exc:  # the server or the link: retry the same write later
+                log.warning("postgresql mirror unavailable; retrying", error=str(exc), retry_seconds=delay)
+                if connection is not None:
+                    connection.close()
+                connection = None
+                time.sleep(delay)  # this thread's own wait: the daemon does not notice it
+                delay = min(30.0, delay * 2)
+                continue  # the same write again, so rows arrive in order
+            except psycopg.Error as exc:  # this write itself is wrong: retrying would never end
+                log.warning("postgresql mirror write refused", error=str(exc))
+            delay = 0.5
+            item = self._queue.get()
+        if connection is not None:
+            connection.close()
 
 
 def open_readonly(path: Path, host: str = "") -> Store | None:

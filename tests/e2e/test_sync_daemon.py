@@ -292,3 +292,23 @@ def test_crash_loop_backs_off(host: Host) -> None:
         host.wait_for(lambda: _pid(host, "c"), "the delayed restart", timeout=30)
     finally:
         host.stop_sync(daemon)
+
+
+def test_an_unanswering_postgresql_never_holds_up_a_vm(host: Host) -> None:
+    """The mirror server accepts TCP connections and never says a word: psycopg waits for its 5 s
+    connect timeout, again and again. The daemon's own work must not wait with it."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes handshakes; nobody ever reads or answers
+    url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/postgres"
+    daemon = host.start_sync("--database", url)
+    try:
+        host.write("p.yaml", vm_manifest("p"))
+        # Well inside one connect timeout: the VM is up and its status written locally meanwhile.
+        host.wait_for(lambda: _pid(host, "p"), "the VM to start", timeout=4)
+        host.wait_for(lambda: "Ready" in _store_conditions(host, "p"), "Ready in the local store", timeout=4)
+    finally:
+        host.stop_sync(daemon)
+        silent.close()
