@@ -292,8 +292,8 @@ class SyncDaemon:
         unknown = last_exit is None and change.action is not Action.CREATE
         if last_exit not in FAILURES and not unknown:
             return None
-        now = time.monotonic()
-        recent = [t for t in self.restarts.get(key, []) if now - t < CRASH_WINDOW]
+        now = time.time()  # wall clock: the history outlives this daemon (restarts.json)
+        recent = [t for t in self._restart_history(key) if 0 <= now - t < CRASH_WINDOW]
         if len(recent) >= CRASH_LIMIT:
             delay = float(min(300, 10 * 2 ** (len(recent) - CRASH_LIMIT)))
             if now - recent[-1] < delay:
@@ -302,7 +302,20 @@ class SyncDaemon:
                 return delay - (now - recent[-1])
         recent.append(now)
         self.restarts[key] = recent
+        with contextlib.suppress(OSError):
+            write_atomic(self.layout.vm(key).restarts, json.dumps(recent))
         return None
+
+    def _restart_history(self, key: str) -> list[float]:
+        """Restarts after failures, newest last; read from the VM's folder the first time, so a daemon
+        restarted in the middle of a crash loop keeps backing off."""
+        if key not in self.restarts:
+            try:
+                saved = json.loads((self.layout.vm(key).restarts).read_text())
+                self.restarts[key] = [float(t) for t in saved]
+            except (OSError, ValueError, TypeError):
+                self.restarts[key] = []
+        return self.restarts[key]
 
     async def _report(self, name: str, seconds: float, failed: bool, backoff: float | None) -> bool:
         """Write the VM's status as it is after the reconcile; True when it is still to be started."""

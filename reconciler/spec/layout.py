@@ -6,6 +6,7 @@
     STATE/vms/NAME/record.json         last-applied record: the spec we applied and the disks we created
     STATE/vms/NAME/launch.json         the spec and argv the current QEMU was started with
     STATE/vms/NAME/exit.json           how its last QEMU ended (written by the sync daemon from QMP events)
+    STATE/vms/NAME/restarts.json       the sync daemon's restarts after failures (crash-loop history)
     STATE/vms/NAME/live.json           what QMP cannot report back (link state, balloon target, unplugs)
     STATE/vms/NAME/qemu.pid            QEMU's pidfile
     STATE/vms/NAME/qmp.sock            QMP monitor for short-lived clients (CLI, executor)
@@ -90,6 +91,11 @@ class VMPaths:
     @property
     def exit(self) -> Path:
         return self.dir / "exit.json"
+
+    @property
+    def restarts(self) -> Path:
+        """When the sync daemon restarted the VM after failures (its crash-loop history)."""
+        return self.dir / "restarts.json"
 
     @property
     def live(self) -> Path:

@@ -289,7 +289,13 @@ def test_crash_loop_backs_off(host: Host) -> None:
         host.wait_for(lambda: any(e["kind"] == "crash-loop" for e in host.events("c")), "the crash-loop event")
         assert "CrashLoopBackOff" in _store_conditions(host, "c")
         assert host.qemu_pids("c") == []
+        # A daemon restarted during the backoff keeps backing off: the history is on disk, not in memory.
+        host.stop_sync(daemon)
+        last_restart = max(json.loads((host.state / "vms/c/restarts.json").read_text()))
+        daemon = host.start_sync(log_name="sync2.log")
         host.wait_for(lambda: _pid(host, "c"), "the delayed restart", timeout=30)
+        started = max(e["ts"] for e in host.events("c") if e["kind"] == "start" and e["result"] == "ok")
+        assert float(str(started)) >= last_restart + 10, "the new daemon waited out the backoff (10 s after 3)"
     finally:
         host.stop_sync(daemon)
 
