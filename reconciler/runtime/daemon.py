@@ -37,7 +37,7 @@ from reconciler.plan.actions import Action, Change, Plan, StepKind
 from reconciler.plan.observed import AppliedRecord, ObservedState
 from reconciler.plan.planner import PlanOptions, plan
 from reconciler.runtime import metrics
-from reconciler.runtime.gitrev import operation_in_progress, revision
+from reconciler.runtime.gitrev import git_dir, revision
 from reconciler.runtime.queue import WorkQueue
 from reconciler.runtime.store import Store, VMStatus
 from reconciler.spec.layout import StateLayout
@@ -87,6 +87,7 @@ class SyncDaemon:
         self.options = options
         self.state = _State()
         self._loaded = False
+        self._git_dir: Path | None = None  # found once; looked for again while there is none
         self.queue = WorkQueue(self._reconcile, parallel=options.parallel)
         self.listeners: dict[str, _Listener] = {}
         self.restarts: dict[str, list[float]] = {}
@@ -106,7 +107,7 @@ class SyncDaemon:
         broken (or a directory that is empty) when the daemon starts keeps its VMs, exactly as if the daemon
         had seen the file good before."""
         vms = {name: LoadedVM(rec.vm, Source(str(Path(rec.source).absolute()) if rec.source else "", 1))
-               for name, rec in self._records().items()}
+               for name, rec in self._records({}).items()}
         # Network records do not say which file they came from: while any file is broken, all are kept.
         networks = {name: LoadedNetwork(rec.network, Source("", 1))
                     for name, rec in read_network_records(self.layout).items()}
@@ -161,13 +162,18 @@ class SyncDaemon:
 
     async def _wait_for_git(self) -> None:
         """Act only on a complete tree: while git rewrites the directory (checkout, pull), wait for it."""
-        if not await asyncio.to_thread(operation_in_progress, self.directory):
+        if self._git_dir is None:
+            self._git_dir = await asyncio.to_thread(git_dir, self.directory)
+        if self._git_dir is None:
+            return
+        lock = self._git_dir / "index.lock"
+        if not lock.exists():
             return
         log.info("a git operation is rewriting the manifests; waiting for it to finish")
         self.store.event("-", "manifest", "waiting", "a git operation is in progress (index.lock): the manifests "
                          "are read once it finishes")
         deadline = time.monotonic() + GIT_WAIT
-        while await asyncio.to_thread(operation_in_progress, self.directory):
+        while lock.exists():
             if time.monotonic() > deadline:
                 log.warning("git's index.lock is still there; reading the manifests anyway", seconds=GIT_WAIT)
                 self.store.event("-", "manifest", "error", f"index.lock held for over {GIT_WAIT:g}s: stale? "
@@ -311,7 +317,7 @@ class SyncDaemon:
         restarted in the middle of a crash loop keeps backing off."""
         if key not in self.restarts:
             try:
-                saved = json.loads((self.layout.vm(key).restarts).read_text())
+                saved = json.loads(self.layout.vm(key).restarts.read_text())
                 self.restarts[key] = [float(t) for t in saved]
             except (OSError, ValueError, TypeError):
                 self.restarts[key] = []
@@ -470,10 +476,9 @@ class SyncDaemon:
             self._reload()
             self._enqueue_all()
 
-    def _records(self, corrupt: dict[str, str] | None = None) -> dict[str, AppliedRecord]:
+    def _records(self, corrupt: dict[str, str]) -> dict[str, AppliedRecord]:
         """This host's VM records; corrupt ones are left out (into ``corrupt``), never fatal to the rest."""
-        found: dict[str, str] = {} if corrupt is None else corrupt
-        records = read_records(self.layout, corrupt=found)
+        records = read_records(self.layout, corrupt=corrupt)
         return {name: rec for name, rec in records.items() if self._mine(rec.vm.spec.host)}
 
     def _enqueue_all(self) -> None:

@@ -1,5 +1,5 @@
-"""Git facts about the manifest directory: its revision ("abc1234" or "abc1234+dirty"), and whether a git
-operation is rewriting it right now. Called by the sync daemon; read-only."""
+"""Git facts about the manifest directory: its revision ("abc1234" or "abc1234+dirty"), and its git directory
+(whose ``index.lock`` says a git operation is rewriting it). Called by the sync daemon; read-only."""
 
 from __future__ import annotations
 
@@ -20,15 +20,16 @@ def revision(directory: Path) -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def operation_in_progress(directory: Path) -> bool:
-    """True while git is rewriting the work tree (``index.lock`` held: checkout, pull, merge, reset).
+def git_dir(directory: Path) -> Path | None:
+    """The git directory of the checkout ``directory`` is in, if it is in one.
 
-    A checkout writes files in several batches; acting on a half-written tree could delete a VM whose
-    manifest is just moving between files.
+    Its ``index.lock`` is held while git rewrites the work tree (checkout, pull, merge, reset): a checkout
+    writes files in several batches, and acting on a half-written tree could delete a VM whose manifest
+    is just moving between files.
     """
     try:
         found = subprocess.run(["git", "-C", str(directory), "rev-parse", "--absolute-git-dir"],
                                capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return found.returncode == 0 and (Path(found.stdout.strip()) / "index.lock").exists()
+        return None
+    return Path(found.stdout.strip()) if found.returncode == 0 else None

@@ -47,9 +47,9 @@ class Source:
     line: int
     marks: _Marks | None = field(default=None, compare=False, repr=False)  # where each field of it sits
 
-    def at(self, *loc: str | int, key: bool = False) -> tuple[int, int]:
+    def at(self, *loc: str | int) -> tuple[int, int]:
         """The line and column of a field of this document (its first line when unknown)."""
-        return self.marks.locate(loc, prefer_key=key) if self.marks else (self.line, 1)
+        return self.marks.locate(loc) if self.marks else (self.line, 1)
 
 
 @dataclass(frozen=True)
@@ -387,6 +387,6 @@ def _check_unique_across(result: ManifestSet) -> None:
                 port = f"host port {forward.protocol}/{forward.hostAddress}:{forward.host}"
                 if key in ports:
                     first, other, first_at = ports[key]
-                    for source, path, by in ((loaded.source, at, other), (first, first_at, this)):
-                        _error(result, source, path, f"{port} is also forwarded by {by}")
+                    _clash(result, loaded.source, first, at, f"{port} is also forwarded by {other}",
+                           f"{port} is also forwarded by {this}", first_at)
                 ports.setdefault(key, (loaded.source, this, at))
