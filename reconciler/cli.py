@@ -22,20 +22,23 @@ from rich.table import Table
 
 from reconciler import __version__
 from reconciler.apply.executor import Executor, StepResult
-from reconciler.apply.files import write_atomic
-from reconciler.apply.lock import LockTimeout, StateLock
-from reconciler.observe.records import CorruptRecord, read_records
+from reconciler.apply.lock import StateLock
+from reconciler.errors import CorruptRecord, LockTimeout
 from reconciler.observe.snapshot import observe
-from reconciler.plan.actions import FORMAT_VERSION, Action, Plan, StepKind
-from reconciler.plan.observed import AppliedRecord, ObservedState
+from reconciler.plan.actions import FORMAT_VERSION, Action, Plan
+from reconciler.plan.observed import ObservedState
 from reconciler.plan.planner import PlanOptions, plan
 from reconciler.plan.render import render_plan, summary_line
+from reconciler.plan.steps import StepKind
 from reconciler.runtime.daemon import Options, run_daemon
 from reconciler.runtime.gitrev import revision
 from reconciler.runtime.store import VMStatus, conditions_text, open_readonly
-from reconciler.spec.layout import StateLayout, state_dir_from_env
 from reconciler.spec.loader import LoadedVM, ManifestSet, Source, load_directory
 from reconciler.spec.models import VirtualMachine
+from reconciler.state import files
+from reconciler.state.files import write_atomic
+from reconciler.state.layout import StateLayout, state_dir_from_env
+from reconciler.state.models import AppliedRecord
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -75,7 +78,7 @@ async def _snapshot(directory: str, layout: StateLayout, allow_restart: bool, ho
             err.print(f"[yellow]warning:[/] {escape(str(error))}")
         if manifests.errors:
             # Status must still work with a broken file: show its VMs against their last applied spec.
-            records = read_records(layout)
+            records = files.read_records(layout)
             failed = {str(Path(file).absolute()) for file in manifests.failed_files}
             for name, record in records.items():
                 if name not in manifests.vms and (not record.source or str(Path(record.source).absolute()) in failed):
@@ -85,7 +88,7 @@ async def _snapshot(directory: str, layout: StateLayout, allow_restart: bool, ho
     # A VM belongs to the host its spec names (none: hosts run without --host).
     desired = {name: loaded.vm for name, loaded in manifests.vms.items() if loaded.vm.spec.host == host}
     try:
-        records = {n: r for n, r in read_records(layout).items() if r.vm.spec.host == host}
+        records = {n: r for n, r in files.read_records(layout).items() if r.vm.spec.host == host}
     except CorruptRecord as exc:
         raise CliError(f"corrupt state record, fix or remove it by hand: {exc}") from exc
     networks = {name: loaded.network for name, loaded in manifests.networks.items()}
@@ -94,17 +97,6 @@ async def _snapshot(directory: str, layout: StateLayout, allow_restart: bool, ho
                   desired_digest=manifests.digest(),
                   options=options or PlanOptions(allow_restart=allow_restart))
     return Snapshot(manifests, records, observed, result)
-
-
-def _source_file(layout: StateLayout) -> Path:
-    return layout.root / "source.json"
-
-
-def _remembered_dir(layout: StateLayout) -> str | None:
-    try:
-        return str(json.loads(_source_file(layout).read_text())["manifests"])
-    except (FileNotFoundError, KeyError, ValueError):
-        return None
 
 
 # -- plan -------------------------------------------------------------------------------------------
@@ -176,7 +168,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             out.print("Apply cancelled.")
             return 1
         out.print("")
-        write_atomic(_source_file(layout), json.dumps({"manifests": snap.plan.manifest_dir}) + "\n")
+        files.write_source(layout, snap.plan.manifest_dir)
         # Absolute: the sync daemon, started elsewhere, matches a record's file against the broken ones.
         sources = {name: str(Path(loaded.source.file).absolute()) for name, loaded in snap.manifests.vms.items()}
         rev = revision(Path(snap.plan.manifest_dir))
@@ -302,7 +294,7 @@ def network_rows(snap: Snapshot) -> list[dict[str, Any]]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     layout = _layout(args)
-    directory = args.directory or _remembered_dir(layout)
+    directory = args.directory or files.read_source(layout)
     if directory is None:
         raise CliError("no manifest directory given and none applied yet: infinization status DIR")
     snap = asyncio.run(_snapshot(directory, layout, allow_restart=False, host=args.host, tolerate_errors=True))
@@ -345,11 +337,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     layout = _layout(args)
-    path = layout.vm(args.name).serial
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise CliError(f"no serial log for VM {args.name!r} ({path})") from exc
+    data = files.read_serial(layout.vm(args.name))
+    if data is None:
+        raise CliError(f"no serial log for VM {args.name!r} ({layout.vm(args.name).serial})")
     lines = data.decode(errors="replace").splitlines()
     if args.tail:
         lines = lines[-args.tail:]
@@ -360,7 +350,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_start_stop(args: argparse.Namespace) -> int:
     """Imperative start/stop of one VM (for runStrategy Manual): the manifests are never rewritten."""
     layout = _layout(args)
-    directory = args.directory or _remembered_dir(layout)
+    directory = args.directory or files.read_source(layout)
     if directory is None:
         raise CliError("no manifest directory given and none applied yet: --manifests DIR")
     names = frozenset([args.name])

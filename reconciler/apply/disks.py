@@ -13,9 +13,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from reconciler.apply.errors import StepFailed
-from reconciler.observe import monitor
-from reconciler.observe.images import QEMU_IMG, inspect_image
+from reconciler.adapters import monitor
+from reconciler.adapters.qemu_img import QEMU_IMG, inspect_image
+from reconciler.errors import StepFailed
 from reconciler.spec.units import format_size
 
 

@@ -1,30 +1,34 @@
 """Run a Plan: each VM's steps in order, VMs one after another, every step re-checking before it acts.
 
 A failing step stops that VM's remaining steps (they depended on it) and the run goes on with the next
-VM, so one broken VM never blocks the others. ``INFINIZATION_CRASH_AT=before:KIND`` or ``after:KIND``
-(KIND a step kind such as ``start``) makes the process SIGKILL itself at that point: the fault injection
-the crash-safety tests use to prove that a re-run converges.
+VM, so one broken VM never blocks the others. Dispatch is one exhaustive ``match`` over the ``Step``
+union (``_run_step``): it says how each kind runs (on the VM's files and process, over its QMP monitor,
+or on host networking in a worker thread), and each of those has its own exhaustive ``match``; a step
+kind without a handler is a mypy error. ``INFINIZATION_CRASH_AT=before:KIND`` or ``after:KIND`` (KIND a
+step kind such as ``start``) makes the process SIGKILL itself at that point: the fault injection the
+crash-safety tests use to prove that a re-run converges.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import assert_never
 
-from reconciler.apply import disks, files, hostnet, hotplug, vmprocess
-from reconciler.apply.errors import StepFailed
-from reconciler.observe import monitor, processes
-from reconciler.observe.records import read_network_records, read_record
-from reconciler.plan.actions import Change, Plan, Step, StepKind
-from reconciler.plan.observed import NetworkRecord
-from reconciler.spec.layout import StateLayout, VMPaths
-from reconciler.spec.models import Network, VirtualMachine
+from reconciler.adapters import monitor, procfs
+from reconciler.apply import disks, hostnet, hotplug, vmprocess
+from reconciler.errors import InfinizationError, Permanent, Refused, StepFailed
+from reconciler.plan import steps as s
+from reconciler.plan.actions import Change, Plan
+from reconciler.plan.steps import Step, StepKind
+from reconciler.spec.models import Network, VirtualMachine, nic_bridge
+from reconciler.state import files
+from reconciler.state.layout import StateLayout, VMPaths
 
 CRASH_ENV = "INFINIZATION_CRASH_AT"
 
@@ -35,12 +39,14 @@ class StepResult:
     ok: bool
     detail: str
     seconds: float
+    permanent: bool = False  # the failure needs a person (a refusal, a corrupt record): retrying cannot help
 
 
 @dataclass
 class ApplyResult:
     results: list[StepResult] = field(default_factory=list)
     failed_vms: dict[str, str] = field(default_factory=dict)
+    permanent: set[str] = field(default_factory=set)  # resources whose failure needs a person
 
     @property
     def ok(self) -> bool:
@@ -86,155 +92,169 @@ class Executor:
         for step in change.steps:
             began = time.monotonic()
             _maybe_crash("before", step.kind)
+            permanent = False
             try:
                 detail = await self._run_step(step)
                 ok = True
-            except (StepFailed, monitor.MonitorError, OSError, ValueError) as exc:
-                detail, ok = str(exc), False
-            result = StepResult(step, ok, detail, time.monotonic() - began)
+            except (InfinizationError, OSError, ValueError) as exc:
+                detail, ok, permanent = str(exc), False, isinstance(exc, Permanent)
+            result = StepResult(step, ok, detail, time.monotonic() - began, permanent)
             outcome.results.append(result)
             self.report(result)
             if not ok:
                 outcome.failed_vms[change.name] = f"{step.summary}: {detail}"
+                if permanent:
+                    outcome.permanent.add(change.name)
                 return
             _maybe_crash("after", step.kind)
 
     async def _run_step(self, step: Step) -> str:
-        paths = self.layout.vm(step.name)
-        args = step.args
-        if step.kind is StepKind.WRITE_RECORD:
-            files.write_record(paths, VirtualMachine.model_validate(args["vm"]), self.sources.get(step.name),
-                               self.revision)
-            return "recorded"
-        if step.kind is StepKind.CREATE_DISK:
-            path = Path(args["path"])
-            if path.exists():
-                return "already exists (kept as it is)"
-            files.claim_disk(paths, step.target)
-            return disks.create(path, args.get("size"), args.get("image"), args.get("image_format", "qcow2"))
-        if step.kind is StepKind.GROW_DISK_LIVE:
-            return await disks.grow_live(paths.qmp, args["node"], Path(args["path"]), int(args["size"]))
-        if step.kind is StepKind.GROW_DISK_OFFLINE:
-            # qemu-img takes the image's write lock: it refuses an image a running QEMU has open.
-            return disks.grow_offline(Path(args["path"]), int(args["size"]))
-        if step.kind in _NETWORK_STEPS:
-            # pyroute2's sync IPRoute refuses to run in the event loop's thread.
-            return await asyncio.to_thread(self._network_step, step)
-        if step.kind is StepKind.START:
-            vm = self._recorded_vm(paths)
-            started = await vmprocess.start(paths, vm, self._bridges(vm), vhost=Path("/dev/vhost-net").exists())
-            async with monitor.session(paths.qmp) as qmp:
-                extra = await hotplug.after_start(qmp, paths, vm)
-            return ", ".join([started, *extra])
-        if step.kind in _LIVE_STEPS:
-            vm = self._recorded_vm(paths)
-            async with monitor.session(paths.qmp) as qmp:
-                return await _live_step(qmp, paths, vm, step, self._bridges(vm))
-        if step.kind is StepKind.STOP:
-            return await vmprocess.stop(paths, float(args.get("timeout", 60)))
-        if step.kind is StepKind.DELETE_DISK:
-            record = read_record(paths.record)
-            if record is None or step.target not in record.owned_disks:
-                raise StepFailed(f"disk {step.target} was not created by infinization: refusing to delete it")
-            if processes.find_qemu(paths.pidfile) is not None:
-                raise StepFailed("the VM is still running: refusing to delete its disk")
-            return disks.delete(Path(args["path"]))
-        if step.kind is StepKind.FORGET:
-            if processes.find_qemu(paths.pidfile) is not None:
-                raise StepFailed("the VM is still running: refusing to forget it")
-            if paths.dir.exists():
-                shutil.rmtree(paths.dir)
-            return "forgotten"
-        raise StepFailed(f"unknown step kind {step.kind}")  # pragma: no cover - the enum is closed
+        """The one dispatch table: how each kind of step runs."""
+        match step:
+            case (s.WriteRecord() | s.CreateDisk() | s.GrowDiskLive() | s.GrowDiskOffline() | s.Stop() | s.Start()
+                  | s.DeleteDisk() | s.Forget()):
+                return await self._vm_step(step)
+            case (s.HotplugDisk() | s.UnplugDisk() | s.HotplugNic() | s.UnplugNic() | s.SetLink() | s.SetIoLimits()
+                  | s.AddCpus() | s.AddMemory() | s.SetBalloon() | s.HotplugCdrom() | s.UnplugCdrom()
+                  | s.ChangeMedia()):
+                paths = self.layout.vm(step.name)
+                vm = self._recorded_vm(paths)
+                async with monitor.session(paths.qmp) as qmp:
+                    return await _live_step(qmp, paths, vm, step, self._bridges(vm))
+            case (s.WriteNetworkRecord() | s.EnsureBridge() | s.DeleteBridge() | s.ForgetNetwork() | s.ApplyFirewall()
+                  | s.RepairTap() | s.EnsureDhcp() | s.StopDhcp()):
+                # pyroute2's sync IPRoute refuses to run in the event loop's thread.
+                return await asyncio.to_thread(self._host_step, step)
+            case _:
+                assert_never(step)
 
-    def _network_step(self, step: Step) -> str:
-        args = step.args
-        if step.kind is StepKind.WRITE_NETWORK_RECORD:
-            record = NetworkRecord(network=Network.model_validate(args["network"]))
-            files.write_atomic(self.layout.network_record(step.name), record.model_dump_json(indent=2) + "\n")
-            return "recorded"
-        if step.kind is StepKind.ENSURE_BRIDGE:
-            return hostnet.ensure_bridge(args["bridge"], args.get("address"), args.get("remove_address"),
-                                         bool(args.get("ip_forward")))
-        if step.kind is StepKind.DELETE_BRIDGE:
-            if self.layout.network_record(step.name).exists():
-                return hostnet.delete_bridge(args["bridge"])
-            raise StepFailed(f"no record of Network {step.name}: refusing to delete a bridge we did not create")
-        if step.kind is StepKind.FORGET_NETWORK:
-            self.layout.network_record(step.name).unlink(missing_ok=True)
-            return "forgotten"
-        if step.kind is StepKind.APPLY_FIREWALL:
-            return hostnet.apply_firewall(args["script"])
-        if step.kind is StepKind.REPAIR_TAP:
-            return hostnet.repair_tap(args["tap"], args["bridge"])
-        if step.kind is StepKind.ENSURE_DHCP:
-            return hostnet.ensure_dhcp(list(args["argv"]), Path(args["pidfile"]))
-        if step.kind is StepKind.STOP_DHCP:
-            return hostnet.stop_dhcp(Path(args["pidfile"]))
-        raise StepFailed(f"not a network step: {step.kind}")  # pragma: no cover
+    async def _vm_step(self, step: s.VMStep) -> str:
+        """Steps on a VM's record, disk files and process."""
+        paths = self.layout.vm(step.name)
+        match step:
+            case s.WriteRecord():
+                files.write_record(paths, step.vm, self.sources.get(step.name), self.revision)
+                return "recorded"
+            case s.CreateDisk():
+                if Path(step.path).exists():
+                    return "already exists (kept as it is)"
+                files.claim_disk(paths, step.target)
+                return disks.create(Path(step.path), step.size, step.image, step.image_format)
+            case s.GrowDiskLive():
+                return await disks.grow_live(paths.qmp, step.node, Path(step.path), step.size)
+            case s.GrowDiskOffline():
+                # qemu-img takes the image's write lock: it refuses an image a running QEMU has open.
+                return disks.grow_offline(Path(step.path), step.size)
+            case s.Start():
+                return await self._start(paths)
+            case s.Stop():
+                return await vmprocess.stop(paths, float(step.timeout))
+            case s.DeleteDisk():
+                return self._delete_disk(paths, step)
+            case s.Forget():
+                if procfs.find_qemu(paths.pidfile) is not None:
+                    raise StepFailed("the VM is still running: refusing to forget it (it is stopped first)")
+                files.forget_vm(paths)
+                return "forgotten"
+            case _:
+                assert_never(step)
+
+    async def _start(self, paths: VMPaths) -> str:
+        vm = self._recorded_vm(paths)
+        started = await vmprocess.start(paths, vm, self._bridges(vm), vhost=Path("/dev/vhost-net").exists())
+        async with monitor.session(paths.qmp) as qmp:
+            extra = await hotplug.after_start(qmp, paths, vm)
+        return ", ".join([started, *extra])
+
+    @staticmethod
+    def _delete_disk(paths: VMPaths, step: s.DeleteDisk) -> str:
+        record = files.read_record(paths)
+        if record is None or step.target not in record.owned_disks:
+            raise Refused(f"disk {step.target} was not created by infinization: refusing to delete it")
+        if procfs.find_qemu(paths.pidfile) is not None:
+            raise StepFailed("the VM is still running: refusing to delete its disk")
+        return disks.delete(Path(step.path))
+
+    def _host_step(self, step: s.HostStep) -> str:
+        """Steps on host networking; runs in a worker thread."""
+        match step:
+            case s.WriteNetworkRecord():
+                files.write_network_record(self.layout, step.network)
+                return "recorded"
+            case s.EnsureBridge():
+                return hostnet.ensure_bridge(step.bridge, step.address, step.remove_address, step.ip_forward)
+            case s.DeleteBridge():
+                if not files.has_network_record(self.layout, step.name):
+                    raise Refused(f"no record of Network {step.name}: refusing to delete a bridge we did not create")
+                return hostnet.delete_bridge(step.bridge)
+            case s.ForgetNetwork():
+                files.forget_network(self.layout, step.name)
+                return "forgotten"
+            case s.ApplyFirewall():
+                return hostnet.apply_firewall(step.script)
+            case s.RepairTap():
+                if step.bridge is None:
+                    raise Refused(f"NIC {step.target}: its bridge is unknown (its Network does not exist)")
+                return hostnet.repair_tap(step.tap, step.bridge)
+            case s.EnsureDhcp():
+                return hostnet.ensure_dhcp(step.argv, Path(step.pidfile))
+            case s.StopDhcp():
+                return hostnet.stop_dhcp(Path(step.pidfile))
+            case _:
+                assert_never(step)
 
     def _bridges(self, vm: VirtualMachine) -> dict[str, str]:
-        """Each bridged NIC's bridge: its own, or its Network's (from the network records)."""
-        records = read_network_records(self.layout)
+        """Each bridged NIC's bridge: its own, or its Network's (from the records of Networks we created)."""
+        created: dict[str, Network] = {n: r.network for n, r in files.read_network_records(self.layout).items()}
         bridges = {}
         for nic in vm.spec.networks:
-            if nic.bridge:
-                bridges[nic.name] = nic.bridge
-            elif nic.network:
-                if nic.network not in records:
-                    raise StepFailed(f"NIC {nic.name}: Network {nic.network} has not been created")
-                bridges[nic.name] = records[nic.network].network.spec.bridge
+            if nic.type != "bridge":
+                continue
+            bridge = nic_bridge(nic, created)
+            if bridge is None:
+                raise StepFailed(f"NIC {nic.name}: Network {nic.network} has not been created")
+            bridges[nic.name] = bridge
         return bridges
 
     @staticmethod
     def _recorded_vm(paths: VMPaths) -> VirtualMachine:
-        record = read_record(paths.record)
+        record = files.read_record(paths)
         if record is None:
-            raise StepFailed("no record of this VM: the record step must run first")
+            raise Refused("no record of this VM: the record step must run first (re-run apply)")
         return record.vm
 
 
-_NETWORK_STEPS = {
-    StepKind.WRITE_NETWORK_RECORD, StepKind.ENSURE_BRIDGE, StepKind.DELETE_BRIDGE, StepKind.FORGET_NETWORK,
-    StepKind.APPLY_FIREWALL, StepKind.REPAIR_TAP, StepKind.ENSURE_DHCP, StepKind.STOP_DHCP,
-}
-
-_LIVE_STEPS = {
-    StepKind.HOTPLUG_DISK, StepKind.UNPLUG_DISK, StepKind.HOTPLUG_NIC, StepKind.UNPLUG_NIC, StepKind.SET_LINK,
-    StepKind.SET_IO_LIMITS, StepKind.ADD_CPUS, StepKind.ADD_MEMORY, StepKind.SET_BALLOON, StepKind.HOTPLUG_CDROM,
-    StepKind.UNPLUG_CDROM, StepKind.CHANGE_MEDIA,
-}
-
-
-async def _live_step(qmp: monitor.Monitor, paths: VMPaths, vm: VirtualMachine, step: Step,
+async def _live_step(qmp: monitor.Monitor, paths: VMPaths, vm: VirtualMachine, step: s.LiveStep,
                      bridges: dict[str, str]) -> str:
-    args, target = step.args, step.target
-    match step.kind:
-        case StepKind.HOTPLUG_DISK:
-            return await hotplug.hotplug_disk(qmp, paths, vm, target, int(args["iops"]), int(args["bps"]))
-        case StepKind.UNPLUG_DISK:
+    """Steps on a running VM, within one QMP session."""
+    target = step.target
+    match step:
+        case s.HotplugDisk():
+            return await hotplug.hotplug_disk(qmp, paths, vm, target, step.iops, step.bps)
+        case s.UnplugDisk():
             return await hotplug.unplug_disk(qmp, paths, target)
-        case StepKind.HOTPLUG_NIC:
+        case s.HotplugNic():
             done = await hotplug.hotplug_nic(qmp, vm, target, bridges)
-            if args.get("link") == "down":
+            if step.link == "down":
                 done += ", link " + await hotplug.set_link(qmp, paths, target, False)
             return done
-        case StepKind.UNPLUG_NIC:
+        case s.UnplugNic():
             return await hotplug.unplug_nic(qmp, paths, target)
-        case StepKind.SET_LINK:
-            return await hotplug.set_link(qmp, paths, target, bool(args["up"]))
-        case StepKind.SET_IO_LIMITS:
-            return await hotplug.set_io_limits(qmp, target, int(args["iops"]), int(args["bps"]))
-        case StepKind.ADD_CPUS:
-            return await hotplug.add_cpus(qmp, int(args["count"]))
-        case StepKind.ADD_MEMORY:
-            return await hotplug.add_memory(qmp, int(args["size"]))
-        case StepKind.SET_BALLOON:
-            return await hotplug.set_balloon(qmp, paths, int(args["size"]))
-        case StepKind.HOTPLUG_CDROM:
-            return await hotplug.hotplug_cdrom(qmp, target, args.get("image"))
-        case StepKind.UNPLUG_CDROM:
+        case s.SetLink():
+            return await hotplug.set_link(qmp, paths, target, step.up)
+        case s.SetIoLimits():
+            return await hotplug.set_io_limits(qmp, target, step.iops, step.bps)
+        case s.AddCpus():
+            return await hotplug.add_cpus(qmp, step.count)
+        case s.AddMemory():
+            return await hotplug.add_memory(qmp, step.size)
+        case s.SetBalloon():
+            return await hotplug.set_balloon(qmp, paths, step.size)
+        case s.HotplugCdrom():
+            return await hotplug.hotplug_cdrom(qmp, target, step.image)
+        case s.UnplugCdrom():
             return await hotplug.unplug_cdrom(qmp, paths, target)
-        case StepKind.CHANGE_MEDIA:
-            return await hotplug.change_media(qmp, target, args.get("image"))
-    raise StepFailed(f"not a live step: {step.kind}")  # pragma: no cover
+        case s.ChangeMedia():
+            return await hotplug.change_media(qmp, target, step.image)
+        case _:
+            assert_never(step)

@@ -19,8 +19,9 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from reconciler.apply.errors import StepFailed
-from reconciler.observe import processes
+from reconciler.adapters import procfs
+from reconciler.errors import StepFailed
+from reconciler.state import files
 
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
@@ -122,35 +123,27 @@ def close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def _our_dnsmasq(pidfile: Path) -> int | None:
-    pid = processes.read_pidfile(pidfile)
-    if pid is None or not processes.is_alive(pid):
-        return None
-    cmdline = processes.read_cmdline(pid) or ()
-    return pid if f"--pid-file={pidfile}" in cmdline else None
-
-
 def stop_dhcp(pidfile: Path) -> str:
     """SIGTERM the dnsmasq that owns ``pidfile`` (checked in /proc first), and wait for it."""
-    pid = _our_dnsmasq(pidfile)
+    pid = procfs.find_dnsmasq(pidfile)
     if pid is None:
         return "not running"
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
-    while processes.is_alive(pid):
+    while procfs.is_alive(pid):
         if time.monotonic() > deadline:
-            if _our_dnsmasq(pidfile) == pid:
+            if procfs.find_dnsmasq(pidfile) == pid:
                 os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.02)
-    pidfile.unlink(missing_ok=True)
+    files.remove_pidfile(pidfile)
     return "stopped"
 
 
 def ensure_dhcp(argv: list[str], pidfile: Path) -> str:
     """(Re)start dnsmasq with exactly ``argv``; it daemonizes itself and writes ``pidfile``."""
-    pid = _our_dnsmasq(pidfile)
-    if pid is not None and list(processes.read_cmdline(pid) or ()) == argv:
+    pid = procfs.find_dnsmasq(pidfile)
+    if pid is not None and list(procfs.read_cmdline(pid) or ()) == argv:
         return "already running"
     stopped = stop_dhcp(pidfile) if pid is not None else ""
     pidfile.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +154,7 @@ def ensure_dhcp(argv: list[str], pidfile: Path) -> str:
         raise StepFailed("dnsmasq is not installed (Debian package dnsmasq-base)") from exc
     if done.returncode != 0:
         raise StepFailed(f"dnsmasq refused to start: {done.stderr.strip()}")
-    new = _our_dnsmasq(pidfile)
+    new = procfs.find_dnsmasq(pidfile)
     if new is None:
         raise StepFailed("dnsmasq exited right after starting")
     return f"{'restarted' if stopped else 'started'}, pid {new}"

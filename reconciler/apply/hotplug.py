@@ -14,13 +14,10 @@ import asyncio
 import contextlib
 from typing import Any
 
+from reconciler.adapters import procfs
+from reconciler.adapters.monitor import Monitor, block_nodes, free_spare_ports, peripheral_ids
 from reconciler.apply import hostnet
-from reconciler.apply.errors import StepFailed
-from reconciler.apply.files import update_live
-from reconciler.observe import processes
-from reconciler.observe.live import free_spare_ports, peripheral_ids
-from reconciler.observe.monitor import Monitor, MonitorError
-from reconciler.observe.records import read_live
+from reconciler.errors import MonitorError, StepFailed
 from reconciler.qemu.argv import (
     cdrom_blockdev,
     disk_device_args,
@@ -29,23 +26,14 @@ from reconciler.qemu.argv import (
     host_forwards,
     nic_device_args,
 )
-from reconciler.spec.layout import (
-    SCSI_CONTROLLER,
-    VMPaths,
-    cdrom_device,
-    disk_file_node,
-    disk_node,
-    nic_device,
-    nic_netdev,
-)
 from reconciler.spec.models import NetworkInterfaceSpec, VirtualMachine, nic_mac, tap_name
+from reconciler.spec.naming import SCSI_CONTROLLER, cdrom_device, disk_file_node, disk_node, nic_device, nic_netdev
+from reconciler.state import files
+from reconciler.state.layout import VMPaths
+from reconciler.state.models import LiveRecord
 
 UNPLUG_TIMEOUT = 5.0
 DEVICE_TIMEOUT = 30.0
-
-
-async def _nodes(qmp: Monitor) -> set[str]:
-    return {n["node-name"] for n in await qmp.execute("query-named-block-nodes", {"flat": True})}
 
 
 async def _free_bus(qmp: Monitor, vm: VirtualMachine) -> str | None:
@@ -67,7 +55,7 @@ async def hotplug_disk(qmp: Monitor, paths: VMPaths, vm: VirtualMachine, disk: s
     device = disk_node(disk)
     if device in await peripheral_ids(qmp):
         return "already plugged"
-    nodes = await _nodes(qmp)
+    nodes = await block_nodes(qmp)
     if disk_file_node(disk) not in nodes:
         await qmp.execute("blockdev-add", disk_file_blockdev(disk, str(paths.disk(disk))))
     if disk_node(disk) not in nodes:
@@ -119,9 +107,17 @@ async def _unplug(qmp: Monitor, paths: VMPaths, device: str) -> bool:
     return True
 
 
-def _live_record(paths: VMPaths) -> Any:
-    process = processes.find_qemu(paths.pidfile)
-    return read_live(paths.live, process.pid, process.start_time) if process else None
+def _live_record(paths: VMPaths) -> LiveRecord | None:
+    """live.json of the QEMU that runs now (None: no QEMU of this VM runs)."""
+    process = procfs.find_qemu(paths.pidfile)
+    return files.read_live(paths, process.pid, process.start_time) if process else None
+
+
+def update_live(paths: VMPaths, **changes: Any) -> None:
+    """Change live.json for the QEMU that runs now (a record of an older process is replaced)."""
+    process = procfs.find_qemu(paths.pidfile)
+    if process is not None:
+        files.update_live(paths, process.pid, process.start_time, **changes)
 
 
 PENDING = "unplug pending: the guest has not released the device; a later reconcile or a reset finishes it"
@@ -130,7 +126,7 @@ PENDING = "unplug pending: the guest has not released the device; a later reconc
 async def unplug_disk(qmp: Monitor, paths: VMPaths, disk: str) -> str:
     if not await _unplug(qmp, paths, disk_node(disk)):
         return PENDING
-    nodes = await _nodes(qmp)
+    nodes = await block_nodes(qmp)
     for node in (disk_node(disk), disk_file_node(disk)):
         if node in nodes:
             await qmp.execute("blockdev-del", {"node-name": node})
@@ -195,7 +191,7 @@ async def hotplug_cdrom(qmp: Monitor, cdrom: str, image: str | None) -> str:
         return "already plugged"
     args: dict[str, Any] = {"driver": "scsi-cd", "id": device, "bus": f"{SCSI_CONTROLLER}.0"}
     if image:
-        if device not in await _nodes(qmp):
+        if device not in await block_nodes(qmp):
             await qmp.execute("blockdev-add", cdrom_blockdev(cdrom, image))
         args["drive"] = device
     await qmp.execute("device_add", args, timeout=DEVICE_TIMEOUT)
@@ -206,7 +202,7 @@ async def hotplug_cdrom(qmp: Monitor, cdrom: str, image: str | None) -> str:
 async def unplug_cdrom(qmp: Monitor, paths: VMPaths, cdrom: str) -> str:
     if not await _unplug(qmp, paths, cdrom_device(cdrom)):
         return PENDING
-    if cdrom_device(cdrom) in await _nodes(qmp):
+    if cdrom_device(cdrom) in await block_nodes(qmp):
         await qmp.execute("blockdev-del", {"node-name": cdrom_device(cdrom)})
     return "unplugged"
 
@@ -216,7 +212,7 @@ async def change_media(qmp: Monitor, cdrom: str, image: str | None) -> str:
     device = cdrom_device(cdrom)
     await qmp.execute("blockdev-open-tray", {"id": device, "force": True})
     await qmp.execute("blockdev-remove-medium", {"id": device})
-    if device in await _nodes(qmp):
+    if device in await block_nodes(qmp):
         await qmp.execute("blockdev-del", {"node-name": device})
     if image:
         await qmp.execute("blockdev-add", cdrom_blockdev(cdrom, image))

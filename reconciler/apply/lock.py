@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-
-class LockTimeout(Exception):
-    """Another run holds the state directory for longer than we were willing to wait."""
+from reconciler.errors import LockTimeout
 
 
 class StateLock:

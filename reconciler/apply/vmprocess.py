@@ -1,4 +1,4 @@
-"""Start and stop QEMU processes.
+"""Start and stop QEMU procfs.
 
 Start: write the launch record, run the argv from the pure builder (no shell) with ``-daemonize`` (QEMU
 forks and its first process exits only once its monitors listen, so a start error is reported
@@ -10,20 +10,20 @@ PID we verified (and re-verify right before signalling) as this VM's QEMU.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+from reconciler.adapters import monitor, procfs
 from reconciler.apply import hostnet
-from reconciler.apply.errors import StepFailed
-from reconciler.apply.files import write_atomic, write_launch
-from reconciler.observe import monitor, processes
+from reconciler.errors import MonitorError, StepFailed
 from reconciler.qemu.argv import build_argv
-from reconciler.spec.layout import VMPaths
 from reconciler.spec.models import VirtualMachine, nic_mac, tap_name
+from reconciler.state import files
+from reconciler.state.layout import VMPaths
+from reconciler.state.models import STOPPED, ExitRecord
 
 QUIT_TIMEOUT = 5.0
 READY_TIMEOUT = 30.0
@@ -33,7 +33,7 @@ REPRESS = 2.0
 
 async def _wait_dead(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while processes.is_alive(pid):
+    while procfs.is_alive(pid):
         if time.monotonic() >= deadline:
             return False
         await asyncio.sleep(POLL)
@@ -46,7 +46,7 @@ async def start(paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str], vho
     ``bridges`` maps each bridged NIC to its bridge: their TAPs are created here and handed to QEMU as
     file descriptors (closed on our side once QEMU has them).
     """
-    if processes.find_qemu(paths.pidfile) is not None:
+    if procfs.find_qemu(paths.pidfile) is not None:
         return "already running"
     paths.dir.mkdir(parents=True, exist_ok=True)
     taps: dict[str, list[int]] = {}
@@ -56,7 +56,7 @@ async def start(paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str], vho
                 taps[nic.name] = await asyncio.to_thread(
                     hostnet.open_tap, tap_name(vm.name, nic.name), bridges[nic.name], nic.queues, nic_mac(vm.name, nic))
         argv = build_argv(vm.name, vm.spec, paths, taps=taps, vhost=vhost)
-        write_launch(paths, argv, vm)
+        files.write_launch(paths, argv, vm)
         try:
             done = await asyncio.to_thread(
                 subprocess.run, argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -72,10 +72,10 @@ async def start(paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str], vho
     if done.returncode != 0:
         message = done.stderr.strip() or f"exit status {done.returncode}"
         raise StepFailed(f"QEMU refused to start: {message}")
-    process = processes.find_qemu(paths.pidfile)
+    process = procfs.find_qemu(paths.pidfile)
     if process is None:
         raise StepFailed("QEMU exited right after starting (see `infinization logs`)")
-    paths.exit.unlink(missing_ok=True)  # a new run: how the previous one ended no longer matters
+    files.clear_exit(paths)  # a new run: how the previous one ended no longer matters
     await _wait_running(paths.qmp, process.pid)
     return f"started, pid {process.pid}"
 
@@ -86,7 +86,7 @@ async def _wait_running(socket: Path, pid: int) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     last = ""
     while time.monotonic() < deadline:
-        if not processes.is_alive(pid):
+        if not procfs.is_alive(pid):
             raise StepFailed(f"QEMU pid {pid} exited before its guest ran (see `infinization logs`)")
         try:
             async with monitor.session(socket) as qmp:
@@ -94,7 +94,7 @@ async def _wait_running(socket: Path, pid: int) -> None:
             if status == "running":
                 return
             last = f"status {status}"
-        except monitor.MonitorError as exc:
+        except MonitorError as exc:
             last = str(exc)
         await asyncio.sleep(POLL)
     raise StepFailed(f"the VM did not reach 'running' within {READY_TIMEOUT:g}s ({last})")
@@ -111,39 +111,36 @@ async def _press_power_button(paths: VMPaths, pid: int, grace: float) -> bool:
         try:
             async with monitor.session(paths.qmp) as qmp:
                 await qmp.execute("system_powerdown")
-        except monitor.MonitorError:
+        except MonitorError:
             return await _wait_dead(pid, 0)
         if await _wait_dead(pid, min(REPRESS, max(0.0, deadline - time.monotonic()))):
             return True
     return False
 
 
-STOPPED = "stopped"  # exit.json reason: we stopped it (not the guest's own shutdown, not a crash)
-
-
 async def stop(paths: VMPaths, grace: float) -> str:
     """Stop the VM's QEMU if it runs: ACPI power button, then quit, then SIGKILL; return what worked."""
-    process = processes.find_qemu(paths.pidfile)
+    process = procfs.find_qemu(paths.pidfile)
     if process is None:
         return "not running"
     how = await _stop(paths, process, grace)
     # The guest saw a power button and shut down cleanly, but it was our doing: RerunOnFailure must start
     # it again when asked to, as it would not after a shutdown the guest chose.
-    write_atomic(paths.exit, json.dumps({"reason": STOPPED, "how": how}))
+    files.write_exit(paths, ExitRecord(reason=STOPPED, how=how))
     return how
 
 
-async def _stop(paths: VMPaths, process: processes.QemuProcess, grace: float) -> str:
+async def _stop(paths: VMPaths, process: procfs.QemuProcess, grace: float) -> str:
     if grace > 0 and await _press_power_button(paths, process.pid, grace):
         return "guest powered off"
     try:
         async with monitor.session(paths.qmp) as qmp:
             await qmp.execute("quit")
-    except monitor.MonitorError:
+    except MonitorError:
         pass
     if await _wait_dead(process.pid, QUIT_TIMEOUT):
         return f"quit after the guest ignored the power button for {grace:g}s" if grace else "quit"
-    if processes.still_same(process, paths.pidfile):
+    if procfs.still_same(process, paths.pidfile):
         os.kill(process.pid, signal.SIGKILL)
     if await _wait_dead(process.pid, QUIT_TIMEOUT):
         return "killed (SIGKILL) after quit did not work"

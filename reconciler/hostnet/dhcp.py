@@ -8,14 +8,13 @@ observer compares the running dnsmasq's /proc cmdline with this argv, so any cha
 from __future__ import annotations
 
 import ipaddress
-from pathlib import Path
 
 from reconciler.spec.models import Network
 
 DNSMASQ = "dnsmasq"
 
 
-def dnsmasq_argv(network: Network, pidfile: Path, leases: Path) -> list[str]:
+def dnsmasq_argv(network: Network, pidfile: str, leases: str) -> list[str]:
     spec = network.spec
     assert spec.dhcp is not None and spec.address is not None
     host = str(ipaddress.ip_interface(spec.address).ip)

@@ -7,7 +7,6 @@ Read-only. Called by the snapshot builder. The sync pyroute2 ``IPRoute`` is used
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import subprocess
@@ -16,9 +15,10 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from reconciler.adapters import procfs
 from reconciler.hostnet.nftables import BRIDGE_TABLE, IP_TABLE
-from reconciler.observe import processes
-from reconciler.plan.observed import DhcpLease, HostCapabilities, ObservedDhcp, ObservedHostNetwork, ObservedLink
+from reconciler.plan.observed import HostCapabilities, ObservedDhcp, ObservedHostNetwork, ObservedLink
+from reconciler.state import files
 
 NFT = "nft"
 _PROBES = {
@@ -100,17 +100,8 @@ async def observe_host_network(names: set[str], dhcp: dict[str, tuple[Path, Path
 
 def observe_dhcp(pidfile: Path, leases: Path) -> ObservedDhcp:
     """The dnsmasq that owns ``pidfile`` (proven by its /proc cmdline naming it) and its leases."""
-    lease_list = []
-    with contextlib.suppress(OSError):
-        for line in leases.read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 4 and parts[0].isdigit():
-                lease_list.append(DhcpLease(expires=int(parts[0]), mac=parts[1], ip=parts[2],
-                                            hostname=None if parts[3] == "*" else parts[3]))
-    pid = processes.read_pidfile(pidfile)
-    if pid is None or not processes.is_alive(pid):
-        return ObservedDhcp(leases=lease_list)
-    cmdline = processes.read_cmdline(pid)
-    if not cmdline or f"--pid-file={pidfile}" not in cmdline:
-        return ObservedDhcp(leases=lease_list)
-    return ObservedDhcp(argv=list(cmdline), pid=pid, leases=lease_list)
+    found = files.read_dhcp_leases(leases)
+    pid = procfs.find_dnsmasq(pidfile)
+    argv = list(procfs.read_cmdline(pid) or ()) if pid is not None else None
+    return ObservedDhcp(argv=argv or None,
+                        pid=pid if argv else None, leases=found)

@@ -1,96 +1,119 @@
 """Read a running VM's live configuration over QMP: devices, block nodes, I/O limits, vCPUs, memory, slots.
 
-Called by the snapshot builder for every running VM. Only queries (``qom-list``, ``query-block``,
-``query-named-block-nodes``, ``query-pci``, ``query-cpus-fast``, ``query-memory-size-summary``,
-``query-memory-devices``, ``info network``). QEMU 7.2 cannot report a NIC's link state or a balloon
-target back, so those come from ``live.json``, which the executor writes and which is only trusted for
+Called by the snapshot builder for every running VM. Like pyinfra's facts, a query and its parser are
+kept apart: ``query_live`` only asks QEMU (``qom-list``, ``query-block``, ``query-named-block-nodes``,
+``query-pci``, ``query-cpus-fast``, ``query-memory-size-summary``, ``query-memory-devices``, ``info
+network``, ``qom-get`` of each NIC's MAC) and ``parse_live`` turns the answers into ``LiveState`` without
+I/O (unit-tested on recorded answers). QEMU 7.2 cannot report a NIC's link state or a balloon target back,
+so those come from ``live.json`` (``LiveRecord``), which the executor writes and which is only trusted for
 the process it names.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
-from reconciler.observe.monitor import Monitor
-from reconciler.observe.records import LiveRecord
+from reconciler.adapters.monitor import Monitor, block_nodes, free_spare_ports, peripheral_ids
 from reconciler.plan.observed import LiveCdrom, LiveDisk, LiveNic, LiveState
 from reconciler.spec.models import VirtualMachineSpec
+from reconciler.state.models import LiveRecord
 
 _NETDEV_LINE = re.compile(r"^[\s\\]*(net-[a-z0-9-]+):", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class LiveAnswers:
+    """QEMU's raw answers to the live queries, as QMP returned them."""
+
+    devices: dict[str, str]  # device id -> QOM type
+    nodes: set[str]
+    block: list[dict[str, Any]]
+    network_info: str  # HMP "info network": QEMU 7.2 has no query-netdev
+    macs: dict[str, str]  # NIC device id -> MAC
+    cpus: int
+    memory_summary: dict[str, Any]
+    memory_devices: list[dict[str, Any]]
+    pci: list[dict[str, Any]]
 
 
 def _strip(prefix: str, name: str) -> str | None:
     return name[len(prefix):] if name.startswith(prefix) else None
 
 
-async def peripheral_ids(qmp: Monitor) -> dict[str, str]:
-    """Device id -> QOM type of every device that has an id."""
-    entries = await qmp.execute("qom-list", {"path": "/machine/peripheral"})
-    return {e["name"]: e["type"].removeprefix("child<").removesuffix(">")
-            for e in entries if e["type"].startswith("child<")}
-
-
-def free_spare_ports(pci: list[dict[str, Any]]) -> list[str]:
-    """Spare root ports (``hp-N``) on which nothing is plugged, in order."""
-    free = []
-    for bus in pci:
-        for device in bus.get("devices", []):
-            qdev = device.get("qdev_id", "")
-            bridge = device.get("pci_bridge")
-            if qdev.startswith("hp-") and bridge is not None and not bridge.get("devices"):
-                free.append(qdev)
-    return sorted(free, key=lambda port: int(port.split("-")[1]))
-
-
-async def observe_live(qmp: Monitor, launched: VirtualMachineSpec | None, record: LiveRecord) -> LiveState:
-    """Everything that can change on a running VM without a restart.
-
-    :raise MonitorError: When a query fails.
-    """
+async def query_live(qmp: Monitor) -> LiveAnswers:
+    """Ask QEMU everything ``parse_live`` needs. :raise MonitorError: When a query fails."""
     devices = await peripheral_ids(qmp)
-    nodes = {n["node-name"] for n in await qmp.execute("query-named-block-nodes", {"flat": True})}
+    macs = {}
+    for device in sorted(d for d in devices if d.startswith("nic-")):
+        macs[device] = await qmp.execute("qom-get", {"path": f"/machine/peripheral/{device}", "property": "mac"})
+    return LiveAnswers(
+        devices=devices, nodes=await block_nodes(qmp), block=await qmp.execute("query-block"),
+        network_info=await qmp.execute("human-monitor-command", {"command-line": "info network"}),
+        macs=macs, cpus=len(await qmp.execute("query-cpus-fast")),
+        memory_summary=await qmp.execute("query-memory-size-summary"),
+        memory_devices=await qmp.execute("query-memory-devices"), pci=await qmp.execute("query-pci"),
+    )
+
+
+def _block(answers: LiveAnswers) -> tuple[dict[str, tuple[int, int]], dict[str, LiveCdrom]]:
+    """Each disk's I/O limits and each CD-ROM drive's medium, from ``query-block``."""
     limits: dict[str, tuple[int, int]] = {}
     cdroms: dict[str, LiveCdrom] = {}
-    for block in await qmp.execute("query-block"):
+    for block in answers.block:
         qdev = block.get("qdev", "").removeprefix("/machine/peripheral/").removesuffix("/virtio-backend")
         inserted = block.get("inserted")
         if (disk := _strip("disk-", qdev)) is not None and inserted:
             limits[disk] = (int(inserted.get("iops", 0)), int(inserted.get("bps", 0)))
         elif (cdrom := _strip("cd-", qdev)) is not None:
             cdroms[cdrom] = LiveCdrom(image=inserted.get("file") if inserted else None)
+    return limits, cdroms
 
-    disk_names = {n for d in devices if (n := _strip("disk-", d))} | {n for d in nodes if (n := _strip("disk-", d))}
+
+def _disks(answers: LiveAnswers, limits: dict[str, tuple[int, int]]) -> dict[str, LiveDisk]:
+    names = {n for d in answers.devices if (n := _strip("disk-", d))}
+    names |= {n for d in answers.nodes if (n := _strip("disk-", d))}
     disks = {}
-    for name in sorted(disk_names):
+    for name in sorted(names):
         iops, bps = limits.get(name, (0, 0))
-        disks[name] = LiveDisk(device=f"disk-{name}" in devices, node=f"disk-{name}" in nodes, iops=iops, bps=bps)
+        disks[name] = LiveDisk(device=f"disk-{name}" in answers.devices, node=f"disk-{name}" in answers.nodes,
+                               iops=iops, bps=bps)
+    return disks
 
-    network = await qmp.execute("human-monitor-command", {"command-line": "info network"})
-    netdevs = {n for m in _NETDEV_LINE.findall(network) if (n := _strip("net-", m))}
-    nic_names = {n for d in devices if (n := _strip("nic-", d))} | netdevs
-    nics = {}
-    for name in sorted(nic_names):
-        present = f"nic-{name}" in devices
-        mac = await qmp.execute("qom-get", {"path": f"/machine/peripheral/nic-{name}", "property": "mac"}) \
-            if present else None
-        nics[name] = LiveNic(device=present, netdev=name in netdevs, mac=mac, link=record.links.get(name, "up"))
 
-    cpus = len(await qmp.execute("query-cpus-fast"))
-    summary = await qmp.execute("query-memory-size-summary")
-    dimms = [d for d in await qmp.execute("query-memory-devices") if d.get("type") == "dimm"]
+def _nics(answers: LiveAnswers, record: LiveRecord) -> dict[str, LiveNic]:
+    netdevs = {n for m in _NETDEV_LINE.findall(answers.network_info) if (n := _strip("net-", m))}
+    names = {n for d in answers.devices if (n := _strip("nic-", d))} | netdevs
+    return {name: LiveNic(device=f"nic-{name}" in answers.devices, netdev=name in netdevs,
+                          mac=answers.macs.get(f"nic-{name}"), link=record.links.get(name, "up"))
+            for name in sorted(names)}
+
+
+def _free_slots(answers: LiveAnswers, launched: VirtualMachineSpec | None) -> int:
     if launched is not None and launched.machine.type == "q35":
-        free = len(free_spare_ports(await qmp.execute("query-pci")))
-    else:
-        # i440fx hot-plugs straight onto pci.0: the budget is the slots declared minus devices added live.
-        cold = {f"disk-{d.name}" for d in launched.disks} | {f"nic-{n.name}" for n in launched.networks} \
-            if launched else set()
-        added = [d for d in devices if d.startswith(("disk-", "nic-")) and d not in cold]
-        free = max(0, (launched.hotplugSlots if launched else 0) - len(added))
+        return len(free_spare_ports(answers.pci))
+    # i440fx hot-plugs straight onto pci.0: the budget is the slots declared minus devices added live.
+    if launched is None:
+        return 0
+    cold = {f"disk-{d.name}" for d in launched.disks} | {f"nic-{n.name}" for n in launched.networks}
+    added = [d for d in answers.devices if d.startswith(("disk-", "nic-")) and d not in cold]
+    return max(0, launched.hotplugSlots - len(added))
+
+
+def parse_live(answers: LiveAnswers, launched: VirtualMachineSpec | None, record: LiveRecord) -> LiveState:
+    """Everything that can change on a running VM without a restart, from QEMU's answers (pure)."""
+    limits, cdroms = _block(answers)
+    summary = answers.memory_summary
     return LiveState(
-        disks=disks, nics=nics, cdroms=cdroms, cpus=cpus,
+        disks=_disks(answers, limits), nics=_nics(answers, record), cdroms=cdroms, cpus=answers.cpus,
         memory=int(summary.get("base-memory", 0)) + int(summary.get("plugged-memory", 0)),
-        dimms=len(dimms), balloon_target=record.balloon_target, free_slots=free,
-        pending_unplugs=sorted(device for device in record.unplugs if device in devices),
+        dimms=len([d for d in answers.memory_devices if d.get("type") == "dimm"]),
+        balloon_target=record.balloon_target, free_slots=_free_slots(answers, launched),
+        pending_unplugs=sorted(device for device in record.unplugs if device in answers.devices),
     )
 
+
+async def observe_live(qmp: Monitor, launched: VirtualMachineSpec | None, record: LiveRecord) -> LiveState:
+    """:raise MonitorError: When a query fails."""
+    return parse_live(await query_live(qmp), launched, record)

@@ -1,60 +1,75 @@
 """Build the ``ObservedState`` the planner reads: one pass over the state directory, /proc, QMP and images.
 
-Called by the CLI (plan, apply, status) and, after every step batch, by the executor to confirm.
+Called by the CLI (plan, apply, status) and by the sync daemon before and after each reconcile.
+Read-only: nothing here changes the host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
-from reconciler.observe import images, monitor, processes
+from reconciler.adapters import monitor, procfs, qemu_img
+from reconciler.errors import MonitorError
 from reconciler.observe.hostnet import observe_host_network
 from reconciler.observe.live import observe_live
-from reconciler.observe.records import (
-    LiveRecord,
-    known_vm_names,
-    read_exit,
-    read_launch,
-    read_live,
-    read_network_records,
-)
-from reconciler.plan.observed import (
-    AppliedRecord,
-    LiveState,
-    ObservedImage,
-    ObservedProcess,
-    ObservedState,
-    ObservedVM,
-)
-from reconciler.spec.layout import StateLayout
-from reconciler.spec.models import Network, VirtualMachine, VirtualMachineSpec, tap_name
+from reconciler.plan.observed import LiveState, ObservedImage, ObservedProcess, ObservedState, ObservedVM
+from reconciler.spec.models import Network, VirtualMachine, VirtualMachineSpec, nic_bridge, tap_name
+from reconciler.state import files
+from reconciler.state.layout import StateLayout, VMPaths
+from reconciler.state.models import AppliedRecord, LiveRecord
 
 
 async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str]) -> ObservedVM:
     paths = layout.vm(name)
-    process = processes.find_qemu(paths.pidfile)
+    process = procfs.find_qemu(paths.pidfile)
     observed_process = None
     if process is not None:
-        launch = read_launch(paths.launch)
+        launch = files.read_launch(paths)
         launched = launch.vm.spec if launch is not None and tuple(launch.argv) == process.cmdline else None
-        status, live = await query_running(paths.qmp, launched, read_live(paths.live, process.pid, process.start_time))
+        status, live = await query_running(paths, launched, files.read_live(paths, process.pid, process.start_time))
         observed_process = ObservedProcess(pid=process.pid, status=status, launched=launched, live=live)
-    disks = {disk: images.inspect_image(paths.disk(disk)) for disk in sorted(set(disk_names))}
-    last_exit = read_exit(paths.exit) if observed_process is None else None
+    disks = {disk: qemu_img.inspect_image(paths.disk(disk)) for disk in sorted(set(disk_names))}
+    last_exit = None
+    if observed_process is None and (ended := files.read_exit(paths)) is not None:
+        last_exit = ended.reason
     return ObservedVM(name=name, process=observed_process, disks=disks, last_exit=last_exit)
 
 
 async def query_running(
-    socket: Path, launched: VirtualMachineSpec | None, record: LiveRecord
+    paths: VMPaths, launched: VirtualMachineSpec | None, record: LiveRecord
 ) -> tuple[str, LiveState | None]:
     """The run status and live configuration of a running QEMU, in one monitor session."""
     try:
-        async with monitor.session(socket) as qmp:
+        async with monitor.session(paths.qmp) as qmp:
             status = str((await qmp.execute("query-status")).get("status", "unknown"))
             return status, await observe_live(qmp, launched, record)
-    except monitor.MonitorError:
+    except MonitorError:
         return "unreachable", None
+
+
+def _vm_names(layout: StateLayout, desired: Mapping[str, VirtualMachine], records: Mapping[str, AppliedRecord],
+              only: set[str] | None) -> list[str]:
+    names = sorted(set(desired) | set(records) | set(files.known_vm_names(layout)))
+    return [name for name in names if only is None or name in only]
+
+
+def _known_specs(name: str, desired: Mapping[str, VirtualMachine],
+                 records: Mapping[str, AppliedRecord]) -> list[VirtualMachine]:
+    """The VM as desired and as last applied: both name disks and NICs worth looking at."""
+    return [vm for vm in (desired.get(name), records[name].vm if name in records else None) if vm is not None]
+
+
+def _interesting_links(vms: Iterable[VirtualMachine], networks: Mapping[str, Network],
+                       recorded: Mapping[str, Network]) -> set[str]:
+    """Bridges and TAPs the plan depends on (others coming and going must not make a plan stale)."""
+    names = {n.spec.bridge for n in networks.values()} | {n.spec.bridge for n in recorded.values()}
+    for vm in vms:
+        for nic in vm.spec.networks:
+            if nic.type == "bridge":
+                names.add(tap_name(vm.name, nic.name))
+                if bridge := nic_bridge(nic, networks):
+                    names.add(bridge)
+    return names
 
 
 async def observe(
@@ -66,31 +81,19 @@ async def observe(
 ) -> ObservedState:
     """Everything the planner needs about the VMs in ``desired``, in ``records`` or in the state folder
     (restricted to ``only`` when given), and about the host networking they and ``networks`` use."""
-    names = sorted(set(desired) | set(records) | set(known_vm_names(layout)))
-    if only is not None:  # the sync daemon reconciles one VM at a time
-        names = [name for name in names if name in only]
+    networks = networks or {}
     vms = {}
     backing: dict[str, ObservedImage] = {}
-    for name in names:
-        disk_names: set[str] = set()
-        for vm in (desired.get(name), records[name].vm if name in records else None):
-            if vm is not None:
-                disk_names |= {disk.name for disk in vm.spec.disks}
-                for disk in vm.spec.disks:
-                    if disk.image and disk.image not in backing:
-                        backing[disk.image] = images.inspect_image(disk.image)
-        vms[name] = await observe_vm(layout, name, disk_names)
-    network_records = read_network_records(layout)
-    interesting = {n.spec.bridge for n in (networks or {}).values()}
-    interesting |= {r.network.spec.bridge for r in network_records.values()}
-    for vm in [*desired.values(), *(r.vm for r in records.values())]:
-        for nic in vm.spec.networks:
-            if nic.type == "bridge":
-                interesting.add(tap_name(vm.name, nic.name))
-                if nic.bridge:
-                    interesting.add(nic.bridge)
-    dhcp = {name: (layout.dhcp_pidfile(name), layout.dhcp_leases(name))
-            for name in set(networks or {}) | set(network_records)}
-    host = await observe_host_network(interesting, dhcp)
+    for name in _vm_names(layout, desired, records, only):
+        specs = _known_specs(name, desired, records)
+        for disk in (disk for vm in specs for disk in vm.spec.disks):
+            if disk.image and disk.image not in backing:
+                backing[disk.image] = qemu_img.inspect_image(disk.image)
+        vms[name] = await observe_vm(layout, name, {disk.name for vm in specs for disk in vm.spec.disks})
+    network_records = files.read_network_records(layout)
+    recorded = {name: record.network for name, record in network_records.items()}
+    links = _interesting_links([*desired.values(), *(r.vm for r in records.values())], networks, recorded)
+    dhcp = {name: (layout.dhcp_pidfile(name), layout.dhcp_leases(name)) for name in set(networks) | set(recorded)}
+    host = await observe_host_network(links, dhcp)
     return ObservedState(state_dir=str(layout.root), vms=vms, images=backing, host=host,
                          network_records=network_records)

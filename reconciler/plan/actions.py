@@ -1,4 +1,4 @@
-"""The plan as data: a closed set of actions and steps, with reasons for people.
+"""The plan as data: a closed set of actions, one change per resource, with reasons for people.
 
 A ``Plan`` holds one ``Change`` per VM. The action says what happens to the VM as a whole; the steps say
 how, in the order the executor runs them; ``reasons`` and ``fields`` are for people and never drive a
@@ -12,6 +12,8 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from reconciler.plan.steps import Step
 
 FORMAT_VERSION = 1
 
@@ -28,37 +30,6 @@ class Action(StrEnum):
         return {"create": "+", "update": "~", "restart": "-/+", "delete": "-", "no-op": " "}[self.value]
 
 
-class StepKind(StrEnum):
-    WRITE_RECORD = "write-record"
-    CREATE_DISK = "create-disk"
-    GROW_DISK_LIVE = "grow-disk-live"
-    GROW_DISK_OFFLINE = "grow-disk-offline"
-    STOP = "stop"
-    START = "start"
-    DELETE_DISK = "delete-disk"
-    FORGET = "forget"
-    HOTPLUG_DISK = "hotplug-disk"
-    UNPLUG_DISK = "unplug-disk"
-    HOTPLUG_NIC = "hotplug-nic"
-    UNPLUG_NIC = "unplug-nic"
-    SET_LINK = "set-link"
-    SET_IO_LIMITS = "set-io-limits"
-    ADD_CPUS = "add-cpus"
-    ADD_MEMORY = "add-memory"
-    SET_BALLOON = "set-balloon"
-    HOTPLUG_CDROM = "hotplug-cdrom"
-    UNPLUG_CDROM = "unplug-cdrom"
-    CHANGE_MEDIA = "change-media"
-    WRITE_NETWORK_RECORD = "write-network-record"
-    ENSURE_BRIDGE = "ensure-bridge"
-    DELETE_BRIDGE = "delete-bridge"
-    FORGET_NETWORK = "forget-network"
-    APPLY_FIREWALL = "apply-firewall"
-    REPAIR_TAP = "repair-tap"
-    ENSURE_DHCP = "ensure-dhcp"
-    STOP_DHCP = "stop-dhcp"
-
-
 class Mode(StrEnum):
     """How a change to one field reaches the VM."""
 
@@ -69,14 +40,6 @@ class Mode(StrEnum):
 
 class _Data(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Step(_Data):
-    kind: StepKind
-    name: str = Field(description="The VM, Network or firewall the step acts on.")
-    target: str = ""
-    args: dict[str, Any] = Field(default_factory=dict)
-    summary: str
 
 
 class FieldChange(_Data):
@@ -103,8 +66,10 @@ class Change(_Data):
     )
 
     @property
-    def has_work(self) -> bool:
-        return bool(self.steps)
+    def in_sync(self) -> bool:
+        """Nothing to do, nothing pending, nothing refused: this resource matches its manifest. The one
+        definition of "in sync" (``status``, the daemon's Ready condition and ``Plan.empty`` use it)."""
+        return not (self.steps or self.pending_restart or self.refusals or self.unplug_pending)
 
 
 class Plan(_Data):
@@ -134,7 +99,7 @@ class Plan(_Data):
     @property
     def empty(self) -> bool:
         """No step to run, nothing pending and nothing refused: the host matches the manifests."""
-        return not any(change.steps or change.pending_restart or change.refusals for change in self.changes)
+        return all(change.in_sync for change in self.changes)
 
     def change(self, name: str) -> Change | None:
         return next((change for change in self.changes if change.name == name), None)

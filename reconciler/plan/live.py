@@ -11,27 +11,28 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from reconciler.plan.actions import FieldChange, Mode, Step, StepKind
+from reconciler.plan import steps as s
+from reconciler.plan.actions import FieldChange, Mode
 from reconciler.plan.fields import rule_for
 from reconciler.plan.observed import LiveState
-from reconciler.spec.layout import cdrom_device, disk_node, nic_device
 from reconciler.spec.models import VirtualMachineSpec, nic_mac
+from reconciler.spec.naming import cdrom_device, disk_node, nic_device
 from reconciler.spec.units import format_size
+
+_Unplug = type[s.UnplugDisk | s.UnplugNic | s.UnplugCdrom]
 
 
 @dataclass
 class LivePlan:
     name: str
-    unplugs: list[Step] = field(default_factory=list)
-    plugs: list[Step] = field(default_factory=list)
-    settings: list[Step] = field(default_factory=list)
+    steps: list[s.Step] = field(default_factory=list)  # unplugs, plugs and settings; sorted by phase later
     fields: list[FieldChange] = field(default_factory=list)
     restart_causes: list[str] = field(default_factory=list)
     slots_needed: int = 0
     unplug_pending: list[str] = field(default_factory=list)
 
-    def step(self, bucket: list[Step], kind: StepKind, target: str, summary: str, **args: object) -> None:
-        bucket.append(Step(kind=kind, name=self.name, target=target, summary=summary, args=dict(args)))
+    def step(self, step: s.Step) -> None:
+        self.steps.append(step)
 
     def changed(self, path: str, before: object, after: object, rule: tuple[str, ...], how: str = "") -> None:
         self.fields.append(FieldChange(path=path, before=before, after=after, mode=Mode.LIVE,
@@ -57,44 +58,44 @@ def _unplug_note(work: LivePlan, live: LiveState, device: str, what: str) -> str
 
 
 def _unplug_removed(work: LivePlan, live: LiveState, present: Iterable[str], wanted: set[str], *,
-                    device: Callable[[str], str], kind: StepKind, label: str, how: str, field: str,
+                    device: Callable[[str], str], kind: _Unplug, label: str, how: str, field: str,
                     how_field: str) -> None:
     """An unplug step for every device the VM has and the spec no longer lists."""
     for name in sorted(set(present) - wanted):
         note = _unplug_note(work, live, device(name), f"{label} {name}")
-        work.step(work.unplugs, kind, name, f"{label} {name}: unplug ({how}){note}")
+        work.step(kind(name=work.name, target=name, summary=f"{label} {name}: unplug ({how}){note}"))
         work.changed(f"{field}[{name}]", "present", None, (field, "*"), how_field)
 
 
 def _disks(work: LivePlan, spec: VirtualMachineSpec, live: LiveState) -> None:
     _unplug_removed(work, live, live.disks, {d.name for d in spec.disks}, device=disk_node,
-                    kind=StepKind.UNPLUG_DISK, label="disk", how="device_del, wait for DEVICE_DELETED, blockdev-del",
+                    kind=s.UnplugDisk, label="disk", how="device_del, wait for DEVICE_DELETED, blockdev-del",
                     field="disks", how_field="unplug; the file is kept")
     for disk in spec.disks:
         have = live.disks.get(disk.name)
         if have is None or not have.device:
             work.slots_needed += 1
-            work.step(work.plugs, StepKind.HOTPLUG_DISK, disk.name,
-                      f"disk {disk.name}: hot-plug (blockdev-add + device_add)", iops=disk.iops, bps=disk.bps)
+            work.step(s.HotplugDisk(name=work.name, target=disk.name, iops=disk.iops, bps=disk.bps,
+                                    summary=f"disk {disk.name}: hot-plug (blockdev-add + device_add)"))
             work.changed(f"disks[{disk.name}]", None, "present", ("disks", "*"))
         elif (have.iops, have.bps) != (disk.iops, disk.bps):
-            work.step(work.settings, StepKind.SET_IO_LIMITS, disk.name,
-                      f"disk {disk.name}: I/O limits iops={disk.iops} bps={disk.bps}", iops=disk.iops, bps=disk.bps)
+            work.step(s.SetIoLimits(name=work.name, target=disk.name, iops=disk.iops, bps=disk.bps,
+                                    summary=f"disk {disk.name}: I/O limits iops={disk.iops} bps={disk.bps}"))
             work.changed(f"disks[{disk.name}].iops/bps", f"{have.iops}/{have.bps}", f"{disk.iops}/{disk.bps}",
                          ("disks", "*", "iops"))
 
 
 def _nics(work: LivePlan, vm_name: str, spec: VirtualMachineSpec, live: LiveState) -> None:
     _unplug_removed(work, live, live.nics, {n.name for n in spec.networks}, device=nic_device,
-                    kind=StepKind.UNPLUG_NIC, label="NIC", how="device_del, wait for DEVICE_DELETED, netdev_del",
+                    kind=s.UnplugNic, label="NIC", how="device_del, wait for DEVICE_DELETED, netdev_del",
                     field="networks", how_field="unplug")
     for nic in spec.networks:
         have = live.nics.get(nic.name)
         mac = nic_mac(vm_name, nic)
         if have is None or not have.device:
             work.slots_needed += 1
-            work.step(work.plugs, StepKind.HOTPLUG_NIC, nic.name,
-                      f"NIC {nic.name}: hot-plug {mac} (netdev_add + device_add)", link=nic.link)
+            work.step(s.HotplugNic(name=work.name, target=nic.name, link=nic.link,
+                                   summary=f"NIC {nic.name}: hot-plug {mac} (netdev_add + device_add)"))
             work.changed(f"networks[{nic.name}]", None, "present", ("networks", "*"))
             continue
         if have.mac != mac:
@@ -103,26 +104,26 @@ def _nics(work: LivePlan, vm_name: str, spec: VirtualMachineSpec, live: LiveStat
             work.fields.append(FieldChange(path=f"networks[{nic.name}].mac", before=have.mac, after=mac,
                                            mode=Mode.RESTART, how=rule_for(("networks", "*", "mac")).how))
         if have.link != nic.link:
-            work.step(work.settings, StepKind.SET_LINK, nic.name, f"NIC {nic.name}: link {nic.link} (set_link)",
-                      up=nic.link == "up")
+            work.step(s.SetLink(name=work.name, target=nic.name, up=nic.link == "up",
+                                summary=f"NIC {nic.name}: link {nic.link} (set_link)"))
             work.changed(f"networks[{nic.name}].link", have.link, nic.link, ("networks", "*", "link"))
 
 
 def _cdroms(work: LivePlan, spec: VirtualMachineSpec, live: LiveState) -> None:
     _unplug_removed(work, live, live.cdroms, {c.name for c in spec.cdroms}, device=cdrom_device,
-                    kind=StepKind.UNPLUG_CDROM, label="CD-ROM", how="device_del", field="cdroms",
+                    kind=s.UnplugCdrom, label="CD-ROM", how="device_del", field="cdroms",
                     how_field="device_del")
     for cdrom in spec.cdroms:
         have = live.cdroms.get(cdrom.name)
         if have is None:
             what = f" with {cdrom.image}" if cdrom.image else " (empty)"
-            work.step(work.plugs, StepKind.HOTPLUG_CDROM, cdrom.name, f"CD-ROM {cdrom.name}: add drive{what}",
-                      image=cdrom.image)
+            work.step(s.HotplugCdrom(name=work.name, target=cdrom.name, image=cdrom.image,
+                                     summary=f"CD-ROM {cdrom.name}: add drive{what}"))
             work.changed(f"cdroms[{cdrom.name}]", None, "present", ("cdroms", "*"))
         elif have.image != cdrom.image:
             verb = "eject" if cdrom.image is None else ("insert" if have.image is None else "change medium to")
-            work.step(work.settings, StepKind.CHANGE_MEDIA, cdrom.name,
-                      f"CD-ROM {cdrom.name}: {verb} {cdrom.image or ''}".rstrip(), image=cdrom.image)
+            work.step(s.ChangeMedia(name=work.name, target=cdrom.name, image=cdrom.image,
+                                    summary=f"CD-ROM {cdrom.name}: {verb} {cdrom.image or ''}".rstrip()))
             work.changed(f"cdroms[{cdrom.name}].image", have.image, cdrom.image, ("cdroms", "*", "image"))
 
 
@@ -132,7 +133,7 @@ def _cpus(work: LivePlan, spec: VirtualMachineSpec, launched: VirtualMachineSpec
         return
     same_shape = (spec.cpu.sockets, spec.cpu.threads) == (launched.cpu.sockets, launched.cpu.threads)
     if want > have and want <= limit and same_shape:
-        work.step(work.settings, StepKind.ADD_CPUS, "", f"vCPUs: {have} -> {want} (device_add)", count=want)
+        work.step(s.AddCpus(name=work.name, count=want, summary=f"vCPUs: {have} -> {want} (device_add)"))
         work.changed("cpu.count", have, want, ("cpu", "cores"))
         return
     if want < have:
@@ -154,19 +155,18 @@ def _memory(work: LivePlan, spec: VirtualMachineSpec, launched: VirtualMachineSp
     if want > capacity:
         limit = launched.memory.maxSize or launched.memory.size
         if want <= limit and live.dimms < launched.memory.slots:
-            work.step(work.settings, StepKind.ADD_MEMORY, "",
-                      f"memory: {format_size(capacity)} -> {format_size(want)} (pc-dimm of "
-                      f"{format_size(want - capacity)})", size=want - capacity)
+            work.step(s.AddMemory(name=work.name, size=want - capacity,
+                                  summary=f"memory: {format_size(capacity)} -> {format_size(want)} (pc-dimm of "
+                                  f"{format_size(want - capacity)})"))
             work.changed("memory.size", format_size(current), format_size(want), ("memory", "size"), "pc-dimm")
             if balloon and live.balloon_target is not None:
-                work.step(work.settings, StepKind.SET_BALLOON, "", f"balloon: release to {format_size(want)}",
-                          size=want)
+                work.step(s.SetBalloon(name=work.name, size=want, summary=f"balloon: release to {format_size(want)}"))
             return
         why = (f"the VM was started with memory.maxSize {format_size(limit)}" if want > limit
                else "no DIMM slot left")
     elif balloon:
-        work.step(work.settings, StepKind.SET_BALLOON, "", f"balloon: {format_size(current)} -> {format_size(want)}",
-                  size=want)
+        work.step(s.SetBalloon(name=work.name, size=want,
+                               summary=f"balloon: {format_size(current)} -> {format_size(want)}"))
         work.changed("memory.size", format_size(current), format_size(want), ("memory", "size"), "balloon")
         return
     else:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from reconciler.hostnet.dhcp import dnsmasq_argv
 from reconciler.hostnet.nftables import Capabilities, NicFirewall, RoutedNetwork, UnsupportedRule, build_ruleset
-from reconciler.plan.actions import Action, Change, FieldChange, Mode, Step, StepKind
+from reconciler.plan import steps as s
+from reconciler.plan.actions import Action, Change, FieldChange, Mode
 from reconciler.plan.observed import ObservedState
-from reconciler.spec.layout import StateLayout
-from reconciler.spec.models import FirewallSpec, Network, NetworkInterfaceSpec, VirtualMachine, nic_mac, tap_name
+from reconciler.plan.steps import Step
+from reconciler.spec.models import FirewallSpec, Network, VirtualMachine, nic_bridge, nic_mac, tap_name
+from reconciler.state import paths
 
 FIREWALL = "nftables"
 
@@ -27,14 +28,6 @@ class NetworkPlan:
     first: list[Change] = field(default_factory=list)
     last: list[Change] = field(default_factory=list)
     blocked: dict[str, str] = field(default_factory=dict)  # VM name -> why it must wait
-
-
-def nic_bridge(nic: NetworkInterfaceSpec, networks: Mapping[str, Network]) -> str | None:
-    if nic.bridge:
-        return nic.bridge
-    if nic.network and nic.network in networks:
-        return networks[nic.network].spec.bridge
-    return None
 
 
 def plan_networks(
@@ -64,25 +57,35 @@ def plan_networks(
     return result
 
 
-def _ensure_network(network: Network, observed: ObservedState) -> Change | None:
+def _refused(network: Network, why: str) -> Change:
+    return Change(resource="Network", name=network.name, action=Action.NOOP, refusals=[why])
+
+
+def _network_refusal(network: Network, observed: ObservedState) -> str | None:
+    """Why this Network's bridge cannot be managed by us, if it cannot."""
     spec, name = network.spec, network.name
     record = observed.network_records.get(name)
+    link = observed.host.links.get(spec.bridge)
     if record is not None and record.network.spec.bridge != spec.bridge:
         # Renaming would leave our old bridge behind and could adopt (and later delete) someone else's.
-        return Change(resource="Network", name=name, action=Action.NOOP, refusals=[
-            f"the bridge of Network {name} cannot be renamed ({record.network.spec.bridge} -> {spec.bridge}); "
-            "create a new Network and move the NICs to it"])
+        return (f"the bridge of Network {name} cannot be renamed ({record.network.spec.bridge} -> {spec.bridge}); "
+                "create a new Network and move the NICs to it")
+    if link is not None and record is None:
+        return (f"bridge {spec.bridge} already exists and was not created by infinization; "
+                f"use `bridge: {spec.bridge}` on the NICs instead of a Network")
+    if link is not None and link.kind != "bridge":
+        return f"{spec.bridge} exists and is a {link.kind}, not a bridge"
+    return None
+
+
+def _bridge_drift(network: Network, observed: ObservedState) -> tuple[list[str], str | None]:
+    """What differs between the Network and its bridge, and an address that is no longer wanted on it."""
+    spec = network.spec
+    record = observed.network_records.get(network.name)
     link = observed.host.links.get(spec.bridge)
     reasons: list[str] = []
     if link is None:
         reasons.append("new network" if record is None else f"drift: bridge {spec.bridge} is missing")
-    elif record is None:
-        return Change(resource="Network", name=name, action=Action.NOOP, refusals=[
-            f"bridge {spec.bridge} already exists and was not created by infinization; "
-            f"use `bridge: {spec.bridge}` on the NICs instead of a Network"])
-    elif link.kind != "bridge":
-        return Change(resource="Network", name=name, action=Action.NOOP,
-                      refusals=[f"{spec.bridge} exists and is a {link.kind}, not a bridge"])
     else:
         if not link.up:
             reasons.append(f"drift: bridge {spec.bridge} is down")
@@ -94,18 +97,24 @@ def _ensure_network(network: Network, observed: ObservedState) -> Change | None:
         reasons.append(f"address {remove} is no longer wanted on {spec.bridge}")
     if spec.nat and not observed.host.ip_forward:
         reasons.append("NAT needs net.ipv4.ip_forward=1")
-    dhcp_steps = _dhcp_steps(network, observed, reasons)
-    if not reasons and record is not None and record.network == network:
+    return reasons, remove
+
+
+def _ensure_network(network: Network, observed: ObservedState) -> Change | None:
+    spec, name = network.spec, network.name
+    if (why := _network_refusal(network, observed)) is not None:
+        return _refused(network, why)
+    record = observed.network_records.get(name)
+    reasons, remove = _bridge_drift(network, observed)
+    dhcp_steps = _dhcp_steps(network, observed)
+    if not reasons and not dhcp_steps and record is not None and record.network == network:
         return None
-    steps = [Step(kind=StepKind.WRITE_NETWORK_RECORD, name=name, summary="record the network as ours",
-                  args={"network": network.model_dump(mode="json")})]
-    if reasons and reasons != ["dhcp"]:
-        steps.append(Step(kind=StepKind.ENSURE_BRIDGE, name=name,
-                          summary=f"bridge {spec.bridge}: create or repair (up, {spec.address or 'no address'})",
-                          args={"bridge": spec.bridge, "address": spec.address, "remove_address": remove,
-                                "ip_forward": spec.nat}))
+    steps: list[Step] = [s.WriteNetworkRecord(name=name, summary="record the network as ours", network=network)]
+    if reasons:
+        steps.append(s.EnsureBridge(
+            name=name, summary=f"bridge {spec.bridge}: create or repair (up, {spec.address or 'no address'})",
+            bridge=spec.bridge, address=spec.address, remove_address=remove, ip_forward=spec.nat))
     steps += dhcp_steps
-    reasons = [reason for reason in reasons if reason != "dhcp"]
     fields = []
     if record is not None and record.network != network:
         fields = [FieldChange(path="spec", before=record.network.spec.model_dump(mode="json"),
@@ -114,28 +123,23 @@ def _ensure_network(network: Network, observed: ObservedState) -> Change | None:
                   reasons=reasons, fields=fields, steps=steps)
 
 
-def _dhcp_steps(network: Network, observed: ObservedState, reasons: list[str]) -> list[Step]:
+def _dhcp_steps(network: Network, observed: ObservedState) -> list[Step]:
     """Start, restart (its arguments changed) or stop the Network's dnsmasq."""
-    layout = StateLayout(Path(observed.state_dir))
-    pidfile, leases = layout.dhcp_pidfile(network.name), layout.dhcp_leases(network.name)
     running = observed.host.dhcp.get(network.name)
     current = running.argv if running else None
+    pidfile = paths.dhcp_pidfile(observed.state_dir, network.name)
     if network.spec.dhcp is None:
-        if current is None:
-            return []
-        reasons.append("dhcp")
-        return [_stop_dhcp(network.name, pidfile)]
-    wanted = dnsmasq_argv(network, pidfile, leases)
+        return [] if current is None else [_stop_dhcp(network.name, pidfile)]
+    wanted = dnsmasq_argv(network, pidfile, paths.dhcp_leases(observed.state_dir, network.name))
     if current == wanted:
         return []
-    reasons.append("dhcp")
     what = "start" if current is None else "restart (its settings changed)"
-    return [Step(kind=StepKind.ENSURE_DHCP, name=network.name, summary=f"DHCP: {what} dnsmasq on {network.spec.bridge}",
-                 args={"argv": wanted, "pidfile": str(pidfile)})]
+    return [s.EnsureDhcp(name=network.name, summary=f"DHCP: {what} dnsmasq on {network.spec.bridge}",
+                         argv=wanted, pidfile=pidfile)]
 
 
-def _stop_dhcp(name: str, pidfile: Path) -> Step:
-    return Step(kind=StepKind.STOP_DHCP, name=name, summary="DHCP: stop dnsmasq", args={"pidfile": str(pidfile)})
+def _stop_dhcp(name: str, pidfile: str) -> Step:
+    return s.StopDhcp(name=name, summary="DHCP: stop dnsmasq", pidfile=pidfile)
 
 
 def _delete_network(name: str, vms: Mapping[str, VirtualMachine], observed: ObservedState) -> Change:
@@ -146,11 +150,11 @@ def _delete_network(name: str, vms: Mapping[str, VirtualMachine], observed: Obse
                       refusals=[f"its manifest was removed but VMs still use it: {', '.join(users)}"])
     bridge = record.network.spec.bridge
     dhcp = observed.host.dhcp.get(name)
-    stop = [_stop_dhcp(name, StateLayout(Path(observed.state_dir)).dhcp_pidfile(name))] if dhcp and dhcp.argv else []
+    stop = [_stop_dhcp(name, paths.dhcp_pidfile(observed.state_dir, name))] if dhcp and dhcp.argv else []
     return Change(resource="Network", name=name, action=Action.DELETE, reasons=["its manifest was removed"], steps=[
         *stop,
-        Step(kind=StepKind.DELETE_BRIDGE, name=name, summary=f"delete bridge {bridge}", args={"bridge": bridge}),
-        Step(kind=StepKind.FORGET_NETWORK, name=name, summary="forget the network"),
+        s.DeleteBridge(name=name, summary=f"delete bridge {bridge}", bridge=bridge),
+        s.ForgetNetwork(name=name, summary="forget the network"),
     ])
 
 
@@ -193,8 +197,8 @@ def _firewall(networks: Mapping[str, Network], vms: Mapping[str, VirtualMachine]
                        f"{len(added)} rule(s) missing or changed (drift or new rules)")
     if removed:
         reasons.append(f"{len(removed)} rule(s) no longer wanted")
-    step = Step(kind=StepKind.APPLY_FIREWALL, name=FIREWALL, summary="replace the infinization nftables tables "
-                "atomically (one transaction)", args={"script": ruleset.script()})
+    step = s.ApplyFirewall(name=FIREWALL, summary="replace the infinization nftables tables atomically (one "
+                           "transaction)", script=ruleset.script())
     return Change(resource="Firewall", name=FIREWALL, action=Action.UPDATE if found else Action.CREATE,
                   reasons=reasons, fields=fields, steps=[step])
 
@@ -224,9 +228,8 @@ def tap_repairs(
             continue  # not plugged yet: the NIC's hot-plug creates it
         if link.master != bridge or not link.up:
             what = f"on {link.master or 'no bridge'}" if link.master != bridge else "down"
-            steps.append(Step(kind=StepKind.REPAIR_TAP, name=vm.name, target=nic.name,
-                              summary=f"NIC {nic.name}: TAP {tap} is {what}: attach to {bridge} and set up",
-                              args={"tap": tap, "bridge": bridge}))
+            steps.append(s.RepairTap(name=vm.name, target=nic.name, tap=tap, bridge=bridge,
+                                     summary=f"NIC {nic.name}: TAP {tap} is {what}: attach to {bridge} and set up"))
             fields.append(FieldChange(path=f"networks[{nic.name}].tap", before=link.master, after=bridge,
                                       mode=Mode.LIVE, how="netlink: set master, up"))
     return steps, fields, causes

@@ -11,7 +11,8 @@ import hashlib
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from reconciler.spec.models import Network, VirtualMachine, VirtualMachineSpec
+from reconciler.spec.models import VirtualMachineSpec
+from reconciler.state.models import DhcpLease, NetworkRecord
 
 
 class _Fact(BaseModel):
@@ -82,15 +83,6 @@ class ObservedVM(_Fact):
     disks: dict[str, ObservedImage] = Field(default_factory=dict, description="Our disk files, by disk name.")
 
 
-class AppliedRecord(_Fact):
-    """The last-applied record of a VM: proof that we manage it, and which disk files we created."""
-
-    vm: VirtualMachine
-    owned_disks: list[str] = Field(default_factory=list)
-    source: str | None = None
-    revision: str | None = Field(default=None, description="The manifests' git revision when last applied.")
-
-
 class ObservedLink(_Fact):
     """A host network interface, from netlink."""
 
@@ -99,13 +91,6 @@ class ObservedLink(_Fact):
     up: bool = False
     master: str | None = None
     addresses: list[str] = Field(default_factory=list)
-
-
-class DhcpLease(_Fact):
-    mac: str
-    ip: str
-    hostname: str | None = None
-    expires: int = 0
 
 
 class ObservedDhcp(_Fact):
@@ -132,12 +117,6 @@ class ObservedHostNetwork(_Fact):
     ip_forward: bool = False
     capabilities: HostCapabilities = Field(default_factory=HostCapabilities)
     dhcp: dict[str, ObservedDhcp] = Field(default_factory=dict, description="By Network name.")
-
-
-class NetworkRecord(_Fact):
-    """A Network we created: the proof that its bridge is ours to delete."""
-
-    network: Network
 
 
 class ObservedState(_Fact):

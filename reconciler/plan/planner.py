@@ -11,17 +11,19 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan, Step, StepKind
+from reconciler.plan import steps as s
+from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan
 from reconciler.plan.fields import rule_for
 from reconciler.plan.live import LivePlan, plan_live
 from reconciler.plan.networks import plan_networks, tap_repairs
-from reconciler.plan.observed import AppliedRecord, ObservedImage, ObservedProcess, ObservedState, ObservedVM
-from reconciler.spec.layout import StateLayout, disk_node
+from reconciler.plan.observed import ObservedImage, ObservedProcess, ObservedState, ObservedVM
 from reconciler.spec.models import DiskSpec, Network, VirtualMachine, VirtualMachineSpec
+from reconciler.spec.naming import disk_node
 from reconciler.spec.units import format_size
+from reconciler.state import paths
+from reconciler.state.models import STOPPED, AppliedRecord
 
 Path_ = tuple[str, ...]
 
@@ -99,9 +101,10 @@ class _VMPlan:
     fields: list[FieldChange] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
     restart_causes: list[str] = field(default_factory=list)
-    disk_steps: list[Step] = field(default_factory=list)
-    live_grows: list[Step] = field(default_factory=list)
-    offline_grows: list[Step] = field(default_factory=list)
+    offline: list[s.Step] = field(default_factory=list)  # safe whether QEMU runs or not: create, offline grow
+    live_grows: list[s.Step] = field(default_factory=list)  # need the running QEMU (also before a restart)
+    repairs: list[s.Step] = field(default_factory=list)  # TAPs re-attached to their bridge
+    live: LivePlan | None = None  # hot-plug, unplug and settings, when QEMU runs and answers
 
 
 def plan(
@@ -120,12 +123,14 @@ def plan(
     """
     options = options or PlanOptions()
     networks = networks or {}
-    layout = StateLayout(Path(observed.state_dir))
     net = plan_networks(networks, desired, observed)
     names = sorted(set(desired) | set(last_applied) | {n for n, vm in observed.vms.items() if vm.process})
     changes = list(net.first)
     for name in names:
-        change = _plan_vm(name, desired.get(name), observed, last_applied.get(name), layout, options, networks)
+        vm = desired.get(name)
+        record = last_applied.get(name)
+        change = _plan_vm(name, vm, observed, record, options, networks) if vm else _plan_delete(
+            name, observed.vm(name), record)
         if change is not None and change.steps and name in net.blocked:
             change = change.model_copy(update={"steps": [], "refusals": [net.blocked[name]]})
         if change is not None:
@@ -141,95 +146,71 @@ def plan(
     )
 
 
-def _plan_vm(
-    name: str,
-    desired: VirtualMachine | None,
-    observed: ObservedState,
-    record: AppliedRecord | None,
-    layout: StateLayout,
-    options: PlanOptions,
-    networks: Mapping[str, Network],
-) -> Change | None:
+def _plan_vm(name: str, desired: VirtualMachine, observed: ObservedState, record: AppliedRecord | None,
+             options: PlanOptions, networks: Mapping[str, Network]) -> Change:
     obs = observed.vm(name)
-    if desired is None:
-        return _plan_delete(name, obs, record)
-    spec = desired.spec
     work = _VMPlan(name)
-    running = obs.process is not None
     live = obs.process.live if obs.process else None
     attached = {disk for disk, state in live.disks.items() if state.device} if live else set()
-
-    for disk in spec.disks:
-        _plan_disk(work, disk, obs.disks.get(disk.name), observed, layout, running, disk.name in attached)
-
-    live_plan: LivePlan | None = None
-    repairs: list[Step] = []
-    if running:
-        assert obs.process is not None
-        live_plan = _running_vm(work, spec, obs.process)
-        # NICs that are plugged and were bridged when plugged (per the launch or last-applied spec).
-        before = [*(obs.process.launched.networks if obs.process.launched else []),
-                  *(record.vm.spec.networks if record else [])]
-        bridged = {nic.name for nic in before if nic.type == "bridge"}
-        plugged = {nic for nic, state in live.nics.items() if state.device and nic in bridged} if live else set()
-        repairs, repair_fields, tap_causes = tap_repairs(desired, networks, observed, plugged)
-        work.fields += repair_fields
-        work.restart_causes += tap_causes
-
+    for disk in desired.spec.disks:
+        _plan_disk(work, disk, obs.disks.get(disk.name), observed, obs.process is not None, disk.name in attached)
+    if obs.process is not None:
+        _running_vm(work, desired, obs.process, record, observed, networks)
     # The record is rewritten when something else happens, or when a field that is only recorded
     # (labels, deletePolicy...) changed; a pending restart alone does not rewrite it.
     recorded_changes = _record_only_fields(work, record.vm, desired) if record is not None else 0
-
-    allowed = options.allow_restart or spec.restartPolicy == "Auto"
-    free = live.free_slots if live else 0
-    if live_plan is not None and live_plan.slots_needed > free:
-        message = (f"{live_plan.slots_needed} device(s) to hot-plug but only {free} free hot-plug slot(s) "
-                   f"(spec.hotplugSlots, fixed when QEMU started)")
-        if allowed:
-            work.restart_causes.append(message)
-        else:
-            work.refusals.append(message + "; apply --allow-restart to plug them by restarting instead")
-
+    allowed = options.allow_restart or desired.spec.restartPolicy == "Auto"
+    _check_slots(work, live.free_slots if live else 0, allowed)
     if work.refusals:
         return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
+    steps, action, pending = _choose(work, desired.spec, obs, record is not None, options, allowed)
+    if steps or record is None or recorded_changes:
+        steps = [s.WriteRecord(name=name, summary="record the desired spec as last applied", vm=desired), *steps]
+    if action is Action.NOOP and steps:
+        action = Action.CREATE if record is None else Action.UPDATE
+    unplug_pending = work.live.unplug_pending if work.live and action is not Action.RESTART else []
+    return Change(name=name, action=action, reasons=work.reasons, fields=work.fields, steps=s.in_order(steps),
+                  pending_restart=pending, refusals=[], unplug_pending=unplug_pending)
 
-    steps: list[Step] = []
-    pending: list[str] = []
-    action = Action.NOOP
+
+def _check_slots(work: _VMPlan, free: int, allowed: bool) -> None:
+    """Devices to hot-plug beyond the free slots: a restart cause when allowed, else a refusal."""
+    if work.live is None or work.live.slots_needed <= free:
+        return
+    message = (f"{work.live.slots_needed} device(s) to hot-plug but only {free} free hot-plug slot(s) "
+               f"(spec.hotplugSlots, fixed when QEMU started)")
+    if allowed:
+        work.restart_causes.append(message)
+    else:
+        work.refusals.append(message + "; apply --allow-restart to plug them by restarting instead")
+
+
+def _choose(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, known: bool, options: PlanOptions,
+            allowed: bool) -> tuple[list[s.Step], Action, list[str]]:
+    """The VM's steps (before sorting), its action and its pending restart causes, by situation: to be
+    stopped, stopped, to be restarted, or changed live."""
+    name = work.name
     stop = _stop_step(name, spec.terminationGracePeriodSeconds)
-    start = Step(kind=StepKind.START, name=name, summary="start QEMU and wait for its monitor")
-
-    if running and (spec.runStrategy == "Halted" or name in options.stop):
+    if obs.process is not None and (spec.runStrategy == "Halted" or name in options.stop):
         work.reasons.append("stopped by `infinization stop`" if name in options.stop else
                             "runStrategy is Halted and the VM is running")
-        steps = [stop, *work.disk_steps, *work.offline_grows]
-    elif not running:
-        steps = [*work.disk_steps, *work.offline_grows]
+        return [stop, *work.offline], Action.NOOP, []
+    if obs.process is None:
         why_start = "started by `infinization start`" if name in options.start else _start_reason(
-            spec.runStrategy, record is not None, obs.last_exit)
-        if why_start:
-            work.reasons.append(why_start)
-            steps.append(start)
-    elif work.restart_causes and allowed:
+            spec.runStrategy, known, obs.last_exit)
+        if not why_start:
+            return list(work.offline), Action.NOOP, []
+        work.reasons.append(why_start)
+        return [*work.offline, s.Start(name=name, summary="start QEMU and wait for its monitor")], Action.NOOP, []
+    if work.restart_causes and allowed:
         permission = "--allow-restart" if options.allow_restart else "restartPolicy: Auto"
         work.reasons.append(f"a restart is allowed ({permission}) and needed for:")
         work.reasons += [f"  {cause}" for cause in work.restart_causes]
-        steps = [*work.live_grows, *work.disk_steps, stop, *work.offline_grows, start]
-        action = Action.RESTART
-    else:
-        assert live_plan is not None
-        work.fields += live_plan.fields
-        steps = [*live_plan.unplugs, *work.disk_steps, *work.offline_grows, *work.live_grows, *repairs,
-                 *live_plan.plugs, *live_plan.settings]
-        pending = list(work.restart_causes)
-
-    if steps or record is None or recorded_changes:
-        steps = [_record_step(name, desired), *steps]
-    if action is Action.NOOP and steps:
-        action = Action.CREATE if record is None else Action.UPDATE
-    return Change(name=name, action=action, reasons=work.reasons, fields=work.fields, steps=steps,
-                  pending_restart=pending, refusals=[],
-                  unplug_pending=live_plan.unplug_pending if live_plan and action is not Action.RESTART else [])
+        start = s.Start(name=name, summary="start QEMU and wait for its monitor")
+        return [*work.live_grows, *work.offline, stop, start], Action.RESTART, []
+    live_steps = work.live.steps if work.live else []
+    work.fields += work.live.fields if work.live else []
+    return [*work.offline, *work.live_grows, *work.repairs, *live_steps], Action.NOOP, list(work.restart_causes)
 
 
 def _start_reason(strategy: str, known: bool, last_exit: str | None) -> str | None:
@@ -239,7 +220,7 @@ def _start_reason(strategy: str, known: bool, last_exit: str | None) -> str | No
     if strategy == "RerunOnFailure":
         if last_exit == "guest-shutdown":
             return None  # the guest shut itself down cleanly: that is not a failure
-        if last_exit == "stopped":
+        if last_exit == STOPPED:
             return "infinization stopped the VM (Halted, Manual or a stop) and runStrategy is now RerunOnFailure"
         if last_exit:
             return f"the VM stopped ({last_exit}) and runStrategy is RerunOnFailure"
@@ -247,95 +228,91 @@ def _start_reason(strategy: str, known: bool, last_exit: str | None) -> str | No
     return None  # Manual and Halted: the reconciler never starts it
 
 
-def _running_vm(work: _VMPlan, spec: VirtualMachineSpec, process: ObservedProcess) -> LivePlan | None:
-    """Restart causes and live changes for a VM whose QEMU runs."""
+def _running_vm(work: _VMPlan, desired: VirtualMachine, process: ObservedProcess, record: AppliedRecord | None,
+                observed: ObservedState, networks: Mapping[str, Network]) -> None:
+    """Restart causes, live changes and TAP repairs for a VM whose QEMU runs."""
+    spec = desired.spec
     if process.launched is None:
         work.restart_causes.append("the running QEMU has no launch record to compare with")
-        return None
-    if process.live is None:
+    elif process.live is None:
         work.refusals.append(f"its QMP monitor does not answer (status: {process.status}); "
                              "nothing can be changed live until it does")
-        return None
-    _restart_causes(work, spec, process.launched)
-    live_plan = plan_live(work.name, spec, process.launched, process.live)
-    work.restart_causes += live_plan.restart_causes
-    return live_plan
+    else:
+        _restart_causes(work, spec, process.launched)
+        work.live = plan_live(work.name, spec, process.launched, process.live)
+        work.restart_causes += work.live.restart_causes
+    # NICs that are plugged and were bridged when plugged (per the launch or last-applied spec).
+    before = [*(process.launched.networks if process.launched else []), *(record.vm.spec.networks if record else [])]
+    bridged = {nic.name for nic in before if nic.type == "bridge"}
+    live = process.live
+    plugged = {nic for nic, state in live.nics.items() if state.device and nic in bridged} if live else set()
+    repairs, repair_fields, tap_causes = tap_repairs(desired, networks, observed, plugged)
+    work.repairs += repairs
+    work.fields += repair_fields
+    work.restart_causes += tap_causes
 
 
-def _stop_step(name: str, grace: int) -> Step:
-    return Step(kind=StepKind.STOP, name=name, args={"timeout": grace},
-                summary=f"stop gracefully (ACPI power button for up to {grace}s, then quit)")
+def _stop_step(name: str, grace: int) -> s.Stop:
+    return s.Stop(name=name, timeout=grace,
+                  summary=f"stop gracefully (ACPI power button for up to {grace}s, then quit)")
 
 
-def _record_step(name: str, desired: VirtualMachine) -> Step:
-    return Step(
-        kind=StepKind.WRITE_RECORD,
-        name=name,
-        summary="record the desired spec as last applied",
-        args={"vm": desired.model_dump(mode="json")},
-    )
-
-
-def _plan_disk(
-    work: _VMPlan,
-    disk: DiskSpec,
-    current: ObservedImage | None,
-    observed: ObservedState,
-    layout: StateLayout,
-    running: bool,
-    attached: bool,
-) -> None:
-    attached_live = running and attached
-    path = str(layout.vm(work.name).disk(disk.name))
-    label = f"disk {disk.name}"
+def _plan_disk(work: _VMPlan, disk: DiskSpec, current: ObservedImage | None, observed: ObservedState,
+               running: bool, attached: bool) -> None:
     if current is None or not current.exists:
-        base = observed.images.get(disk.image) if disk.image else None
-        if disk.image and (base is None or not base.exists):
-            work.refusals.append(f"{label}: backing image {disk.image} does not exist")
-            return
-        if base is not None and disk.size is not None and base.virtual_size and disk.size < base.virtual_size:
-            work.refusals.append(
-                f"{label}: size {format_size(disk.size)} is smaller than its image "
-                f"({format_size(base.virtual_size)}); disks never shrink"
-            )
-            return
-        size = disk.size if disk.size is not None else (base.virtual_size if base else None)
-        what = f"create {format_size(size)} qcow2" if size else "create qcow2"
-        if disk.image:
-            what += f" backed by {disk.image}"
-        work.disk_steps.append(Step(
-            kind=StepKind.CREATE_DISK, name=work.name, target=disk.name, summary=f"{label}: {what}",
-            args={"path": path, "size": disk.size, "image": disk.image, "image_format": disk.imageFormat},
-        ))
-        if not running:  # on a running VM the new disk is a restart cause, listed as such
-            work.fields.append(FieldChange(path=f"disks[{disk.name}]", before=None, after="present",
-                                           mode=Mode.LIVE, how="qemu-img create"))
+        _new_disk(work, disk, paths.disk_file(observed.state_dir, work.name, disk.name), observed, running)
+    elif _usable_disk(work, disk, current):
+        _grow_disk(work, disk, current, running and attached)
+
+
+def _new_disk(work: _VMPlan, disk: DiskSpec, path: str, observed: ObservedState, running: bool) -> None:
+    label = f"disk {disk.name}"
+    base = observed.images.get(disk.image) if disk.image else None
+    if disk.image and (base is None or not base.exists):
+        work.refusals.append(f"{label}: backing image {disk.image} does not exist")
         return
+    if base is not None and disk.size is not None and base.virtual_size and disk.size < base.virtual_size:
+        work.refusals.append(f"{label}: size {format_size(disk.size)} is smaller than its image "
+                             f"({format_size(base.virtual_size)}); disks never shrink")
+        return
+    size = disk.size if disk.size is not None else (base.virtual_size if base else None)
+    what = f"create {format_size(size)} qcow2" if size else "create qcow2"
+    if disk.image:
+        what += f" backed by {disk.image}"
+    work.offline.append(s.CreateDisk(name=work.name, target=disk.name, summary=f"{label}: {what}", path=path,
+                                     size=disk.size, image=disk.image, image_format=disk.imageFormat))
+    if not running:  # on a running VM the new disk is a restart cause, listed as such
+        work.fields.append(FieldChange(path=f"disks[{disk.name}]", before=None, after="present", mode=Mode.LIVE,
+                                       how="qemu-img create"))
+
+
+def _usable_disk(work: _VMPlan, disk: DiskSpec, current: ObservedImage) -> bool:
+    """An existing disk file is readable qcow2 on the backing image the manifest names; else refused."""
+    label = f"disk {disk.name}"
     if current.error:
-        work.refusals.append(f"{label}: cannot read {path}: {current.error}")
-        return
-    if current.format != "qcow2":
-        work.refusals.append(f"{label}: {path} is {current.format}, expected qcow2")
-        return
-    if disk.image and current.backing != disk.image:
-        work.refusals.append(
-            f"{label}: its backing image is {current.backing or 'none'}, the manifest says {disk.image}; "
-            "a disk's image cannot change (give the disk a new name)"
-        )
+        work.refusals.append(f"{label}: cannot read {current.path}: {current.error}")
+    elif current.format != "qcow2":
+        work.refusals.append(f"{label}: {current.path} is {current.format}, expected qcow2")
+    elif disk.image and current.backing != disk.image:
+        work.refusals.append(f"{label}: its backing image is {current.backing or 'none'}, the manifest says "
+                             f"{disk.image}; a disk's image cannot change (give the disk a new name)")
         work.fields.append(FieldChange(path=f"disks[{disk.name}].image", before=current.backing, after=disk.image,
                                        mode=Mode.REFUSED, how=rule_for(("disks", "*", "image")).how))
-        return
-    if disk.image and current.backing_format and current.backing_format != disk.imageFormat:
-        work.refusals.append(
-            f"{label}: its backing image is {current.backing_format}, the manifest says {disk.imageFormat}; "
-            "a disk's image cannot change"
-        )
+    elif disk.image and current.backing_format and current.backing_format != disk.imageFormat:
+        work.refusals.append(f"{label}: its backing image is {current.backing_format}, the manifest says "
+                             f"{disk.imageFormat}; a disk's image cannot change")
         work.fields.append(FieldChange(path=f"disks[{disk.name}].imageFormat", before=current.backing_format,
                                        after=disk.imageFormat, mode=Mode.REFUSED,
                                        how=rule_for(("disks", "*", "imageFormat")).how))
-        return
+    else:
+        return True
+    return False
+
+
+def _grow_disk(work: _VMPlan, disk: DiskSpec, current: ObservedImage, attached_live: bool) -> None:
     if disk.size is None or current.virtual_size is None or disk.size == current.virtual_size:
         return
+    label, path = f"disk {disk.name}", current.path
     before, after = format_size(current.virtual_size), format_size(disk.size)
     if disk.size < current.virtual_size:
         work.refusals.append(f"{label}: shrinking {before} -> {after} is refused; disks never shrink")
@@ -343,16 +320,13 @@ def _plan_disk(
                                        mode=Mode.REFUSED, how="disks never shrink"))
         return
     if attached_live:
-        step = Step(kind=StepKind.GROW_DISK_LIVE, name=work.name, target=disk.name,
-                    summary=f"{label}: grow {before} -> {after} (block_resize)",
-                    args={"node": disk_node(disk.name), "size": disk.size, "path": path})
-        work.live_grows.append(step)
+        work.live_grows.append(s.GrowDiskLive(name=work.name, target=disk.name, node=disk_node(disk.name),
+                                              size=disk.size, path=path,
+                                              summary=f"{label}: grow {before} -> {after} (block_resize)"))
         how = "block_resize"
     else:
-        step = Step(kind=StepKind.GROW_DISK_OFFLINE, name=work.name, target=disk.name,
-                    summary=f"{label}: grow {before} -> {after} (qemu-img resize)",
-                    args={"size": disk.size, "path": path})
-        work.offline_grows.append(step)
+        work.offline.append(s.GrowDiskOffline(name=work.name, target=disk.name, size=disk.size, path=path,
+                                              summary=f"{label}: grow {before} -> {after} (qemu-img resize)"))
         how = "qemu-img resize (VM stopped)"
     work.fields.append(FieldChange(path=f"disks[{disk.name}].size", before=before, after=after, mode=Mode.LIVE,
                                    how=how))
@@ -402,19 +376,18 @@ def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None) -> Ch
             return None
         return Change(name=name, action=Action.DELETE, reasons=["running but not in any manifest"],
                       steps=[_stop_step(name, VirtualMachineSpec().terminationGracePeriodSeconds),
-                             Step(kind=StepKind.FORGET, name=name, summary="forget the VM (disks are kept)")])
-    steps: list[Step] = []
+                             s.Forget(name=name, summary="forget the VM (disks are kept)")])
+    steps: list[s.Step] = []
     if obs.process is not None:
         steps.append(_stop_step(name, record.vm.spec.terminationGracePeriodSeconds))
     kept = []
     for disk in record.vm.spec.disks:
         image = obs.disks.get(disk.name)
         if disk.deletePolicy == "Delete" and disk.name in record.owned_disks and image and image.exists:
-            steps.append(Step(kind=StepKind.DELETE_DISK, name=name, target=disk.name,
-                              summary=f"disk {disk.name}: delete {image.path} (deletePolicy: Delete)",
-                              args={"path": image.path}))
+            steps.append(s.DeleteDisk(name=name, target=disk.name, path=image.path,
+                                      summary=f"disk {disk.name}: delete {image.path} (deletePolicy: Delete)"))
         elif image and image.exists:
             kept.append(disk.name)
     summary = "forget the VM" + (f" (keeping disks: {', '.join(kept)})" if kept else "")
-    steps.append(Step(kind=StepKind.FORGET, name=name, summary=summary))
+    steps.append(s.Forget(name=name, summary=summary))
     return Change(name=name, action=Action.DELETE, reasons=["its manifest was removed"], steps=steps)

@@ -14,10 +14,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from reconciler.spec.layout import (
+from reconciler.spec.models import NetworkInterfaceSpec, VirtualMachineSpec, nic_mac
+from reconciler.spec.naming import (
     BALLOON_DEVICE,
     SCSI_CONTROLLER,
-    VMPaths,
     cdrom_device,
     cdrom_file_node,
     disk_file_node,
@@ -27,7 +27,7 @@ from reconciler.spec.layout import (
     root_port,
     spare_port,
 )
-from reconciler.spec.models import NetworkInterfaceSpec, VirtualMachineSpec, nic_mac
+from reconciler.state.layout import VMPaths
 
 QEMU_BINARY = "qemu-system-x86_64"
 _UNSAFE = re.compile(r"[,=\x00-\x1f\x7f]")

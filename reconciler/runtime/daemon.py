@@ -28,25 +28,25 @@ from qemu.qmp import QMPClient, Runstate
 from watchfiles import awatch
 
 from reconciler.apply.executor import Executor, StepResult
-from reconciler.apply.files import write_atomic
 from reconciler.apply.lock import StateLock
-from reconciler.observe import processes
-from reconciler.observe.records import CorruptRecord, read_exit, read_network_records, read_records
+from reconciler.errors import CorruptRecord
 from reconciler.observe.snapshot import observe
-from reconciler.plan.actions import Action, Change, Plan, StepKind
-from reconciler.plan.observed import AppliedRecord, ObservedState
+from reconciler.plan.actions import Action, Change, Plan
+from reconciler.plan.observed import ObservedState
 from reconciler.plan.planner import PlanOptions, plan
+from reconciler.plan.steps import StepKind
 from reconciler.runtime import metrics
 from reconciler.runtime.gitrev import git_dir, revision
 from reconciler.runtime.queue import WorkQueue
 from reconciler.runtime.store import Store, VMStatus
-from reconciler.spec.layout import StateLayout
 from reconciler.spec.loader import LoadedNetwork, LoadedVM, Source, load_directory
+from reconciler.state import files
+from reconciler.state.layout import StateLayout
+from reconciler.state.models import FAILURES, AppliedRecord, ExitRecord
 
 HOST = "@host"
 RELEVANT_EVENTS = {"SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED", "DEVICE_DELETED", "BLOCK_IO_ERROR",
                    "POWERDOWN"}
-FAILURES = {"crash", "guest-panicked"}
 CRASH_WINDOW = 120.0
 CRASH_LIMIT = 3
 GIT_WAIT = 120.0  # a git operation holding index.lock longer than this is taken as a stale lock
@@ -110,7 +110,7 @@ class SyncDaemon:
                for name, rec in self._records({}).items()}
         # Network records do not say which file they came from: while any file is broken, all are kept.
         networks = {name: LoadedNetwork(rec.network, Source("", 1))
-                    for name, rec in read_network_records(self.layout).items()}
+                    for name, rec in files.read_network_records(self.layout).items()}
         return _State(vms=vms, networks=networks)
 
     def load(self) -> set[str]:
@@ -309,18 +309,14 @@ class SyncDaemon:
         recent.append(now)
         self.restarts[key] = recent
         with contextlib.suppress(OSError):
-            write_atomic(self.layout.vm(key).restarts, json.dumps(recent))
+            files.write_restarts(self.layout.vm(key), recent)
         return None
 
     def _restart_history(self, key: str) -> list[float]:
         """Restarts after failures, newest last; read from the VM's folder the first time, so a daemon
         restarted in the middle of a crash loop keeps backing off."""
         if key not in self.restarts:
-            try:
-                saved = json.loads(self.layout.vm(key).restarts.read_text())
-                self.restarts[key] = [float(t) for t in saved]
-            except (OSError, ValueError, TypeError):
-                self.restarts[key] = []
+            self.restarts[key] = files.read_restarts(self.layout.vm(key))
         return self.restarts[key]
 
     async def _report(self, name: str, seconds: float, failed: bool, backoff: float | None) -> bool:
@@ -402,11 +398,7 @@ class SyncDaemon:
                 log.warning("cannot follow QMP events", vm=name, pid=pid, error=repr(exc))
 
             def record_exit(reason: dict[str, Any]) -> None:
-                # Not once the pidfile names another QEMU: a late write would describe the new one by its
-                # predecessor's exit. (QEMU removes its pidfile when it exits cleanly: None is fine.)
-                # Nor over "stopped": the executor stopped this QEMU on purpose, whatever the guest said.
-                if processes.read_pidfile(paths.pidfile) in (None, pid) and read_exit(paths.exit) != "stopped":
-                    write_atomic(paths.exit, json.dumps(reason))
+                files.record_exit(paths, pid, ExitRecord(**reason))
 
             def handle(event: Any) -> None:
                 nonlocal shutdown
@@ -443,8 +435,8 @@ class SyncDaemon:
                 await asyncio.sleep(0.01)
             for event in client.events.clear():
                 handle(event)
-            if shutdown is None and paths.exit.exists():
-                shutdown = {"reason": read_exit(paths.exit)}  # recorded for this run already: not a crash
+            if shutdown is None and (recorded := files.read_exit(paths)) is not None:
+                shutdown = {"reason": recorded.reason}  # recorded for this run already: not a crash
             if shutdown is None:
                 record_exit({"reason": "crash"})
                 self.store.event(name, "process-exit", "failure", f"QEMU pid {pid} exited without a shutdown")
@@ -478,7 +470,7 @@ class SyncDaemon:
 
     def _records(self, corrupt: dict[str, str]) -> dict[str, AppliedRecord]:
         """This host's VM records; corrupt ones are left out (into ``corrupt``), never fatal to the rest."""
-        records = read_records(self.layout, corrupt=corrupt)
+        records = files.read_records(self.layout, corrupt=corrupt)
         return {name: rec for name, rec in records.items() if self._mine(rec.vm.spec.host)}
 
     def _enqueue_all(self) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import posixpath
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -408,3 +409,16 @@ def nic_mac(vm_name: str, nic: NetworkInterfaceSpec) -> str:
 def tap_name(vm_name: str, nic_name: str) -> str:
     """A deterministic TAP name within Linux's 15 characters: 'inz' + 12 hex digits of a hash."""
     return "inz" + hashlib.sha256(f"{vm_name}/{nic_name}".encode()).hexdigest()[:12]
+
+
+def nic_bridge(nic: NetworkInterfaceSpec, networks: Mapping[str, Network]) -> str | None:
+    """The host bridge a bridged NIC joins: its own ``bridge``, or its Network's (None: unknown Network).
+
+    ``networks`` is whichever set of Networks the caller trusts: the desired ones for the planner and the
+    observers, the recorded (created) ones for the executor.
+    """
+    if nic.bridge:
+        return nic.bridge
+    if nic.network and nic.network in networks:
+        return networks[nic.network].spec.bridge
+    return None

@@ -130,7 +130,7 @@ spec:
 
     # A reset completes the unplug in QEMU; the next apply removes the backend and converges.
     subprocess.run([__import__("sys").executable, "-c", (
-        "import asyncio;from pathlib import Path;from reconciler.observe import monitor\n"
+        "import asyncio;from pathlib import Path;from reconciler.adapters import monitor\n"
         "async def m():\n"
         f"  async with monitor.session(Path('{host.state}/vms/nogos/qmp.sock')) as q:\n"
         "    await q.execute('system_reset')\n"

@@ -7,7 +7,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from reconciler.observe import monitor
+from reconciler.adapters import monitor
 from reconciler.runtime.store import VMStatus, open_readonly
 from tests.e2e.harness import Host, vm_manifest, wait_gone
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from reconciler.qemu.argv import UnsafeOptionValue, _kv, build_argv
-from reconciler.spec.layout import StateLayout
 from reconciler.spec.loader import load_text
 from reconciler.spec.models import VirtualMachine
+from reconciler.state.layout import StateLayout
 
 MANIFEST = """apiVersion: infinization.io/v1alpha1
 kind: VirtualMachine

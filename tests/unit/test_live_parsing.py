@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from reconciler.observe.live import _NETDEV_LINE, free_spare_ports
+from reconciler.adapters.monitor import free_spare_ports
+from reconciler.observe.live import _NETDEV_LINE
 
 QUERY_PCI = [{"bus": 0, "devices": [
     {"qdev_id": "rp-disk-root", "slot": 1, "pci_bridge": {"bus": {}, "devices": [{"qdev_id": "disk-root"}]}},

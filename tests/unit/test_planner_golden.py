@@ -17,11 +17,12 @@ import yaml
 from rich.text import Text
 
 from reconciler.plan.actions import Plan
-from reconciler.plan.observed import AppliedRecord, ObservedState
+from reconciler.plan.observed import ObservedState
 from reconciler.plan.planner import PlanOptions, plan
 from reconciler.plan.render import render_plan
 from reconciler.spec.loader import load_text
 from reconciler.spec.models import Network, VirtualMachine
+from reconciler.state.models import AppliedRecord
 
 CASES = Path(__file__).parent / "plan_cases"
 

@@ -17,15 +17,13 @@ from typing import Any
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError, StateError
 
+from reconciler.errors import MonitorError
+
 CONNECT_TIMEOUT = 3.0
 COMMAND_TIMEOUT = 10.0
 
 # qemu.qmp logs every disconnect at ERROR level; our callers report failures themselves.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-
-
-class MonitorError(Exception):
-    """The QMP monitor could not be reached or a command failed; ``str()`` says which and why."""
 
 
 class Monitor:
@@ -76,3 +74,27 @@ async def session(socket: Path, timeout: float = CONNECT_TIMEOUT) -> AsyncIterat
         # After 'quit' the peer is gone: qemu.qmp may raise EOFError here, which means what we wanted.
         with contextlib.suppress(Exception):
             await client.disconnect()
+
+
+async def peripheral_ids(qmp: Monitor) -> dict[str, str]:
+    """Device id -> QOM type of every device that has an id."""
+    entries = await qmp.execute("qom-list", {"path": "/machine/peripheral"})
+    return {e["name"]: e["type"].removeprefix("child<").removesuffix(">")
+            for e in entries if e["type"].startswith("child<")}
+
+
+async def block_nodes(qmp: Monitor) -> set[str]:
+    """Names of every block node."""
+    return {n["node-name"] for n in await qmp.execute("query-named-block-nodes", {"flat": True})}
+
+
+def free_spare_ports(pci: list[dict[str, Any]]) -> list[str]:
+    """Spare root ports (``hp-N``) on which nothing is plugged, in order (from a ``query-pci`` answer)."""
+    free = []
+    for bus in pci:
+        for device in bus.get("devices", []):
+            qdev = device.get("qdev_id", "")
+            bridge = device.get("pci_bridge")
+            if qdev.startswith("hp-") and bridge is not None and not bridge.get("devices"):
+                free.append(qdev)
+    return sorted(free, key=lambda port: int(port.split("-")[1]))

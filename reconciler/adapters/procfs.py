@@ -12,20 +12,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.state.files import read_pidfile
+
 
 @dataclass(frozen=True)
 class QemuProcess:
     pid: int
     start_time: int
     cmdline: tuple[str, ...]
-
-
-def read_pidfile(pidfile: Path) -> int | None:
-    try:
-        text = pidfile.read_text().strip()
-    except (FileNotFoundError, PermissionError):
-        return None
-    return int(text) if text.isdigit() else None
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -82,3 +76,11 @@ def still_same(process: QemuProcess, pidfile: Path) -> bool:
         and read_cmdline(process.pid) == process.cmdline
         and is_our_qemu(process.cmdline, pidfile)
     )
+
+
+def find_dnsmasq(pidfile: Path) -> int | None:
+    """The live dnsmasq that owns ``pidfile`` (its /proc cmdline names it), or None."""
+    pid = read_pidfile(pidfile)
+    if pid is None or not is_alive(pid):
+        return None
+    return pid if f"--pid-file={pidfile}" in (read_cmdline(pid) or ()) else None

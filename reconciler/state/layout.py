@@ -1,11 +1,12 @@
-"""Where everything the reconciler writes lives under its state directory (pure path arithmetic).
+"""Where every file under the state directory lives (path arithmetic only; nothing is read or written here).
 
     STATE/lock                         the run lock (flock): apply, or a running sync daemon
     STATE/daemon.lock                  one sync daemon per state directory
     STATE/infinization.db              the status store (SQLite): VM status rows and events
+    STATE/source.json                  the manifest directory last applied (``status`` uses it by default)
     STATE/vms/NAME/record.json         last-applied record: the spec we applied and the disks we created
     STATE/vms/NAME/launch.json         the spec and argv the current QEMU was started with
-    STATE/vms/NAME/exit.json           how its last QEMU ended (written by the sync daemon from QMP events)
+    STATE/vms/NAME/exit.json           how its last QEMU ended (guest-shutdown, crash, stopped by us...)
     STATE/vms/NAME/restarts.json       the sync daemon's restarts after failures (crash-loop history)
     STATE/vms/NAME/live.json           what QMP cannot report back (link state, balloon target, unplugs)
     STATE/vms/NAME/qemu.pid            QEMU's pidfile
@@ -16,7 +17,9 @@
     STATE/networks/NAME.json           a Network we created (its bridge is ours to repair and delete)
     STATE/networks/NAME.dnsmasq.pid    its DHCP server (dnsmasq), and NAME.leases, the leases it gave
 
-Disk and VM names are validated by the spec models, so every path here stays inside STATE.
+Our own files are read and written only through ``reconciler.state.files`` (a test checks it); QEMU and
+dnsmasq write their pidfiles, sockets, logs and leases themselves. Disk and VM names are validated by the
+spec models, so every path here stays inside STATE.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from reconciler.state import paths
 
 DEFAULT_STATE_DIR = "/var/lib/infinization"
 STATE_DIR_ENV = "INFINIZATION_STATE_DIR"
@@ -47,6 +52,10 @@ class StateLayout:
         return self.root / "daemon.lock"
 
     @property
+    def source(self) -> Path:
+        return self.root / "source.json"
+
+    @property
     def database(self) -> Path:
         return self.root / "infinization.db"
 
@@ -66,19 +75,20 @@ class StateLayout:
         return self.networks / f"{name}.json"
 
     def dhcp_pidfile(self, name: str) -> Path:
-        return self.networks / f"{name}.dnsmasq.pid"
+        return Path(paths.dhcp_pidfile(str(self.root), name))
 
     def dhcp_leases(self, name: str) -> Path:
-        return self.networks / f"{name}.leases"
+        return Path(paths.dhcp_leases(str(self.root), name))
 
     def vm(self, name: str) -> VMPaths:
-        return VMPaths(self.vms / name, self.disks / name)
+        return VMPaths(self.vms / name, self.disks / name, self.root)
 
 
 @dataclass(frozen=True)
 class VMPaths:
     dir: Path
     disk_dir: Path
+    root: Path
 
     @property
     def record(self) -> Path:
@@ -118,7 +128,7 @@ class VMPaths:
         return self.dir / "serial.log"
 
     def disk(self, disk_name: str) -> Path:
-        return self.disk_dir / f"{disk_name}.qcow2"
+        return Path(paths.disk_file(str(self.root), self.dir.name, disk_name))
 
     def check(self) -> None:
         """Refuse paths QEMU cannot use: sockets longer than a sun_path, or option separators."""
@@ -130,43 +140,3 @@ class VMPaths:
         for path in (self.dir, self.disk_dir):
             if "," in str(path) or "=" in str(path):
                 raise ValueError(f"state path {path} must not contain ',' or '='")
-
-
-def disk_node(disk_name: str) -> str:
-    """The QEMU format-node name of a disk (what ``block_resize`` targets); also its device id."""
-    return f"disk-{disk_name}"
-
-
-def disk_file_node(disk_name: str) -> str:
-    return f"file-{disk_name}"
-
-
-def nic_device(nic_name: str) -> str:
-    return f"nic-{nic_name}"
-
-
-def nic_netdev(nic_name: str) -> str:
-    return f"net-{nic_name}"
-
-
-def cdrom_device(cdrom_name: str) -> str:
-    """The scsi-cd device id of a CD-ROM drive; its medium's format node has the same name."""
-    return f"cd-{cdrom_name}"
-
-
-def cdrom_file_node(cdrom_name: str) -> str:
-    return f"cdfile-{cdrom_name}"
-
-
-def root_port(device_id: str) -> str:
-    """The PCIe root port a cold-plugged device sits on (q35), so it can be unplugged live too."""
-    return f"rp-{device_id}"
-
-
-def spare_port(index: int) -> str:
-    """A spare PCIe root port reserved at start for a device added live (q35)."""
-    return f"hp-{index}"
-
-
-SCSI_CONTROLLER = "scsi0"
-BALLOON_DEVICE = "balloon0"

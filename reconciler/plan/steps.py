@@ -1,0 +1,308 @@
+"""The plan's steps: one frozen, typed model per kind of step, joined in the discriminated union ``Step``.
+
+A step kind is defined once, here: its ``kind`` (the ``StepKind`` member), its arguments as typed fields,
+and its ``phase``, which orders a VM's steps (the planner sorts by it, stably, so equal phases keep the
+order they were planned in). The executor handles every member of ``Step`` in an exhaustive ``match``
+ending in ``assert_never``, so a kind added here without a handler is a mypy error
+(``tests/unit/test_step_exhaustiveness.py`` proves it). See "How to add a device" in docs/architecture.md.
+
+In JSON (``plan --json``, saved plans) a step reads ``{"kind", "name", "target", "args": {...},
+"summary"}``: the typed fields travel under ``args``, as in format version 1.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+
+from reconciler.spec.models import Network, VirtualMachine
+
+
+class StepKind(StrEnum):
+    WRITE_RECORD = "write-record"
+    CREATE_DISK = "create-disk"
+    GROW_DISK_LIVE = "grow-disk-live"
+    GROW_DISK_OFFLINE = "grow-disk-offline"
+    STOP = "stop"
+    START = "start"
+    DELETE_DISK = "delete-disk"
+    FORGET = "forget"
+    HOTPLUG_DISK = "hotplug-disk"
+    UNPLUG_DISK = "unplug-disk"
+    HOTPLUG_NIC = "hotplug-nic"
+    UNPLUG_NIC = "unplug-nic"
+    SET_LINK = "set-link"
+    SET_IO_LIMITS = "set-io-limits"
+    ADD_CPUS = "add-cpus"
+    ADD_MEMORY = "add-memory"
+    SET_BALLOON = "set-balloon"
+    HOTPLUG_CDROM = "hotplug-cdrom"
+    UNPLUG_CDROM = "unplug-cdrom"
+    CHANGE_MEDIA = "change-media"
+    WRITE_NETWORK_RECORD = "write-network-record"
+    ENSURE_BRIDGE = "ensure-bridge"
+    DELETE_BRIDGE = "delete-bridge"
+    FORGET_NETWORK = "forget-network"
+    APPLY_FIREWALL = "apply-firewall"
+    REPAIR_TAP = "repair-tap"
+    ENSURE_DHCP = "ensure-dhcp"
+    STOP_DHCP = "stop-dhcp"
+
+
+class Phase:
+    """The order of a VM's steps: the record first (our claim), then what must happen while the old QEMU
+    runs, the stop, what needs it stopped, then live changes, the start, and forgetting the VM last."""
+
+    RECORD = 0
+    UNPLUG = 10
+    GROW_LIVE = 20
+    CREATE = 30
+    STOP = 40
+    OFFLINE = 50
+    DELETE = 60
+    REPAIR = 70
+    PLUG = 80
+    SETTING = 90
+    START = 100
+    FORGET = 110
+    HOST = 0  # Network and firewall steps: each change lists them in order already
+
+
+_HEAD = ("kind", "name", "target", "summary")
+
+
+class _StepBase(BaseModel):
+    """What every step has: the resource it acts on (``name``), the device (``target``) and a summary."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="The VM, Network or firewall the step acts on.")
+    target: str = ""
+    summary: str
+
+    phase: ClassVar[int]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_nested(cls, data: Any) -> Any:
+        """Accept the JSON form, whose typed fields sit under ``args``."""
+        if isinstance(data, dict) and isinstance(data.get("args"), dict):
+            data = {**{k: v for k, v in data.items() if k != "args"}, **data["args"]}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _to_nested(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        flat: dict[str, Any] = handler(self)
+        head = {key: flat.pop(key) for key in _HEAD}
+        return {"kind": head["kind"], "name": head["name"], "target": head["target"], "args": flat,
+                "summary": head["summary"]}
+
+    @property
+    def args(self) -> dict[str, Any]:
+        """The step's own arguments, as JSON data (for logs and tests)."""
+        args: dict[str, Any] = self.model_dump(mode="json")["args"]
+        return args
+
+
+# -- a VM's record, disks and process -------------------------------------------------------------------
+
+
+class WriteRecord(_StepBase):
+    kind: Literal[StepKind.WRITE_RECORD] = StepKind.WRITE_RECORD
+    phase = Phase.RECORD
+    vm: VirtualMachine
+
+
+class CreateDisk(_StepBase):
+    kind: Literal[StepKind.CREATE_DISK] = StepKind.CREATE_DISK
+    phase = Phase.CREATE
+    path: str
+    size: int | None
+    image: str | None
+    image_format: Literal["qcow2", "raw"] = "qcow2"
+
+
+class GrowDiskLive(_StepBase):
+    kind: Literal[StepKind.GROW_DISK_LIVE] = StepKind.GROW_DISK_LIVE
+    phase = Phase.GROW_LIVE
+    node: str
+    size: int
+    path: str
+
+
+class GrowDiskOffline(_StepBase):
+    kind: Literal[StepKind.GROW_DISK_OFFLINE] = StepKind.GROW_DISK_OFFLINE
+    phase = Phase.OFFLINE
+    size: int
+    path: str
+
+
+class Stop(_StepBase):
+    kind: Literal[StepKind.STOP] = StepKind.STOP
+    phase = Phase.STOP
+    timeout: int
+
+
+class Start(_StepBase):
+    kind: Literal[StepKind.START] = StepKind.START
+    phase = Phase.START
+
+
+class DeleteDisk(_StepBase):
+    kind: Literal[StepKind.DELETE_DISK] = StepKind.DELETE_DISK
+    phase = Phase.DELETE
+    path: str
+
+
+class Forget(_StepBase):
+    kind: Literal[StepKind.FORGET] = StepKind.FORGET
+    phase = Phase.FORGET
+
+
+# -- a running VM, over QMP -----------------------------------------------------------------------------
+
+
+class HotplugDisk(_StepBase):
+    kind: Literal[StepKind.HOTPLUG_DISK] = StepKind.HOTPLUG_DISK
+    phase = Phase.PLUG
+    iops: int
+    bps: int
+
+
+class UnplugDisk(_StepBase):
+    kind: Literal[StepKind.UNPLUG_DISK] = StepKind.UNPLUG_DISK
+    phase = Phase.UNPLUG
+
+
+class HotplugNic(_StepBase):
+    kind: Literal[StepKind.HOTPLUG_NIC] = StepKind.HOTPLUG_NIC
+    phase = Phase.PLUG
+    link: Literal["up", "down"]
+
+
+class UnplugNic(_StepBase):
+    kind: Literal[StepKind.UNPLUG_NIC] = StepKind.UNPLUG_NIC
+    phase = Phase.UNPLUG
+
+
+class SetLink(_StepBase):
+    kind: Literal[StepKind.SET_LINK] = StepKind.SET_LINK
+    phase = Phase.SETTING
+    up: bool
+
+
+class SetIoLimits(_StepBase):
+    kind: Literal[StepKind.SET_IO_LIMITS] = StepKind.SET_IO_LIMITS
+    phase = Phase.SETTING
+    iops: int
+    bps: int
+
+
+class AddCpus(_StepBase):
+    kind: Literal[StepKind.ADD_CPUS] = StepKind.ADD_CPUS
+    phase = Phase.SETTING
+    count: int
+
+
+class AddMemory(_StepBase):
+    kind: Literal[StepKind.ADD_MEMORY] = StepKind.ADD_MEMORY
+    phase = Phase.SETTING
+    size: int
+
+
+class SetBalloon(_StepBase):
+    kind: Literal[StepKind.SET_BALLOON] = StepKind.SET_BALLOON
+    phase = Phase.SETTING
+    size: int
+
+
+class HotplugCdrom(_StepBase):
+    kind: Literal[StepKind.HOTPLUG_CDROM] = StepKind.HOTPLUG_CDROM
+    phase = Phase.PLUG
+    image: str | None
+
+
+class UnplugCdrom(_StepBase):
+    kind: Literal[StepKind.UNPLUG_CDROM] = StepKind.UNPLUG_CDROM
+    phase = Phase.UNPLUG
+
+
+class ChangeMedia(_StepBase):
+    kind: Literal[StepKind.CHANGE_MEDIA] = StepKind.CHANGE_MEDIA
+    phase = Phase.SETTING
+    image: str | None
+
+
+class RepairTap(_StepBase):
+    kind: Literal[StepKind.REPAIR_TAP] = StepKind.REPAIR_TAP
+    phase = Phase.REPAIR
+    tap: str
+    bridge: str | None
+
+
+# -- host networking ------------------------------------------------------------------------------------
+
+
+class WriteNetworkRecord(_StepBase):
+    kind: Literal[StepKind.WRITE_NETWORK_RECORD] = StepKind.WRITE_NETWORK_RECORD
+    phase = Phase.HOST
+    network: Network
+
+
+class EnsureBridge(_StepBase):
+    kind: Literal[StepKind.ENSURE_BRIDGE] = StepKind.ENSURE_BRIDGE
+    phase = Phase.HOST
+    bridge: str
+    address: str | None
+    remove_address: str | None
+    ip_forward: bool
+
+
+class DeleteBridge(_StepBase):
+    kind: Literal[StepKind.DELETE_BRIDGE] = StepKind.DELETE_BRIDGE
+    phase = Phase.HOST
+    bridge: str
+
+
+class ForgetNetwork(_StepBase):
+    kind: Literal[StepKind.FORGET_NETWORK] = StepKind.FORGET_NETWORK
+    phase = Phase.HOST
+
+
+class ApplyFirewall(_StepBase):
+    kind: Literal[StepKind.APPLY_FIREWALL] = StepKind.APPLY_FIREWALL
+    phase = Phase.HOST
+    script: str
+
+
+class EnsureDhcp(_StepBase):
+    kind: Literal[StepKind.ENSURE_DHCP] = StepKind.ENSURE_DHCP
+    phase = Phase.HOST
+    argv: list[str]
+    pidfile: str
+
+
+class StopDhcp(_StepBase):
+    kind: Literal[StepKind.STOP_DHCP] = StepKind.STOP_DHCP
+    phase = Phase.HOST
+    pidfile: str
+
+
+VMStep = WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget
+"""Steps on a VM's record, disk files and process."""
+LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
+            | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia)
+"""Steps on a running VM, over its QMP monitor."""
+HostStep = WriteNetworkRecord | EnsureBridge | DeleteBridge | ForgetNetwork | ApplyFirewall | RepairTap | EnsureDhcp \
+    | StopDhcp
+"""Steps on host networking (netlink, nftables, dnsmasq)."""
+
+Step = Annotated[VMStep | LiveStep | HostStep, Field(discriminator="kind")]
+"""Any step of a plan; ``kind`` tells which."""
+
+
+def in_order(steps: list[Step]) -> list[Step]:
+    """A VM's steps sorted by phase; steps of one phase keep the order they were planned in."""
+    return sorted(steps, key=lambda step: step.phase)

@@ -1,0 +1,48 @@
+"""QEMU ids of a VM's devices and block nodes, derived from the names in its spec (pure).
+
+One definition each, used by the argv builder, the planner (step arguments), the observers (to recognise
+devices in QMP answers) and the executor (hot-plug). Disk, NIC and CD-ROM names are validated by the spec
+models, so every id here is a safe QEMU id.
+"""
+
+from __future__ import annotations
+
+
+def disk_node(disk_name: str) -> str:
+    """The QEMU format-node name of a disk (what ``block_resize`` targets); also its device id."""
+    return f"disk-{disk_name}"
+
+
+def disk_file_node(disk_name: str) -> str:
+    return f"file-{disk_name}"
+
+
+def nic_device(nic_name: str) -> str:
+    return f"nic-{nic_name}"
+
+
+def nic_netdev(nic_name: str) -> str:
+    return f"net-{nic_name}"
+
+
+def cdrom_device(cdrom_name: str) -> str:
+    """The scsi-cd device id of a CD-ROM drive; its medium's format node has the same name."""
+    return f"cd-{cdrom_name}"
+
+
+def cdrom_file_node(cdrom_name: str) -> str:
+    return f"cdfile-{cdrom_name}"
+
+
+def root_port(device_id: str) -> str:
+    """The PCIe root port a cold-plugged device sits on (q35), so it can be unplugged live too."""
+    return f"rp-{device_id}"
+
+
+def spare_port(index: int) -> str:
+    """A spare PCIe root port reserved at start for a device added live (q35)."""
+    return f"hp-{index}"
+
+
+SCSI_CONTROLLER = "scsi0"
+BALLOON_DEVICE = "balloon0"

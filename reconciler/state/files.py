@@ -1,0 +1,298 @@
+"""The only reader and writer of Infinization's own files under the state directory.
+
+Every file has its path in ``state.layout`` and its model in ``state.models``; this module is the one
+place that opens them (``tests/unit/test_state_ownership.py`` checks that no other module does). Writes
+are atomic (temporary file, fsync, rename) and private to their owner (0600). Who calls what:
+
+- ``record.json``: ``write_record`` / ``claim_disk`` by the executor (before it changes anything for a VM);
+  read by the observers, the CLI and the sync daemon.
+- ``launch.json``: ``write_launch`` by ``apply.vmprocess`` right before QEMU starts; read by the observers.
+- ``live.json``: ``update_live`` by ``apply.hotplug``; read by the observers (only for the QEMU it names).
+- ``exit.json``: ``write_exit`` by ``apply.vmprocess`` (a stop by us), ``record_exit`` by the sync daemon's
+  QMP listener (a shutdown, crash or panic), ``clear_exit`` when a new QEMU starts; read by the observers.
+- ``restarts.json``: the sync daemon's crash-loop history.
+- ``source.json``: the CLI's ``apply``; read by ``status``, ``start`` and ``stop``.
+- ``networks/NAME.json``: the executor's network steps; read by the observers and the executor.
+- QEMU's and dnsmasq's pidfiles, the serial log and the DHCP leases are written by those programs; they
+  are read here only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from reconciler.errors import CorruptRecord, Refused
+from reconciler.spec.models import Network, VirtualMachine
+from reconciler.state.layout import StateLayout, VMPaths
+from reconciler.state.models import (
+    STOPPED,
+    AppliedRecord,
+    DhcpLease,
+    ExitRecord,
+    LaunchRecord,
+    LiveRecord,
+    NetworkRecord,
+    SourceRecord,
+)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file (0600), fsync and rename: a crash leaves the old or the new file, never
+    half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _dump(model: BaseModel) -> str:
+    return model.model_dump_json(indent=2) + "\n"
+
+
+# -- record.json: the last-applied record ---------------------------------------------------------------
+
+
+def read_record(paths: VMPaths) -> AppliedRecord | None:
+    """The VM's last-applied record, or None when there is none.
+
+    :raise CorruptRecord: When the file exists but is not a valid record.
+    """
+    try:
+        text = paths.record.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return AppliedRecord.model_validate_json(text)
+    except ValidationError as exc:
+        raise CorruptRecord(f"{paths.record}: {exc}; fix or remove it by hand (the VM is left as it is)") from exc
+
+
+def record_stamp(paths: VMPaths) -> tuple[int, int] | None:
+    """(mtime_ns, size) of record.json, or None: tells a record a person fixed from the one that failed."""
+    try:
+        stat = paths.record.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def known_vm_names(layout: StateLayout) -> list[str]:
+    """VM folders in the state directory (ours by construction: only the executor creates them)."""
+    if not layout.vms.is_dir():
+        return []
+    return sorted(entry.name for entry in layout.vms.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def read_records(layout: StateLayout, corrupt: dict[str, str] | None = None) -> dict[str, AppliedRecord]:
+    """Every VM's last-applied record. A corrupt one raises CorruptRecord, unless ``corrupt`` is given: then
+    it is left out and its error put there (the sync daemon: one bad file must not stall every VM)."""
+    records = {}
+    for name in known_vm_names(layout):
+        try:
+            record = read_record(layout.vm(name))
+        except CorruptRecord as exc:
+            if corrupt is None:
+                raise
+            corrupt[name] = str(exc)
+            continue
+        if record is not None:
+            records[name] = record
+    return records
+
+
+def write_record(paths: VMPaths, vm: VirtualMachine, source: str | None, revision: str | None = None) -> AppliedRecord:
+    """Record ``vm`` as last applied, keeping the list of disks we created."""
+    current = read_record(paths)
+    owned = current.owned_disks if current else []
+    record = AppliedRecord(vm=vm, owned_disks=owned, source=source, revision=revision)
+    write_atomic(paths.record, _dump(record))
+    return record
+
+
+def claim_disk(paths: VMPaths, disk: str) -> None:
+    """Note in the record that we are about to create ``disk`` (written before the file exists).
+
+    :raise Refused: When the VM has no record (the record step must run first).
+    """
+    current = read_record(paths)
+    if current is None:
+        raise Refused(f"no record for {paths.dir.name}: the record step must run first (re-run apply)")
+    if disk not in current.owned_disks:
+        updated = current.model_copy(update={"owned_disks": sorted([*current.owned_disks, disk])})
+        write_atomic(paths.record, _dump(updated))
+
+
+def forget_vm(paths: VMPaths) -> None:
+    """Remove the VM's folder (records, logs, sockets); its disks live elsewhere and are kept."""
+    if paths.dir.exists():
+        shutil.rmtree(paths.dir)
+
+
+# -- launch.json, live.json ---------------------------------------------------------------------------
+
+
+def read_launch(paths: VMPaths) -> LaunchRecord | None:
+    try:
+        return LaunchRecord.model_validate_json(paths.launch.read_text())
+    except (FileNotFoundError, ValidationError, json.JSONDecodeError):
+        return None
+
+
+def write_launch(paths: VMPaths, argv: list[str], vm: VirtualMachine) -> None:
+    write_atomic(paths.launch, _dump(LaunchRecord(argv=argv, vm=vm)))
+
+
+def read_live(paths: VMPaths, pid: int, start_time: int) -> LiveRecord:
+    """live.json for the QEMU ``pid`` started at ``start_time``; an empty one if it names another process."""
+    try:
+        record: LiveRecord | None = LiveRecord.model_validate_json(paths.live.read_text())
+    except (FileNotFoundError, ValidationError, json.JSONDecodeError):
+        record = None
+    if record is None or (record.pid, record.start_time) != (pid, start_time):
+        return LiveRecord(pid=pid, start_time=start_time)
+    return record
+
+
+def update_live(paths: VMPaths, pid: int, start_time: int, **changes: Any) -> LiveRecord:
+    """Merge ``changes`` into live.json for that QEMU (a record of an older process is replaced)."""
+    merged = read_live(paths, pid, start_time).model_dump()
+    for key, value in changes.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    record = LiveRecord.model_validate(merged)
+    write_atomic(paths.live, _dump(record))
+    return record
+
+
+# -- exit.json, restarts.json --------------------------------------------------------------------------
+
+
+def read_exit(paths: VMPaths) -> ExitRecord | None:
+    """How the VM's last QEMU ended, if recorded (an unreadable file counts as unknown)."""
+    try:
+        return ExitRecord.model_validate_json(paths.exit.read_text())
+    except (FileNotFoundError, ValidationError, json.JSONDecodeError):
+        return None
+
+
+def write_exit(paths: VMPaths, record: ExitRecord) -> None:
+    write_atomic(paths.exit, _dump(record))
+
+
+def record_exit(paths: VMPaths, pid: int, record: ExitRecord) -> bool:
+    """Record how QEMU ``pid`` ended, unless the pidfile already names another QEMU (the late write would
+    describe the new one by its predecessor's end) or we stopped it ourselves (a stop by us wins, whatever
+    the guest said). QEMU removes its pidfile when it exits cleanly: no pidfile is fine. True if written."""
+    current = read_exit(paths)
+    if read_pidfile(paths.pidfile) not in (None, pid) or (current is not None and current.reason == STOPPED):
+        return False
+    write_exit(paths, record)
+    return True
+
+
+def clear_exit(paths: VMPaths) -> None:
+    """A new QEMU runs: how the previous one ended no longer matters."""
+    paths.exit.unlink(missing_ok=True)
+
+
+def read_restarts(paths: VMPaths) -> list[float]:
+    """The sync daemon's restarts of this VM after failures (wall-clock seconds, oldest first)."""
+    try:
+        return [float(t) for t in json.loads(paths.restarts.read_text())]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def write_restarts(paths: VMPaths, times: list[float]) -> None:
+    write_atomic(paths.restarts, json.dumps(times))
+
+
+# -- source.json ---------------------------------------------------------------------------------------
+
+
+def read_source(layout: StateLayout) -> str | None:
+    try:
+        return SourceRecord.model_validate_json(layout.source.read_text()).manifests
+    except (FileNotFoundError, ValidationError, json.JSONDecodeError):
+        return None
+
+
+def write_source(layout: StateLayout, manifests: str) -> None:
+    write_atomic(layout.source, SourceRecord(manifests=manifests).model_dump_json() + "\n")
+
+
+# -- networks/ -----------------------------------------------------------------------------------------
+
+
+def read_network_records(layout: StateLayout) -> dict[str, NetworkRecord]:
+    """Every Network we created. :raise CorruptRecord: When one cannot be read."""
+    records = {}
+    if layout.networks.is_dir():
+        for path in sorted(layout.networks.glob("*.json")):
+            try:
+                records[path.stem] = NetworkRecord.model_validate_json(path.read_text())
+            except ValidationError as exc:
+                raise CorruptRecord(f"{path}: {exc}; fix or remove it by hand") from exc
+    return records
+
+
+def has_network_record(layout: StateLayout, name: str) -> bool:
+    return layout.network_record(name).exists()
+
+
+def write_network_record(layout: StateLayout, network: Network) -> None:
+    write_atomic(layout.network_record(network.name), _dump(NetworkRecord(network=network)))
+
+
+def forget_network(layout: StateLayout, name: str) -> None:
+    layout.network_record(name).unlink(missing_ok=True)
+
+
+def read_dhcp_leases(leases: Path) -> list[DhcpLease]:
+    """dnsmasq's lease file (``EXPIRY MAC IP HOSTNAME CLIENT-ID`` per line); missing: no lease."""
+    found = []
+    with contextlib.suppress(OSError):
+        for line in leases.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 4 and parts[0].isdigit():
+                found.append(DhcpLease(expires=int(parts[0]), mac=parts[1], ip=parts[2],
+                                       hostname=None if parts[3] == "*" else parts[3]))
+    return found
+
+
+# -- written by QEMU and dnsmasq: read only ------------------------------------------------------------
+
+
+def read_pidfile(pidfile: Path) -> int | None:
+    try:
+        text = pidfile.read_text().strip()
+    except (FileNotFoundError, PermissionError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def remove_pidfile(pidfile: Path) -> None:
+    pidfile.unlink(missing_ok=True)
+
+
+def read_serial(paths: VMPaths) -> bytes | None:
+    """The guest's serial console log, or None when the VM never ran."""
+    try:
+        return paths.serial.read_bytes()
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,86 @@
+"""Typed models of the files Infinization keeps in its state directory (pure data).
+
+Each file under ``STATE/`` that we write has its model here and its only reader and writer in
+``reconciler.state.files``. The planner reads ``AppliedRecord`` and ``NetworkRecord`` as inputs; the
+observers and the executor use the rest through ``state.files``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from reconciler.spec.models import Network, VirtualMachine
+
+RECORD_VERSION = 1
+
+# How a VM's last QEMU ended (exit.json). QMP SHUTDOWN reasons (guest-shutdown, host-qmp-quit...) are kept
+# as QEMU spells them; these are the ones we decide on.
+STOPPED = "stopped"  # we stopped it (Halted, Manual, `infinization stop`, a restart): not the guest's choice
+GUEST_SHUTDOWN = "guest-shutdown"  # the guest powered itself off cleanly
+CRASH = "crash"  # QEMU exited without a SHUTDOWN event
+PANICKED = "guest-panicked"
+FAILURES = frozenset({CRASH, PANICKED})
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AppliedRecord(_Record):
+    """vms/NAME/record.json: the VM as last applied: proof that we manage it, and which disks we created."""
+
+    vm: VirtualMachine
+    owned_disks: list[str] = Field(default_factory=list)
+    source: str | None = None
+    revision: str | None = Field(default=None, description="The manifests' git revision when last applied.")
+
+
+class NetworkRecord(_Record):
+    """networks/NAME.json: a Network we created: the proof that its bridge is ours to delete."""
+
+    network: Network
+
+
+class LaunchRecord(_Record):
+    """vms/NAME/launch.json: the argv and spec of the QEMU we started (trusted only while /proc agrees)."""
+
+    version: int = RECORD_VERSION
+    argv: list[str]
+    vm: VirtualMachine
+
+
+class LiveRecord(_Record):
+    """vms/NAME/live.json: what QMP cannot tell us back (link state, balloon target, unplugs we asked for).
+
+    Valid only for the process it names: a restarted QEMU starts with links up, no balloon target and no
+    pending unplug, so a record for another pid/start time is ignored.
+    """
+
+    pid: int
+    start_time: int
+    links: dict[str, str] = Field(default_factory=dict)
+    balloon_target: int | None = None
+    unplugs: list[str] = Field(default_factory=list)
+
+
+class ExitRecord(_Record):
+    """vms/NAME/exit.json: how the VM's last QEMU ended."""
+
+    reason: str
+    guest: bool | None = Field(default=None, description="SHUTDOWN's 'guest' flag, when QEMU sent one.")
+    how: str | None = Field(default=None, description="For a stop by us: power button, quit or SIGKILL.")
+
+
+class SourceRecord(_Record):
+    """source.json: the manifest directory last applied (``status`` and ``start``/``stop`` default to it)."""
+
+    manifests: str
+
+
+class DhcpLease(_Record):
+    """One line of a Network's dnsmasq lease file (networks/NAME.leases, written by dnsmasq)."""
+
+    mac: str
+    ip: str
+    hostname: str | None = None
+    expires: int = 0

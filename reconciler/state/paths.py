@@ -1,0 +1,22 @@
+"""The state-directory paths the planner names in its steps, as plain strings (pure: no file system).
+
+``state.layout`` builds its ``Path`` objects on these, so each path has one definition; the planner uses
+them directly because it may not import ``pathlib`` (it shows the paths a step will touch).
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+
+def disk_file(state_dir: str, vm: str, disk: str) -> str:
+    """A VM's disk image: outside the VM's folder, so forgetting a VM keeps its disks."""
+    return posixpath.join(state_dir, "disks", vm, f"{disk}.qcow2")
+
+
+def dhcp_pidfile(state_dir: str, network: str) -> str:
+    return posixpath.join(state_dir, "networks", f"{network}.dnsmasq.pid")
+
+
+def dhcp_leases(state_dir: str, network: str) -> str:
+    return posixpath.join(state_dir, "networks", f"{network}.leases")
