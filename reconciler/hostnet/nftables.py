@@ -21,6 +21,9 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel, ConfigDict
+
+from reconciler.errors import Permanent
 from reconciler.spec.models import FirewallRule, FirewallSpec
 
 BRIDGE_TABLE = "infinization"
@@ -71,15 +74,19 @@ class Rule:
         return f'{self.text} comment "{self.comment}"'
 
 
-@dataclass(frozen=True)
-class Capabilities:
-    """What this host's kernel supports in the bridge family (probed by the observer)."""
+class HostCapabilities(BaseModel):
+    """What this host's kernel and devices support (probed once per process by the observer): nftables
+    conntrack and reject in the bridge family, and vhost-net. One model for the observed facts and for the
+    ruleset builder."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     bridge_conntrack: bool = True
     bridge_reject: bool = True
+    vhost_net: bool = False
 
 
-class UnsupportedRule(ValueError):
+class UnsupportedRule(Permanent, ValueError):
     """A rule needs a kernel feature this host lacks; the message says which and what to use instead."""
 
 
@@ -126,7 +133,7 @@ def _verdict(action: str, direction: str) -> str:
     return "return" if action == "accept" and direction == "out" else action
 
 
-def nic_rules(nic: NicFirewall, caps: Capabilities) -> list[Rule]:
+def nic_rules(nic: NicFirewall, caps: HostCapabilities) -> list[Rule]:
     """The rules of one NIC's two chains, in order.
 
     :raise UnsupportedRule: When a rule needs bridge conntrack or reject and the kernel has neither.
@@ -235,7 +242,7 @@ def _jumps(nic: NicFirewall) -> list[Rule]:
     ]
 
 
-def build_ruleset(nics: list[NicFirewall], networks: list[RoutedNetwork], caps: Capabilities) -> Ruleset:
+def build_ruleset(nics: list[NicFirewall], networks: list[RoutedNetwork], caps: HostCapabilities) -> Ruleset:
     """Everything, in a deterministic order.
 
     :raise UnsupportedRule: See ``nic_rules``.

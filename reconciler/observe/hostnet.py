@@ -16,8 +16,8 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from reconciler.adapters import procfs
-from reconciler.hostnet.nftables import BRIDGE_TABLE, IP_TABLE
-from reconciler.plan.observed import HostCapabilities, ObservedDhcp, ObservedHostNetwork, ObservedLink
+from reconciler.hostnet.nftables import BRIDGE_TABLE, IP_TABLE, HostCapabilities
+from reconciler.plan.observed import ObservedDhcp, ObservedHostNetwork, ObservedLink
 from reconciler.state import files
 
 NFT = "nft"

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from reconciler.hostnet.dhcp import dnsmasq_argv
-from reconciler.hostnet.nftables import Capabilities, NicFirewall, RoutedNetwork, UnsupportedRule, build_ruleset
+from reconciler.hostnet.nftables import NicFirewall, RoutedNetwork, UnsupportedRule, build_ruleset
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Action, Change, FieldChange, Mode
 from reconciler.plan.observed import ObservedState
@@ -175,7 +175,7 @@ def _firewall(networks: Mapping[str, Network], vms: Mapping[str, VirtualMachine]
     routed = [RoutedNetwork(name=n.name, bridge=n.spec.bridge, subnet=_subnet(n.spec.address), nat=n.spec.nat,
                             isolated=n.spec.isolated) for n in networks.values() if n.spec.address]
     try:
-        ruleset = build_ruleset(firewall_nics(vms), routed, Capabilities(caps.bridge_conntrack, caps.bridge_reject))
+        ruleset = build_ruleset(firewall_nics(vms), routed, caps)
     except UnsupportedRule as exc:
         for vm in vms.values():
             if any(nic.type == "bridge" for nic in vm.spec.networks):

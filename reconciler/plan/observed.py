@@ -11,6 +11,7 @@ import hashlib
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from reconciler.hostnet.nftables import HostCapabilities
 from reconciler.spec.models import VirtualMachineSpec
 from reconciler.state.models import DhcpLease, NetworkRecord
 
@@ -99,12 +100,6 @@ class ObservedDhcp(_Fact):
     argv: list[str] | None = None
     pid: int | None = None
     leases: list[DhcpLease] = Field(default_factory=list)
-
-
-class HostCapabilities(_Fact):
-    bridge_conntrack: bool = True
-    bridge_reject: bool = True
-    vhost_net: bool = False
 
 
 class ObservedHostNetwork(_Fact):

@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.errors import UnsafeValue
 from reconciler.state import paths
 
 DEFAULT_STATE_DIR = "/var/lib/infinization"
@@ -134,9 +135,9 @@ class VMPaths:
         """Refuse paths QEMU cannot use: sockets longer than a sun_path, or option separators."""
         for path in (self.qmp, self.events):
             if len(os.fsencode(path)) > UNIX_PATH_MAX:
-                raise ValueError(
+                raise UnsafeValue(
                     f"socket path {path} is longer than {UNIX_PATH_MAX} bytes; use a shorter --state-dir"
                 )
         for path in (self.dir, self.disk_dir):
             if "," in str(path) or "=" in str(path):
-                raise ValueError(f"state path {path} must not contain ',' or '='")
+                raise UnsafeValue(f"state path {path} must not contain ',' or '='")
