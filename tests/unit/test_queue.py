@@ -78,3 +78,67 @@ def test_a_failing_key_is_held_until_its_retry_and_only_an_urgent_request_skips_
         await _until(lambda: len(runs) == 2, timeout=0.4)
 
     asyncio.run(_with_queue(handler, urgent))
+
+
+def test_a_parked_key_sleeps_until_what_it_failed_on_changes_or_an_urgent_request() -> None:
+    from reconciler.runtime.queue import Park
+
+    runs: list[str] = []
+    fixed = {"record": False}
+
+    async def handler(key: str) -> float | Park | None:
+        runs.append(key)
+        if len(runs) == 1:
+            return Park(lambda: fixed["record"])  # failed for good: do not retry
+        return None
+
+    async def body(queue: WorkQueue) -> None:
+        queue.add("vm")
+        await _until(lambda: queue.parked() == {"vm"})
+        assert queue.held() == {} and queue.pending() == {}, "no retry is scheduled"
+        for _ in range(3):
+            queue.add("vm")  # resyncs and events while nothing changed...
+        await asyncio.sleep(0.1)
+        assert runs == ["vm"], "...are dropped"
+        fixed["record"] = True  # a person edits the record: the next ordinary trigger runs it
+        queue.add("vm")
+        await _until(lambda: len(runs) == 2)
+        assert queue.parked() == set()
+
+    asyncio.run(_with_queue(handler, body))
+
+    runs.clear()
+    fixed["record"] = False
+
+    async def urgent(queue: WorkQueue) -> None:
+        queue.add("vm")
+        await _until(lambda: queue.parked() == {"vm"})
+        queue.add("vm", urgent=True)  # its manifest changed
+        await _until(lambda: len(runs) == 2)
+        assert queue.parked() == set()
+
+    asyncio.run(_with_queue(handler, urgent))
+
+
+def test_an_urgent_request_during_a_run_that_parks_runs_it_again() -> None:
+    from reconciler.runtime.queue import Park
+
+    runs: list[str] = []
+    gate = asyncio.Event()
+
+    async def handler(key: str) -> float | Park | None:
+        runs.append(key)
+        if len(runs) == 1:
+            await gate.wait()
+            return Park(lambda: False)
+        return None
+
+    async def body(queue: WorkQueue) -> None:
+        queue.add("vm")
+        await _until(lambda: runs == ["vm"])
+        queue.add("vm", urgent=True)  # the manifest changed while the failing run was still going
+        gate.set()
+        await _until(lambda: len(runs) == 2)
+        assert queue.parked() == set()
+
+    asyncio.run(_with_queue(handler, body))

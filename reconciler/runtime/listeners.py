@@ -1,0 +1,215 @@
+"""The sync daemon's event sources: one QMP listener per QEMU, the netlink watcher, the file watcher.
+
+Each only names a key to look at (``trigger``); the reconcile loop decides what to do. Called by
+``runtime.daemon``. The rules the listeners keep:
+
+- One listener per QEMU, ever, on its second monitor (``events.sock``; ``qmp.sock`` stays free for
+  short-lived clients). Even a finished listener is not replaced for the same PID: a QEMU that is exiting
+  can still look alive in /proc for a moment after its pidfd fired, and a second listener would report
+  the same exit again, without its SHUTDOWN.
+- The process exit is watched with a pidfd (works for a daemonized QEMU, which is not our child). An exit
+  without a SHUTDOWN (or panic) event is recorded as a crash in ``exit.json``, through
+  ``state.files.record_exit`` (which leaves a stop by us, or a newer QEMU's file, alone); ``RerunOnFailure``
+  reads it.
+- A listener is stopped by asking it to close its connection cleanly, never by cancelling it (qemu.qmp
+  dislikes that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from qemu.qmp import QMPClient, Runstate
+from watchfiles import awatch
+
+from reconciler.runtime.store import Store
+from reconciler.state import files
+from reconciler.state.layout import StateLayout, VMPaths
+from reconciler.state.models import ExitRecord
+
+RELEVANT_EVENTS = {"SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED", "DEVICE_DELETED", "BLOCK_IO_ERROR",
+                   "POWERDOWN"}
+CONNECT_TIMEOUT = 5.0
+DRAIN_SECONDS = 2.0  # after the exit: how long the client may go on reading the last events
+
+Trigger = Callable[[str], None]
+log = structlog.get_logger("infinization.sync")
+
+
+def forget_seen_events(client: QMPClient) -> None:
+    """Drop qemu.qmp's record of the events already read. Its default listener keeps every event in a
+    private ``_history`` list forever (``clear()`` only empties the pending queue, and the default listener
+    cannot be removed), which would grow without bound over a VM's lifetime. qemu.qmp 0.0.6 has no public
+    way to do this, so the private access is here and only here."""
+    client.events._history.clear()
+
+
+class ExitTracker:
+    """What one QEMU's events say about how it ended; records it in ``exit.json`` and triggers its key."""
+
+    def __init__(self, name: str, pid: int, paths: VMPaths, store: Store, trigger: Trigger) -> None:
+        self.name, self.pid, self.paths, self.store, self.trigger = name, pid, paths, store, trigger
+        self.shutdown: dict[str, Any] | None = None
+
+    def _record(self, reason: dict[str, Any]) -> None:
+        files.record_exit(self.paths, self.pid, ExitRecord(**reason))
+
+    def handle(self, event: dict[str, Any]) -> None:
+        kind = str(event["event"])
+        data: dict[str, Any] = dict(event.get("data", {}))
+        if kind == "SHUTDOWN":
+            self.shutdown = data
+            self._record({"reason": data.get("reason", ""), "guest": data.get("guest")})
+        elif kind == "GUEST_PANICKED":
+            self._record({"reason": "guest-panicked"})
+        if kind in RELEVANT_EVENTS:
+            self.store.event(self.name, "qmp-event", "info", f"{kind} {json.dumps(data)}")
+            self.trigger(self.name)
+
+    def exited(self) -> None:
+        """The process is gone and its last events were handled: without a SHUTDOWN it crashed."""
+        if self.shutdown is None and (recorded := files.read_exit(self.paths)) is not None:
+            self.shutdown = {"reason": recorded.reason}  # recorded for this run already: not a crash
+        if self.shutdown is None:
+            self._record({"reason": "crash"})
+            self.store.event(self.name, "process-exit", "failure", f"QEMU pid {self.pid} exited without a shutdown")
+        else:
+            self.store.event(self.name, "process-exit", "info",
+                             f"QEMU pid {self.pid} exited ({self.shutdown.get('reason')})")
+        self.trigger(self.name)
+
+
+@dataclass
+class _Listener:
+    pid: int
+    task: asyncio.Task[None]
+    stop: asyncio.Event
+
+
+class QMPListeners:
+    """One listener per running QEMU, keyed by VM name."""
+
+    def __init__(self, layout: StateLayout, store: Store, trigger: Trigger) -> None:
+        self.layout, self.store, self.trigger = layout, store, trigger
+        self._listeners: dict[str, _Listener] = {}
+
+    def pid(self, name: str) -> int | None:
+        listener = self._listeners.get(name)
+        return listener.pid if listener else None
+
+    def ensure(self, name: str, pid: int) -> None:
+        """Follow QEMU ``pid`` of ``name`` (once: see the module docstring), replacing one of an older QEMU.
+        A VM with no process seen is left alone by the caller: its listener ends by itself (pidfd), and
+        stopping it on a momentary miss would let a second listener start for the same QEMU."""
+        current = self._listeners.get(name)
+        if current is not None and current.pid == pid:
+            return
+        self.stop(name)
+        stop = asyncio.Event()
+        self._listeners[name] = _Listener(pid, asyncio.create_task(self._listen(name, pid, stop)), stop)
+
+    def stop(self, name: str) -> asyncio.Task[None] | None:
+        """Ask a listener to close its QMP connection cleanly (not a cancel: qemu.qmp dislikes that)."""
+        listener = self._listeners.pop(name, None)
+        if listener is None:
+            return None
+        listener.stop.set()
+        return listener.task
+
+    async def close(self) -> None:
+        closing = [task for name in list(self._listeners) if (task := self.stop(name))]
+        await asyncio.gather(*closing, return_exceptions=True)
+
+    async def _listen(self, name: str, pid: int, stop: asyncio.Event) -> None:
+        """Follow one QEMU: its QMP events, and its exit (pidfd: works for a daemonized QEMU too)."""
+        paths = self.layout.vm(name)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # already gone: let a reconcile look at it
+            self.trigger(name)
+            return
+        exited = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(pidfd, exited.set)
+        client = QMPClient(f"infinization-sync:{name}")
+        tracker = ExitTracker(name, pid, paths, self.store, self.trigger)
+        try:
+            await self._follow(client, tracker, exited, stop)
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+
+    async def _follow(self, client: QMPClient, tracker: ExitTracker, exited: asyncio.Event,
+                      stop: asyncio.Event) -> None:
+        try:
+            await asyncio.wait_for(client.connect(str(tracker.paths.events)), CONNECT_TIMEOUT)
+        except Exception as exc:  # still watch the process; events of this QEMU are lost, say so
+            log.warning("cannot follow QMP events", vm=tracker.name, pid=tracker.pid, error=repr(exc))
+
+        def handle(event: Any) -> None:
+            forget_seen_events(client)
+            tracker.handle(event)
+
+        async def events() -> None:
+            async for event in client.events:
+                handle(event)
+
+        watcher = asyncio.create_task(events())
+        ended = asyncio.create_task(exited.wait())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([ended, stopped], return_when=asyncio.FIRST_COMPLETED)
+        for task in (watcher, ended, stopped):
+            task.cancel()
+        await asyncio.gather(watcher, ended, stopped, return_exceptions=True)
+        if not exited.is_set():
+            return  # the daemon is stopping or moved on to a new QEMU: the VM is not our concern here
+        # The process can be gone before its last events (SHUTDOWN) were handled: let the client read
+        # to the end of the stream, then handle what is still queued, before calling it a crash.
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while client.runstate == Runstate.RUNNING and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for event in client.events.clear():
+            handle(event)
+        tracker.exited()
+
+
+async def watch_files(directory: Path, debounce_ms: int, stopping: asyncio.Event,
+                      on_change: Callable[[], Any]) -> None:
+    """Call ``on_change`` (awaited) after each debounced batch of changes under ``directory``."""
+    async for _changes in awatch(directory, debounce=debounce_ms, step=20, stop_event=stopping, recursive=True):
+        await on_change()
+
+
+def watch_netlink(stopping: asyncio.Event, on_link_change: Callable[[], None]) -> threading.Thread:
+    """Link changes (a bridge deleted, a TAP detached or down) call ``on_link_change`` in the running event
+    loop. pyroute2's socket blocks: it runs in its own thread."""
+    from pyroute2 import IPRoute
+
+    loop = asyncio.get_running_loop()
+
+    def run() -> None:
+        with IPRoute() as ipr:
+            ipr.bind()
+            while not stopping.is_set():
+                try:
+                    messages = ipr.get()
+                except Exception:  # the socket closes when the daemon stops
+                    return
+                if any(m.get("event") in ("RTM_NEWLINK", "RTM_DELLINK") for m in messages):
+                    loop.call_soon_threadsafe(on_link_change)
+
+    thread = threading.Thread(target=run, name="netlink", daemon=True)
+    thread.start()
+    return thread

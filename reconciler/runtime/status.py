@@ -1,0 +1,74 @@
+"""The status a VM is reported with after a reconcile: a pure function of what the reconcile found.
+
+Called by the reconcile loop (``runtime.reconcile``), which re-observes the VM after acting, re-plans it
+and passes the resulting change here; the row goes to the status store (``runtime.store``) that
+``infinization status`` reads. Conditions (a type and a message, "" when there is nothing to add):
+
+- ``Ready``: in sync (``Change.in_sync``, the one definition) and the reconcile did not fail.
+- ``Drifted``: steps remain after this reconcile (dry run, failure, crash-loop backoff).
+- ``RestartRequired``, ``Refused``, ``UnplugPending``: the change's pending causes, refusals, unplugs.
+- ``Failed``: the reconcile failed; a failure that needs a person says so in its message.
+- ``CrashLoopBackOff``: a restart after failures waits.
+- ``ManifestInvalid``: the VM's file fails; its last good spec is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reconciler.plan.actions import Change
+from reconciler.plan.observed import ObservedVM
+from reconciler.runtime.store import VMStatus
+
+FAILED = "the last reconcile failed (see events)"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one reconcile of a VM ended with, besides the change and the VM as observed afterwards."""
+
+    failure: str | None = None  # why it failed (None: it did not)
+    backoff: float | None = None  # seconds until a crash-looping VM's next start
+    invalid: tuple[str, ...] = ()  # errors of its manifest file, while its last good spec is kept
+    revision: str | None = None
+    seconds: float = 0.0
+
+
+def conditions(change: Change | None, outcome: Outcome) -> dict[str, str]:
+    found: dict[str, str] = {}
+    if (change is None or change.in_sync) and outcome.failure is None:
+        found["Ready"] = ""
+    if change is not None and change.steps:
+        found["Drifted"] = f"{change.action.value}: " + "; ".join(step.summary for step in change.steps)
+    if change is not None and change.pending_restart:
+        found["RestartRequired"] = "; ".join(change.pending_restart)
+    if change is not None and change.refusals:
+        found["Refused"] = "; ".join(change.refusals)
+    if change is not None and change.unplug_pending:
+        found["UnplugPending"] = "; ".join(change.unplug_pending)
+    if outcome.failure is not None:
+        found["Failed"] = outcome.failure
+    if outcome.backoff is not None:
+        found["CrashLoopBackOff"] = f"next start in {outcome.backoff:.0f}s"
+    if outcome.invalid:
+        found["ManifestInvalid"] = "keeping the last good spec: " + "; ".join(outcome.invalid)
+    return found
+
+
+def vm_status(name: str, change: Change | None, vm: ObservedVM, outcome: Outcome, now: float) -> VMStatus:
+    """The row for ``name`` after a reconcile that ended at ``now`` (wall clock)."""
+    return VMStatus(vm=name, phase="Running" if vm.process else "Stopped",
+                    pid=vm.process.pid if vm.process else None, revision=outcome.revision,
+                    conditions=conditions(change, outcome), last_reconcile=now,
+                    duration_ms=outcome.seconds * 1000, result="failed" if outcome.failure is not None else "ok")
+
+
+def gone(desired: bool, change: Change | None, vm: ObservedVM) -> bool:
+    """Whether the VM is no longer ours to report: not desired, nothing left to do, no process."""
+    return not desired and (change is None or not change.steps) and vm.process is None
+
+
+def crashed_status(name: str, error: str, revision: str | None, now: float) -> VMStatus:
+    """The row after a reconcile that could not finish (an error before any report): never Ready."""
+    return VMStatus(vm=name, phase="Unknown", pid=None, revision=revision, conditions={"Failed": error},
+                    last_reconcile=now, duration_ms=0.0, result="failed")
