@@ -12,8 +12,8 @@ What it returns tells the queue what comes next, by the failure's behaviour (``r
 - a float: retry with exponential backoff (max 60 s): a ``Temporary`` error, a step that failed this
   time, or anything unexpected.
 - ``Park``: a ``Permanent`` failure (a corrupt record, a step the executor refused): retrying cannot help.
-  The key is reported Failed and sleeps until its manifest changes (the file watcher's urgent trigger)
-  or its record file does (checked whenever a resync or an event triggers it).
+  The key is reported Failed and sleeps until its manifest changes (the file watcher's urgent trigger),
+  its record file is edited or its QEMU comes or goes (checked whenever a resync or an event triggers it).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from reconciler.adapters import procfs
 from reconciler.apply.executor import ApplyResult, Executor, StepResult
 from reconciler.errors import CorruptRecord, Permanent
 from reconciler.observe.snapshot import observe
@@ -99,9 +100,16 @@ class Reconciler:
         return self._park(key)
 
     def _park(self, key: str) -> Park:
+        """Hold the key until its record file is edited or its QEMU comes or goes (a crash of a parked VM
+        is news the next reconcile must see); its manifest changing wakes it through the queue."""
         paths = self.layout.vm(key)
-        stamp = files.record_stamp(paths)
-        return Park(lambda: files.record_stamp(paths) != stamp)
+
+        def fingerprint() -> tuple[tuple[int, int] | None, int | None]:
+            process = procfs.find_qemu(paths.pidfile)
+            return files.record_stamp(paths), process.pid if process else None
+
+        parked = fingerprint()
+        return Park(lambda: fingerprint() != parked)
 
     async def _snapshot(self, only: set[str]) -> tuple[Plan, ObservedState]:
         state = self.cache.state
