@@ -5,6 +5,8 @@ executor are replaced by small fakes."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -92,6 +94,24 @@ def test_a_corrupt_record_is_reported_and_parked_until_the_record_changes(env: E
     assert not answer.changed(), "a resync or an event finds nothing new: it stays parked"
     env.layout.vm("a").record.unlink()  # a person removes the broken record
     assert answer.changed()
+
+
+def test_a_parked_vm_wakes_when_its_qemu_comes_or_goes(env: Env) -> None:
+    env.write("a", vm_yaml("a"))
+    paths = env.layout.vm("a")
+    paths.dir.mkdir(parents=True)
+    paths.record.write_text("{}")
+    answer = asyncio.run(env.reconciler()("a"))
+    assert isinstance(answer, Park) and not answer.changed()
+    # A process that /proc says is this VM's QEMU (its argv names the pidfile) appears: news to reconcile.
+    fake_qemu = subprocess.Popen(["qemu-system-x86_64", "-c", "import time; time.sleep(60)", "-pidfile",
+                                  str(paths.pidfile)], executable=sys.executable)
+    try:
+        paths.pidfile.write_text(f"{fake_qemu.pid}\n")
+        assert answer.changed()
+    finally:
+        fake_qemu.kill()
+        fake_qemu.wait()
 
 
 def test_through_the_queue_a_parked_key_runs_again_once_its_record_is_fixed(env: Env) -> None:
