@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+from reconciler.errors import UnsafeValue
 from reconciler.spec.models import NetworkInterfaceSpec, VirtualMachineSpec, nic_mac
 from reconciler.spec.naming import (
     BALLOON_DEVICE,
@@ -33,8 +34,8 @@ QEMU_BINARY = "qemu-system-x86_64"
 _UNSAFE = re.compile(r"[,=\x00-\x1f\x7f]")
 
 
-class UnsafeOptionValue(ValueError):
-    """A value would change the meaning of a QEMU option string."""
+class UnsafeOptionValue(UnsafeValue):
+    """A value would change the meaning of a QEMU option string (a ``ValueError`` too, on the one error root)."""
 
 
 def _safe(value: object) -> str:
@@ -66,8 +67,27 @@ def build_argv(
 
     ``taps`` gives, for each bridged NIC, the file descriptors of its TAP queues (inherited by QEMU).
     """
-    taps = taps or {}
     paths.check()
+    pcie = spec.machine.type == "q35"
+    # One chassis number per PCIe root port, in argv order: disks, then NICs, then the spare ports.
+    chassis = iter(range(1, 256))
+    return [
+        *_machine(binary, name, spec),
+        *_cpu_and_memory(spec),
+        "-display", "none", "-vga", "none",
+        *_monitors_and_serial(paths),
+        *_boot(spec),
+        *(arg for disk in spec.disks for arg in _disk(disk.name, paths, pcie, next(chassis))),
+        *(arg for nic in spec.networks for arg in _nic(name, nic, taps or {}, vhost, pcie, next(chassis))),
+        *_spare_ports(spec, pcie, chassis),
+        "-device", _json({"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER}),
+        *(arg for cdrom in spec.cdroms for arg in _cdrom(cdrom.name, cdrom.image)),
+        *_balloon(spec),
+        "-pidfile", str(paths.pidfile), "-daemonize",
+    ]
+
+
+def _machine(binary: str, name: str, spec: VirtualMachineSpec) -> list[str]:
     argv = [
         binary,
         "-name", _kv("", guest=name, debug_threads="on"),
@@ -79,9 +99,12 @@ def build_argv(
         argv += ["-accel", _kv(accel)]
     if spec.cpu.model:
         argv += ["-cpu", _kv(spec.cpu.model)]
-    argv += _cpu_and_memory(spec)
-    argv += ["-display", "none", "-vga", "none"]
-    argv += [
+    return argv
+
+
+def _monitors_and_serial(paths: VMPaths) -> list[str]:
+    """Two QMP monitors (one for short-lived clients, one kept by the sync daemon's event listener)."""
+    return [
         "-chardev", _kv("socket", id="qmp", path=paths.qmp, server="on", wait="off"),
         "-mon", _kv("", chardev="qmp", mode="control"),
         "-chardev", _kv("socket", id="qmp-events", path=paths.events, server="on", wait="off"),
@@ -89,48 +112,74 @@ def build_argv(
         "-chardev", _kv("file", id="serial0", path=paths.serial, append="on"),
         "-serial", "chardev:serial0",
     ]
-    if spec.boot is not None:
-        # -kernel/-initrd/-append take their argument verbatim (no option parsing), so the kernel
-        # command line may contain commas, e.g. console=ttyS0,115200.
-        argv += ["-kernel", _safe(spec.boot.kernel)]
-        if spec.boot.initrd:
-            argv += ["-initrd", _safe(spec.boot.initrd)]
-        if spec.boot.cmdline:
-            argv += ["-append", spec.boot.cmdline]
-    pcie = spec.machine.type == "q35"
-    chassis = iter(range(1, 256))
-    for disk in spec.disks:
-        argv += _port(pcie, disk_node(disk.name), next(chassis))
-        argv += ["-blockdev", _json(disk_file_blockdev(disk.name, str(paths.disk(disk.name)))),
-                 "-blockdev", _json(disk_format_blockdev(disk.name))]
-        argv += ["-device", _json(disk_device_args(disk.name, root_port(disk_node(disk.name)) if pcie else None))]
-    for nic in spec.networks:
-        argv += _port(pcie, nic_device(nic.name), next(chassis))
-        if nic.type == "bridge":
-            fds = taps.get(nic.name)
-            if not fds:
-                raise ValueError(f"NIC {nic.name}: no TAP file descriptor to hand to QEMU")
-            fd_option = {"fd": fds[0]} if len(fds) == 1 else {"fds": ":".join(map(str, fds))}
-            argv += ["-netdev", _kv("tap", id=nic_netdev(nic.name), **fd_option, vhost="on" if vhost else "off")]
-        else:
-            forwards = [f"hostfwd={_safe(forward)}" for forward in host_forwards(nic)]
-            argv += ["-netdev", ",".join([_kv("user", id=nic_netdev(nic.name)), *forwards])]
-        argv += ["-device", _json(nic_device_args(name, nic, root_port(nic_device(nic.name)) if pcie else None))]
-    if pcie:
-        for index in range(spec.hotplugSlots):
-            argv += ["-device", _json({"driver": "pcie-root-port", "id": spare_port(index), "chassis": next(chassis),
-                                       "bus": "pcie.0"})]
-    argv += ["-device", _json({"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER})]
-    for cdrom in spec.cdroms:
-        device: dict[str, Any] = {"driver": "scsi-cd", "id": cdrom_device(cdrom.name), "bus": f"{SCSI_CONTROLLER}.0"}
-        if cdrom.image:
-            argv += ["-blockdev", _json(cdrom_blockdev(cdrom.name, cdrom.image))]
-            device["drive"] = cdrom_device(cdrom.name)
-        argv += ["-device", _json(device)]
-    if spec.memory.balloon:
-        argv += ["-device", _json({"driver": "virtio-balloon-pci", "id": BALLOON_DEVICE})]
-    argv += ["-pidfile", str(paths.pidfile), "-daemonize"]
+
+
+def _boot(spec: VirtualMachineSpec) -> list[str]:
+    if spec.boot is None:
+        return []
+    # -kernel/-initrd/-append take their argument verbatim (no option parsing), so the kernel
+    # command line may contain commas, e.g. console=ttyS0,115200.
+    argv = ["-kernel", _safe(spec.boot.kernel)]
+    if spec.boot.initrd:
+        argv += ["-initrd", _safe(spec.boot.initrd)]
+    if spec.boot.cmdline:
+        argv += ["-append", spec.boot.cmdline]
     return argv
+
+
+def _disk(disk_name: str, paths: VMPaths, pcie: bool, chassis: int) -> list[str]:
+    return [
+        *_port(pcie, disk_node(disk_name), chassis),
+        "-blockdev", _json(disk_file_blockdev(disk_name, str(paths.disk(disk_name)))),
+        "-blockdev", _json(disk_format_blockdev(disk_name)),
+        "-device", _json(disk_device_args(disk_name, root_port(disk_node(disk_name)) if pcie else None)),
+    ]
+
+
+def _nic(vm_name: str, nic: NetworkInterfaceSpec, taps: Mapping[str, list[int]], vhost: bool, pcie: bool,
+         chassis: int) -> list[str]:
+    return [
+        *_port(pcie, nic_device(nic.name), chassis),
+        "-netdev", _netdev(nic, taps, vhost),
+        "-device", _json(nic_device_args(vm_name, nic, root_port(nic_device(nic.name)) if pcie else None)),
+    ]
+
+
+def _netdev(nic: NetworkInterfaceSpec, taps: Mapping[str, list[int]], vhost: bool) -> str:
+    if nic.type == "bridge":
+        fds = taps.get(nic.name)
+        if not fds:
+            raise ValueError(f"NIC {nic.name}: no TAP file descriptor to hand to QEMU")
+        fd_option = {"fd": fds[0]} if len(fds) == 1 else {"fds": ":".join(map(str, fds))}
+        return _kv("tap", id=nic_netdev(nic.name), **fd_option, vhost="on" if vhost else "off")
+    forwards = [f"hostfwd={_safe(forward)}" for forward in host_forwards(nic)]
+    return ",".join([_kv("user", id=nic_netdev(nic.name)), *forwards])
+
+
+def _spare_ports(spec: VirtualMachineSpec, pcie: bool, chassis: Iterator[int]) -> list[str]:
+    """``hotplugSlots`` empty root ports for devices added live (q35 only; ``pc`` plugs into pci.0)."""
+    if not pcie:
+        return []
+    argv: list[str] = []
+    for index in range(spec.hotplugSlots):
+        argv += ["-device", _json({"driver": "pcie-root-port", "id": spare_port(index), "chassis": next(chassis),
+                                   "bus": "pcie.0"})]
+    return argv
+
+
+def _cdrom(cdrom_name: str, image: str | None) -> list[str]:
+    device: dict[str, Any] = {"driver": "scsi-cd", "id": cdrom_device(cdrom_name), "bus": f"{SCSI_CONTROLLER}.0"}
+    argv: list[str] = []
+    if image:
+        argv += ["-blockdev", _json(cdrom_blockdev(cdrom_name, image))]
+        device["drive"] = cdrom_device(cdrom_name)
+    return [*argv, "-device", _json(device)]
+
+
+def _balloon(spec: VirtualMachineSpec) -> list[str]:
+    if not spec.memory.balloon:
+        return []
+    return ["-device", _json({"driver": "virtio-balloon-pci", "id": BALLOON_DEVICE})]
 
 
 def _cpu_and_memory(spec: VirtualMachineSpec) -> list[str]:

@@ -61,6 +61,15 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def _why(exc: ValidationError) -> str:
+    """pydantic's message in one line (its own is several, with a URL): every field that is wrong, and why."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(map(str, error["loc"]))
+        parts.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return "; ".join(parts)
+
+
 def _dump(model: BaseModel) -> str:
     return model.model_dump_json(indent=2) + "\n"
 
@@ -80,7 +89,7 @@ def read_record(paths: VMPaths) -> AppliedRecord | None:
     try:
         return AppliedRecord.model_validate_json(text)
     except ValidationError as exc:
-        raise CorruptRecord(f"{paths.record}: {exc}; fix or remove it by hand (the VM is left as it is)") from exc
+        raise CorruptRecord(f"{paths.record}: {_why(exc)}; fix or remove it by hand (the VM is left as it is)") from exc
 
 
 def record_stamp(paths: VMPaths) -> tuple[int, int] | None:
@@ -247,7 +256,7 @@ def read_network_records(layout: StateLayout) -> dict[str, NetworkRecord]:
             try:
                 records[path.stem] = NetworkRecord.model_validate_json(path.read_text())
             except ValidationError as exc:
-                raise CorruptRecord(f"{path}: {exc}; fix or remove it by hand") from exc
+                raise CorruptRecord(f"{path}: {_why(exc)}; fix or remove it by hand") from exc
     return records
 
 

@@ -1,0 +1,51 @@
+"""The ``infinization`` command line: plan, apply, status, logs, validate, schema.
+
+Entry point of the ``infinization`` console script and of ``python -m reconciler`` (``main``). Wires the
+layers together and nothing more: load manifests (spec), observe the host (observe), compute the plan
+(plan), render it, and run it (apply). Modules: ``parser`` (argv), ``common`` (consoles, ``CliError``,
+``read_view``), ``plan_apply``, ``status`` and ``commands`` (the handlers).
+
+Exit codes: 0 success (``plan --detailed-exitcode``: no changes), 1 error, 2 changes present (with
+``--detailed-exitcode``), 130 interrupted. Every error is one ``error:`` line on stderr, never a traceback:
+an ``InfinizationError`` (or ``ValueError``) says what to do; anything else is a bug, printed as
+``internal error`` (``INFINIZATION_DEBUG=1`` re-raises it for the traceback).
+"""
+
+from __future__ import annotations
+
+import os
+
+from rich.markup import escape
+
+from reconciler.cli.common import err
+from reconciler.cli.parser import build_parser
+from reconciler.errors import InfinizationError
+
+__all__ = ["build_parser", "main"]
+
+
+def _one_line(text: str) -> str:
+    """Messages that wrap a library's error (pydantic's are several lines) still print as one line."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _debug() -> bool:
+    return os.environ.get("INFINIZATION_DEBUG", "") not in ("", "0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (InfinizationError, ValueError) as exc:
+        err.print(f"[red]error:[/] {escape(_one_line(str(exc)))}")
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as exc:
+        if _debug():
+            raise
+        err.print(f"[red]error:[/] internal error: {type(exc).__name__}: {escape(_one_line(str(exc)))} "
+                  "(set INFINIZATION_DEBUG=1 for the traceback)")
+        return 1

@@ -1,0 +1,110 @@
+"""The small ``infinization`` commands: start, stop, sync, events, logs, validate, schema.
+
+Called by ``cli.parser`` (each ``cmd_*`` is a subcommand's handler). Each only wires existing layers:
+``start``/``stop`` plan one VM with ``PlanOptions`` and run that change; ``sync`` hands over to the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from reconciler.apply.executor import Executor
+from reconciler.apply.lock import StateLock
+from reconciler.cli.common import CliError, layout_of, load_manifests, out, print_step, read_view
+from reconciler.plan.planner import PlanOptions
+from reconciler.plan.steps import StepKind
+from reconciler.runtime.daemon import Options, run_daemon
+from reconciler.runtime.store import open_readonly
+from reconciler.spec.models import VirtualMachine
+from reconciler.state import files
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    layout = layout_of(args)
+    data = files.read_serial(layout.vm(args.name))
+    if data is None:
+        raise CliError(f"no serial log for VM {args.name!r} ({layout.vm(args.name).serial})")
+    lines = data.decode(errors="replace").splitlines()
+    if args.tail:
+        lines = lines[-args.tail:]
+    sys.stdout.write("\n".join(lines) + ("\n" if lines else ""))
+    return 0
+
+
+def cmd_start_stop(args: argparse.Namespace) -> int:
+    """Imperative start/stop of one VM (for runStrategy Manual): the manifests are never rewritten."""
+    layout = layout_of(args)
+    directory = args.directory or files.read_source(layout)
+    if directory is None:
+        raise CliError("no manifest directory given and none applied yet: --manifests DIR")
+    names = frozenset([args.name])
+    options = PlanOptions(start=names) if args.command == "start" else PlanOptions(stop=names)
+    with StateLock(layout.lock, exclusive=True, wait=args.lock_timeout):
+        view = asyncio.run(read_view(directory, layout, False, args.host, options))
+        change = view.plan.change(args.name)
+        if change is None or args.name not in view.manifests.vms:
+            raise CliError(f"no VirtualMachine {args.name!r} in {directory}")
+        if change.refusals:
+            raise CliError("; ".join(change.refusals))
+        wanted = StepKind.START if args.command == "start" else StepKind.STOP
+        if not any(step.kind is wanted for step in change.steps):
+            out.print(f"{args.name} is already {'running' if args.command == 'start' else 'stopped'}.")
+            return 0
+        only = view.plan.model_copy(update={"changes": [change]})
+        result = asyncio.run(Executor(layout, print_step, {}).run(only))
+    return 0 if result.ok else 1
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    layout = layout_of(args)
+    options = Options(host=args.host, dry_run=args.dry_run, allow_restart=args.allow_restart,
+                      debounce_ms=args.debounce_ms, resync_seconds=args.resync_interval)
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        raise CliError(f"{directory} is not a directory")
+    metrics_address = None if args.metrics_address == "none" else args.metrics_address
+    return run_daemon(directory, layout, options, args.database, metrics_address)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    layout = layout_of(args)
+    store = open_readonly(layout.database, args.host or "")
+    if store is None:
+        raise CliError(f"no event store yet ({layout.database}): it is written by `infinization sync`")
+    try:
+        events = store.events(args.name, limit=args.limit)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return 0
+    table = Table(title=f"Events{' of ' + args.name if args.name else ''}")
+    for column in ("TIME", "VM", "KIND", "RESULT", "MESSAGE"):
+        table.add_column(column)
+    for event in events:
+        when = time.strftime("%H:%M:%S", time.localtime(event["ts"]))
+        table.add_row(when, event["vm"], event["kind"], event["result"], escape(event["message"]))
+    out.print(table)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    manifests = load_manifests(args.directory)
+    out.print(f"{len(manifests.vms)} VirtualMachine(s) in {len(manifests.files)} file(s): valid.")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    schema = VirtualMachine.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Infinization VirtualMachine (infinization.io/v1alpha1)"
+    print(json.dumps(schema, indent=2))
+    return 0

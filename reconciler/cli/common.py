@@ -1,0 +1,102 @@
+"""What every ``infinization`` command shares: the consoles, the CLI's error, and ``read_view``.
+
+``read_view`` is the CLI's one pass through the layers: load the manifests (spec), read the last-applied
+records (state), observe the host (observe) and plan (plan). ``plan``, ``apply``, ``status``, ``start``
+and ``stop`` call it; none of them takes a different path to the host's state.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from reconciler.apply.executor import StepResult
+from reconciler.errors import CorruptRecord, Permanent
+from reconciler.observe.snapshot import observe
+from reconciler.plan.actions import Plan
+from reconciler.plan.observed import ObservedState
+from reconciler.plan.planner import PlanOptions, plan
+from reconciler.runtime.desired import from_records, keep_last_good
+from reconciler.spec.loader import ManifestSet, load_directory
+from reconciler.state import files
+from reconciler.state.layout import StateLayout, state_dir_from_env
+from reconciler.state.models import AppliedRecord
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class CliError(Permanent):
+    """A situation the user must resolve (a wrong argument, a stale plan, a daemon in the way): printed as
+    one ``error:`` line, exit 1."""
+
+
+@dataclass
+class View:
+    """What one command sees: the manifests as read, the last-applied records, the host, and the plan."""
+
+    manifests: ManifestSet
+    records: dict[str, AppliedRecord]
+    observed: ObservedState
+    plan: Plan
+
+
+def layout_of(args: argparse.Namespace) -> StateLayout:
+    return StateLayout(state_dir_from_env(args.state_dir))
+
+
+def load_manifests(directory: str) -> ManifestSet:
+    """The manifests, or every error printed and CliError: nothing acts on a directory that fails."""
+    manifests = load_directory(directory)
+    if manifests.errors:
+        for error in manifests.errors:
+            err.print(f"[red]error:[/] {escape(str(error))}")
+        count = len(manifests.errors)
+        raise CliError(f"{count} error{'s' if count > 1 else ''} in the manifests; nothing was changed")
+    return manifests
+
+
+def _read_records(layout: StateLayout) -> dict[str, AppliedRecord]:
+    try:
+        return files.read_records(layout)
+    except CorruptRecord as exc:
+        # The record's own message names the file and what to do; say only what kind of file it is.
+        raise CliError(f"corrupt state record: {exc}") from exc
+
+
+def _load_warning(directory: str) -> ManifestSet:
+    """For ``status``: a broken file is a warning, not an error."""
+    manifests = load_directory(directory)
+    for error in manifests.errors:
+        err.print(f"[yellow]warning:[/] {escape(str(error))}")
+    return manifests
+
+
+async def read_view(directory: str, layout: StateLayout, allow_restart: bool, host: str | None = None,
+                    options: PlanOptions | None = None, tolerate_errors: bool = False) -> View:
+    manifests = _load_warning(directory) if tolerate_errors else load_manifests(directory)
+    all_records = _read_records(layout)
+    if manifests.errors:
+        # Only with tolerate_errors (``status``): the VMs of a broken file are shown against their last
+        # applied spec, by the sync daemon's rule, so both tell the same story.
+        manifests.vms = keep_last_good(manifests, from_records(all_records)).vms
+    # A VM belongs to the host its spec names (none: hosts run without --host).
+    desired = {name: loaded.vm for name, loaded in manifests.vms.items() if loaded.vm.spec.host == host}
+    records = {name: record for name, record in all_records.items() if record.vm.spec.host == host}
+    networks = {name: loaded.network for name, loaded in manifests.networks.items()}
+    observed = await observe(layout, desired, records, networks)
+    result = plan(desired, observed, records, networks=networks, manifest_dir=str(Path(directory).absolute()),
+                  desired_digest=manifests.digest(),
+                  options=options or PlanOptions(allow_restart=allow_restart))
+    return View(manifests, records, observed, result)
+
+
+def print_step(result: StepResult) -> None:
+    """The executor's progress callback: one line per step as it ends."""
+    mark = "[green]ok[/]" if result.ok else "[red]FAILED[/]"
+    out.print(f"  {result.step.name}: {escape(result.step.summary)} ... {mark} [dim]({escape(result.detail)}, "
+              f"{result.seconds * 1000:.0f} ms)[/]")

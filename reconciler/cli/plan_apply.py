@@ -1,0 +1,149 @@
+"""``infinization plan`` and ``infinization apply``: show the plan, and carry it out under the run lock.
+
+Called by ``cli.parser`` (each ``cmd_*`` is a subcommand's handler). ``apply`` takes the run lock and
+refuses while a sync daemon runs, so the two never race; ``plan`` reads without any lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from rich.markup import escape
+
+from reconciler.apply.executor import ApplyResult, Executor
+from reconciler.apply.lock import StateLock
+from reconciler.cli.common import CliError, View, err, layout_of, out, print_step, read_view
+from reconciler.errors import LockTimeout
+from reconciler.plan.actions import FORMAT_VERSION, Action, Plan
+from reconciler.plan.render import render_plan, summary_line
+from reconciler.runtime.gitrev import revision
+from reconciler.state import files
+from reconciler.state.files import write_atomic
+from reconciler.state.layout import StateLayout
+
+# -- plan -------------------------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    layout = layout_of(args)
+    # Reading needs no lock: plan and status work while apply or the sync daemon runs.
+    view = asyncio.run(read_view(args.directory, layout, args.allow_restart, args.host))
+    if args.out:
+        write_atomic(Path(args.out), view.plan.model_dump_json(indent=2) + "\n")
+    if args.json:
+        print(view.plan.model_dump_json(indent=2))
+    else:
+        out.print(render_plan(view.plan), end="")
+        if args.out:
+            out.print(f"\nSaved the plan to {args.out}. Run `infinization apply {args.out}` to apply exactly it.")
+    if view.plan.refused:
+        return 1
+    if args.detailed_exitcode and not view.plan.empty:
+        return 2
+    return 0
+
+
+# -- apply ------------------------------------------------------------------------------------------
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    layout = layout_of(args)
+    target = Path(args.target)
+    saved = None if target.is_dir() else _read_saved_plan(target)
+    # A saved plan carries its own manifest directory and --allow-restart: apply exactly what was shown.
+    directory = saved.manifest_dir if saved else args.target
+    allow_restart = saved.allow_restart if saved else args.allow_restart
+    _refuse_if_daemon_runs(layout)
+    with StateLock(layout.lock, exclusive=True, wait=args.lock_timeout):
+        view = asyncio.run(read_view(directory, layout, allow_restart, args.host))
+        _refuse_empty_directory(view, args.allow_empty)
+        if saved is not None:
+            _check_fresh(saved, view.plan, layout)
+        out.print(render_plan(view.plan), end="")
+        if not any(change.steps for change in view.plan.changes):
+            return 1 if view.plan.refused else 0
+        if saved is None and not _confirm(args):
+            out.print("Apply cancelled.")
+            return 1
+        out.print("")
+        result = _execute(view, layout)
+        after = asyncio.run(read_view(directory, layout, allow_restart, args.host))
+    return _report(view.plan, result, after.plan)
+
+
+def _execute(view: View, layout: StateLayout) -> ApplyResult:
+    files.write_source(layout, view.plan.manifest_dir)
+    # Absolute: the sync daemon, started elsewhere, matches a record's file against the broken ones.
+    sources = {name: str(Path(loaded.source.file).absolute()) for name, loaded in view.manifests.vms.items()}
+    rev = revision(Path(view.plan.manifest_dir))
+    return asyncio.run(Executor(layout, print_step, sources, revision=rev).run(view.plan))
+
+
+def _report(done_plan: Plan, result: ApplyResult, after: Plan) -> int:
+    """What apply did, and whether the host now matches (a re-plan after the run must find nothing to do)."""
+    counts = done_plan.counts()
+    done = ", ".join(f"{counts[a]} {verb}" for a, verb in (
+        (Action.CREATE, "created"), (Action.UPDATE, "updated"), (Action.RESTART, "restarted"),
+        (Action.DELETE, "deleted")))
+    for vm, why in result.failed_vms.items():
+        err.print(f"[red]error:[/] {vm}: {escape(why)}")
+    if not result.ok:
+        err.print(f"[red]Apply failed[/] for {len(result.failed_vms)} VM(s). Re-run apply after fixing the cause.")
+        return 1
+    out.print(f"\n[green bold]Apply complete![/] Resources: {done}.")
+    if any(c.steps for c in after.changes):
+        err.print(f"[yellow]warning:[/] the host has not converged yet: {summary_line(after)}")
+        return 1
+    if after.pending or after.refused:
+        out.print(summary_line(after))
+        return 1 if after.refused else 0
+    return 0
+
+
+def _confirm(args: argparse.Namespace) -> bool:
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise CliError("refusing to apply without confirmation: stdin is not a terminal (use --yes)")
+    answer = out.input("\nDo you want to perform these actions? Only 'yes' will be accepted: ")
+    return answer.strip() == "yes"
+
+
+def _read_saved_plan(path: Path) -> Plan:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read saved plan {path}: {exc}") from exc
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CliError(f"{path}: plan format {data.get('format_version')!r} is not {FORMAT_VERSION}")
+    return Plan.model_validate(data)
+
+
+def _refuse_if_daemon_runs(layout: StateLayout) -> None:
+    try:
+        with StateLock(layout.daemon_lock, exclusive=True, wait=0):
+            pass
+    except LockTimeout as exc:
+        raise CliError(f"a sync daemon runs on {layout.root}: it applies the manifests itself "
+                       "(stop it first to apply by hand)") from exc
+
+
+def _refuse_empty_directory(view: View, allowed: bool) -> None:
+    """A directory without any manifest is far more often a wrong path or a checkout in progress than a
+    wish to delete every VM: that needs --allow-empty."""
+    if not view.manifests.files and view.records and not allowed:
+        raise CliError(f"{view.manifests.directory} holds no manifests: refusing to delete all "
+                       f"{len(view.records)} VM(s); pass --allow-empty if that is what you want")
+
+
+def _check_fresh(saved: Plan, current: Plan, layout: StateLayout) -> None:
+    if saved.state_dir != str(layout.root):
+        raise CliError(f"the saved plan is for state directory {saved.state_dir}, not {layout.root}")
+    if saved.desired_digest != current.desired_digest:
+        raise CliError("the saved plan is stale: the manifests changed since it was computed; plan again")
+    if saved.observed_digest != current.observed_digest or saved.changes != current.changes:
+        raise CliError("the saved plan is stale: the host changed since it was computed; plan again")
