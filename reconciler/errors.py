@@ -3,6 +3,7 @@
     InfinizationError            every error we raise on purpose; str() is one line that says what to do
      ├── Permanent               needs a person: retrying cannot help until something changes
      │    ├── ManifestInvalid    a manifest fails validation (the CLI lists every error before it)
+     │    ├── ConfigInvalid      the host configuration file cannot be read or fails validation
      │    ├── CorruptRecord      a file in the state directory cannot be read
      │    ├── Refused            the executor's re-check refused a destructive or unsafe step
      │    └── UnsafeValue        a value would inject QEMU options (also a ValueError)
@@ -41,6 +42,10 @@ class Temporary(InfinizationError):
 
 class ManifestInvalid(Permanent):
     """One or more manifests fail validation; nothing was changed."""
+
+
+class ConfigInvalid(Permanent):
+    """The host configuration file cannot be read or fails validation."""
 
 
 class CorruptRecord(Permanent):

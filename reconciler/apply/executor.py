@@ -26,6 +26,7 @@ from reconciler.errors import InfinizationError, Permanent, Refused, StepFailed
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Change, Plan
 from reconciler.plan.steps import Step, StepKind
+from reconciler.spec.host import HostConfig
 from reconciler.spec.models import Network, VirtualMachine, nic_bridge
 from reconciler.state import files
 from reconciler.state.layout import StateLayout, VMPaths
@@ -63,8 +64,10 @@ def _maybe_crash(moment: str, kind: StepKind) -> None:
 
 class Executor:
     def __init__(self, layout: StateLayout, report: Reporter | None = None,
-                 sources: dict[str, str] | None = None, revision: str | None = None) -> None:
+                 sources: dict[str, str] | None = None, revision: str | None = None,
+                 host: HostConfig | None = None) -> None:
         self.layout = layout
+        self.host = host or HostConfig()  # the host's policy: QEMU's user and binary, storage roots
         self.report = report or (lambda result: None)
         self.sources = sources or {}
         self.revision = revision

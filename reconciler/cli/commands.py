@@ -18,7 +18,7 @@ from rich.table import Table
 
 from reconciler.apply.executor import Executor
 from reconciler.apply.lock import StateLock
-from reconciler.cli.common import CliError, layout_of, load_manifests, out, print_step, read_view
+from reconciler.cli.common import CliError, config_of, layout_of, load_manifests, out, print_step, read_view
 from reconciler.plan.planner import PlanOptions
 from reconciler.plan.steps import StepKind
 from reconciler.runtime.daemon import Options, run_daemon
@@ -48,7 +48,8 @@ def cmd_start_stop(args: argparse.Namespace) -> int:
     names = frozenset([args.name])
     options = PlanOptions(start=names) if args.command == "start" else PlanOptions(stop=names)
     with StateLock(layout.lock, exclusive=True, wait=args.lock_timeout):
-        view = asyncio.run(read_view(directory, layout, False, args.host, options))
+        view = asyncio.run(read_view(directory, layout, False, args.host, options,
+                                         config=config_of(args)))
         change = view.plan.change(args.name)
         if change is None or args.name not in view.manifests.vms:
             raise CliError(f"no VirtualMachine {args.name!r} in {directory}")
@@ -59,14 +60,14 @@ def cmd_start_stop(args: argparse.Namespace) -> int:
             out.print(f"{args.name} is already {'running' if args.command == 'start' else 'stopped'}.")
             return 0
         only = view.plan.model_copy(update={"changes": [change]})
-        result = asyncio.run(Executor(layout, print_step, {}).run(only))
+        result = asyncio.run(Executor(layout, print_step, {}, host=view.config).run(only))
     return 0 if result.ok else 1
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     layout = layout_of(args)
     options = Options(host=args.host, dry_run=args.dry_run, allow_restart=args.allow_restart,
-                      debounce_ms=args.debounce_ms, resync_seconds=args.resync_interval)
+                      debounce_ms=args.debounce_ms, resync_seconds=args.resync_interval, config=config_of(args))
     directory = Path(args.directory)
     if not directory.is_dir():
         raise CliError(f"{directory} is not a directory")

@@ -15,13 +15,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from reconciler.apply.executor import StepResult
-from reconciler.errors import CorruptRecord, Permanent
+from reconciler.errors import CorruptRecord, ManifestInvalid, Permanent
 from reconciler.observe.snapshot import observe
 from reconciler.plan.actions import Plan
 from reconciler.plan.observed import ObservedState
 from reconciler.plan.planner import PlanOptions, plan
 from reconciler.runtime.desired import from_records, keep_last_good
-from reconciler.spec.loader import ManifestSet, load_directory
+from reconciler.spec.host import HostConfig
+from reconciler.spec.loader import ManifestSet, load_directory, load_host_config
 from reconciler.state import files
 from reconciler.state.layout import StateLayout, state_dir_from_env
 from reconciler.state.models import AppliedRecord
@@ -43,10 +44,16 @@ class View:
     records: dict[str, AppliedRecord]
     observed: ObservedState
     plan: Plan
+    config: HostConfig
 
 
 def layout_of(args: argparse.Namespace) -> StateLayout:
     return StateLayout(state_dir_from_env(args.state_dir))
+
+
+def config_of(args: argparse.Namespace) -> HostConfig:
+    """The host's policy (``--config``, ``$INFINIZATION_CONFIG`` or /etc/infinization/config.yaml)."""
+    return load_host_config(getattr(args, "config", None))
 
 
 def load_manifests(directory: str) -> ManifestSet:
@@ -56,7 +63,7 @@ def load_manifests(directory: str) -> ManifestSet:
         for error in manifests.errors:
             err.print(f"[red]error:[/] {escape(str(error))}")
         count = len(manifests.errors)
-        raise CliError(f"{count} error{'s' if count > 1 else ''} in the manifests; nothing was changed")
+        raise ManifestInvalid(f"{count} error{'s' if count > 1 else ''} in the manifests; nothing was changed")
     return manifests
 
 
@@ -77,7 +84,8 @@ def _load_warning(directory: str) -> ManifestSet:
 
 
 async def read_view(directory: str, layout: StateLayout, allow_restart: bool, host: str | None = None,
-                    options: PlanOptions | None = None, tolerate_errors: bool = False) -> View:
+                    options: PlanOptions | None = None, tolerate_errors: bool = False,
+                    config: HostConfig | None = None) -> View:
     manifests = _load_warning(directory) if tolerate_errors else load_manifests(directory)
     all_records = _read_records(layout)
     if manifests.errors:
@@ -91,8 +99,8 @@ async def read_view(directory: str, layout: StateLayout, allow_restart: bool, ho
     observed = await observe(layout, desired, records, networks)
     result = plan(desired, observed, records, networks=networks, manifest_dir=str(Path(directory).absolute()),
                   desired_digest=manifests.digest(),
-                  options=options or PlanOptions(allow_restart=allow_restart))
-    return View(manifests, records, observed, result)
+                  options=options or PlanOptions(allow_restart=allow_restart), host=config or HostConfig())
+    return View(manifests, records, observed, result, config or HostConfig())
 
 
 def print_step(result: StepResult) -> None:

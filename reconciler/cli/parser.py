@@ -32,6 +32,8 @@ def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", help="where the reconciler keeps its state "
                         "(default: $INFINIZATION_STATE_DIR or /var/lib/infinization)")
+    common.add_argument("--config", help="the host's policy file (default: $INFINIZATION_CONFIG or "
+                        "/etc/infinization/config.yaml; without one, built-in defaults)")
     common.add_argument("--lock-timeout", type=float, default=60.0,
                         help="seconds to wait for another run on the same state directory (default 60)")
     common.add_argument("--host", help="this host's name: only VMs whose spec.host names it (default: VMs "

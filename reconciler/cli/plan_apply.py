@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from reconciler.apply.executor import ApplyResult, Executor
 from reconciler.apply.lock import StateLock
-from reconciler.cli.common import CliError, View, err, layout_of, out, print_step, read_view
+from reconciler.cli.common import CliError, View, config_of, err, layout_of, out, print_step, read_view
 from reconciler.errors import LockTimeout
 from reconciler.plan.actions import FORMAT_VERSION, Action, Plan
 from reconciler.plan.render import render_plan, summary_line
@@ -31,7 +31,8 @@ from reconciler.state.layout import StateLayout
 def cmd_plan(args: argparse.Namespace) -> int:
     layout = layout_of(args)
     # Reading needs no lock: plan and status work while apply or the sync daemon runs.
-    view = asyncio.run(read_view(args.directory, layout, args.allow_restart, args.host))
+    view = asyncio.run(read_view(args.directory, layout, args.allow_restart, args.host,
+                                config=config_of(args)))
     if args.out:
         write_atomic(Path(args.out), view.plan.model_dump_json(indent=2) + "\n")
     if args.json:
@@ -57,9 +58,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
     # A saved plan carries its own manifest directory and --allow-restart: apply exactly what was shown.
     directory = saved.manifest_dir if saved else args.target
     allow_restart = saved.allow_restart if saved else args.allow_restart
+    config = config_of(args)
     _refuse_if_daemon_runs(layout)
     with StateLock(layout.lock, exclusive=True, wait=args.lock_timeout):
-        view = asyncio.run(read_view(directory, layout, allow_restart, args.host))
+        view = asyncio.run(read_view(directory, layout, allow_restart, args.host, config=config))
         _refuse_empty_directory(view, args.allow_empty)
         if saved is not None:
             _check_fresh(saved, view.plan, layout)
@@ -71,7 +73,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             return 1
         out.print("")
         result = _execute(view, layout)
-        after = asyncio.run(read_view(directory, layout, allow_restart, args.host))
+        after = asyncio.run(read_view(directory, layout, allow_restart, args.host, config=config))
     return _report(view.plan, result, after.plan)
 
 
@@ -80,7 +82,7 @@ def _execute(view: View, layout: StateLayout) -> ApplyResult:
     # Absolute: the sync daemon, started elsewhere, matches a record's file against the broken ones.
     sources = {name: str(Path(loaded.source.file).absolute()) for name, loaded in view.manifests.vms.items()}
     rev = revision(Path(view.plan.manifest_dir))
-    return asyncio.run(Executor(layout, print_step, sources, revision=rev).run(view.plan))
+    return asyncio.run(Executor(layout, print_step, sources, revision=rev, host=view.config).run(view.plan))
 
 
 def _report(done_plan: Plan, result: ApplyResult, after: Plan) -> int:

@@ -19,6 +19,7 @@ from reconciler.plan.fields import rule_for
 from reconciler.plan.live import LivePlan, plan_live
 from reconciler.plan.networks import plan_networks, tap_repairs
 from reconciler.plan.observed import ObservedImage, ObservedProcess, ObservedState, ObservedVM
+from reconciler.spec.host import HostConfig
 from reconciler.spec.models import DiskSpec, Network, VirtualMachine, VirtualMachineSpec
 from reconciler.spec.naming import disk_node
 from reconciler.spec.units import format_size
@@ -116,12 +117,15 @@ def plan(
     manifest_dir: str = "",
     desired_digest: str = "",
     options: PlanOptions | None = None,
+    host: HostConfig | None = None,
 ) -> Plan:
     """Compute the plan. ``desired`` must be a complete, valid set: a VM missing from it is deleted.
 
-    Order: Networks (bridges) and the firewall first, then VMs, then Networks being deleted.
+    Order: Networks (bridges) and the firewall first, then VMs, then Networks being deleted. ``host`` is
+    the host's policy (what manifests may use); the defaults when not given.
     """
     options = options or PlanOptions()
+    host = host or HostConfig()
     networks = networks or {}
     net = plan_networks(networks, desired, observed)
     names = sorted(set(desired) | set(last_applied) | {n for n, vm in observed.vms.items() if vm.process})

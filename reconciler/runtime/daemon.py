@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -31,6 +31,7 @@ from reconciler.runtime.listeners import QMPListeners, watch_files, watch_netlin
 from reconciler.runtime.queue import WorkQueue
 from reconciler.runtime.reconcile import Reconciler
 from reconciler.runtime.store import Store
+from reconciler.spec.host import HostConfig
 from reconciler.state.layout import StateLayout
 
 log = structlog.get_logger("infinization.sync")
@@ -44,6 +45,7 @@ class Options:
     debounce_ms: int = 50
     resync_seconds: float = 30.0
     parallel: int = 4
+    config: HostConfig = field(default_factory=HostConfig)  # the host's policy (storage roots, QEMU user...)
 
 
 class SyncDaemon:
@@ -54,6 +56,7 @@ class SyncDaemon:
         self.cache = DesiredCache(directory, layout, store, options.host)
         self.listeners = QMPListeners(layout, store, trigger=lambda key: self.queue.add(key))
         self.reconciler = Reconciler(self.cache, layout, store, self.listeners, dry_run=options.dry_run,
+                                     config=options.config,
                                      allow_restart=options.allow_restart)
         self.queue = WorkQueue(self.reconciler, parallel=options.parallel)
 

@@ -38,6 +38,7 @@ from reconciler.runtime.crashloop import CRASH_WINDOW, CrashLoops, counts_as_res
 from reconciler.runtime.listeners import QMPListeners
 from reconciler.runtime.queue import Park
 from reconciler.runtime.store import Store
+from reconciler.spec.host import HostConfig
 from reconciler.state import files
 from reconciler.state.layout import StateLayout
 
@@ -61,9 +62,10 @@ def _vm_change(current: Plan, key: str) -> Change | None:
 
 class Reconciler:
     def __init__(self, cache: DesiredCache, layout: StateLayout, store: Store, listeners: QMPListeners, *,
-                 dry_run: bool = False, allow_restart: bool = False) -> None:
+                 dry_run: bool = False, allow_restart: bool = False, config: HostConfig | None = None) -> None:
         self.cache, self.layout, self.store, self.listeners = cache, layout, store, listeners
         self.dry_run, self.allow_restart = dry_run, allow_restart
+        self.config = config or HostConfig()  # the host's policy, for the planner and the executor
         self.crashloops = CrashLoops(layout)
         self.host_lock = asyncio.Lock()  # host changes (bridges, firewall) run one at a time
         self._failures: dict[str, int] = {}
@@ -121,7 +123,7 @@ class Reconciler:
             raise CorruptRecord(f"{corrupt[mine[0]]} (fix or remove it by hand; the VM is left as it is)")
         observed = await observe(self.layout, desired, records, networks, only=only)
         result = plan(desired, observed, records, networks=networks, manifest_dir=str(self.cache.directory),
-                      options=PlanOptions(allow_restart=self.allow_restart))
+                      options=PlanOptions(allow_restart=self.allow_restart), host=self.config)
         # Returned, never stored on self: reconciles of different keys run concurrently.
         return result, observed
 
@@ -190,7 +192,8 @@ class Reconciler:
     async def _execute(self, changes: list[Change], current: Plan) -> ApplyResult:
         """Host changes first (under the host lock), then the VM's, only if the host's went well."""
         sources = {n: loaded.source.file for n, loaded in self.cache.state.vms.items()}
-        executor = Executor(self.layout, self._report_step, sources, revision=self.cache.state.revision)
+        executor = Executor(self.layout, self._report_step, sources, revision=self.cache.state.revision,
+                            host=self.config)
         host_part = [c for c in changes if c.resource != "VirtualMachine"]
         vm_part = [c for c in changes if c.resource == "VirtualMachine"]
         outcome = ApplyResult()

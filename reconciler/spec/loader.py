@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from reconciler.errors import ConfigInvalid
+from reconciler.spec.host import CONFIG_ENV, DEFAULT_CONFIG, HostConfig
 from reconciler.spec.models import API_VERSION, Network, VirtualMachine, nic_mac
 
 Loc = tuple[str | int, ...]
@@ -390,3 +393,47 @@ def _check_unique_across(result: ManifestSet) -> None:
                     _clash(result, loaded.source, first, at, f"{port} is also forwarded by {other}",
                            f"{port} is also forwarded by {this}", first_at)
                 ports.setdefault(key, (loaded.source, this, at))
+
+
+def load_host_config_text(text: str, file: str) -> tuple[HostConfig | None, list[ManifestError]]:
+    """Parse a host configuration file's text, as strictly as a manifest (every error located)."""
+    try:
+        node = yaml.compose(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        return None, [ManifestError(file, line, col, "", f"invalid YAML: {exc.problem or exc.context}")]
+    if node is None:
+        return HostConfig(), []
+    marks = _Marks()
+    try:
+        data = _construct(node, (), marks)
+    except _YamlProblem as problem:
+        line, col = _pos(problem.node)
+        return None, [ManifestError(file, line, col, "", problem.message)]
+    if not isinstance(data, dict):
+        return None, [ManifestError(file, 1, 1, "", "the host configuration must be a mapping")]
+    try:
+        return HostConfig.model_validate(data), []
+    except ValidationError as exc:
+        return None, sorted(_pydantic_errors(exc, HostConfig, file, marks))
+
+
+def load_host_config(explicit: str | None = None) -> HostConfig:
+    """The host's configuration: ``explicit`` (``--config``), else ``$INFINIZATION_CONFIG``, else
+    /etc/infinization/config.yaml if it exists, else the defaults.
+
+    :raise ConfigInvalid: When the file cannot be read or fails validation (every error, located).
+    """
+    chosen = explicit or os.environ.get(CONFIG_ENV)
+    path = Path(chosen or DEFAULT_CONFIG)
+    if not chosen and not path.exists():
+        return HostConfig()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigInvalid(f"cannot read the host configuration {path}: {exc}") from exc
+    config, errors = load_host_config_text(text, str(path))
+    if config is None:
+        raise ConfigInvalid("; ".join(str(error) for error in errors) + "; fix the host configuration")
+    return config
