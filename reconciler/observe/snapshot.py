@@ -12,7 +12,9 @@ from reconciler.adapters import monitor, procfs, qemu_img
 from reconciler.errors import MonitorError
 from reconciler.observe.hostnet import observe_host_network
 from reconciler.observe.live import observe_live
+from reconciler.observe.paths import observe_paths
 from reconciler.plan.observed import LiveState, ObservedImage, ObservedProcess, ObservedState, ObservedVM
+from reconciler.spec.host import HostConfig
 from reconciler.spec.models import Network, VirtualMachine, VirtualMachineSpec, nic_bridge, tap_name
 from reconciler.state import files
 from reconciler.state.layout import StateLayout, VMPaths
@@ -78,14 +80,18 @@ async def observe(
     records: Mapping[str, AppliedRecord],
     networks: Mapping[str, Network] | None = None,
     only: set[str] | None = None,
+    host: HostConfig | None = None,
 ) -> ObservedState:
     """Everything the planner needs about the VMs in ``desired``, in ``records`` or in the state folder
-    (restricted to ``only`` when given), and about the host networking they and ``networks`` use."""
+    (restricted to ``only`` when given), about the host paths they name (judged by ``host``'s policy)
+    and about the host networking they and ``networks`` use."""
     networks = networks or {}
     vms = {}
     backing: dict[str, ObservedImage] = {}
+    seen: list[VirtualMachine] = []
     for name in _vm_names(layout, desired, records, only):
         specs = _known_specs(name, desired, records)
+        seen += specs
         for disk in (disk for vm in specs for disk in vm.spec.disks):
             if disk.image and disk.image not in backing:
                 backing[disk.image] = qemu_img.inspect_image(disk.image)
@@ -94,6 +100,7 @@ async def observe(
     recorded = {name: record.network for name, record in network_records.items()}
     links = _interesting_links([*desired.values(), *(r.vm for r in records.values())], networks, recorded)
     dhcp = {name: (layout.dhcp_pidfile(name), layout.dhcp_leases(name)) for name in set(networks) | set(recorded)}
-    host = await observe_host_network(links, dhcp)
-    return ObservedState(state_dir=str(layout.root), vms=vms, images=backing, host=host,
-                         network_records=network_records)
+    host_network = await observe_host_network(links, dhcp)
+    paths = observe_paths(seen, host or HostConfig(), str(layout.root))
+    return ObservedState(state_dir=str(layout.root), vms=vms, images=backing, host=host_network,
+                         network_records=network_records, paths=paths)

@@ -64,6 +64,10 @@ class Change(_Data):
     unplug_pending: list[str] = Field(
         default_factory=list, description="Devices whose unplug the guest has not completed yet."
     )
+    opens: list[str] = Field(
+        default_factory=list,
+        description="Host paths the steps make QEMU or qemu-img open: 'field path' ('-> resolved' via a symlink).",
+    )
 
     @property
     def in_sync(self) -> bool:

@@ -8,6 +8,7 @@ state directory, and the planner reads them. They serialise to JSON so a plan's 
 from __future__ import annotations
 
 import hashlib
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +31,21 @@ class ObservedImage(_Fact):
     backing: str | None = None
     backing_format: str | None = None
     error: str | None = None
+
+
+PathKind = Literal["file", "directory", "device", "missing", "other"]
+
+
+class ObservedPath(_Fact):
+    """A host path as found on disk: what it resolves to after symlinks, and what that is.
+
+    Recorded for every path a manifest names, every storage root and the state directory, so the host
+    policy (``plan.policy``) can be checked without I/O. ``kind`` is the resolved path's file type.
+    """
+
+    path: str
+    resolved: str
+    kind: PathKind
 
 
 class LiveDisk(_Fact):
@@ -120,6 +136,10 @@ class ObservedState(_Fact):
     network_records: dict[str, NetworkRecord] = Field(default_factory=dict)
     vms: dict[str, ObservedVM] = Field(default_factory=dict)
     images: dict[str, ObservedImage] = Field(default_factory=dict, description="Backing images, by path.")
+    paths: dict[str, ObservedPath] = Field(
+        default_factory=dict,
+        description="Manifest paths, storage roots and the state directory, resolved (the host policy's facts).",
+    )
 
     def digest(self) -> str:
         """What plans depend on (DHCP leases renew all the time and are only reported, never planned on)."""

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from reconciler.plan import policy
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan
 from reconciler.plan.fields import rule_for
@@ -133,10 +134,10 @@ def plan(
     for name in names:
         vm = desired.get(name)
         record = last_applied.get(name)
-        change = _plan_vm(name, vm, observed, record, options, networks) if vm else _plan_delete(
+        change = _plan_vm(name, vm, observed, record, options, networks, host) if vm else _plan_delete(
             name, observed.vm(name), record)
         if change is not None and change.steps and name in net.blocked:
-            change = change.model_copy(update={"steps": [], "refusals": [net.blocked[name]]})
+            change = change.model_copy(update={"steps": [], "opens": [], "refusals": [net.blocked[name]]})
         if change is not None:
             changes.append(change)
     changes += net.last
@@ -150,8 +151,15 @@ def plan(
     )
 
 
-def _plan_vm(name: str, desired: VirtualMachine, observed: ObservedState, record: AppliedRecord | None,
-             options: PlanOptions, networks: Mapping[str, Network]) -> Change:
+def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, record: AppliedRecord | None,
+             options: PlanOptions, networks: Mapping[str, Network], host: HostConfig) -> Change:
+    """One desired VM. The host policy first: a path or port it refuses refuses the whole change. Past it,
+    the VM is compared with its paths resolved (what QEMU was, or will be, given); the record keeps the
+    manifest as written."""
+    verdict = policy.check_vm(manifest.spec, observed.paths, host, observed.state_dir)
+    if verdict.spec is None:
+        return Change(name=name, action=Action.NOOP, refusals=verdict.refusals)
+    desired = manifest.model_copy(update={"spec": verdict.spec})
     obs = observed.vm(name)
     work = _VMPlan(name)
     live = obs.process.live if obs.process else None
@@ -162,19 +170,20 @@ def _plan_vm(name: str, desired: VirtualMachine, observed: ObservedState, record
         _running_vm(work, desired, obs.process, record, observed, networks)
     # The record is rewritten when something else happens, or when a field that is only recorded
     # (labels, deletePolicy...) changed; a pending restart alone does not rewrite it.
-    recorded_changes = _record_only_fields(work, record.vm, desired) if record is not None else 0
+    recorded_changes = _record_only_fields(work, record.vm, manifest) if record is not None else 0
     allowed = options.allow_restart or desired.spec.restartPolicy == "Auto"
     _check_slots(work, live.free_slots if live else 0, allowed)
     if work.refusals:
         return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
     steps, action, pending = _choose(work, desired.spec, obs, record is not None, options, allowed)
     if steps or record is None or recorded_changes:
-        steps = [s.WriteRecord(name=name, summary="record the desired spec as last applied", vm=desired), *steps]
+        steps = [s.WriteRecord(name=name, summary="record the desired spec as last applied", vm=manifest), *steps]
     if action is Action.NOOP and steps:
         action = Action.CREATE if record is None else Action.UPDATE
     unplug_pending = work.live.unplug_pending if work.live and action is not Action.RESTART else []
     return Change(name=name, action=action, reasons=work.reasons, fields=work.fields, steps=s.in_order(steps),
-                  pending_restart=pending, refusals=[], unplug_pending=unplug_pending)
+                  pending_restart=pending, refusals=[], unplug_pending=unplug_pending,
+                  opens=policy.opens(manifest.spec, steps, observed.paths))
 
 
 def _check_slots(work: _VMPlan, free: int, allowed: bool) -> None:

@@ -78,6 +78,7 @@ def _render_change(change: Change) -> list[str]:
         arrow = f"{_value(field.before)} -> {_value(field.after)}"
         how = field.how if field.mode is Mode.REFUSED else f"{field.mode.value}: {field.how}"
         lines.append(f"      [{colour}]~[/] {_escape(field.path)}: {_escape(arrow)}  [dim]({_escape(how)})[/]")
+    lines += [f"      [cyan]opens:[/] {_escape(entry)}" for entry in change.opens]
     for index, step in enumerate(change.steps, 1):
         lines.append(f"      {index}. {_escape(step.summary)}")
     lines += [f"      [yellow]unplug pending:[/] {_escape(note)}" for note in change.unplug_pending]

@@ -1,7 +1,8 @@
 """Planner golden cases: desired + observed + last-applied in, rendered plan out.
 
 Each folder under ``plan_cases/`` holds ``desired.yaml`` (manifests), ``observed.yaml`` (an ObservedState),
-optionally ``records.yaml`` (last-applied records by VM name) and ``options.yaml``, and ``expected.txt``:
+optionally ``records.yaml`` (last-applied records by VM name), ``options.yaml`` and ``host.yaml`` (the host
+policy; ``plan_cases/host.yaml`` when a case has none), and ``expected.txt``:
 the plan exactly as ``infinization plan`` prints it, followed by its steps as data. Regenerate after an
 intended change with ``UPDATE_GOLDEN=1 pytest tests/unit/test_planner_golden.py`` and review the diff.
 """
@@ -20,6 +21,7 @@ from reconciler.plan.actions import Plan
 from reconciler.plan.observed import ObservedState
 from reconciler.plan.planner import PlanOptions, plan
 from reconciler.plan.render import render_plan
+from reconciler.spec.host import HostConfig
 from reconciler.spec.loader import load_text
 from reconciler.spec.models import Network, VirtualMachine
 from reconciler.state.models import AppliedRecord
@@ -38,8 +40,10 @@ def _case_plan(case: Path) -> Plan:
     records = {name: AppliedRecord.model_validate(data) for name, data in (raw_records or {}).items()}
     options_file = case / "options.yaml"
     options = PlanOptions(**yaml.safe_load(options_file.read_text())) if options_file.exists() else PlanOptions()
+    host_file = case / "host.yaml" if (case / "host.yaml").exists() else CASES / "host.yaml"
+    host = HostConfig.model_validate(yaml.safe_load(host_file.read_text()))
     return plan(desired, observed, records, networks=networks, manifest_dir="/m", desired_digest="d",
-                options=options)
+                options=options, host=host)
 
 
 def _render(result: Plan) -> str:

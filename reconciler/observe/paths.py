@@ -1,0 +1,20 @@
+"""Observe the host paths the host policy judges: every path a desired or recorded VM names (kernel,
+initrd, disk and CD-ROM images), every storage root and the state directory, each resolved after symlinks.
+
+Facts only (``ObservedState.paths``); the pure ``plan.policy`` decides what they allow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from reconciler.adapters.paths import policy_facts
+from reconciler.plan.observed import ObservedPath
+from reconciler.plan.policy import manifest_paths
+from reconciler.spec.host import HostConfig
+from reconciler.spec.models import VirtualMachine
+
+
+def observe_paths(vms: Iterable[VirtualMachine], host: HostConfig, state_dir: str) -> dict[str, ObservedPath]:
+    named = {path for vm in vms for _, path in manifest_paths(vm.spec)}
+    return policy_facts(host, state_dir, named)
