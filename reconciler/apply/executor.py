@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import assert_never
 
 from reconciler.adapters import monitor, procfs
+from reconciler.adapters import paths as host_paths
 from reconciler.apply import disks, hostnet, hotplug, vmprocess
 from reconciler.errors import InfinizationError, Permanent, Refused, StepFailed
+from reconciler.plan import policy
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Change, Plan
 from reconciler.plan.steps import Step, StepKind
@@ -122,6 +124,7 @@ class Executor:
                   | s.ChangeMedia()):
                 paths = self.layout.vm(step.name)
                 vm = self._recorded_vm(paths)
+                step = self._media_checked(step)
                 async with monitor.session(paths.qmp) as qmp:
                     return await _live_step(qmp, paths, vm, step, self._bridges(vm))
             case (s.WriteNetworkRecord() | s.EnsureBridge() | s.DeleteBridge() | s.ForgetNetwork() | s.ApplyFirewall()
@@ -141,8 +144,9 @@ class Executor:
             case s.CreateDisk():
                 if Path(step.path).exists():
                     return "already exists (kept as it is)"
+                image = self._require(f"spec.disks[{step.target}].image", step.image) if step.image else None
                 files.claim_disk(paths, step.target)
-                return disks.create(Path(step.path), step.size, step.image, step.image_format)
+                return disks.create(Path(step.path), step.size, image, step.image_format)
             case s.GrowDiskLive():
                 return await disks.grow_live(paths.qmp, step.node, Path(step.path), step.size)
             case s.GrowDiskOffline():
@@ -162,8 +166,26 @@ class Executor:
             case _:
                 assert_never(step)
 
+    def _require(self, field_name: str, path: str) -> str:
+        """The host policy's re-check right before a path is opened: the resolved path, or Refused."""
+        return host_paths.require(field_name, path, self.host, str(self.layout.root))
+
+    def _media_checked(self, step: s.LiveStep) -> s.LiveStep:
+        """A CD-ROM's new medium, re-checked and resolved."""
+        if isinstance(step, s.HotplugCdrom | s.ChangeMedia) and step.image:
+            return step.model_copy(update={"image": self._require(f"spec.cdroms[{step.target}].image", step.image)})
+        return step
+
+    def _resolved_vm(self, vm: VirtualMachine) -> VirtualMachine:
+        """The VM as QEMU is to get it: every host path re-checked against the host policy and resolved
+        (the planner compares the running QEMU with the same resolved spec)."""
+        resolved = {path: self._require(field_name, path) for field_name, path in policy.manifest_paths(vm.spec)}
+        return vm.model_copy(update={"spec": policy.resolve_spec(vm.spec, resolved.__getitem__)})
+
     async def _start(self, paths: VMPaths) -> str:
-        vm = self._recorded_vm(paths)
+        if procfs.find_qemu(paths.pidfile) is not None:
+            return "already running"
+        vm = self._resolved_vm(self._recorded_vm(paths))
         started = await vmprocess.start(paths, vm, self._bridges(vm), vhost=Path("/dev/vhost-net").exists())
         async with monitor.session(paths.qmp) as qmp:
             extra = await hotplug.after_start(qmp, paths, vm)
