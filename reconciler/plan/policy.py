@@ -25,8 +25,8 @@ from reconciler.spec.models import VirtualMachineSpec
 PRIVILEGED_BELOW = 1024
 _STATE_SUBDIRS = ("vms", "disks", "networks")
 _UNSAFE = re.compile(r"[,=\x00-\x1f\x7f]")
-_KIND_TEXT = {"directory": "a directory", "device": "a device node", "missing": "which does not exist",
-              "other": "not a regular file (a socket, a FIFO or unreadable)"}
+_KIND_TEXT = {"directory": "a directory, not a regular file", "device": "a device node, not a regular file",
+              "missing": "which does not exist", "other": "a socket, a FIFO or unreadable, not a regular file"}
 
 Facts = Mapping[str, ObservedPath]
 
@@ -79,20 +79,20 @@ def _roots_text(roots: Sequence[str], facts: Facts) -> str:
 
 def path_refusal(field_name: str, path: str, facts: Facts, roots: Sequence[str], state_dir: str) -> str | None:
     """Why the host policy refuses ``path`` for ``field_name``, or None when it may be opened."""
-    roots_text = f"storage roots: {_roots_text(roots, facts)}"
+    roots_text = _roots_text(roots, facts)
     fact = facts.get(path)
     if fact is None:
-        return f"{field_name}: {path} was not checked against the host policy (refused; {roots_text})"
+        return f"{field_name}: {path} was not observed, so the host policy refuses it; storage roots: {roots_text}"
     head = f"{field_name}: {path} resolves to {fact.resolved}"
     if not any(under(fact.resolved, root) for root in usable_roots(roots, facts)):
         return f"{head}, outside the storage roots ({roots_text})"
     if _in_state(fact.resolved, _resolved(state_dir, facts)) or _in_state(path, state_dir):
         return (f"{head}, in the state directory {state_dir} (another VM's disk or state; a VM's own disks "
-                f"are named, not given as image) ({roots_text})")
+                f"are named, not given as image); storage roots: {roots_text}")
     if fact.kind != "file":
-        return f"{head}, {_KIND_TEXT[fact.kind]}: only regular files may be opened ({roots_text})"
+        return f"{head}, {_KIND_TEXT[fact.kind]}; storage roots: {roots_text}"
     if _UNSAFE.search(fact.resolved):
-        return f"{head}, which contains ',' '=' or a control character ({roots_text})"
+        return f"{head}, which contains ',' '=' or a control character; storage roots: {roots_text}"
     return None
 
 
