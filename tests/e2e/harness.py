@@ -90,9 +90,14 @@ class Host:
         self.state = base / "st"
         self.manifests = base / "m"
         self.manifests.mkdir(parents=True, exist_ok=True)
+        # This host's policy: images, ISOs and kernels may come from its temp dir and the test guest's dir
+        # (the temp dir holds the state dir too, which the policy still refuses).
+        self.config = base / "config.yaml"
+        self.config.write_text(f"storageRoots: [{base}, {GUEST_DIR}]\nportForwardRange: 10000-20000\n")
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ, INFINIZATION_STATE_DIR=str(self.state), NO_COLOR="1", COLUMNS="200")
+        env = dict(os.environ, INFINIZATION_STATE_DIR=str(self.state), INFINIZATION_CONFIG=str(self.config),
+                   NO_COLOR="1", COLUMNS="200")
         env.update(extra)
         return env
 
