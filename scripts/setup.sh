@@ -41,6 +41,38 @@ log "installing infinization into $VENV"
 "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
 ln -sf "$VENV/bin/infinization" /usr/local/bin/infinization
 
+# The host policy: what manifests may use on this host. Written once, commented; never overwritten.
+CONFIG=/etc/infinization/config.yaml
+install -d -m 0755 /etc/infinization
+install -d -m 0755 /var/lib/infinization
+install -d -m 0755 /var/lib/infinization/images
+if [ ! -e "$CONFIG" ]; then
+    log "writing the default host policy $CONFIG"
+    umask 022
+    cat >"$CONFIG.partial" <<'YAML'
+# Infinization host policy: what manifests may use on this host (manifest authors cannot change it).
+# Read by `infinization` and the sync daemon from here, or from --config FILE / $INFINIZATION_CONFIG.
+# Every value below is the built-in default; edit to taste.
+
+# Where a manifest's disk images, CD-ROM images, kernels and initrds may come from. A path must resolve,
+# after symlinks, to a regular file inside one of these (and not into the state directory).
+storageRoots:
+  - /var/lib/infinization/images
+  - /var/cache/infinization          # the bundled demo guest's kernel and initrd
+
+# Where firmware files may come from.
+firmwareDirs: [/usr/share/OVMF, /usr/share/qemu, /usr/share/seabios]
+
+# The unprivileged user QEMU runs as, and the QEMU binary a VM's process must be.
+qemuUser: infinization-qemu
+qemuBinary: /usr/bin/qemu-system-x86_64
+
+# Host ports a user-mode NIC's portForwards may bind (never below 1024).
+portForwardRange: "10000-20000"
+YAML
+    mv "$CONFIG.partial" "$CONFIG"
+fi
+
 log "building the guest (cached)"
 bash "$ROOT/scripts/build-guest.sh" /var/cache/infinization/guest
 log "done: $("$VENV/bin/infinization" --version)"
