@@ -96,7 +96,7 @@ async def read_view(directory: str, layout: StateLayout, allow_restart: bool, ho
     desired = {name: loaded.vm for name, loaded in manifests.vms.items() if loaded.vm.spec.host == host}
     records = {name: record for name, record in all_records.items() if record.vm.spec.host == host}
     networks = {name: loaded.network for name, loaded in manifests.networks.items()}
-    observed = await observe(layout, desired, records, networks)
+    observed = await observe(layout, desired, records, networks, qemu_user=(config or HostConfig()).qemuUser)
     result = plan(desired, observed, records, networks=networks, manifest_dir=str(Path(directory).absolute()),
                   desired_digest=manifests.digest(),
                   options=options or PlanOptions(allow_restart=allow_restart), host=config or HostConfig())

@@ -78,9 +78,11 @@ async def observe(
     records: Mapping[str, AppliedRecord],
     networks: Mapping[str, Network] | None = None,
     only: set[str] | None = None,
+    qemu_user: str | None = None,
 ) -> ObservedState:
     """Everything the planner needs about the VMs in ``desired``, in ``records`` or in the state folder
-    (restricted to ``only`` when given), and about the host networking they and ``networks`` use."""
+    (restricted to ``only`` when given), and about the host networking they and ``networks`` use
+    (``qemu_user``: the host's QEMU user, whose uid the firewall keeps off the host's loopback)."""
     networks = networks or {}
     vms = {}
     backing: dict[str, ObservedImage] = {}
@@ -94,6 +96,6 @@ async def observe(
     recorded = {name: record.network for name, record in network_records.items()}
     links = _interesting_links([*desired.values(), *(r.vm for r in records.values())], networks, recorded)
     dhcp = {name: (layout.dhcp_pidfile(name), layout.dhcp_leases(name)) for name in set(networks) | set(recorded)}
-    host = await observe_host_network(links, dhcp)
+    host = await observe_host_network(links, dhcp, layout.root, qemu_user)
     return ObservedState(state_dir=str(layout.root), vms=vms, images=backing, host=host,
                          network_records=network_records)

@@ -121,7 +121,8 @@ class Reconciler:
         records = self.cache.records(corrupt)
         if mine := sorted(only & set(corrupt)):
             raise CorruptRecord(f"{corrupt[mine[0]]} (fix or remove it by hand; the VM is left as it is)")
-        observed = await observe(self.layout, desired, records, networks, only=only)
+        observed = await observe(self.layout, desired, records, networks, only=only,
+                                   qemu_user=self.config.qemuUser)
         result = plan(desired, observed, records, networks=networks, manifest_dir=str(self.cache.directory),
                       options=PlanOptions(allow_restart=self.allow_restart), host=self.config)
         # Returned, never stored on self: reconciles of different keys run concurrently.

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reconciler.hostnet.nftables import firewall_table
+
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(os.environ.get("INFZ_GUEST_DIR", "/var/cache/infinization/guest"))
 REPORT_RE = re.compile(r"INFZ-REPORT seq=(\d+) disks=(\S*) nics=(\S*) mem_kb=(\d+) cpus=(\d+)(?: cds=(\S*))?"
@@ -90,6 +92,11 @@ class Host:
         self.state = base / "st"
         self.manifests = base / "m"
         self.manifests.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def table(self) -> str:
+        """The name of this installation's nftables tables (one per state directory)."""
+        return firewall_table(str(self.state.resolve()))
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ, INFINIZATION_STATE_DIR=str(self.state), NO_COLOR="1", COLUMNS="200")

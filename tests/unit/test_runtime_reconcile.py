@@ -36,7 +36,8 @@ def vm_yaml(name: str, run: str = "Halted") -> str:
 
 
 async def fake_observe(layout: StateLayout, desired: Mapping[str, Any], records: Mapping[str, Any],
-                       networks: Mapping[str, Any], only: set[str] | None = None) -> ObservedState:
+                       networks: Mapping[str, Any], only: set[str] | None = None,
+                       qemu_user: str | None = None) -> ObservedState:
     """No QEMU runs: each VM is stopped, with how its last QEMU ended as exit.json says."""
     names = (only or set(desired) | set(records))
     vms = {}
