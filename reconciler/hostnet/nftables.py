@@ -249,13 +249,16 @@ class Ruleset:
         return {"/".join(rule.key): rule for rule in self.rules}
 
     def script(self) -> str:
-        """Replace our tables in one transaction (creating them first makes the delete always valid)."""
+        """Replace our tables in one transaction (creating them first makes the delete always valid); with no
+        rules, just delete them."""
         lines = []
         for family in FAMILIES:
             lines += [f"table {family} {self.table} {{}}", f"delete table {family} {self.table}"]
         if self.legacy:
             lines += [f"table {family} {LEGACY_TABLE} {{}}\ndelete table {family} {LEGACY_TABLE}"
                       for family in ("bridge", "ip")]
+        if not self.rules:  # nothing to filter: no tables (a state directory emptied leaves nothing behind)
+            return "\n".join(lines) + "\n"
         for family in FAMILIES:
             lines.append(f"table {family} {self.table} {{")
             chains = list(BASE_CHAINS[family])

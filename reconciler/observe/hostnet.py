@@ -58,18 +58,25 @@ def _links() -> dict[str, ObservedLink]:
     return links
 
 
-def _nft_json(family: str, table: str) -> list[dict[str, Any]]:
-    done = subprocess.run([NFT, "-j", "list", "table", family, table], capture_output=True, text=True, check=False)
+def _nft_json(*what: str) -> list[dict[str, Any]]:
+    done = subprocess.run([NFT, "-j", "list", *what], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return []  # the table does not exist (yet, or any more)
     return list(json.loads(done.stdout).get("nftables", []))
 
 
-def _firewall(table: str) -> dict[str, str]:
+def _tables() -> set[tuple[str, str]]:
+    """(family, name) of every table in this network namespace (names only: nothing of theirs is read)."""
+    return {(item["table"]["family"], item["table"]["name"]) for item in _nft_json("tables") if "table" in item}
+
+
+def _firewall(table: str, tables: set[tuple[str, str]]) -> dict[str, str]:
     """Our rules, from our own tables only (another state directory's tables are not ours to read)."""
     found = {}
     for family in FAMILIES:
-        for item in _nft_json(family, table):
+        if (family, table) not in tables:
+            continue
+        for item in _nft_json("table", family, table):
             rule = item.get("rule")
             comment = rule.get("comment", "") if rule else ""
             if rule and comment.startswith("infz:"):
@@ -96,10 +103,6 @@ def _ip_forward() -> bool:
         return False
 
 
-def _legacy_table() -> bool:
-    return any(_nft_json(family, LEGACY_TABLE) for family in ("bridge", "ip"))
-
-
 def _uid(user: str | None) -> int | None:
     try:
         return pwd.getpwnam(user).pw_uid if user else None
@@ -111,8 +114,9 @@ def _observe(names: set[str], dhcp: dict[str, tuple[Path, Path]], state_dir: Pat
              qemu_user: str | None) -> ObservedHostNetwork:
     # Only the links we care about: unrelated interfaces coming and going must not make plans stale.
     links = {name: link for name, link in _links().items() if name in names}
-    table = firewall_table(str(state_dir.resolve()))
-    return ObservedHostNetwork(links=links, table=table, firewall=_firewall(table), legacy_table=_legacy_table(),
+    table, tables = firewall_table(str(state_dir.resolve())), _tables()
+    legacy = bool({("bridge", LEGACY_TABLE), ("ip", LEGACY_TABLE)} & tables)
+    return ObservedHostNetwork(links=links, table=table, firewall=_firewall(table, tables), legacy_table=legacy,
                                qemu_uid=_uid(qemu_user), ip_forward=_ip_forward(), capabilities=_capabilities(),
                                dhcp={net: observe_dhcp(*files) for net, files in sorted(dhcp.items())})
 

@@ -98,6 +98,12 @@ class Host:
         """The name of this installation's nftables tables (one per state directory)."""
         return firewall_table(str(self.state.resolve()))
 
+    def delete_firewall(self) -> None:
+        """Delete this installation's nftables tables, if any are left (the state directory goes too)."""
+        for family in ("bridge", "ip", "inet"):
+            subprocess.run([*self._prefix(), "nft", "delete", "table", family, self.table], capture_output=True,
+                           check=False)
+
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ, INFINIZATION_STATE_DIR=str(self.state), NO_COLOR="1", COLUMNS="200")
         env.update(extra)

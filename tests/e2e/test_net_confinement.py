@@ -65,7 +65,11 @@ def test_two_state_directories_keep_their_own_rules(net_host: Host) -> None:
         first.write("a.yaml", halted_vm("a", "lan", "52:54:00:77:01:01", "10.77.0.11"))
         second.write("net.yaml", NETWORK.format(name="dmz", bridge="br-dmz", address="10.78.0.1/24", extra=""))
         second.write("b.yaml", halted_vm("b", "dmz", "52:54:00:77:01:02", "10.78.0.12"))
+        # The one table all instances shared before: stale rules of an older version, deleted by the upgrade.
+        in_netns(netns, "nft", "add table bridge infinization; add chain bridge infinization c; "
+                 "add rule bridge infinization c drop")
         first.apply()
+        assert in_netns(netns, "nft", "list", "table", "bridge", "infinization", check=False).returncode != 0
         first_rules = rule_comments(netns, first.table)
         assert any("a/lan0 anti-spoofing ipv4" in c for c in first_rules)
         second.apply()

@@ -69,3 +69,8 @@ def test_loopback_rules_only_with_the_qemu_uid() -> None:
     inet = [r.text for r in _ruleset(loopback_uid=995).rules if r.family == "inet"]
     assert "meta skuid 995 ip daddr 127.0.0.0/8 ct state new reject" in inet
     assert "meta skuid 995 ip6 daddr ::1 ct state new reject" in inet
+
+
+def test_no_rules_no_tables() -> None:
+    script = build_ruleset([], [], HostCapabilities(), table="infz-00000000").script()
+    assert "delete table inet infz-00000000" in script and "chain" not in script
