@@ -207,7 +207,8 @@ class Executor:
                 files.write_network_record(self.layout, step.network)
                 return "recorded"
             case s.EnsureBridge():
-                return hostnet.ensure_bridge(step.bridge, step.address, step.remove_address, step.ip_forward)
+                return hostnet.ensure_bridge(step.bridge, step.address, step.remove_address, step.ip_forward,
+                                             ipv6=step.ipv6)
             case s.DeleteBridge():
                 if not files.has_network_record(self.layout, step.name):
                     raise Refused(f"no record of Network {step.name}: refusing to delete a bridge we did not create")

@@ -35,7 +35,22 @@ def _index(ipr: IPRoute, name: str) -> int | None:
     return found[0] if found else None
 
 
-def ensure_bridge(bridge: str, address: str | None, remove_address: str | None, ip_forward: bool) -> str:
+def _no_slaac(bridge: str) -> str | None:
+    """accept_ra=0 and autoconf=0 on the bridge: a guest's router advertisement configures nothing on the
+    host. Set before the bridge comes up. None when nothing changed (or the host has no IPv6)."""
+    conf = Path("/proc/sys/net/ipv6/conf") / bridge
+    changed = []
+    for key in ("accept_ra", "autoconf"):
+        with contextlib.suppress(FileNotFoundError):
+            if (conf / key).read_text().strip() != "0":
+                (conf / key).write_text("0\n")
+                changed.append(f"{key}=0")
+    return ", ".join(changed) or None
+
+
+def ensure_bridge(bridge: str, address: str | None, remove_address: str | None, ip_forward: bool,
+                  ipv6: bool = False) -> str:
+    """Create or repair the bridge: present, its address, IPv6 autoconfiguration off unless ``ipv6``, up."""
     done = []
     with IPRoute() as ipr:
         index = _index(ipr, bridge)
@@ -53,6 +68,8 @@ def ensure_bridge(bridge: str, address: str | None, remove_address: str | None, 
             ip, prefix = address.split("/")
             ipr.addr("add", index=index, address=ip, prefixlen=int(prefix))
             done.append(f"address {address}")
+        if not ipv6 and (changed := _no_slaac(bridge)):
+            done.append(changed)
         ipr.link("set", index=index, state="up")
     if ip_forward:
         forward = Path("/proc/sys/net/ipv4/ip_forward")

@@ -141,8 +141,11 @@ async def hotplug_nic(qmp: Monitor, vm: VirtualMachine, nic_name: str, bridges: 
     netdev: dict[str, Any] = {"type": "user", "id": nic_netdev(nic.name)}
     if nic.type == "bridge":
         netdev = await _pass_tap(qmp, vm, nic, bridges[nic.name])
-    elif nic.portForwards:
-        netdev["hostfwd"] = [{"str": forward} for forward in host_forwards(nic)]
+    else:
+        if nic.portForwards:
+            netdev["hostfwd"] = [{"str": forward} for forward in host_forwards(nic)]
+        if nic.restrict:
+            netdev["restrict"] = True
     with contextlib.suppress(MonitorError):  # left over by an interrupted earlier attempt: reuse it
         await qmp.execute("netdev_add", netdev)
     bus = await _free_bus(qmp, vm)

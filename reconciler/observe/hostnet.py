@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import pwd
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from reconciler.adapters import procfs
-from reconciler.hostnet.nftables import BRIDGE_TABLE, IP_TABLE, HostCapabilities
+from reconciler.hostnet.nftables import FAMILIES, LEGACY_TABLE, HostCapabilities, firewall_table
 from reconciler.plan.observed import ObservedDhcp, ObservedHostNetwork, ObservedLink
 from reconciler.state import files
 
@@ -25,6 +26,15 @@ _PROBES = {
     "bridge_conntrack": "ct state established accept",
     "bridge_reject": "reject",
 }
+
+
+def _ipv6_slaac(name: str) -> bool | None:
+    """Whether a bridge would take a router advertisement's route or address (None: no IPv6 here)."""
+    conf = Path("/proc/sys/net/ipv6/conf") / name
+    try:
+        return any((conf / key).read_text().strip() != "0" for key in ("accept_ra", "autoconf"))
+    except OSError:
+        return None
 
 
 def _links() -> dict[str, ObservedLink]:
@@ -43,21 +53,30 @@ def _links() -> dict[str, ObservedLink]:
         links[name] = ObservedLink(
             name=name, kind="tap" if kind == "tun" else kind, up=bool(link["flags"] & 1),
             master=names.get(master) if master else None, addresses=sorted(addresses.get(link["index"], [])),
+            ipv6_slaac=_ipv6_slaac(name) if kind == "bridge" else None,
         )
     return links
 
 
-def _nft_json(family: str, table: str) -> list[dict[str, Any]]:
-    done = subprocess.run([NFT, "-j", "list", "table", family, table], capture_output=True, text=True, check=False)
+def _nft_json(*what: str) -> list[dict[str, Any]]:
+    done = subprocess.run([NFT, "-j", "list", *what], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return []  # the table does not exist (yet, or any more)
     return list(json.loads(done.stdout).get("nftables", []))
 
 
-def _firewall() -> dict[str, str]:
+def _tables() -> set[tuple[str, str]]:
+    """(family, name) of every table in this network namespace (names only: nothing of theirs is read)."""
+    return {(item["table"]["family"], item["table"]["name"]) for item in _nft_json("tables") if "table" in item}
+
+
+def _firewall(table: str, tables: set[tuple[str, str]]) -> dict[str, str]:
+    """Our rules, from our own tables only (another state directory's tables are not ours to read)."""
     found = {}
-    for family, table in (("bridge", BRIDGE_TABLE), ("ip", IP_TABLE)):
-        for item in _nft_json(family, table):
+    for family in FAMILIES:
+        if (family, table) not in tables:
+            continue
+        for item in _nft_json("table", family, table):
             rule = item.get("rule")
             comment = rule.get("comment", "") if rule else ""
             if rule and comment.startswith("infz:"):
@@ -84,18 +103,30 @@ def _ip_forward() -> bool:
         return False
 
 
-def _observe(names: set[str], dhcp: dict[str, tuple[Path, Path]]) -> ObservedHostNetwork:
+def _uid(user: str | None) -> int | None:
+    try:
+        return pwd.getpwnam(user).pw_uid if user else None
+    except KeyError:
+        return None
+
+
+def _observe(names: set[str], dhcp: dict[str, tuple[Path, Path]], state_dir: Path,
+             qemu_user: str | None) -> ObservedHostNetwork:
     # Only the links we care about: unrelated interfaces coming and going must not make plans stale.
     links = {name: link for name, link in _links().items() if name in names}
-    return ObservedHostNetwork(links=links, firewall=_firewall(), ip_forward=_ip_forward(),
-                               capabilities=_capabilities(),
+    table, tables = firewall_table(str(state_dir.resolve())), _tables()
+    legacy = bool({("bridge", LEGACY_TABLE), ("ip", LEGACY_TABLE)} & tables)
+    return ObservedHostNetwork(links=links, table=table, firewall=_firewall(table, tables), legacy_table=legacy,
+                               qemu_uid=_uid(qemu_user), ip_forward=_ip_forward(), capabilities=_capabilities(),
                                dhcp={net: observe_dhcp(*files) for net, files in sorted(dhcp.items())})
 
 
-async def observe_host_network(names: set[str], dhcp: dict[str, tuple[Path, Path]]) -> ObservedHostNetwork:
-    """The links named in ``names`` (bridges, TAPs), our firewall rules, the kernel's features, and the
-    DHCP servers of the Networks in ``dhcp`` (name -> pidfile, leases file)."""
-    return await asyncio.to_thread(_observe, names, dhcp)
+async def observe_host_network(names: set[str], dhcp: dict[str, tuple[Path, Path]], state_dir: Path,
+                               qemu_user: str | None = None) -> ObservedHostNetwork:
+    """The links named in ``names`` (bridges, TAPs), our firewall rules (in the tables of ``state_dir``),
+    the kernel's features, the uid of ``qemu_user`` and the DHCP servers of the Networks in ``dhcp``
+    (name -> pidfile, leases file)."""
+    return await asyncio.to_thread(_observe, names, dhcp, state_dir, qemu_user)
 
 
 def observe_dhcp(pidfile: Path, leases: Path) -> ObservedDhcp:

@@ -100,7 +100,8 @@ async def observe(
     recorded = {name: record.network for name, record in network_records.items()}
     links = _interesting_links([*desired.values(), *(r.vm for r in records.values())], networks, recorded)
     dhcp = {name: (layout.dhcp_pidfile(name), layout.dhcp_leases(name)) for name in set(networks) | set(recorded)}
-    host_network = await observe_host_network(links, dhcp)
-    paths = observe_paths(seen, host or HostConfig(), str(layout.root))
+    config = host or HostConfig()
+    host_network = await observe_host_network(links, dhcp, layout.root, config.qemuUser)
+    paths = observe_paths(seen, config, str(layout.root))
     return ObservedState(state_dir=str(layout.root), vms=vms, images=backing, host=host_network,
                          network_records=network_records, paths=paths)

@@ -12,7 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from reconciler.hostnet.dhcp import dnsmasq_argv
-from reconciler.hostnet.nftables import NicFirewall, RoutedNetwork, UnsupportedRule, build_ruleset
+from reconciler.hostnet.nftables import (
+    NicFirewall,
+    RoutedNetwork,
+    Ruleset,
+    UnsupportedRule,
+    build_ruleset,
+    firewall_table,
+)
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Action, Change, FieldChange, Mode
 from reconciler.plan.observed import ObservedState
@@ -91,6 +98,9 @@ def _bridge_drift(network: Network, observed: ObservedState) -> tuple[list[str],
             reasons.append(f"drift: bridge {spec.bridge} is down")
         if spec.address and spec.address not in link.addresses:
             reasons.append(f"address {spec.address} is missing on {spec.bridge}")
+        if link.ipv6_slaac and not spec.ipv6:
+            reasons.append(f"drift: bridge {spec.bridge} accepts IPv6 router advertisements (accept_ra/autoconf "
+                           "on; the Network does not ask for ipv6)")
     old_address = record.network.spec.address if record else None
     remove = old_address if old_address and old_address != spec.address else None
     if remove and link is not None and remove in link.addresses:
@@ -113,7 +123,7 @@ def _ensure_network(network: Network, observed: ObservedState) -> Change | None:
     if reasons:
         steps.append(s.EnsureBridge(
             name=name, summary=f"bridge {spec.bridge}: create or repair (up, {spec.address or 'no address'})",
-            bridge=spec.bridge, address=spec.address, remove_address=remove, ip_forward=spec.nat))
+            bridge=spec.bridge, address=spec.address, remove_address=remove, ip_forward=spec.nat, ipv6=spec.ipv6))
     steps += dhcp_steps
     fields = []
     if record is not None and record.network != network:
@@ -164,7 +174,7 @@ def firewall_nics(vms: Mapping[str, VirtualMachine]) -> list[NicFirewall]:
         for nic in vm.spec.networks:
             if nic.type == "bridge":
                 nics.append(NicFirewall(vm=vm.name, nic=nic.name, tap=tap_name(vm.name, nic.name),
-                                        mac=nic_mac(vm.name, nic), ips=tuple(nic.ips),
+                                        mac=nic_mac(vm.name, nic), ips=tuple(nic.ips), ipv6=nic.ipv6,
                                         firewall=nic.firewall or FirewallSpec()))
     return nics
 
@@ -174,18 +184,25 @@ def _firewall(networks: Mapping[str, Network], vms: Mapping[str, VirtualMachine]
     caps = observed.host.capabilities
     routed = [RoutedNetwork(name=n.name, bridge=n.spec.bridge, subnet=_subnet(n.spec.address), nat=n.spec.nat,
                             isolated=n.spec.isolated) for n in networks.values() if n.spec.address]
+    user_nics = any(nic.type == "user" for vm in vms.values() for nic in vm.spec.networks)
     try:
-        ruleset = build_ruleset(firewall_nics(vms), routed, caps)
+        ruleset = build_ruleset(firewall_nics(vms), routed, caps, table=firewall_table_of(observed),
+                                loopback_uid=observed.host.qemu_uid if user_nics else None,
+                                legacy=observed.host.legacy_table)
     except UnsupportedRule as exc:
         for vm in vms.values():
             if any(nic.type == "bridge" for nic in vm.spec.networks):
                 result.blocked[vm.name] = f"its firewall cannot be applied: {exc}"
         return Change(resource="Firewall", name=FIREWALL, action=Action.NOOP, refusals=[str(exc)])
+    return _firewall_change(ruleset, observed.host.firewall)
+
+
+def _firewall_change(ruleset: Ruleset, found: Mapping[str, str]) -> Change | None:
+    """The rules to add and remove (a set difference on the rules' comments), as one atomic replacement."""
     wanted = ruleset.by_key()
-    found = observed.host.firewall
     added = [key for key in wanted if key not in found]  # in ruleset order
     removed = sorted(set(found) - set(wanted))
-    if not added and not removed:
+    if not added and not removed and not ruleset.legacy:
         return None
     fields = [FieldChange(path="rule", before=None, after=wanted[key].comment.split(" ", 1)[1], mode=Mode.LIVE,
                           how="nftables") for key in added]
@@ -197,10 +214,17 @@ def _firewall(networks: Mapping[str, Network], vms: Mapping[str, VirtualMachine]
                        f"{len(added)} rule(s) missing or changed (drift or new rules)")
     if removed:
         reasons.append(f"{len(removed)} rule(s) no longer wanted")
-    step = s.ApplyFirewall(name=FIREWALL, summary="replace the infinization nftables tables atomically (one "
+    if ruleset.legacy:
+        reasons.append("the table 'infinization' shared by older versions is deleted")
+    step = s.ApplyFirewall(name=FIREWALL, summary=f"replace the nftables tables {ruleset.table} atomically (one "
                            "transaction)", script=ruleset.script())
     return Change(resource="Firewall", name=FIREWALL, action=Action.UPDATE if found else Action.CREATE,
                   reasons=reasons, fields=fields, steps=[step])
+
+
+def firewall_table_of(observed: ObservedState) -> str:
+    """This state directory's table name, as the observer found it (from the resolved path)."""
+    return observed.host.table or firewall_table(observed.state_dir)
 
 
 def _subnet(address: str | None) -> str:

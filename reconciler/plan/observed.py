@@ -108,6 +108,9 @@ class ObservedLink(_Fact):
     up: bool = False
     master: str | None = None
     addresses: list[str] = Field(default_factory=list)
+    ipv6_slaac: bool | None = Field(
+        default=None, description="A bridge's accept_ra or autoconf sysctl is on (None: not read, or no IPv6)."
+    )
 
 
 class ObservedDhcp(_Fact):
@@ -125,6 +128,10 @@ class ObservedHostNetwork(_Fact):
     firewall: dict[str, str] = Field(
         default_factory=dict, description="'family/chain/infz:HASH' -> comment, for the rules found in our tables."
     )
+    table: str = Field(default="", description="Our nftables tables' name (derived from the resolved state "
+                       "directory); empty: derive it from state_dir.")
+    legacy_table: bool = Field(default=False, description="The shared table 'infinization' of older versions exists.")
+    qemu_uid: int | None = Field(default=None, description="The uid of the host's qemuUser, if that user exists.")
     ip_forward: bool = False
     capabilities: HostCapabilities = Field(default_factory=HostCapabilities)
     dhcp: dict[str, ObservedDhcp] = Field(default_factory=dict, description="By Network name.")

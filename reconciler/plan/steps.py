@@ -258,6 +258,7 @@ class EnsureBridge(_StepBase):
     address: str | None
     remove_address: str | None
     ip_forward: bool
+    ipv6: bool = False  # False: accept_ra=0 and autoconf=0 on the bridge
 
 
 class DeleteBridge(_StepBase):

@@ -153,7 +153,8 @@ def _netdev(nic: NetworkInterfaceSpec, taps: Mapping[str, list[int]], vhost: boo
         fd_option = {"fd": fds[0]} if len(fds) == 1 else {"fds": ":".join(map(str, fds))}
         return _kv("tap", id=nic_netdev(nic.name), **fd_option, vhost="on" if vhost else "off")
     forwards = [f"hostfwd={_safe(forward)}" for forward in host_forwards(nic)]
-    return ",".join([_kv("user", id=nic_netdev(nic.name)), *forwards])
+    restrict = ["restrict=on"] if nic.restrict else []
+    return ",".join([_kv("user", id=nic_netdev(nic.name)), *restrict, *forwards])
 
 
 def _spare_ports(spec: VirtualMachineSpec, pcie: bool, chassis: Iterator[int]) -> list[str]:

@@ -283,6 +283,13 @@ class NetworkInterfaceSpec(_Frozen):
     link: Literal["up", "down"] = Field(default="up", description="Link state, as the guest sees it.")
     queues: Annotated[int, Field(ge=1, le=16)] = Field(default=1, description="Multiqueue (type bridge).")
     firewall: FirewallSpec | None = Field(default=None, description="type bridge: per-NIC nftables rules.")
+    ipv6: bool = Field(
+        default=False, description="type bridge with ips: the guest may send IPv6 without a declared IPv6 address."
+    )
+    restrict: bool = Field(
+        default=False, description="type user: the guest reaches nothing outside (QEMU restrict=on); "
+        "portForwards still work."
+    )
 
     @model_validator(mode="after")
     def _backend_fields(self) -> NetworkInterfaceSpec:
@@ -292,7 +299,11 @@ class NetworkInterfaceSpec(_Frozen):
                     raise ValueError(f"{field_name} needs type: bridge")
             if self.queues != 1:
                 raise ValueError("queues needs type: bridge")
+            if self.ipv6:
+                raise ValueError("ipv6 needs type: bridge")
         else:
+            if self.restrict:
+                raise ValueError("restrict is for type: user")
             if (self.network is None) == (self.bridge is None):
                 raise ValueError("type bridge needs exactly one of network (a Network) or bridge (a host bridge)")
             if self.portForwards:
@@ -367,6 +378,10 @@ class NetworkSpec(_Frozen):
     )
     nat: bool = Field(default=False, description="Masquerade the subnet to the host's uplinks.")
     isolated: bool = Field(default=False, description="No forwarding in or out: guests see only each other.")
+    ipv6: bool = Field(
+        default=False, description="Keep the kernel's IPv6 autoconfiguration on the bridge (accept_ra, autoconf); "
+        "without it both are 0, so a guest's router advertisement cannot configure the host."
+    )
     dhcp: DhcpSpec | None = None
 
     @model_validator(mode="after")

@@ -78,6 +78,7 @@ def _clean_up(h: Host, request: pytest.FixtureRequest) -> None:
     if request.node.stash.get(_FAILED, False):
         _show_logs(h)
     h.kill_all()
+    h.delete_firewall()
     deadline = time.monotonic() + 10
     while (left := h.leftover_processes()) and time.monotonic() < deadline:
         time.sleep(0.05)

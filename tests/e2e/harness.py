@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reconciler.hostnet.nftables import firewall_table
+
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(os.environ.get("INFZ_GUEST_DIR", "/var/cache/infinization/guest"))
 REPORT_RE = re.compile(r"INFZ-REPORT seq=(\d+) disks=(\S*) nics=(\S*) mem_kb=(\d+) cpus=(\d+)(?: cds=(\S*))?"
@@ -94,6 +96,17 @@ class Host:
         # (the temp dir holds the state dir too, which the policy still refuses).
         self.config = base / "config.yaml"
         self.config.write_text(f"storageRoots: [{base}, {GUEST_DIR}]\nportForwardRange: 10000-20000\n")
+
+    @property
+    def table(self) -> str:
+        """The name of this installation's nftables tables (one per state directory)."""
+        return firewall_table(str(self.state.resolve()))
+
+    def delete_firewall(self) -> None:
+        """Delete this installation's nftables tables, if any are left (the state directory goes too)."""
+        for family in ("bridge", "ip", "inet"):
+            subprocess.run([*self._prefix(), "nft", "delete", "table", family, self.table], capture_output=True,
+                           check=False)
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ, INFINIZATION_STATE_DIR=str(self.state), INFINIZATION_CONFIG=str(self.config),

@@ -63,6 +63,6 @@ def test_example_bridged_network_firewall(net_host: Host) -> None:
     # ICMP from the LAN is allowed in: the host (10.77.0.1) can ping the guest.
     assert in_netns(net_host.netns or "", "ping", "-c", "1", "-W", "2", "10.77.0.10", check=False).returncode == 0
     # Everything else meets the NIC's default, drop, in the live ruleset.
-    ruleset = in_netns(net_host.netns or "", "nft", "list", "table", "bridge", "infinization").stdout
+    ruleset = in_netns(net_host.netns or "", "nft", "list", "table", "bridge", net_host.table).stdout
     assert "ex-web/lan0 in default drop" in ruleset
     assert net_host.plan_exit() == 0

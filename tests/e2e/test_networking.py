@@ -77,7 +77,7 @@ def test_two_vms_ping_and_a_drop_rule_stops_it_live(net_host: Host) -> None:
 
     # Drift: a bridge deleted and a chain flushed by hand are shown by plan and repaired by apply.
     in_netns(host.netns or "", "ip", "link", "del", "br-lan")
-    in_netns(host.netns or "", "nft", "flush", "chain", "bridge", "infinization", f"in-{tap_name('b', 'lan0')}")
+    in_netns(host.netns or "", "nft", "flush", "chain", "bridge", host.table, f"in-{tap_name('b', 'lan0')}")
     pinging(host, "a", "10.77.0.12", "fail")
     drift = host.cli("plan", str(host.manifests), "--detailed-exitcode")
     assert drift.returncode == 2

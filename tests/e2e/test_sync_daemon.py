@@ -270,6 +270,7 @@ def test_two_hosts_share_the_manifests_and_the_database(host: Host, tmp_path: Pa
         host.stop_sync(one)
         other.stop_sync(two)
         other.kill_all()
+        other.delete_firewall()
         __import__("shutil").rmtree(other.base, ignore_errors=True)
 
 

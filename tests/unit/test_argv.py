@@ -60,6 +60,14 @@ def test_argv_carries_the_spec() -> None:
     assert len(monitors) == 2, "one monitor for commands, one kept free for an event listener"
 
 
+def test_restrict_on_a_user_nic_is_passed_to_qemu_with_its_forwards() -> None:
+    objects, errors = load_text(MANIFEST.replace('portForwards:', 'restrict: true, portForwards:'), "x")
+    assert not errors and isinstance(objects[0][0], VirtualMachine)
+    vm = objects[0][0]
+    argv = build_argv(vm.name, vm.spec, StateLayout(Path("/s")).vm("web"))
+    assert _after(argv, "-netdev") == ["user,id=net-nat,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22"]
+
+
 def test_argv_is_deterministic() -> None:
     vm = _vm()
     paths = StateLayout(Path("/s")).vm("web")

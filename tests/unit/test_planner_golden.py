@@ -110,6 +110,9 @@ TABLE_COVERAGE: dict[tuple[str, ...], tuple[str, str]] = {
     ("networks", "*", "firewall"): ("firewall_rules_change_live_as_rule_diffs",
                                     "web/lan0 in 1: accept tcp ports 22,80-90 from 10.77.0.0/24"),
     ("networks", "*", "ips"): ("nic_moved_to_another_network_live_with_rule_diff", "web/lan0 anti-spoofing ipv4"),
+    ("networks", "*", "ipv6"): ("nic_ipv6_allowed_live_as_rule_diff", "+ rule web/lan0 anti-spoofing only ip+arp+ip6"),
+    ("networks", "*", "restrict"): ("nic_restrict_change_needs_restart",
+                                    "networks[nat].restrict changed (False -> True)"),
 }
 
 
