@@ -41,6 +41,15 @@ log "installing infinization into $VENV"
 "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
 ln -sf "$VENV/bin/infinization" /usr/local/bin/infinization
 
+# QEMU runs as this unprivileged user (HostConfig.qemuUser; set INFZ_QEMU_USER when the host's
+# config names another one): a system user and group, no home, no login shell.
+QEMU_USER=${INFZ_QEMU_USER:-infinization-qemu}
+if ! getent passwd "$QEMU_USER" >/dev/null; then
+    log "creating the system user $QEMU_USER (QEMU runs as it)"
+    getent group "$QEMU_USER" >/dev/null || groupadd --system "$QEMU_USER"
+    useradd --system --gid "$QEMU_USER" --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$QEMU_USER"
+fi
+
 log "building the guest (cached)"
 bash "$ROOT/scripts/build-guest.sh" /var/cache/infinization/guest
 log "done: $("$VENV/bin/infinization" --version)"

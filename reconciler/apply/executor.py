@@ -142,7 +142,8 @@ class Executor:
                 if Path(step.path).exists():
                     return "already exists (kept as it is)"
                 files.claim_disk(paths, step.target)
-                return disks.create(Path(step.path), step.size, step.image, step.image_format)
+                return disks.create(Path(step.path), step.size, step.image, step.image_format,
+                                    owner=vmprocess.qemu_account(self.host))
             case s.GrowDiskLive():
                 return await disks.grow_live(paths.qmp, step.node, Path(step.path), step.size)
             case s.GrowDiskOffline():
@@ -155,7 +156,7 @@ class Executor:
             case s.DeleteDisk():
                 return self._delete_disk(paths, step)
             case s.Forget():
-                if procfs.find_qemu(paths.pidfile) is not None:
+                if procfs.find_qemu(paths) is not None:
                     raise StepFailed("the VM is still running: refusing to forget it (it is stopped first)")
                 files.forget_vm(paths)
                 return "forgotten"
@@ -164,7 +165,7 @@ class Executor:
 
     async def _start(self, paths: VMPaths) -> str:
         vm = self._recorded_vm(paths)
-        started = await vmprocess.start(paths, vm, self._bridges(vm), vhost=Path("/dev/vhost-net").exists())
+        started = await vmprocess.start(self.layout, paths, vm, self._bridges(vm), self.host)
         async with monitor.session(paths.qmp) as qmp:
             extra = await hotplug.after_start(qmp, paths, vm)
         return ", ".join([started, *extra])
@@ -174,7 +175,7 @@ class Executor:
         record = files.read_record(paths)
         if record is None or step.target not in record.owned_disks:
             raise Refused(f"disk {step.target} was not created by infinization: refusing to delete it")
-        if procfs.find_qemu(paths.pidfile) is not None:
+        if procfs.find_qemu(paths) is not None:
             raise StepFailed("the VM is still running: refusing to delete its disk")
         return disks.delete(Path(step.path))
 

@@ -47,8 +47,10 @@ def test_argv_carries_the_spec() -> None:
     assert _after(argv, "-smp") == ["2,sockets=1,cores=2,threads=1,maxcpus=2"]
     assert _after(argv, "-m") == ["size=1024M"]
     assert _after(argv, "-append") == ["console=ttyS0,115200 root=/dev/vda"]
-    assert _after(argv, "-pidfile") == ["/var/lib/infz/vms/web/qemu.pid"]
-    assert "-daemonize" in argv and "-nodefaults" in argv
+    assert _after(argv, "-pidfile") == ["/var/lib/infz/vms/web/run/qemu.pid"]
+    # QEMU runs in the foreground under its seccomp sandbox (7.2 kills a -daemonize'd QEMU under spawn=deny).
+    assert "-daemonize" not in argv and "-nodefaults" in argv
+    assert _after(argv, "-sandbox") == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     blockdevs = [json.loads(x) for x in _after(argv, "-blockdev")]
     assert blockdevs[1] == {"driver": "qcow2", "node-name": "disk-root", "file": "file-root"}
     assert blockdevs[0]["filename"] == "/var/lib/infz/disks/web/root.qcow2"

@@ -42,7 +42,7 @@ def test_an_unexpected_exception_is_one_internal_error_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("INFINIZATION_DEBUG", raising=False)
     # A serial log that is a directory: reading it fails with an error nobody planned for.
-    (tmp_path / "vms" / "web" / "serial.log").mkdir(parents=True)
+    (tmp_path / "vms" / "web" / "run" / "serial.log").mkdir(parents=True)
 
     code = main(["logs", "web", "--state-dir", str(tmp_path)])
 
@@ -54,7 +54,7 @@ def test_an_unexpected_exception_is_one_internal_error_line(
 
 def test_infinization_debug_re_raises_for_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFINIZATION_DEBUG", "1")
-    (tmp_path / "vms" / "web" / "serial.log").mkdir(parents=True)
+    (tmp_path / "vms" / "web" / "run" / "serial.log").mkdir(parents=True)
     with pytest.raises(IsADirectoryError):
         main(["logs", "web", "--state-dir", str(tmp_path)])
 
