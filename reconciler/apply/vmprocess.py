@@ -165,6 +165,9 @@ async def start(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, bridges
         opened = await asyncio.to_thread(_open_files, paths, vm, uid, gid)
         argv = build_argv(vm.name, vm.spec, paths, binary=host.qemuBinary, taps=taps, vhost=vhost, files=opened)
         files.write_launch(paths, argv, vm, uid=uid, binary=host.qemuBinary)
+        # Whatever the pidfile names is not our QEMU (we checked): QEMU writes its own. A QEMU of ours we
+        # could not verify still holds its disks' locks, so a second one fails to start rather than share them.
+        files.remove_pidfile(paths.pidfile)
         inherited = [*(fd for fds in taps.values() for fd in fds), *opened.fds.values()]
         pid = await asyncio.to_thread(_launch, paths, argv, uid, gid, inherited)
     finally:
