@@ -17,6 +17,7 @@ PID we verified (and re-verify right before signalling) as this VM's QEMU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import os
@@ -41,6 +42,7 @@ READY_TIMEOUT = 30.0
 POLL = 0.02
 REPRESS = 2.0
 SETPRIV = "/usr/bin/setpriv"
+VHOST_NET = Path("/dev/vhost-net")
 # Background QEMU (under setpriv), print its pid, exit: QEMU is re-parented to PID 1.
 LAUNCHER = 'umask 077; "$@" </dev/null >/dev/null & echo "$!"'
 LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
@@ -72,6 +74,7 @@ def _open_files(paths: VMPaths, vm: VirtualMachine, uid: int, gid: int) -> Opene
     sets = itertools.count(1)
     fds: dict[int, int] = {}
     names: dict[int, str] = {}
+    vhost: dict[str, list[int]] = {}
     chosen: dict[str, dict[str, int]] = {"disks": {}, "backing": {}, "cdroms": {}}
 
     def add(kind: str, name: str, path: str, fd: int) -> None:
@@ -88,14 +91,33 @@ def _open_files(paths: VMPaths, vm: VirtualMachine, uid: int, gid: int) -> Opene
         for cdrom in vm.spec.cdroms:
             if cdrom.image:
                 add("cdroms", cdrom.name, cdrom.image, disks.open_read_only(cdrom.image))
+        for nic in vm.spec.networks:
+            if nic.type == "bridge" and VHOST_NET.exists():
+                vhost[nic.name] = []
+                for _ in range(nic.queues):
+                    vhost[nic.name].append(_open_vhost())
         kernel = initrd = None
         if vm.spec.boot is not None:
             kernel = _boot_copy(paths, "kernel", vm.spec.boot.kernel, uid, gid)
             initrd = _boot_copy(paths, "initrd", vm.spec.boot.initrd, uid, gid) if vm.spec.boot.initrd else None
     except BaseException:
-        hostnet.close_all(list(fds.values()))
+        hostnet.close_all([*fds.values(), *(fd for opened in vhost.values() for fd in opened)])
         raise
-    return OpenedFiles(fds=fds, names=names, kernel=kernel, initrd=initrd, **chosen)
+    return OpenedFiles(fds=fds, names=names, vhost=vhost, kernel=kernel, initrd=initrd, **chosen)
+
+
+def _open_vhost() -> int:
+    """A /dev/vhost-net fd for one TAP queue (root-only device: QEMU's user cannot open it)."""
+    try:
+        return os.open(VHOST_NET, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StepFailed(f"cannot open {VHOST_NET}: {exc.strerror or exc}") from exc
+
+
+def _inherited(taps: dict[str, list[int]], opened: OpenedFiles) -> list[int]:
+    """Every fd QEMU inherits: TAP queues, fd sets, vhost-net."""
+    return [*(fd for fds in taps.values() for fd in fds), *opened.fds.values(),
+            *(fd for fds in opened.vhost.values() for fd in fds)]
 
 
 def _boot_copy(paths: VMPaths, what: str, source: str, uid: int, gid: int) -> str:
@@ -125,14 +147,36 @@ def _launch(paths: VMPaths, argv: list[str], uid: int, gid: int, fds: list[int])
     return int(pid)
 
 
+def _cgroup2_mount() -> Path | None:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[2:3] == ["cgroup2"]:
+            return Path(fields[1])
+    return None
+
+
+def _cgroup(mount: Path, paths: VMPaths) -> Path:
+    """The VM's cgroup: its name and a hash of its folder (two state directories may hold the same name)."""
+    return mount / "infinization" / f"{paths.dir.name[:40]}-{hashlib.sha256(str(paths.dir).encode()).hexdigest()[:12]}"
+
+
+def _drop_cgroup(paths: VMPaths) -> None:
+    """Remove the VM's cgroup once its QEMU is gone (the kernel refuses while a process is in it)."""
+    mount = _cgroup2_mount()
+    if mount is not None:
+        with contextlib.suppress(OSError):
+            _cgroup(mount, paths).rmdir()
+
+
 def _own_cgroup(paths: VMPaths, pid: int) -> str:
     """Move QEMU into a cgroup v2 of its own, where the host mounts one; what was done (best effort)."""
-    mount = next((line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-                  if line.split()[2:3] == ["cgroup2"]), None)
+    mount = _cgroup2_mount()
     if mount is None:
         return "no cgroup v2"
-    name = hashlib.sha256(str(paths.dir).encode()).hexdigest()[:12]
-    group = Path(mount) / "infinization" / f"{paths.dir.name[:40]}-{name}"
+    group = _cgroup(mount, paths)
+    for old in group.parent.glob("*") if group.parent.is_dir() else ():
+        with contextlib.suppress(OSError):  # empty cgroups of QEMUs that were killed: the kernel keeps populated ones
+            old.rmdir()
     try:
         group.mkdir(parents=True, exist_ok=True)
         (group / "cgroup.procs").write_text(f"{pid}\n")
@@ -141,12 +185,13 @@ def _own_cgroup(paths: VMPaths, pid: int) -> str:
     return f"cgroup {group}"
 
 
-async def start(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str], host: HostConfig,
-                vhost: bool = False) -> str:
+async def start(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str],
+                host: HostConfig) -> str:
     """Start the VM unless its QEMU already runs; return what was done.
 
     ``bridges`` maps each bridged NIC to its bridge: their TAPs are created here and handed to QEMU as
-    file descriptors (closed on our side once QEMU has them), like its disks and media.
+    file descriptors (closed on our side once QEMU has them), like its disks and media, and, where the
+    host has /dev/vhost-net, one vhost-net fd per TAP queue.
     """
     if procfs.find_qemu(paths) is not None:
         return "already running"
@@ -163,15 +208,14 @@ async def start(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, bridges
                 taps[nic.name] = await asyncio.to_thread(
                     hostnet.open_tap, tap_name(vm.name, nic.name), bridges[nic.name], nic.queues, nic_mac(vm.name, nic))
         opened = await asyncio.to_thread(_open_files, paths, vm, uid, gid)
-        argv = build_argv(vm.name, vm.spec, paths, binary=host.qemuBinary, taps=taps, vhost=vhost, files=opened)
+        argv = build_argv(vm.name, vm.spec, paths, binary=host.qemuBinary, taps=taps, files=opened)
         files.write_launch(paths, argv, vm, uid=uid, binary=host.qemuBinary)
         # Whatever the pidfile names is not our QEMU (we checked): QEMU writes its own. A QEMU of ours we
         # could not verify still holds its disks' locks, so a second one fails to start rather than share them.
         files.remove_pidfile(paths.pidfile)
-        inherited = [*(fd for fds in taps.values() for fd in fds), *opened.fds.values()]
-        pid = await asyncio.to_thread(_launch, paths, argv, uid, gid, inherited)
+        pid = await asyncio.to_thread(_launch, paths, argv, uid, gid, _inherited(taps, opened))
     finally:
-        hostnet.close_all([*(fd for fds in taps.values() for fd in fds), *opened.fds.values()])
+        hostnet.close_all(_inherited(taps, opened))
     began = procfs.start_time(pid)
     if began is not None:
         files.record_launched(paths, pid, began)
@@ -230,6 +274,7 @@ async def stop(paths: VMPaths, grace: float) -> str:
     if process is None:
         return "not running"
     how = await _stop(paths, process, grace)
+    _drop_cgroup(paths)
     # The guest saw a power button and shut down cleanly, but it was our doing: RerunOnFailure must start
     # it again when asked to, as it would not after a shutdown the guest chose.
     files.write_exit(paths, ExitRecord(reason=STOPPED, how=how))

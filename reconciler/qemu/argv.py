@@ -58,6 +58,7 @@ class OpenedFiles:
     cdroms: Mapping[str, int] = field(default_factory=dict)
     fds: Mapping[int, int] = field(default_factory=dict)  # fd set id -> file descriptor
     names: Mapping[int, str] = field(default_factory=dict)  # fd set id -> the path it was opened from
+    vhost: Mapping[str, list[int]] = field(default_factory=dict)  # bridged NIC -> /dev/vhost-net fds, per queue
     kernel: str | None = None
     initrd: str | None = None
 
@@ -113,7 +114,8 @@ def build_argv(
           for arg in ("-add-fd", _kv("", fd=fd, set=fdset, opaque=opened.names.get(fdset, "-")))),
         *_boot(spec, opened),
         *(arg for disk in spec.disks for arg in _disk(disk, paths, pcie, next(chassis), opened)),
-        *(arg for nic in spec.networks for arg in _nic(name, nic, taps or {}, vhost, pcie, next(chassis))),
+        *(arg for nic in spec.networks
+          for arg in _nic(name, nic, taps or {}, vhost, pcie, next(chassis), opened.vhost.get(nic.name))),
         *_spare_ports(spec, pcie, chassis),
         "-device", _json({"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER}),
         *(arg for cdrom in spec.cdroms for arg in _cdrom(cdrom.name, cdrom.image, opened.cdroms.get(cdrom.name))),
@@ -176,21 +178,25 @@ def _disk(disk: DiskSpec, paths: VMPaths, pcie: bool, chassis: int, opened: Open
 
 
 def _nic(vm_name: str, nic: NetworkInterfaceSpec, taps: Mapping[str, list[int]], vhost: bool, pcie: bool,
-         chassis: int) -> list[str]:
+         chassis: int, vhost_fds: list[int] | None = None) -> list[str]:
     return [
         *_port(pcie, nic_device(nic.name), chassis),
-        "-netdev", _netdev(nic, taps, vhost),
+        "-netdev", _netdev(nic, taps, vhost, vhost_fds),
         "-device", _json(nic_device_args(vm_name, nic, root_port(nic_device(nic.name)) if pcie else None)),
     ]
 
 
-def _netdev(nic: NetworkInterfaceSpec, taps: Mapping[str, list[int]], vhost: bool) -> str:
+def _netdev(nic: NetworkInterfaceSpec, taps: Mapping[str, list[int]], vhost: bool,
+            vhost_fds: list[int] | None = None) -> str:
     if nic.type == "bridge":
         fds = taps.get(nic.name)
         if not fds:
             raise ValueError(f"NIC {nic.name}: no TAP file descriptor to hand to QEMU")
-        fd_option = {"fd": fds[0]} if len(fds) == 1 else {"fds": ":".join(map(str, fds))}
-        return _kv("tap", id=nic_netdev(nic.name), **fd_option, vhost="on" if vhost else "off")
+        fd_option: dict[str, object] = {"fd": fds[0]} if len(fds) == 1 else {"fds": ":".join(map(str, fds))}
+        if vhost_fds:  # opened for QEMU, which cannot open /dev/vhost-net as its unprivileged user
+            one = len(vhost_fds) == 1
+            fd_option[("vhostfd" if one else "vhostfds")] = vhost_fds[0] if one else ":".join(map(str, vhost_fds))
+        return _kv("tap", id=nic_netdev(nic.name), **fd_option, vhost="on" if vhost or vhost_fds else "off")
     forwards = [f"hostfwd={_safe(forward)}" for forward in host_forwards(nic)]
     return ",".join([_kv("user", id=nic_netdev(nic.name)), *forwards])
 
