@@ -174,7 +174,7 @@ def _own_cgroup(paths: VMPaths, pid: int) -> str:
     if mount is None:
         return "no cgroup v2"
     group = _cgroup(mount, paths)
-    for old in group.parent.glob("*") if group.parent.is_dir() else ():
+    for old in (entry for entry in group.parent.glob("*-*") if entry.is_dir()) if group.parent.is_dir() else ():
         with contextlib.suppress(OSError):  # empty cgroups of QEMUs that were killed: the kernel keeps populated ones
             old.rmdir()
     try:
