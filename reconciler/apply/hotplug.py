@@ -84,7 +84,10 @@ def _qemu_owner(paths: VMPaths) -> tuple[int, int]:
     launch = files.read_launch(paths)
     if launch is None or launch.uid is None:
         raise StepFailed("no launch record says which user the running QEMU is: restart the VM")
-    return launch.uid, pwd.getpwuid(launch.uid).pw_gid
+    try:
+        return launch.uid, pwd.getpwuid(launch.uid).pw_gid
+    except KeyError:
+        raise StepFailed(f"QEMU's user (uid {launch.uid}) no longer exists: run scripts/setup.sh") from None
 
 
 async def _add_disk_nodes(qmp: Monitor, paths: VMPaths, vm: VirtualMachine, disk: str) -> None:
