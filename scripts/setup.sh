@@ -49,6 +49,11 @@ if ! getent passwd "$QEMU_USER" >/dev/null; then
     getent group "$QEMU_USER" >/dev/null || groupadd --system "$QEMU_USER"
     useradd --system --gid "$QEMU_USER" --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$QEMU_USER"
 fi
+# KVM: /dev/kvm is root:kvm 0660 on Debian; QEMU keeps only the groups the host gives its user.
+if getent group kvm >/dev/null && ! id -nG "$QEMU_USER" | tr ' ' '\n' | grep -qx kvm; then
+    log "adding $QEMU_USER to the kvm group (for /dev/kvm)"
+    usermod -a -G kvm "$QEMU_USER"
+fi
 
 log "building the guest (cached)"
 bash "$ROOT/scripts/build-guest.sh" /var/cache/infinization/guest

@@ -3,8 +3,9 @@
 Start: check QEMU's user exists, give it its run directory, open what QEMU needs (disks read-write,
 backing images and CD-ROM media read-only: fd sets; TAPs), copy the kernel and initrd for it, write the
 launch record, and launch the argv from the pure builder through a tiny ``/bin/sh`` launcher (the argv
-goes in as ``"$@"``, never parsed) that backgrounds ``setpriv`` (QEMU's uid and gid, no supplementary
-groups, NoNewPrivs, no capabilities, empty bounding set) and prints its pid: QEMU runs in the foreground
+goes in as ``"$@"``, never parsed) that backgrounds ``setpriv`` (QEMU's uid and gid, only the
+supplementary groups the host gives that user, e.g. ``kvm``; NoNewPrivs, no capabilities, empty
+bounding set) and prints its pid: QEMU runs in the foreground
 under its seccomp sandbox (QEMU 7.2 kills a ``-daemonize``d QEMU under ``spawn=deny``), in its own session,
 re-parented to PID 1 once the launcher exits. Its stderr goes to ``qemu.log`` (root's); the pid and start
 time go to ``launch.json``. Then wait until the monitor says the guest runs, or until QEMU is gone: then
@@ -130,7 +131,8 @@ def _boot_copy(paths: VMPaths, what: str, source: str, uid: int, gid: int) -> st
 
 def _launch(paths: VMPaths, argv: list[str], uid: int, gid: int, fds: list[int]) -> int:
     """Run QEMU detached as ``uid``:``gid`` with no privileges; its pid."""
-    setpriv = [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
+    # --init-groups: the user's groups from the host's database only (e.g. kvm, for /dev/kvm), never ours.
+    setpriv = [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--no-new-privs",
                "--inh-caps=-all", "--bounding-set=-all", "--"]
     log = files.open_qemu_log(paths)
     try:

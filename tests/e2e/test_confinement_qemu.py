@@ -13,7 +13,7 @@ from pathlib import Path
 
 from reconciler.runtime.store import Store
 from tests.e2e.harness import Host, vm_manifest, wait_gone
-from tests.e2e.test_live_changes import live_vm
+from tests.e2e.test_live_changes import live_vm, make_iso
 
 MiB = 1024**2
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
@@ -31,7 +31,7 @@ def test_qemu_runs_unprivileged_and_filtered_and_still_hotplugs(host: Host) -> N
     (pid,) = host.qemu_pids("live")
     status = proc_status(pid)
     assert set(status["Uid"].split()) != {"0"} and "0" not in status["Uid"].split(), status["Uid"]
-    assert "0" not in status["Gid"].split(), status["Gid"]
+    assert "0" not in status["Gid"].split() and "0" not in status["Groups"].split(), (status["Gid"], status["Groups"])
     assert status["CapEff"] == status["CapPrm"] == status["CapBnd"] == "0000000000000000"
     assert status["Seccomp"] == "2", "QEMU's -sandbox filter is on"
     assert status["NoNewPrivs"] == "1"
@@ -150,3 +150,42 @@ def test_a_missing_qemu_user_refuses_the_start_in_one_line(host: Host) -> None:
     assert "QEMU's user 'infz-no-such-user' does not exist: run scripts/setup.sh" in said, said
     assert "Traceback" not in said
     assert host.qemu_pids("nouser") == []
+
+
+def test_linked_clones_and_media_root_alone_can_read_reach_the_guest_as_fds(host: Host) -> None:
+    """A backing image and an ISO readable by root alone: QEMU's user could not open them by path, so the
+    guest seeing them proves they were handed over (at start and hot-plugged)."""
+    base, iso = host.base / "base.qcow2", host.base / "media.iso"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "40M"], check=True)
+    make_iso(iso, "INFZ_FD")
+    for path in (base, iso):
+        path.chmod(0o600)
+    clone = f"    - {{name: clone, image: {base}}}"
+    guest = host.guest("live")
+    host.write("live.yaml", live_vm(disks=clone, cd=f", image: {iso}"))
+    host.apply()
+    (pid,) = host.qemu_pids("live")
+    guest.wait_report(lambda r: r.disks.get("vdb") == 40 * MiB and r.cds.get("sr0") == "INFZ_FD",
+                      what="the linked clone and the CD")
+    assert not [arg for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if str(base).encode() in arg
+                and b"opaque=" not in arg], "QEMU is never given the backing image's path to open"
+    # Hot-plugged: a second clone of the same base, and the medium ejected and inserted again.
+    host.write("live.yaml", live_vm(disks=f"{clone}\n    - {{name: clone2, image: {base}}}"))
+    host.apply()
+    guest.wait_report(lambda r: r.disks.get("vdc") == 40 * MiB and r.cds.get("sr0") == "-", what="clone2, no CD")
+    host.write("live.yaml", live_vm(disks=f"{clone}\n    - {{name: clone2, image: {base}}}", cd=f", image: {iso}"))
+    host.apply()
+    guest.wait_report(lambda r: r.cds.get("sr0") == "INFZ_FD", what="the CD inserted live")
+    assert host.qemu_pids("live") == [pid] and host.plan_exit() == 0
+
+
+def test_a_start_error_is_reported_with_qemus_own_words(host: Host) -> None:
+    manifest = vm_manifest("bad").replace("cpu: {cores: 1}", "cpu: {cores: 1, model: infz-no-such-cpu}")
+    assert "infz-no-such-cpu" in manifest
+    host.write("vm.yaml", manifest)
+    done = host.apply(check=False)
+    assert done.returncode != 0
+    line = next(line for line in done.stdout.splitlines() if "bad: start QEMU" in line)
+    # QEMU's message, from its stderr log, synchronously in the step's result
+    assert "QEMU refused to start:" in line and "infz-no-such-cpu" in line, line
+    assert host.qemu_pids("bad") == []
