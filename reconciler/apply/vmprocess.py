@@ -12,7 +12,8 @@ time go to ``launch.json``. Then wait until the monitor says the guest runs, or 
 report the log's last lines (QEMU's own message). Where the host has a cgroup v2 hierarchy, QEMU is moved
 into a cgroup of its own (``infinization/<VM id>``).
 Stop: ``system_powerdown`` and wait up to the grace period, then ``quit``, then SIGKILL, each only to the
-PID we verified (and re-verify right before signalling) as this VM's QEMU.
+PID we verified (and re-verify right before signalling, the SIGKILL through a pidfd opened before that
+check) as this VM's QEMU.
 """
 
 from __future__ import annotations
@@ -270,6 +271,21 @@ async def _press_power_button(paths: VMPaths, pid: int, grace: float) -> bool:
     return False
 
 
+def _kill(process: procfs.QemuProcess, paths: VMPaths) -> None:
+    """SIGKILL through a pidfd opened before the last check: the signal reaches the process we verified,
+    even if it exits and its pid is reused in between."""
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        return
+    try:
+        if procfs.still_same(process, paths):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+
+
 async def stop(paths: VMPaths, grace: float) -> str:
     """Stop the VM's QEMU if it runs: ACPI power button, then quit, then SIGKILL; return what worked."""
     process = procfs.find_qemu(paths)
@@ -293,8 +309,7 @@ async def _stop(paths: VMPaths, process: procfs.QemuProcess, grace: float) -> st
         pass
     if await _wait_dead(process.pid, QUIT_TIMEOUT):
         return f"quit after the guest ignored the power button for {grace:g}s" if grace else "quit"
-    if procfs.still_same(process, paths):
-        os.kill(process.pid, signal.SIGKILL)
+    _kill(process, paths)
     if await _wait_dead(process.pid, QUIT_TIMEOUT):
         return "killed (SIGKILL) after quit did not work"
     raise StepFailed(f"QEMU pid {process.pid} is still alive after SIGKILL")

@@ -189,3 +189,4 @@ def test_a_start_error_is_reported_with_qemus_own_words(host: Host) -> None:
     # QEMU's message, from its stderr log, synchronously in the step's result
     assert "QEMU refused to start:" in line and "infz-no-such-cpu" in line, line
     assert host.qemu_pids("bad") == []
+

@@ -95,3 +95,19 @@ def test_a_pidfile_that_is_a_symlink_is_not_followed(running: tuple[VMPaths, sub
     paths.pidfile.symlink_to(target)
     assert files.read_pidfile(paths.pidfile) is None
     assert procfs.examine(paths).process is None
+
+
+def test_sigkill_reaches_only_a_process_that_still_proves_it_is_ours(
+        running: tuple[VMPaths, subprocess.Popen[bytes]]) -> None:
+    from reconciler.apply.vmprocess import _kill
+
+    paths, child = running
+    _launched(paths, child.pid)
+    process = procfs.find_qemu(paths)
+    assert process is not None
+    files.write_launch(paths, [SLEEP, "60"], _vm(), uid=os.getuid(), binary=SLEEP)  # no longer proven ours
+    _kill(process, paths)
+    assert child.poll() is None, "an unverified process is never signalled"
+    _launched(paths, child.pid)
+    _kill(process, paths)
+    assert child.wait(timeout=5) == -9
