@@ -114,12 +114,13 @@ def infinization(base: Path, rounds: int) -> tuple[list[float], list[float]]:
             name = f"b{i}"
             began = time.monotonic()
             (manifests / f"{name}.yaml").write_text(vm_manifest(name))
-            wait(lambda n=name: asyncio.run(qmp_running(state / "vms" / n / "qmp.sock")), step=0.005)
+            wait(lambda n=name: asyncio.run(qmp_running(state / "vms" / n / "run" / "qmp.sock")), step=0.005)
             creates.append(time.monotonic() - began)
         # Let the guests finish booting (TCG on 2 cores): the grow rounds should measure the reconciler,
         # not CPU contention with booting kernels. Then keep only one VM.
         for i in range(rounds):
-            wait(lambda n=i: "INFZ-BOOTED" in (state / "vms" / f"b{n}" / "serial.log").read_text(errors="replace"))
+            wait(lambda n=i: "INFZ-BOOTED" in (state / "vms" / f"b{n}" / "run" / "serial.log").read_text(
+                errors="replace"))
         for i in range(1, rounds):
             (manifests / f"b{i}.yaml").unlink()
         wait(lambda: not any((state / "vms" / f"b{i}").exists() for i in range(1, rounds)))
@@ -136,7 +137,7 @@ def infinization(base: Path, rounds: int) -> tuple[list[float], list[float]]:
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
-        for pidfile in state.glob("vms/*/qemu.pid"):
+        for pidfile in state.glob("vms/*/run/qemu.pid"):
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pidfile.read_text()), signal.SIGKILL)
 

@@ -41,6 +41,19 @@ log "installing infinization into $VENV"
 "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
 ln -sf "$VENV/bin/infinization" /usr/local/bin/infinization
 
+# QEMU runs as this unprivileged user (HostConfig.qemuUser; set INFZ_QEMU_USER when the host's
+# config names another one): a system user and group, no home, no login shell.
+QEMU_USER=${INFZ_QEMU_USER:-infinization-qemu}
+if ! getent passwd "$QEMU_USER" >/dev/null; then
+    log "creating the system user $QEMU_USER (QEMU runs as it)"
+    getent group "$QEMU_USER" >/dev/null || groupadd --system "$QEMU_USER"
+    useradd --system --gid "$QEMU_USER" --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$QEMU_USER"
+fi
+# KVM: /dev/kvm is root:kvm 0660 on Debian; QEMU keeps only the groups the host gives its user.
+if getent group kvm >/dev/null && ! id -nG "$QEMU_USER" | tr ' ' '\n' | grep -qx kvm; then
+    log "adding $QEMU_USER to the kvm group (for /dev/kvm)"
+    usermod -a -G kvm "$QEMU_USER"
+fi
 # The host policy: what manifests may use on this host. Written once, commented; never overwritten.
 CONFIG=/etc/infinization/config.yaml
 install -d -m 0755 /etc/infinization

@@ -1,9 +1,13 @@
 """Find a VM's QEMU process and prove it is ours before anyone trusts or signals its PID.
 
-A PID from a pidfile can be stale or recycled, so a process is accepted only when /proc/PID/cmdline is a
-``qemu-system-*`` whose ``-pidfile`` argument is this VM's pidfile. Liveness reads /proc/PID/stat, because a
-daemonized QEMU that exited stays a zombie of PID 1 for a while and ``kill -0`` would still succeed.
-Used by the snapshot builder and by the executor (which re-checks before every signal).
+A PID from a pidfile can be stale or recycled, and QEMU's user writes the pidfile, so a process is this
+VM's QEMU only when everything we recorded when we launched it (``launch.json``, root's) matches /proc:
+its pid and start time, its real and effective uid, ``/proc/PID/exe`` (the configured QEMU binary, not
+deleted), its argv, and the pidfile naming it. A live process that fails this is *not adopted*: the VM
+is observed as not running, and ``examine`` says why (``Examined.unverified``). Liveness reads
+/proc/PID/stat, because an exited QEMU (not our child) stays a zombie of PID 1 for a while and
+``kill -0`` would still succeed. Used by the snapshot builder, the executor (which re-checks before every
+signal) and the sync daemon.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.state.files import read_pidfile
+from reconciler.state.files import read_launch, read_pidfile
+from reconciler.state.layout import VMPaths
+from reconciler.state.models import LaunchRecord
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,15 @@ class QemuProcess:
     pid: int
     start_time: int
     cmdline: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Examined:
+    """What a VM's pidfile leads to: our verified QEMU, or why the live process it names is not adopted."""
+
+    process: QemuProcess | None = None
+    unverified: str | None = None
+    pid: int | None = None  # the live process the pidfile names, verified or not
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -50,32 +65,65 @@ def read_cmdline(pid: int) -> tuple[str, ...] | None:
     return tuple(os.fsdecode(part) for part in raw.split(b"\0")[:-1]) if raw else None
 
 
-def is_our_qemu(cmdline: tuple[str, ...], pidfile: Path) -> bool:
-    if not cmdline or not os.path.basename(cmdline[0]).startswith("qemu-system-"):
-        return False
-    return any(arg == "-pidfile" and cmdline[i + 1] == str(pidfile) for i, arg in enumerate(cmdline[:-1]))
+def uids(pid: int) -> tuple[int, ...] | None:
+    """Real, effective, saved and filesystem uid of ``pid``."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return tuple(int(part) for part in line.split()[1:])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
 
 
-def find_qemu(pidfile: Path) -> QemuProcess | None:
-    """The live QEMU that owns ``pidfile``, or None (no pidfile, dead, zombie, or someone else's PID)."""
-    pid = read_pidfile(pidfile)
+def exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def mismatch(pid: int, launch: LaunchRecord | None) -> str | None:
+    """Why live process ``pid`` is not the QEMU ``launch`` records (None: it is)."""
+    if launch is None or launch.pid is None or launch.start_time is None:
+        return "no launch record names it (launch.json is missing or was never completed)"
+    if launch.pid != pid:
+        return f"launch.json names pid {launch.pid}"
+    if start_time(pid) != launch.start_time:
+        return "its start time is not the one recorded at launch (a recycled pid)"
+    found_uids = uids(pid)
+    if launch.uid is None or found_uids is None or set(found_uids) != {launch.uid}:
+        return f"it runs as uid {found_uids[0] if found_uids else '?'}, not QEMU's user ({launch.uid})"
+    binary = exe(pid)
+    if launch.binary is None or binary != os.path.realpath(launch.binary):
+        return f"its executable is {binary!r}, not {launch.binary}"
+    if read_cmdline(pid) != tuple(launch.argv):
+        return "its command line is not the one we launched"
+    return None
+
+
+def examine(paths: VMPaths) -> Examined:
+    """The VM's QEMU if the pidfile names a live process that passes every check (``mismatch``)."""
+    pid = read_pidfile(paths.pidfile)
     if pid is None or not is_alive(pid):
-        return None
-    cmdline = read_cmdline(pid)
-    began = start_time(pid)
-    if cmdline is None or began is None or not is_our_qemu(cmdline, pidfile):
-        return None
-    return QemuProcess(pid=pid, start_time=began, cmdline=cmdline)
+        return Examined()
+    why = mismatch(pid, read_launch(paths))
+    cmdline, began = read_cmdline(pid), start_time(pid)
+    if why is None and (cmdline is None or began is None or not is_alive(pid)):
+        why = "it exited while being checked"
+    if why is not None or cmdline is None or began is None:
+        return Examined(unverified=f"pid {pid} in {paths.pidfile} is not adopted: {why}", pid=pid)
+    return Examined(QemuProcess(pid=pid, start_time=began, cmdline=cmdline), pid=pid)
 
 
-def still_same(process: QemuProcess, pidfile: Path) -> bool:
-    """Re-check right before a signal: same PID, same start time, still our QEMU, still alive."""
-    return (
-        is_alive(process.pid)
-        and start_time(process.pid) == process.start_time
-        and read_cmdline(process.pid) == process.cmdline
-        and is_our_qemu(process.cmdline, pidfile)
-    )
+def find_qemu(paths: VMPaths) -> QemuProcess | None:
+    """The live, verified QEMU of this VM, or None (no pidfile, dead, zombie, or not proven ours)."""
+    return examine(paths).process
+
+
+def still_same(process: QemuProcess, paths: VMPaths) -> bool:
+    """Re-check right before a signal: same PID, same start time, still our verified QEMU, still alive."""
+    return examine(paths).process == process
 
 
 def find_dnsmasq(pidfile: Path) -> int | None:

@@ -2,7 +2,9 @@
 
 Growth only: every function re-reads the image and refuses to make it smaller, whatever the plan said.
 A new image is built under a temporary name and linked into place, so a crash never leaves a
-half-written disk under the real name and an existing file is never overwritten.
+half-written disk under the real name and an existing file is never overwritten. Disks belong to QEMU's
+user, 0600 (given at creation, and again before QEMU opens them); QEMU receives them as file
+descriptors (``open_for_qemu``, ``open_read_only``), so it needs no access to their directories.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from reconciler.adapters import monitor
 from reconciler.adapters.qemu_img import QEMU_IMG, inspect_image
 from reconciler.errors import StepFailed
 from reconciler.spec.units import format_size
+from reconciler.state import files
 
 
 def _run(argv: list[str]) -> None:
@@ -28,10 +32,44 @@ def _run(argv: list[str]) -> None:
         raise StepFailed(f"{' '.join(argv[:2])} failed: {done.stderr.strip()}")
 
 
-def create(path: Path, size: int | None, image: str | None, image_format: str) -> str:
+def give_to_qemu(path: Path, uid: int, gid: int) -> None:
+    """Make the disk QEMU's user's, 0600 (a link is refused: it is not a disk we created)."""
+    info = path.lstat()
+    if not stat.S_ISREG(info.st_mode):
+        raise StepFailed(f"{path} is not a regular file")
+    if (info.st_uid, info.st_gid) != (uid, gid):
+        os.chown(path, uid, gid, follow_symlinks=False)
+    if stat.S_IMODE(info.st_mode) != 0o600:
+        os.chmod(path, 0o600)
+
+
+def open_for_qemu(path: Path, uid: int, gid: int) -> int:
+    """The disk, given to QEMU's user, opened read-write for QEMU (an fd it inherits or receives)."""
+    try:
+        give_to_qemu(path, uid, gid)
+        return os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StepFailed(f"cannot open disk {path}: {exc.strerror or exc}") from exc
+
+
+def open_read_only(path: str) -> int:
+    """A file QEMU may only read (a backing image, a CD-ROM medium), opened for it by us."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StepFailed(f"cannot open {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StepFailed(f"{path} is not a regular file")
+    return fd
+
+
+def create(path: Path, size: int | None, image: str | None, image_format: str,
+           owner: tuple[int, int] | None = None) -> str:
+    """Create the qcow2 (a linked clone of ``image`` if given), owned by ``owner`` (QEMU's uid, gid), 0600."""
     if path.exists():
         return "already exists (kept as it is)"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    files.make_private_dirs(path.parent)
     partial = path.with_name(f".{path.name}.partial")
     with contextlib.suppress(FileNotFoundError):
         partial.unlink()  # left by an interrupted earlier create
@@ -42,6 +80,9 @@ def create(path: Path, size: int | None, image: str | None, image_format: str) -
     if size is not None:
         argv.append(str(size))
     _run(argv)
+    os.chmod(partial, 0o600)
+    if owner is not None:
+        os.chown(partial, *owner)
     try:
         os.link(partial, path)  # fails if the real name appeared meanwhile: never overwrite
     except FileExistsError:

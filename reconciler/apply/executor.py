@@ -146,7 +146,8 @@ class Executor:
                     return "already exists (kept as it is)"
                 image = self._require(f"spec.disks[{step.target}].image", step.image) if step.image else None
                 files.claim_disk(paths, step.target)
-                return disks.create(Path(step.path), step.size, image, step.image_format)
+                return disks.create(Path(step.path), step.size, image, step.image_format,
+                                    owner=vmprocess.qemu_account(self.host))
             case s.GrowDiskLive():
                 return await disks.grow_live(paths.qmp, step.node, Path(step.path), step.size)
             case s.GrowDiskOffline():
@@ -159,7 +160,7 @@ class Executor:
             case s.DeleteDisk():
                 return self._delete_disk(paths, step)
             case s.Forget():
-                if procfs.find_qemu(paths.pidfile) is not None:
+                if procfs.find_qemu(paths) is not None:
                     raise StepFailed("the VM is still running: refusing to forget it (it is stopped first)")
                 files.forget_vm(paths)
                 return "forgotten"
@@ -183,10 +184,10 @@ class Executor:
         return vm.model_copy(update={"spec": policy.resolve_spec(vm.spec, resolved.__getitem__)})
 
     async def _start(self, paths: VMPaths) -> str:
-        if procfs.find_qemu(paths.pidfile) is not None:
+        if procfs.find_qemu(paths) is not None:
             return "already running"
         vm = self._resolved_vm(self._recorded_vm(paths))
-        started = await vmprocess.start(paths, vm, self._bridges(vm), vhost=Path("/dev/vhost-net").exists())
+        started = await vmprocess.start(self.layout, paths, vm, self._bridges(vm), self.host)
         async with monitor.session(paths.qmp) as qmp:
             extra = await hotplug.after_start(qmp, paths, vm)
         return ", ".join([started, *extra])
@@ -196,7 +197,7 @@ class Executor:
         record = files.read_record(paths)
         if record is None or step.target not in record.owned_disks:
             raise Refused(f"disk {step.target} was not created by infinization: refusing to delete it")
-        if procfs.find_qemu(paths.pidfile) is not None:
+        if procfs.find_qemu(paths) is not None:
             raise StepFailed("the VM is still running: refusing to delete its disk")
         return disks.delete(Path(step.path))
 

@@ -6,28 +6,45 @@ the VM first and does only what is missing (so a re-run after a crash finishes t
 the result before it returns. An unplug waits for ``DEVICE_DELETED`` under a deadline; a guest that does
 not release the device leaves the unplug pending (recorded in live.json, retried by the next reconcile),
 and the backend is only deleted once the device is gone.
+
+QEMU runs as an unprivileged user that cannot open our files by path: a disk, its backing image and a
+CD-ROM medium are opened here and handed over the monitor socket (SCM_RIGHTS + ``add-fd``), and the
+block node names ``/dev/fdset/N``; a TAP likewise (``getfd``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import pwd
 from typing import Any
 
 from reconciler.adapters import procfs
 from reconciler.adapters.monitor import Monitor, block_nodes, free_spare_ports, peripheral_ids
-from reconciler.apply import hostnet
+from reconciler.apply import disks, hostnet
 from reconciler.errors import MonitorError, StepFailed
 from reconciler.qemu.argv import (
+    backing_blockdevs,
     cdrom_blockdev,
     disk_device_args,
     disk_file_blockdev,
     disk_format_blockdev,
+    fdset_path,
     host_forwards,
     nic_device_args,
 )
 from reconciler.spec.models import NetworkInterfaceSpec, VirtualMachine, nic_mac, tap_name
-from reconciler.spec.naming import SCSI_CONTROLLER, cdrom_device, disk_file_node, disk_node, nic_device, nic_netdev
+from reconciler.spec.naming import (
+    SCSI_CONTROLLER,
+    backing_file_node,
+    backing_node,
+    cdrom_device,
+    disk_file_node,
+    disk_node,
+    nic_device,
+    nic_netdev,
+)
 from reconciler.state import files
 from reconciler.state.layout import VMPaths
 from reconciler.state.models import LiveRecord
@@ -51,15 +68,51 @@ async def _confirm_present(qmp: Monitor, device: str) -> None:
         raise StepFailed(f"device_add of {device} returned, but the device is not there")
 
 
+async def _add_fd(qmp: Monitor, fd: int, opaque: str) -> str:
+    """Hand ``fd`` to QEMU in a new fd set named ``opaque`` (the path it was opened from, which the observer
+    reads back); ours is closed either way. Returns the path QEMU opens it by."""
+    try:
+        qmp.client.send_fd_scm(fd)
+        answer = await qmp.execute("add-fd", {"opaque": opaque})
+    finally:
+        os.close(fd)
+    return fdset_path(int(answer["fdset-id"]))
+
+
+def _qemu_owner(paths: VMPaths) -> tuple[int, int]:
+    """The uid and gid the running QEMU was launched as (launch.json)."""
+    launch = files.read_launch(paths)
+    if launch is None or launch.uid is None:
+        raise StepFailed("no launch record says which user the running QEMU is: restart the VM")
+    try:
+        return launch.uid, pwd.getpwuid(launch.uid).pw_gid
+    except KeyError:
+        raise StepFailed(f"QEMU's user (uid {launch.uid}) no longer exists: run scripts/setup.sh") from None
+
+
+async def _add_disk_nodes(qmp: Monitor, paths: VMPaths, vm: VirtualMachine, disk: str) -> None:
+    nodes = await block_nodes(qmp)
+    spec = next(d for d in vm.spec.disks if d.name == disk)
+    backing = None
+    if spec.image:
+        backing = backing_node(disk)
+        if backing not in nodes:
+            filename = await _add_fd(qmp, disks.open_read_only(spec.image), spec.image)
+            for node in backing_blockdevs(disk, filename, spec.imageFormat):
+                await qmp.execute("blockdev-add", node)
+    if disk_file_node(disk) not in nodes:
+        path = paths.disk(disk)
+        filename = await _add_fd(qmp, disks.open_for_qemu(path, *_qemu_owner(paths)), str(path))
+        await qmp.execute("blockdev-add", disk_file_blockdev(disk, filename))
+    if disk_node(disk) not in nodes:
+        await qmp.execute("blockdev-add", disk_format_blockdev(disk, backing))
+
+
 async def hotplug_disk(qmp: Monitor, paths: VMPaths, vm: VirtualMachine, disk: str, iops: int, bps: int) -> str:
     device = disk_node(disk)
     if device in await peripheral_ids(qmp):
         return "already plugged"
-    nodes = await block_nodes(qmp)
-    if disk_file_node(disk) not in nodes:
-        await qmp.execute("blockdev-add", disk_file_blockdev(disk, str(paths.disk(disk))))
-    if disk_node(disk) not in nodes:
-        await qmp.execute("blockdev-add", disk_format_blockdev(disk))
+    await _add_disk_nodes(qmp, paths, vm, disk)
     bus = await _free_bus(qmp, vm)
     await qmp.execute("device_add", disk_device_args(disk, bus), timeout=DEVICE_TIMEOUT)
     await _confirm_present(qmp, device)
@@ -109,13 +162,13 @@ async def _unplug(qmp: Monitor, paths: VMPaths, device: str) -> bool:
 
 def _live_record(paths: VMPaths) -> LiveRecord | None:
     """live.json of the QEMU that runs now (None: no QEMU of this VM runs)."""
-    process = procfs.find_qemu(paths.pidfile)
+    process = procfs.find_qemu(paths)
     return files.read_live(paths, process.pid, process.start_time) if process else None
 
 
 def update_live(paths: VMPaths, **changes: Any) -> None:
     """Change live.json for the QEMU that runs now (a record of an older process is replaced)."""
-    process = procfs.find_qemu(paths.pidfile)
+    process = procfs.find_qemu(paths)
     if process is not None:
         files.update_live(paths, process.pid, process.start_time, **changes)
 
@@ -127,7 +180,7 @@ async def unplug_disk(qmp: Monitor, paths: VMPaths, disk: str) -> str:
     if not await _unplug(qmp, paths, disk_node(disk)):
         return PENDING
     nodes = await block_nodes(qmp)
-    for node in (disk_node(disk), disk_file_node(disk)):
+    for node in (disk_node(disk), disk_file_node(disk), backing_node(disk), backing_file_node(disk)):
         if node in nodes:
             await qmp.execute("blockdev-del", {"node-name": node})
     return "unplugged; the disk file is kept"
@@ -195,7 +248,8 @@ async def hotplug_cdrom(qmp: Monitor, cdrom: str, image: str | None) -> str:
     args: dict[str, Any] = {"driver": "scsi-cd", "id": device, "bus": f"{SCSI_CONTROLLER}.0"}
     if image:
         if device not in await block_nodes(qmp):
-            await qmp.execute("blockdev-add", cdrom_blockdev(cdrom, image))
+            filename = await _add_fd(qmp, disks.open_read_only(image), image)
+            await qmp.execute("blockdev-add", cdrom_blockdev(cdrom, filename))
         args["drive"] = device
     await qmp.execute("device_add", args, timeout=DEVICE_TIMEOUT)
     await _confirm_present(qmp, device)
@@ -218,7 +272,8 @@ async def change_media(qmp: Monitor, cdrom: str, image: str | None) -> str:
     if device in await block_nodes(qmp):
         await qmp.execute("blockdev-del", {"node-name": device})
     if image:
-        await qmp.execute("blockdev-add", cdrom_blockdev(cdrom, image))
+        filename = await _add_fd(qmp, disks.open_read_only(image), image)
+        await qmp.execute("blockdev-add", cdrom_blockdev(cdrom, filename))
         await qmp.execute("blockdev-insert-medium", {"id": device, "node-name": device})
     await qmp.execute("blockdev-close-tray", {"id": device})
     return f"inserted {image}" if image else "ejected"

@@ -1,34 +1,53 @@
-"""Start and stop QEMU procfs.
+"""Start and stop QEMU processes, confined.
 
-Start: write the launch record, run the argv from the pure builder (no shell) with ``-daemonize`` (QEMU
-forks and its first process exits only once its monitors listen, so a start error is reported
-synchronously with QEMU's own message), then wait for the monitor to say the guest runs.
+Start: check QEMU's user exists, give it its run directory, open what QEMU needs (disks read-write,
+backing images and CD-ROM media read-only: fd sets; TAPs), copy the kernel and initrd for it, write the
+launch record, and launch the argv from the pure builder through a tiny ``/bin/sh`` launcher (the argv
+goes in as ``"$@"``, never parsed) that backgrounds ``setpriv`` (QEMU's uid and gid, only the
+supplementary groups the host gives that user, e.g. ``kvm``; NoNewPrivs, no capabilities, empty
+bounding set) and prints its pid: QEMU runs in the foreground
+under its seccomp sandbox (QEMU 7.2 kills a ``-daemonize``d QEMU under ``spawn=deny``), in its own session,
+re-parented to PID 1 once the launcher exits. Its stderr goes to ``qemu.log`` (root's); the pid and start
+time go to ``launch.json``. Then wait until the monitor says the guest runs, or until QEMU is gone: then
+report the log's last lines (QEMU's own message). Where the host has a cgroup v2 hierarchy, QEMU is moved
+into a cgroup of its own (``infinization/<VM id>``).
 Stop: ``system_powerdown`` and wait up to the grace period, then ``quit``, then SIGKILL, each only to the
-PID we verified (and re-verify right before signalling) as this VM's QEMU.
+PID we verified (and re-verify right before signalling, the SIGKILL through a pidfd opened before that
+check) as this VM's QEMU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import itertools
 import os
+import pwd
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 from reconciler.adapters import monitor, procfs
-from reconciler.apply import hostnet
-from reconciler.errors import MonitorError, StepFailed
-from reconciler.qemu.argv import build_argv
+from reconciler.apply import disks, hostnet
+from reconciler.errors import MonitorError, Refused, StepFailed
+from reconciler.qemu.argv import OpenedFiles, build_argv
+from reconciler.spec.host import HostConfig
 from reconciler.spec.models import VirtualMachine, nic_mac, tap_name
 from reconciler.state import files
-from reconciler.state.layout import VMPaths
+from reconciler.state.layout import StateLayout, VMPaths
 from reconciler.state.models import STOPPED, ExitRecord
 
 QUIT_TIMEOUT = 5.0
 READY_TIMEOUT = 30.0
-POLL = 0.05
+POLL = 0.02
 REPRESS = 2.0
+SETPRIV = "/usr/bin/setpriv"
+VHOST_NET = Path("/dev/vhost-net")
+# Background QEMU (under setpriv), print its pid, exit: QEMU is re-parented to PID 1.
+LAUNCHER = 'umask 077; "$@" </dev/null >/dev/null & echo "$!"'
+LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
 async def _wait_dead(pid: int, timeout: float) -> bool:
@@ -40,56 +59,190 @@ async def _wait_dead(pid: int, timeout: float) -> bool:
     return True
 
 
-async def start(paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str], vhost: bool = False) -> str:
+def qemu_account(host: HostConfig) -> tuple[int, int]:
+    """QEMU's uid and gid. :raise Refused: When the configured user does not exist (or is root)."""
+    try:
+        entry = pwd.getpwnam(host.qemuUser)
+    except KeyError:
+        raise Refused(f"QEMU's user {host.qemuUser!r} does not exist: run scripts/setup.sh as root "
+                      "(it creates it)") from None
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise Refused(f"QEMU's user {host.qemuUser!r} is root's uid or group: name an unprivileged user")
+    return entry.pw_uid, entry.pw_gid
+
+
+def _open_files(paths: VMPaths, vm: VirtualMachine, uid: int, gid: int) -> OpenedFiles:
+    """Open what QEMU will use (fd sets) and copy its boot files; on failure nothing stays open."""
+    sets = itertools.count(1)
+    fds: dict[int, int] = {}
+    names: dict[int, str] = {}
+    vhost: dict[str, list[int]] = {}
+    chosen: dict[str, dict[str, int]] = {"disks": {}, "backing": {}, "cdroms": {}}
+
+    def add(kind: str, name: str, path: str, fd: int) -> None:
+        fdset = next(sets)
+        fds[fdset], names[fdset] = fd, path
+        chosen[kind][name] = fdset
+
+    try:
+        for disk in vm.spec.disks:
+            path = paths.disk(disk.name)
+            add("disks", disk.name, str(path), disks.open_for_qemu(path, uid, gid))
+            if disk.image:
+                add("backing", disk.name, disk.image, disks.open_read_only(disk.image))
+        for cdrom in vm.spec.cdroms:
+            if cdrom.image:
+                add("cdroms", cdrom.name, cdrom.image, disks.open_read_only(cdrom.image))
+        for nic in vm.spec.networks:
+            if nic.type == "bridge" and VHOST_NET.exists():
+                vhost[nic.name] = []
+                for _ in range(nic.queues):
+                    vhost[nic.name].append(_open_vhost())
+        kernel = initrd = None
+        if vm.spec.boot is not None:
+            kernel = _boot_copy(paths, "kernel", vm.spec.boot.kernel, uid, gid)
+            initrd = _boot_copy(paths, "initrd", vm.spec.boot.initrd, uid, gid) if vm.spec.boot.initrd else None
+    except BaseException:
+        hostnet.close_all([*fds.values(), *(fd for opened in vhost.values() for fd in opened)])
+        raise
+    return OpenedFiles(fds=fds, names=names, vhost=vhost, kernel=kernel, initrd=initrd, **chosen)
+
+
+def _open_vhost() -> int:
+    """A /dev/vhost-net fd for one TAP queue (root-only device: QEMU's user cannot open it)."""
+    try:
+        return os.open(VHOST_NET, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StepFailed(f"cannot open {VHOST_NET}: {exc.strerror or exc}") from exc
+
+
+def _inherited(taps: dict[str, list[int]], opened: OpenedFiles) -> list[int]:
+    """Every fd QEMU inherits: TAP queues, fd sets, vhost-net."""
+    return [*(fd for fds in taps.values() for fd in fds), *opened.fds.values(),
+            *(fd for fds in opened.vhost.values() for fd in fds)]
+
+
+def _boot_copy(paths: VMPaths, what: str, source: str, uid: int, gid: int) -> str:
+    try:
+        files.install_boot_copy(source, paths.boot_copy(what), uid, gid)
+    except OSError as exc:
+        raise StepFailed(f"cannot copy the {what} {source} for QEMU: {exc.strerror or exc}") from exc
+    return str(paths.boot_copy(what))
+
+
+def _launch(paths: VMPaths, argv: list[str], uid: int, gid: int, fds: list[int]) -> int:
+    """Run QEMU detached as ``uid``:``gid`` with no privileges; its pid."""
+    # --init-groups: the user's groups from the host's database only (e.g. kvm, for /dev/kvm), never ours.
+    setpriv = [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--no-new-privs",
+               "--inh-caps=-all", "--bounding-set=-all", "--"]
+    log = files.open_qemu_log(paths)
+    try:
+        done = subprocess.run(["/bin/sh", "-c", LAUNCHER, "infinization-launch", *setpriv, *argv],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, pass_fds=fds,
+                              cwd=paths.run, env=LAUNCH_ENV, start_new_session=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise StepFailed(f"cannot launch QEMU: {exc}") from exc
+    finally:
+        os.close(log)
+    pid = done.stdout.strip()
+    if done.returncode != 0 or not pid.isdigit():
+        raise StepFailed(f"cannot launch QEMU: {files.qemu_log_tail(paths) or f'exit status {done.returncode}'}")
+    return int(pid)
+
+
+def _cgroup2_mount() -> Path | None:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[2:3] == ["cgroup2"]:
+            return Path(fields[1])
+    return None
+
+
+def _cgroup(mount: Path, paths: VMPaths) -> Path:
+    """The VM's cgroup: its name and a hash of its folder (two state directories may hold the same name)."""
+    return mount / "infinization" / f"{paths.dir.name[:40]}-{hashlib.sha256(str(paths.dir).encode()).hexdigest()[:12]}"
+
+
+def _drop_cgroup(paths: VMPaths) -> None:
+    """Remove the VM's cgroup once its QEMU is gone (the kernel refuses while a process is in it)."""
+    mount = _cgroup2_mount()
+    if mount is not None:
+        with contextlib.suppress(OSError):
+            _cgroup(mount, paths).rmdir()
+
+
+def _own_cgroup(paths: VMPaths, pid: int) -> str:
+    """Move QEMU into a cgroup v2 of its own, where the host mounts one; what was done (best effort)."""
+    mount = _cgroup2_mount()
+    if mount is None:
+        return "no cgroup v2"
+    group = _cgroup(mount, paths)
+    for old in (entry for entry in group.parent.glob("*-*") if entry.is_dir()) if group.parent.is_dir() else ():
+        with contextlib.suppress(OSError):  # empty cgroups of QEMUs that were killed: the kernel keeps populated ones
+            old.rmdir()
+    try:
+        group.mkdir(parents=True, exist_ok=True)
+        (group / "cgroup.procs").write_text(f"{pid}\n")
+    except OSError as exc:
+        return f"cgroup v2 not used ({exc.strerror or exc})"
+    return f"cgroup {group}"
+
+
+async def start(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str],
+                host: HostConfig) -> str:
     """Start the VM unless its QEMU already runs; return what was done.
 
     ``bridges`` maps each bridged NIC to its bridge: their TAPs are created here and handed to QEMU as
-    file descriptors (closed on our side once QEMU has them).
+    file descriptors (closed on our side once QEMU has them), like its disks and media, and, where the
+    host has /dev/vhost-net, one vhost-net fd per TAP queue.
     """
-    if procfs.find_qemu(paths.pidfile) is not None:
+    if procfs.find_qemu(paths) is not None:
         return "already running"
-    paths.dir.mkdir(parents=True, exist_ok=True)
+    uid, gid = qemu_account(host)
+    files.prepare_vm_dirs(layout, paths, uid, gid)
+    if (blocked := files.unreachable_for(paths.run, uid, gid)) is not None:
+        raise Refused(f"QEMU's user {host.qemuUser} cannot traverse {blocked} to reach {paths.run}: "
+                      "make the state directory's parents searchable (chmod o+x)")
     taps: dict[str, list[int]] = {}
+    opened = OpenedFiles()
     try:
         for nic in vm.spec.networks:
             if nic.type == "bridge":
                 taps[nic.name] = await asyncio.to_thread(
                     hostnet.open_tap, tap_name(vm.name, nic.name), bridges[nic.name], nic.queues, nic_mac(vm.name, nic))
-        argv = build_argv(vm.name, vm.spec, paths, taps=taps, vhost=vhost)
-        files.write_launch(paths, argv, vm)
-        try:
-            done = await asyncio.to_thread(
-                subprocess.run, argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                timeout=READY_TIMEOUT, check=False, start_new_session=True,
-                pass_fds=[fd for fds in taps.values() for fd in fds],
-            )
-        except FileNotFoundError as exc:
-            raise StepFailed(f"cannot run {argv[0]}: is QEMU installed?") from exc
-        except subprocess.TimeoutExpired as exc:
-            raise StepFailed(f"QEMU did not finish starting within {READY_TIMEOUT:g}s") from exc
+        opened = await asyncio.to_thread(_open_files, paths, vm, uid, gid)
+        argv = build_argv(vm.name, vm.spec, paths, binary=host.qemuBinary, taps=taps, files=opened)
+        files.write_launch(paths, argv, vm, uid=uid, binary=host.qemuBinary)
+        # Whatever the pidfile names is not our QEMU (we checked): QEMU writes its own. A QEMU of ours we
+        # could not verify still holds its disks' locks, so a second one fails to start rather than share them.
+        files.remove_pidfile(paths.pidfile)
+        pid = await asyncio.to_thread(_launch, paths, argv, uid, gid, _inherited(taps, opened))
     finally:
-        hostnet.close_all([fd for fds in taps.values() for fd in fds])
-    if done.returncode != 0:
-        message = done.stderr.strip() or f"exit status {done.returncode}"
-        raise StepFailed(f"QEMU refused to start: {message}")
-    process = procfs.find_qemu(paths.pidfile)
-    if process is None:
-        raise StepFailed("QEMU exited right after starting (see `infinization logs`)")
+        hostnet.close_all(_inherited(taps, opened))
+    began = procfs.start_time(pid)
+    if began is not None:
+        files.record_launched(paths, pid, began)
     files.clear_exit(paths)  # a new run: how the previous one ended no longer matters
-    await _wait_running(paths.qmp, process.pid)
-    return f"started, pid {process.pid}"
+    cgroup = _own_cgroup(paths, pid)
+    await _wait_running(paths, pid)
+    examined = procfs.examine(paths)
+    if examined.process is None or examined.process.pid != pid:
+        raise StepFailed(f"QEMU pid {pid} runs but is not verified: {examined.unverified or 'no pidfile'}")
+    return f"started, pid {pid} as uid {uid}, {cgroup}"
 
 
-async def _wait_running(socket: Path, pid: int) -> None:
-    """Wait for the guest to run; fail at once if its QEMU dies meanwhile (killed, or crashed while
-    loading), rather than knocking on a dead monitor's socket until the deadline."""
+async def _wait_running(paths: VMPaths, pid: int) -> None:
+    """Wait for the guest to run; fail at once if its QEMU dies meanwhile (a start error, or killed or
+    crashed while loading), with QEMU's last words from its stderr log."""
     deadline = time.monotonic() + READY_TIMEOUT
     last = ""
     while time.monotonic() < deadline:
         if not procfs.is_alive(pid):
-            raise StepFailed(f"QEMU pid {pid} exited before its guest ran (see `infinization logs`)")
+            said = files.qemu_log_tail(paths)
+            raise StepFailed(f"QEMU refused to start: {said}" if said else
+                             f"QEMU pid {pid} exited before its guest ran (see `infinization logs`)")
         try:
-            async with monitor.session(socket) as qmp:
+            async with monitor.session(paths.qmp) as qmp:
                 status = (await qmp.execute("query-status")).get("status", "")
             if status == "running":
                 return
@@ -118,12 +271,28 @@ async def _press_power_button(paths: VMPaths, pid: int, grace: float) -> bool:
     return False
 
 
+def _kill(process: procfs.QemuProcess, paths: VMPaths) -> None:
+    """SIGKILL through a pidfd opened before the last check: the signal reaches the process we verified,
+    even if it exits and its pid is reused in between."""
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        return
+    try:
+        if procfs.still_same(process, paths):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+
+
 async def stop(paths: VMPaths, grace: float) -> str:
     """Stop the VM's QEMU if it runs: ACPI power button, then quit, then SIGKILL; return what worked."""
-    process = procfs.find_qemu(paths.pidfile)
+    process = procfs.find_qemu(paths)
     if process is None:
         return "not running"
     how = await _stop(paths, process, grace)
+    _drop_cgroup(paths)
     # The guest saw a power button and shut down cleanly, but it was our doing: RerunOnFailure must start
     # it again when asked to, as it would not after a shutdown the guest chose.
     files.write_exit(paths, ExitRecord(reason=STOPPED, how=how))
@@ -140,8 +309,7 @@ async def _stop(paths: VMPaths, process: procfs.QemuProcess, grace: float) -> st
         pass
     if await _wait_dead(process.pid, QUIT_TIMEOUT):
         return f"quit after the guest ignored the power button for {grace:g}s" if grace else "quit"
-    if procfs.still_same(process, paths.pidfile):
-        os.kill(process.pid, signal.SIGKILL)
+    _kill(process, paths)
     if await _wait_dead(process.pid, QUIT_TIMEOUT):
         return "killed (SIGKILL) after quit did not work"
     raise StepFailed(f"QEMU pid {process.pid} is still alive after SIGKILL")

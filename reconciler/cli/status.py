@@ -22,7 +22,7 @@ from reconciler.state import files
 from reconciler.state.layout import StateLayout
 
 # Conditions the NOTES column already shows from the plan itself (pending restart, refusal, unplug).
-_SHOWN_FROM_PLAN = ("RestartRequired", "Refused", "UnplugPending")
+_SHOWN_FROM_PLAN = ("RestartRequired", "Refused", "UnplugPending", "Unverified")
 
 
 def _yes_no(value: bool) -> str:
@@ -62,6 +62,7 @@ def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str
         "pendingRestart": change.pending_restart,
         "refused": change.refusals,
         "unplugPending": change.unplug_pending,
+        "unverified": vm.unverified,
         "disks": {n: d.virtual_size for n, d in vm.disks.items() if d.exists},
         "manifest": loaded.source.file if loaded else None,
         "revision": view.records[name].revision if name in view.records else None,
@@ -105,6 +106,7 @@ def _notes(row: dict[str, Any]) -> str:
     notes += [f"restart pending: {cause}" for cause in row["pendingRestart"]]
     notes += [f"refused: {why}" for why in row["refused"]]
     notes += [f"unplug pending: {why}" for why in row["unplugPending"]]
+    notes += [f"unverified: {row['unverified']}"] if row["unverified"] else []
     notes += [c for c in conditions_text(row["conditions"]) if c != "Ready" and not c.startswith(_SHOWN_FROM_PLAN)]
     return escape("\n".join(notes))
 

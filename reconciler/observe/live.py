@@ -12,7 +12,7 @@ the process it names.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.adapters.monitor import Monitor, block_nodes, free_spare_ports, peripheral_ids
@@ -36,6 +36,7 @@ class LiveAnswers:
     memory_summary: dict[str, Any]
     memory_devices: list[dict[str, Any]]
     pci: list[dict[str, Any]]
+    fdsets: list[dict[str, Any]] = field(default_factory=list)  # query-fdsets: media are handed over as fds
 
 
 def _strip(prefix: str, name: str) -> str | None:
@@ -54,7 +55,19 @@ async def query_live(qmp: Monitor) -> LiveAnswers:
         macs=macs, cpus=len(await qmp.execute("query-cpus-fast")),
         memory_summary=await qmp.execute("query-memory-size-summary"),
         memory_devices=await qmp.execute("query-memory-devices"), pci=await qmp.execute("query-pci"),
+        fdsets=await qmp.execute("query-fdsets"),
     )
+
+
+def _opened_path(answers: LiveAnswers, filename: str | None) -> str | None:
+    """The path a medium was opened from: ``/dev/fdset/N`` is the fd set whose opaque names it."""
+    if filename is None or not filename.startswith("/dev/fdset/"):
+        return filename
+    wanted = filename.removeprefix("/dev/fdset/")
+    for fdset in answers.fdsets:
+        if str(fdset.get("fdset-id")) == wanted:
+            return next((fd["opaque"] for fd in fdset.get("fds", []) if fd.get("opaque")), filename)
+    return filename
 
 
 def _block(answers: LiveAnswers) -> tuple[dict[str, tuple[int, int]], dict[str, LiveCdrom]]:
@@ -67,7 +80,7 @@ def _block(answers: LiveAnswers) -> tuple[dict[str, tuple[int, int]], dict[str, 
         if (disk := _strip("disk-", qdev)) is not None and inserted:
             limits[disk] = (int(inserted.get("iops", 0)), int(inserted.get("bps", 0)))
         elif (cdrom := _strip("cd-", qdev)) is not None:
-            cdroms[cdrom] = LiveCdrom(image=inserted.get("file") if inserted else None)
+            cdroms[cdrom] = LiveCdrom(image=_opened_path(answers, inserted.get("file")) if inserted else None)
     return limits, cdroms
 
 

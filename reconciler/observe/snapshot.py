@@ -23,7 +23,8 @@ from reconciler.state.models import AppliedRecord, LiveRecord
 
 async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str]) -> ObservedVM:
     paths = layout.vm(name)
-    process = procfs.find_qemu(paths.pidfile)
+    examined = procfs.examine(paths)
+    process = examined.process
     observed_process = None
     if process is not None:
         launch = files.read_launch(paths)
@@ -34,7 +35,8 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str]) 
     last_exit = None
     if observed_process is None and (ended := files.read_exit(paths)) is not None:
         last_exit = ended.reason
-    return ObservedVM(name=name, process=observed_process, disks=disks, last_exit=last_exit)
+    return ObservedVM(name=name, process=observed_process, disks=disks, last_exit=last_exit,
+                      unverified=examined.unverified)
 
 
 async def query_running(

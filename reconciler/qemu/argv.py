@@ -1,7 +1,11 @@
 """Build the QEMU argv for a VM: a pure function of its name, spec and paths.
 
 Called by the executor just before it starts QEMU (the argv is also recorded in ``launch.json`` so the
-observer can check that the running process is the one we started). QEMU is never run through a shell.
+observer can check that the running process is the one we started). QEMU runs in the foreground under
+its seccomp sandbox (``SANDBOX``; ``apply.vmprocess`` detaches it and drops its privileges). With
+``files`` (what the executor opened for it), disks, backing images and CD-ROM media are QEMU fd sets
+(``-add-fd``, ``/dev/fdset/N``) and the kernel and initrd are QEMU's private copies: QEMU's user needs
+no access to any of those paths.
 Devices and block nodes use QEMU's JSON option syntax, so their values need no escaping; the few
 ``key=value`` options left are built only from values the spec models validated (no ',' '=' or control
 characters), and ``_kv`` checks again as a last line of defence.
@@ -12,13 +16,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.errors import UnsafeValue
-from reconciler.spec.models import NetworkInterfaceSpec, VirtualMachineSpec, nic_mac
+from reconciler.spec.models import DiskSpec, NetworkInterfaceSpec, VirtualMachineSpec, nic_mac
 from reconciler.spec.naming import (
     BALLOON_DEVICE,
     SCSI_CONTROLLER,
+    backing_file_node,
+    backing_node,
     cdrom_device,
     cdrom_file_node,
     disk_file_node,
@@ -32,6 +39,28 @@ from reconciler.state.layout import VMPaths
 
 QEMU_BINARY = "qemu-system-x86_64"
 _UNSAFE = re.compile(r"[,=\x00-\x1f\x7f]")
+# QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid, no fork/exec, no scheduler/affinity
+# changes. QEMU 7.2 kills a -daemonize'd QEMU under spawn=deny, so it is never daemonized (see vmprocess).
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def fdset_path(fdset: int) -> str:
+    return f"/dev/fdset/{fdset}"
+
+
+@dataclass(frozen=True)
+class OpenedFiles:
+    """What the executor opened for QEMU: fd set ids by disk / backing image / CD-ROM name, the fd in each
+    set (``-add-fd``; inherited by QEMU), and QEMU's private copies of the kernel and initrd."""
+
+    disks: Mapping[str, int] = field(default_factory=dict)
+    backing: Mapping[str, int] = field(default_factory=dict)
+    cdroms: Mapping[str, int] = field(default_factory=dict)
+    fds: Mapping[int, int] = field(default_factory=dict)  # fd set id -> file descriptor
+    names: Mapping[int, str] = field(default_factory=dict)  # fd set id -> the path it was opened from
+    vhost: Mapping[str, list[int]] = field(default_factory=dict)  # bridged NIC -> /dev/vhost-net fds, per queue
+    kernel: str | None = None
+    initrd: str | None = None
 
 
 class UnsafeOptionValue(UnsafeValue):
@@ -62,28 +91,36 @@ def build_argv(
     binary: str = QEMU_BINARY,
     taps: Mapping[str, list[int]] | None = None,
     vhost: bool = False,
+    files: OpenedFiles | None = None,
 ) -> list[str]:
-    """The full argv that starts ``name`` daemonized, with its monitors, serial log and pidfile.
+    """The full argv that starts ``name`` in the foreground, sandboxed, with its monitors, serial log and
+    pidfile.
 
-    ``taps`` gives, for each bridged NIC, the file descriptors of its TAP queues (inherited by QEMU).
+    ``taps`` gives, for each bridged NIC, the file descriptors of its TAP queues (inherited by QEMU);
+    ``files`` the fd sets and boot-file copies (without it QEMU opens the spec's paths itself).
     """
     paths.check()
+    opened = files or OpenedFiles()
     pcie = spec.machine.type == "q35"
     # One chassis number per PCIe root port, in argv order: disks, then NICs, then the spare ports.
     chassis = iter(range(1, 256))
     return [
         *_machine(binary, name, spec),
+        "-sandbox", SANDBOX,
         *_cpu_and_memory(spec),
         "-display", "none", "-vga", "none",
         *_monitors_and_serial(paths),
-        *_boot(spec),
-        *(arg for disk in spec.disks for arg in _disk(disk.name, paths, pcie, next(chassis))),
-        *(arg for nic in spec.networks for arg in _nic(name, nic, taps or {}, vhost, pcie, next(chassis))),
+        *(arg for fdset, fd in sorted(opened.fds.items())
+          for arg in ("-add-fd", _kv("", fd=fd, set=fdset, opaque=opened.names.get(fdset, "-")))),
+        *_boot(spec, opened),
+        *(arg for disk in spec.disks for arg in _disk(disk, paths, pcie, next(chassis), opened)),
+        *(arg for nic in spec.networks
+          for arg in _nic(name, nic, taps or {}, vhost, pcie, next(chassis), opened.vhost.get(nic.name))),
         *_spare_ports(spec, pcie, chassis),
         "-device", _json({"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER}),
-        *(arg for cdrom in spec.cdroms for arg in _cdrom(cdrom.name, cdrom.image)),
+        *(arg for cdrom in spec.cdroms for arg in _cdrom(cdrom.name, cdrom.image, opened.cdroms.get(cdrom.name))),
         *_balloon(spec),
-        "-pidfile", str(paths.pidfile), "-daemonize",
+        "-pidfile", str(paths.pidfile),
     ]
 
 
@@ -114,44 +151,52 @@ def _monitors_and_serial(paths: VMPaths) -> list[str]:
     ]
 
 
-def _boot(spec: VirtualMachineSpec) -> list[str]:
+def _boot(spec: VirtualMachineSpec, opened: OpenedFiles) -> list[str]:
     if spec.boot is None:
         return []
     # -kernel/-initrd/-append take their argument verbatim (no option parsing), so the kernel
     # command line may contain commas, e.g. console=ttyS0,115200.
-    argv = ["-kernel", _safe(spec.boot.kernel)]
+    argv = ["-kernel", _safe(opened.kernel or spec.boot.kernel)]
     if spec.boot.initrd:
-        argv += ["-initrd", _safe(spec.boot.initrd)]
+        argv += ["-initrd", _safe(opened.initrd or spec.boot.initrd)]
     if spec.boot.cmdline:
         argv += ["-append", spec.boot.cmdline]
     return argv
 
 
-def _disk(disk_name: str, paths: VMPaths, pcie: bool, chassis: int) -> list[str]:
+def _disk(disk: DiskSpec, paths: VMPaths, pcie: bool, chassis: int, opened: OpenedFiles) -> list[str]:
+    fdset = opened.disks.get(disk.name)
+    base = opened.backing.get(disk.name)
+    backing = [] if base is None else backing_blockdevs(disk.name, fdset_path(base), disk.imageFormat)
     return [
-        *_port(pcie, disk_node(disk_name), chassis),
-        "-blockdev", _json(disk_file_blockdev(disk_name, str(paths.disk(disk_name)))),
-        "-blockdev", _json(disk_format_blockdev(disk_name)),
-        "-device", _json(disk_device_args(disk_name, root_port(disk_node(disk_name)) if pcie else None)),
+        *_port(pcie, disk_node(disk.name), chassis),
+        *(arg for node in backing for arg in ("-blockdev", _json(node))),
+        "-blockdev", _json(disk_file_blockdev(disk.name, fdset_path(fdset) if fdset else str(paths.disk(disk.name)))),
+        "-blockdev", _json(disk_format_blockdev(disk.name, backing_node(disk.name) if backing else None)),
+        "-device", _json(disk_device_args(disk.name, root_port(disk_node(disk.name)) if pcie else None)),
     ]
 
 
 def _nic(vm_name: str, nic: NetworkInterfaceSpec, taps: Mapping[str, list[int]], vhost: bool, pcie: bool,
-         chassis: int) -> list[str]:
+         chassis: int, vhost_fds: list[int] | None = None) -> list[str]:
     return [
         *_port(pcie, nic_device(nic.name), chassis),
-        "-netdev", _netdev(nic, taps, vhost),
+        "-netdev", _netdev(nic, taps, vhost, vhost_fds),
         "-device", _json(nic_device_args(vm_name, nic, root_port(nic_device(nic.name)) if pcie else None)),
     ]
 
 
-def _netdev(nic: NetworkInterfaceSpec, taps: Mapping[str, list[int]], vhost: bool) -> str:
+def _netdev(nic: NetworkInterfaceSpec, taps: Mapping[str, list[int]], vhost: bool,
+            vhost_fds: list[int] | None = None) -> str:
     if nic.type == "bridge":
         fds = taps.get(nic.name)
         if not fds:
             raise ValueError(f"NIC {nic.name}: no TAP file descriptor to hand to QEMU")
-        fd_option = {"fd": fds[0]} if len(fds) == 1 else {"fds": ":".join(map(str, fds))}
-        return _kv("tap", id=nic_netdev(nic.name), **fd_option, vhost="on" if vhost else "off")
+        fd_option: dict[str, object] = {"fd": fds[0]} if len(fds) == 1 else {"fds": ":".join(map(str, fds))}
+        if vhost_fds:  # opened for QEMU, which cannot open /dev/vhost-net as its unprivileged user
+            one = len(vhost_fds) == 1
+            fd_option[("vhostfd" if one else "vhostfds")] = vhost_fds[0] if one else ":".join(map(str, vhost_fds))
+        return _kv("tap", id=nic_netdev(nic.name), **fd_option, vhost="on" if vhost or vhost_fds else "off")
     forwards = [f"hostfwd={_safe(forward)}" for forward in host_forwards(nic)]
     restrict = ["restrict=on"] if nic.restrict else []
     return ",".join([_kv("user", id=nic_netdev(nic.name)), *restrict, *forwards])
@@ -168,11 +213,11 @@ def _spare_ports(spec: VirtualMachineSpec, pcie: bool, chassis: Iterator[int]) -
     return argv
 
 
-def _cdrom(cdrom_name: str, image: str | None) -> list[str]:
+def _cdrom(cdrom_name: str, image: str | None, fdset: int | None) -> list[str]:
     device: dict[str, Any] = {"driver": "scsi-cd", "id": cdrom_device(cdrom_name), "bus": f"{SCSI_CONTROLLER}.0"}
     argv: list[str] = []
     if image:
-        argv += ["-blockdev", _json(cdrom_blockdev(cdrom_name, image))]
+        argv += ["-blockdev", _json(cdrom_blockdev(cdrom_name, fdset_path(fdset) if fdset else image))]
         device["drive"] = cdrom_device(cdrom_name)
     return [*argv, "-device", _json(device)]
 
@@ -209,8 +254,22 @@ def disk_file_blockdev(disk_name: str, path: str) -> dict[str, Any]:
     return {"driver": "file", "node-name": disk_file_node(disk_name), "filename": path}
 
 
-def disk_format_blockdev(disk_name: str) -> dict[str, Any]:
-    return {"driver": "qcow2", "node-name": disk_node(disk_name), "file": disk_file_node(disk_name)}
+def disk_format_blockdev(disk_name: str, backing: str | None = None) -> dict[str, Any]:
+    """A disk's qcow2 node; ``backing``: the node of its backing image (else QEMU opens the path in the
+    image's header itself)."""
+    node = {"driver": "qcow2", "node-name": disk_node(disk_name), "file": disk_file_node(disk_name)}
+    if backing:
+        node["backing"] = backing
+    return node
+
+
+def backing_blockdevs(disk_name: str, filename: str, image_format: str) -> list[dict[str, Any]]:
+    """A linked clone's backing image as explicit read-only nodes (file, then format)."""
+    return [
+        {"driver": "file", "node-name": backing_file_node(disk_name), "filename": filename, "read-only": True},
+        {"driver": image_format, "node-name": backing_node(disk_name), "file": backing_file_node(disk_name),
+         "read-only": True},
+    ]
 
 
 def disk_device_args(disk_name: str, bus: str | None) -> dict[str, Any]:

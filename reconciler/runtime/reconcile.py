@@ -107,8 +107,8 @@ class Reconciler:
         paths = self.layout.vm(key)
 
         def fingerprint() -> tuple[tuple[int, int] | None, int | None]:
-            process = procfs.find_qemu(paths.pidfile)
-            return files.record_stamp(paths), process.pid if process else None
+            # Any live process the pidfile names, adopted or not: one coming or going is news.
+            return files.record_stamp(paths), procfs.examine(paths).pid
 
         parked = fingerprint()
         return Park(lambda: fingerprint() != parked)

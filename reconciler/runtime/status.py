@@ -10,6 +10,8 @@ and passes the resulting change here; the row goes to the status store (``runtim
 - ``Failed``: the reconcile failed; a failure that needs a person says so in its message.
 - ``CrashLoopBackOff``: a restart after failures waits.
 - ``ManifestInvalid``: the VM's file fails; its last good spec is kept.
+- ``Unverified``: the pidfile names a live process that is not proven this VM's QEMU (not adopted: the
+  VM counts as not running and is started again); the message says why.
 """
 
 from __future__ import annotations
@@ -57,9 +59,12 @@ def conditions(change: Change | None, outcome: Outcome) -> dict[str, str]:
 
 def vm_status(name: str, change: Change | None, vm: ObservedVM, outcome: Outcome, now: float) -> VMStatus:
     """The row for ``name`` after a reconcile that ended at ``now`` (wall clock)."""
+    found = conditions(change, outcome)
+    if vm.unverified:
+        found["Unverified"] = vm.unverified
     return VMStatus(vm=name, phase="Running" if vm.process else "Stopped",
                     pid=vm.process.pid if vm.process else None, revision=outcome.revision,
-                    conditions=conditions(change, outcome), last_reconcile=now,
+                    conditions=found, last_reconcile=now,
                     duration_ms=outcome.seconds * 1000, result="failed" if outcome.failure is not None else "ok")
 
 

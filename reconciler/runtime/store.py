@@ -6,13 +6,17 @@ an event per action; ``infinization status`` and ``infinization events`` read th
 daemon runs (SQLite in WAL mode: readers never block the writer). The PostgreSQL mirror receives the same
 rows from a background thread (``_Mirror``), so a slow or unreachable server never holds up a reconcile:
 writes queue up and are sent in order once it answers (the local store is the source of truth).
+The database and its -wal/-shm files are 0600: statuses and events are root's to read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import queue
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -21,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
+from reconciler.state.files import make_private_dirs
 
 log = structlog.get_logger("infinization.store")
 
@@ -62,7 +68,8 @@ class Store:
         self.path = path
         self.host = host
         self.database_url = database_url
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(path.parent)
+        _make_private(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
         for statement in SCHEMA:
@@ -182,6 +189,16 @@ class _Mirror:
             item = self._queue.get()
         if connection is not None:
             connection.close()
+
+
+def _make_private(path: Path) -> None:
+    """The database and its WAL and shared-memory files: 0600 (SQLite gives new -wal/-shm files the
+    database's mode), created so before SQLite opens it."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(file.lstat().st_mode) & 0o077:
+                os.chmod(file, 0o600)
 
 
 def open_readonly(path: Path, host: str = "") -> Store | None:

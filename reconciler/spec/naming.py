@@ -17,6 +17,15 @@ def disk_file_node(disk_name: str) -> str:
     return f"file-{disk_name}"
 
 
+def backing_node(disk_name: str) -> str:
+    """The read-only format node of a linked clone's backing image (given to QEMU explicitly, as an fd)."""
+    return f"base-{disk_name}"
+
+
+def backing_file_node(disk_name: str) -> str:
+    return f"basefile-{disk_name}"
+
+
 def nic_device(nic_name: str) -> str:
     return f"nic-{nic_name}"
 

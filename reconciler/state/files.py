@@ -14,7 +14,11 @@ are atomic (temporary file, fsync, rename) and private to their owner (0600). Wh
 - ``source.json``: the CLI's ``apply``; read by ``status``, ``start`` and ``stop``.
 - ``networks/NAME.json``: the executor's network steps; read by the observers and the executor.
 - QEMU's and dnsmasq's pidfiles, the serial log and the DHCP leases are written by those programs; they
-  are read here only.
+  are read here only, never following a symbolic link (QEMU's user owns its run directory).
+- Modes: directories we create are 0700; the state directory, ``vms/`` and a VM's folder are
+  root:QEMU-group 0710 (QEMU's user may only traverse them to its own ``run/``, 0700, owned by it);
+  ``disks/`` stays root's 0700 (QEMU gets its disks as file descriptors). ``check_private`` refuses a
+  state directory that other users can write.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,10 +49,21 @@ from reconciler.state.models import (
 )
 
 
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents, each 0700 (an existing directory keeps its mode)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file (0600), fsync and rename: a crash leaves the old or the new file, never
     half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
@@ -163,8 +179,21 @@ def read_launch(paths: VMPaths) -> LaunchRecord | None:
         return None
 
 
-def write_launch(paths: VMPaths, argv: list[str], vm: VirtualMachine) -> None:
-    write_atomic(paths.launch, _dump(LaunchRecord(argv=argv, vm=vm)))
+def write_launch(paths: VMPaths, argv: list[str], vm: VirtualMachine, uid: int | None = None,
+                 binary: str | None = None) -> None:
+    """The QEMU about to start (no pid yet: a process is adopted only once ``record_launched`` named it)."""
+    write_atomic(paths.launch, _dump(LaunchRecord(argv=argv, vm=vm, uid=uid, binary=binary)))
+
+
+def record_launched(paths: VMPaths, pid: int, start_time: int) -> None:
+    """Add the pid and start time of the QEMU just started to launch.json.
+
+    :raise CorruptRecord: When launch.json is gone (it is written right before QEMU starts).
+    """
+    launch = read_launch(paths)
+    if launch is None:
+        raise CorruptRecord(f"{paths.launch} vanished while its QEMU started")
+    write_atomic(paths.launch, _dump(launch.model_copy(update={"pid": pid, "start_time": start_time})))
 
 
 def read_live(paths: VMPaths, pid: int, start_time: int) -> LiveRecord:
@@ -287,10 +316,22 @@ def read_dhcp_leases(leases: Path) -> list[DhcpLease]:
 # -- written by QEMU and dnsmasq: read only ------------------------------------------------------------
 
 
+def _read_no_follow(path: Path, limit: int | None = None) -> bytes:
+    """Read a file a less trusted program writes, refusing a symbolic link put in its place.
+
+    :raise OSError: When it is missing, a link, or unreadable.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(f"{path} is not a regular file")
+        return handle.read() if limit is None else handle.read(limit)
+
+
 def read_pidfile(pidfile: Path) -> int | None:
     try:
-        text = pidfile.read_text().strip()
-    except (FileNotFoundError, PermissionError):
+        text = _read_no_follow(pidfile, 64).decode(errors="replace").strip()
+    except OSError:
         return None
     return int(text) if text.isdigit() else None
 
@@ -302,6 +343,85 @@ def remove_pidfile(pidfile: Path) -> None:
 def read_serial(paths: VMPaths) -> bytes | None:
     """The guest's serial console log, or None when the VM never ran."""
     try:
-        return paths.serial.read_bytes()
+        return _read_no_follow(paths.serial)
     except FileNotFoundError:
         return None
+
+
+# -- QEMU's directories and files ----------------------------------------------------------------------
+
+
+def _own(path: Path, uid: int, gid: int, mode: int) -> None:
+    """Give an existing directory (never a link) its owner and mode."""
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise Refused(f"{path} is not a directory: remove it by hand")
+    if (info.st_uid, info.st_gid) != (uid, gid):
+        os.chown(path, uid, gid, follow_symlinks=False)
+    if stat.S_IMODE(info.st_mode) != mode:
+        os.chmod(path, mode)
+
+
+def prepare_vm_dirs(layout: StateLayout, paths: VMPaths, uid: int, gid: int) -> None:
+    """Directories for a VM whose QEMU runs as ``uid``:``gid``: the state directory, ``vms/`` and the VM's
+    folder root:gid 0710 (traverse only), its ``run/`` owned by QEMU's user 0700, disks root's 0700."""
+    for directory in (paths.run, paths.disk_dir):
+        make_private_dirs(directory)
+    for directory in (layout.root, layout.vms, paths.dir):
+        _own(directory, 0, gid, 0o710)
+    _own(paths.run, uid, gid, 0o700)
+    for directory in (layout.disks, paths.disk_dir):
+        _own(directory, 0, 0, 0o700)
+
+
+def unreachable_for(path: Path, uid: int, gid: int) -> Path | None:
+    """The first directory above ``path`` that user ``uid`` (group ``gid``) cannot traverse, or None."""
+    for directory in reversed(path.parents):
+        info = directory.stat()
+        bit = stat.S_IXUSR if info.st_uid == uid else stat.S_IXGRP if info.st_gid == gid else stat.S_IXOTH
+        if not info.st_mode & bit:
+            return directory
+    return None
+
+
+def check_private(layout: StateLayout) -> None:
+    """Refuse a state directory that users other than root (or us) can write.
+
+    :raise Refused: When it (or ``vms/``, ``disks/``) is group- or world-writable or owned by another user.
+    """
+    for directory in (layout.root, layout.vms, layout.disks):
+        try:
+            info = directory.lstat()
+        except FileNotFoundError:
+            continue
+        if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022 or stat.S_ISLNK(info.st_mode):
+            raise Refused(f"{directory} can be written by other users (owner uid {info.st_uid}, mode "
+                          f"{stat.S_IMODE(info.st_mode):o}): make it root's, 0700, and try again")
+
+
+def open_qemu_log(paths: VMPaths) -> int:
+    """QEMU's stderr for this start (truncated), root's 0600: the fd QEMU inherits."""
+    return os.open(paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def qemu_log_tail(paths: VMPaths, lines: int = 5) -> str:
+    """The last lines QEMU wrote to stderr, joined with '; ' (its own words on why it did not start)."""
+    try:
+        text = _read_no_follow(paths.qemu_log).decode(errors="replace")
+    except OSError:
+        return ""
+    return "; ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+
+
+def install_boot_copy(source: str, dest: Path, uid: int, gid: int) -> None:
+    """Copy a kernel or initrd to ``dest`` (in QEMU's run directory), readable by QEMU's user alone."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+            os.fchown(out.fileno(), uid, gid)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

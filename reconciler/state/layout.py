@@ -9,10 +9,13 @@
     STATE/vms/NAME/exit.json           how its last QEMU ended (guest-shutdown, crash, stopped by us...)
     STATE/vms/NAME/restarts.json       the sync daemon's restarts after failures (crash-loop history)
     STATE/vms/NAME/live.json           what QMP cannot report back (link state, balloon target, unplugs)
-    STATE/vms/NAME/qemu.pid            QEMU's pidfile
-    STATE/vms/NAME/qmp.sock            QMP monitor for short-lived clients (CLI, executor)
-    STATE/vms/NAME/events.sock         a second QMP monitor, kept free for a long-lived event listener
-    STATE/vms/NAME/serial.log          the guest's serial console
+    STATE/vms/NAME/qemu.log            QEMU's stderr (root's; QEMU writes to the fd it inherits)
+    STATE/vms/NAME/run/                QEMU's own directory (owned by its user, 0700):
+    STATE/vms/NAME/run/qemu.pid          QEMU's pidfile
+    STATE/vms/NAME/run/qmp.sock          QMP monitor for short-lived clients (CLI, executor)
+    STATE/vms/NAME/run/events.sock       a second QMP monitor, kept free for a long-lived event listener
+    STATE/vms/NAME/run/serial.log        the guest's serial console
+    STATE/vms/NAME/run/kernel, initrd    QEMU's private copies of the boot files (-kernel takes no fd)
     STATE/disks/NAME/DISK.qcow2        disk images: outside the VM folder, so forgetting a VM keeps them
     STATE/networks/NAME.json           a Network we created (its bridge is ours to repair and delete)
     STATE/networks/NAME.dnsmasq.pid    its DHCP server (dnsmasq), and NAME.leases, the leases it gave
@@ -113,20 +116,34 @@ class VMPaths:
         return self.dir / "live.json"
 
     @property
+    def qemu_log(self) -> Path:
+        """QEMU's stderr: root's file, QEMU only holds an fd to it (a start error is read from here)."""
+        return self.dir / "qemu.log"
+
+    @property
+    def run(self) -> Path:
+        """QEMU's own directory: the only place under the state directory its user may write."""
+        return self.dir / "run"
+
+    @property
     def pidfile(self) -> Path:
-        return self.dir / "qemu.pid"
+        return self.run / "qemu.pid"
 
     @property
     def qmp(self) -> Path:
-        return self.dir / "qmp.sock"
+        return self.run / "qmp.sock"
 
     @property
     def events(self) -> Path:
-        return self.dir / "events.sock"
+        return self.run / "events.sock"
 
     @property
     def serial(self) -> Path:
-        return self.dir / "serial.log"
+        return self.run / "serial.log"
+
+    def boot_copy(self, what: str) -> Path:
+        """QEMU's private copy of the kernel or initrd (``what``): QEMU 7.2's -kernel opens a path, not an fd."""
+        return self.run / what
 
     def disk(self, disk_name: str) -> Path:
         return Path(paths.disk_file(str(self.root), self.dir.name, disk_name))

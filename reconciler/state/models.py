@@ -42,11 +42,19 @@ class NetworkRecord(_Record):
 
 
 class LaunchRecord(_Record):
-    """vms/NAME/launch.json: the argv and spec of the QEMU we started (trusted only while /proc agrees)."""
+    """vms/NAME/launch.json: the argv and spec of the QEMU we started (trusted only while /proc agrees).
+
+    Written before QEMU starts (argv, spec, user, binary), then again with its pid and start time once it
+    runs: a process is this VM's QEMU only when all of them match /proc (``adapters.procfs.examine``).
+    """
 
     version: int = RECORD_VERSION
     argv: list[str]
     vm: VirtualMachine
+    uid: int | None = Field(default=None, description="The user QEMU runs as.")
+    binary: str | None = Field(default=None, description="The QEMU binary (its /proc/PID/exe).")
+    pid: int | None = None
+    start_time: int | None = Field(default=None, description="Its start time in clock ticks (/proc/PID/stat).")
 
 
 class LiveRecord(_Record):

@@ -88,6 +88,9 @@ class Host:
 
     def __init__(self, base: Path, netns: str | None = None) -> None:
         self.base = base
+        # Like /var/lib under a real state directory: QEMU's unprivileged user must be able to traverse the
+        # folders above the state directory to reach its own run directory (mkdtemp makes this one 0700).
+        base.chmod(0o711)
         self.netns = netns
         self.state = base / "st"
         self.manifests = base / "m"
@@ -167,7 +170,7 @@ class Host:
         return path
 
     def pidfile(self, vm: str) -> Path:
-        return self.state / "vms" / vm / "qemu.pid"
+        return self.state / "vms" / vm / "run" / "qemu.pid"
 
     def disk(self, vm: str, disk: str) -> Path:
         return self.state / "disks" / vm / f"{disk}.qcow2"
@@ -178,7 +181,7 @@ class Host:
         return live_processes(lambda cmdline: needle in cmdline.split(b"\0"))
 
     def guest(self, vm: str) -> Guest:
-        return Guest(self.state / "vms" / vm / "serial.log")
+        return Guest(self.state / "vms" / vm / "run" / "serial.log")
 
     def kill_all(self) -> None:
         """Test clean-up: SIGKILL every process started for this host (QEMU, dnsmasq, a sync daemon):

@@ -132,7 +132,7 @@ spec:
     subprocess.run([__import__("sys").executable, "-c", (
         "import asyncio;from pathlib import Path;from reconciler.adapters import monitor\n"
         "async def m():\n"
-        f"  async with monitor.session(Path('{host.state}/vms/nogos/qmp.sock')) as q:\n"
+        f"  async with monitor.session(Path('{host.state}/vms/nogos/run/qmp.sock')) as q:\n"
         "    await q.execute('system_reset')\n"
         "asyncio.run(m())")], check=True)
     host.apply()

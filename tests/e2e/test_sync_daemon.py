@@ -42,7 +42,7 @@ def _store_conditions(host: Host, vm: str) -> dict[str, str]:
 
 def _powerdown(host: Host, vm: str) -> None:
     async def press() -> None:
-        async with monitor.session(host.state / "vms" / vm / "qmp.sock") as qmp:
+        async with monitor.session(host.state / "vms" / vm / "run" / "qmp.sock") as qmp:
             await qmp.execute("system_powerdown")
     asyncio.run(press())
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.qemu.argv import UnsafeOptionValue, _kv, build_argv
+from reconciler.qemu.argv import OpenedFiles, UnsafeOptionValue, _kv, build_argv
 from reconciler.spec.loader import load_text
 from reconciler.spec.models import VirtualMachine
 from reconciler.state.layout import StateLayout
@@ -47,8 +47,10 @@ def test_argv_carries_the_spec() -> None:
     assert _after(argv, "-smp") == ["2,sockets=1,cores=2,threads=1,maxcpus=2"]
     assert _after(argv, "-m") == ["size=1024M"]
     assert _after(argv, "-append") == ["console=ttyS0,115200 root=/dev/vda"]
-    assert _after(argv, "-pidfile") == ["/var/lib/infz/vms/web/qemu.pid"]
-    assert "-daemonize" in argv and "-nodefaults" in argv
+    assert _after(argv, "-pidfile") == ["/var/lib/infz/vms/web/run/qemu.pid"]
+    # QEMU runs in the foreground under its seccomp sandbox (7.2 kills a -daemonize'd QEMU under spawn=deny).
+    assert "-daemonize" not in argv and "-nodefaults" in argv
+    assert _after(argv, "-sandbox") == ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     blockdevs = [json.loads(x) for x in _after(argv, "-blockdev")]
     assert blockdevs[1] == {"driver": "qcow2", "node-name": "disk-root", "file": "file-root"}
     assert blockdevs[0]["filename"] == "/var/lib/infz/disks/web/root.qcow2"
@@ -109,3 +111,36 @@ def test_hotplug_maxima_shape_smp_and_memory() -> None:
     assert disk["bus"] == "rp-disk-root", "cold-plugged devices sit on their own port, so they can be unplugged"
     spares = [d["id"] for d in devices if d["id"].startswith("hp-")]
     assert spares == ["hp-0", "hp-1", "hp-2", "hp-3"], "4 spare hot-plug slots by default"
+
+
+BRIDGED = MANIFEST.replace('networks: [{name: nat, mac: "52:54:00:00:00:09", portForwards: [{host: 2222, guest: 22}]}]',
+                           "networks: [{name: lan, type: bridge, bridge: br0, queues: 2}]\n"
+                           "  cdroms: [{name: cd, image: /srv/cd.iso}]")
+
+
+def test_what_the_executor_opened_is_handed_to_qemu_as_fds_and_copies() -> None:
+    """QEMU's unprivileged user opens none of the spec's paths: fd sets, inherited fds, private copies."""
+    objects, errors = load_text(BRIDGED.replace("disks: [{name: root, size: 1Gi}]",
+                                                "disks: [{name: root, image: /srv/base.img, imageFormat: raw}]"), "x")
+    assert not errors and isinstance(objects[0][0], VirtualMachine)
+    vm = objects[0][0]
+    paths = StateLayout(Path("/var/lib/infz")).vm("web")
+    opened = OpenedFiles(disks={"root": 1}, backing={"root": 2}, cdroms={"cd": 3},
+                         fds={1: 20, 2: 21, 3: 22}, names={1: "/var/lib/infz/disks/web/root.qcow2", 2: "/srv/base.img",
+                                                            3: "/srv/cd.iso"},
+                         vhost={"lan": [30, 31]}, kernel="/var/lib/infz/vms/web/run/kernel",
+                         initrd="/var/lib/infz/vms/web/run/initrd")
+    argv = build_argv(vm.name, vm.spec, paths, taps={"lan": [10, 11]}, files=opened)
+    assert _after(argv, "-add-fd") == ["fd=20,set=1,opaque=/var/lib/infz/disks/web/root.qcow2",
+                                       "fd=21,set=2,opaque=/srv/base.img", "fd=22,set=3,opaque=/srv/cd.iso"]
+    blockdevs = {node["node-name"]: node for node in map(json.loads, _after(argv, "-blockdev"))}
+    assert blockdevs["file-root"]["filename"] == "/dev/fdset/1"
+    assert blockdevs["basefile-root"] == {"driver": "file", "node-name": "basefile-root", "filename": "/dev/fdset/2",
+                                          "read-only": True}
+    assert blockdevs["base-root"]["driver"] == "raw" and blockdevs["base-root"]["read-only"] is True
+    assert blockdevs["disk-root"]["backing"] == "base-root", "the header's backing path is never opened"
+    assert blockdevs["cd-cd"]["file"]["filename"] == "/dev/fdset/3"
+    assert _after(argv, "-netdev") == ["tap,id=net-lan,fds=10:11,vhostfds=30:31,vhost=on"]
+    assert (_after(argv, "-kernel"), _after(argv, "-initrd")) == (
+        ["/var/lib/infz/vms/web/run/kernel"], ["/var/lib/infz/vms/web/run/initrd"])
+    assert not [arg for arg in argv if arg.startswith("/srv/") or "/srv/" in arg.split("opaque=")[0]]

@@ -100,7 +100,7 @@ def test_a_corrupt_record_is_reported_and_parked_until_the_record_changes(env: E
 def test_a_parked_vm_wakes_when_its_qemu_comes_or_goes(env: Env) -> None:
     env.write("a", vm_yaml("a"))
     paths = env.layout.vm("a")
-    paths.dir.mkdir(parents=True)
+    paths.run.mkdir(parents=True)  # QEMU's run directory holds its pidfile
     paths.record.write_text("{}")
     answer = asyncio.run(env.reconciler()("a"))
     assert isinstance(answer, Park) and not answer.changed()

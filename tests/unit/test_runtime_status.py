@@ -54,3 +54,12 @@ def test_a_vm_no_longer_desired_is_forgotten_only_once_nothing_is_left() -> None
     assert not gone(False, None, RUNNING)
     assert not gone(False, Change(name="a", action=Action.DELETE, steps=[Start(name="a", summary="x")]),
                     ObservedVM(name="a"))
+
+
+def test_an_unverified_process_is_a_condition_and_the_vm_is_not_running() -> None:
+    vm = ObservedVM(name="a", unverified="pid 7 in qemu.pid is not adopted: it runs as uid 65534")
+    row = vm_status("a", Change(name="a", action=Action.UPDATE, steps=[Start(name="a", summary="start QEMU")]),
+                    vm, Outcome(), now=1.0)
+    assert row.conditions["Unverified"] == "pid 7 in qemu.pid is not adopted: it runs as uid 65534"
+    assert (row.phase, row.pid) == ("Stopped", None)
+    assert "Unverified" not in vm_status("a", SYNCED, RUNNING, Outcome(), now=1.0).conditions

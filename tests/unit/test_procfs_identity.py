@@ -1,0 +1,113 @@
+"""A process is a VM's QEMU only when everything launch.json recorded matches /proc (issue 9): a live
+process whose pidfile entry, uid, executable, start time or argv differ is not adopted, and says why."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reconciler.adapters import procfs
+from reconciler.spec.loader import load_text
+from reconciler.spec.models import VirtualMachine
+from reconciler.state import files
+from reconciler.state.layout import StateLayout, VMPaths
+
+VM = """apiVersion: infinization.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: a}
+spec: {memory: {size: 64Mi}}
+"""
+SLEEP = shutil.which("sleep") or "/bin/sleep"
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[VMPaths, subprocess.Popen[bytes]]]:
+    paths = StateLayout(tmp_path).vm("a")
+    paths.run.mkdir(parents=True)
+    child = subprocess.Popen([SLEEP, "60"])
+    try:
+        yield paths, child
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _vm() -> VirtualMachine:
+    objects, errors = load_text(VM, "x")
+    assert not errors and isinstance(objects[0][0], VirtualMachine)
+    return objects[0][0]
+
+
+def _launched(paths: VMPaths, pid: int, *, uid: int | None = None, binary: str | None = None,
+              argv: list[str] | None = None, start: int | None = None) -> None:
+    files.write_launch(paths, argv or [SLEEP, "60"], _vm(), uid=os.getuid() if uid is None else uid,
+                       binary=binary or os.path.realpath(SLEEP))
+    began = procfs.start_time(pid)
+    assert began is not None
+    files.record_launched(paths, pid, began if start is None else start)
+    paths.pidfile.write_text(f"{pid}\n")
+
+
+def test_a_process_that_matches_every_record_is_adopted(running: tuple[VMPaths, subprocess.Popen[bytes]]) -> None:
+    paths, child = running
+    _launched(paths, child.pid)
+    examined = procfs.examine(paths)
+    assert examined.unverified is None and examined.process is not None and examined.process.pid == child.pid
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"uid": 995}, "it runs as uid"),
+    ({"binary": "/usr/bin/qemu-system-x86_64"}, "its executable is"),
+    ({"argv": [SLEEP, "61"]}, "its command line is not the one we launched"),
+    ({"start": 1}, "start time"),
+])
+def test_a_process_that_differs_in_one_way_is_not_adopted_and_says_why(
+        running: tuple[VMPaths, subprocess.Popen[bytes]], change: dict[str, object], why: str) -> None:
+    paths, child = running
+    _launched(paths, child.pid, **change)  # type: ignore[arg-type]
+    examined = procfs.examine(paths)
+    assert examined.process is None and procfs.find_qemu(paths) is None
+    assert examined.unverified is not None and why in examined.unverified, examined.unverified
+    assert examined.pid == child.pid
+
+
+def test_without_a_completed_launch_record_nothing_is_adopted(
+        running: tuple[VMPaths, subprocess.Popen[bytes]]) -> None:
+    paths, child = running
+    paths.pidfile.write_text(f"{child.pid}\n")
+    assert "no launch record" in (procfs.examine(paths).unverified or "")
+    files.write_launch(paths, [SLEEP, "60"], _vm(), uid=os.getuid(), binary=SLEEP)  # pid not recorded yet
+    assert procfs.examine(paths).process is None
+
+
+def test_a_pidfile_that_is_a_symlink_is_not_followed(running: tuple[VMPaths, subprocess.Popen[bytes]],
+                                                     tmp_path: Path) -> None:
+    paths, child = running
+    _launched(paths, child.pid)
+    target = tmp_path / "elsewhere"
+    target.write_text(f"{child.pid}\n")
+    paths.pidfile.unlink()
+    paths.pidfile.symlink_to(target)
+    assert files.read_pidfile(paths.pidfile) is None
+    assert procfs.examine(paths).process is None
+
+
+def test_sigkill_reaches_only_a_process_that_still_proves_it_is_ours(
+        running: tuple[VMPaths, subprocess.Popen[bytes]]) -> None:
+    from reconciler.apply.vmprocess import _kill
+
+    paths, child = running
+    _launched(paths, child.pid)
+    process = procfs.find_qemu(paths)
+    assert process is not None
+    files.write_launch(paths, [SLEEP, "60"], _vm(), uid=os.getuid(), binary=SLEEP)  # no longer proven ours
+    _kill(process, paths)
+    assert child.poll() is None, "an unverified process is never signalled"
+    _launched(paths, child.pid)
+    _kill(process, paths)
+    assert child.wait(timeout=5) == -9
