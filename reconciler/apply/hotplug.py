@@ -274,9 +274,26 @@ async def change_media(qmp: Monitor, cdrom: str, image: str | None) -> str:
     if image:
         filename = await _add_fd(qmp, disks.open_read_only(image), image)
         await qmp.execute("blockdev-add", cdrom_blockdev(cdrom, filename))
-        await qmp.execute("blockdev-insert-medium", {"id": device, "node-name": device})
+        await _insert_medium(qmp, device)
     await qmp.execute("blockdev-close-tray", {"id": device})
     return f"inserted {image}" if image else "ejected"
+
+
+INSERT_TRIES = 5
+
+
+async def _insert_medium(qmp: Monitor, device: str) -> None:
+    """Insert the medium node ``device`` into its open tray. A guest that opens the drive meanwhile (Linux
+    does when it polls /dev/sr0) closes an empty tray again, so the insert can find it shut: open it again
+    and retry a few times."""
+    for attempt in range(INSERT_TRIES):
+        try:
+            await qmp.execute("blockdev-insert-medium", {"id": device, "node-name": device})
+            return
+        except MonitorError as exc:
+            if "Tray" not in str(exc) or attempt == INSERT_TRIES - 1:
+                raise
+            await qmp.execute("blockdev-open-tray", {"id": device, "force": True})
 
 
 async def add_cpus(qmp: Monitor, count: int) -> str:
