@@ -16,7 +16,8 @@
 # The guest prints on the first serial port:
 #   INFZ-BOOTED                      once, when ready
 #   INFZ-REPORT seq=<n> disks=<name>:<bytes>[,...] nics=<if>@<mac>:<up|down>[,...] mem_kb=<kB> cpus=<n>
-#               cds=<srN>:<ISO volume label or ->[,...] [ping=<target>:<ok|fail>[,...]]
+#               cds=<srN>:<ISO volume label or ->[,...] [ping=<target>:<ok|fail>[,...]] ips=<if>:<cidr>[,...]
+#               efi=<0|1> sb=<0|1|-> tpm=<0|1> rng=<hw_random driver or -> cidata=<instance-id>:<sha256>|-
 #               ips=<if>:<addr>/<prefix>[,...]
 #                                    (one line) whenever anything but seq changes; ping= only
 #                                    with infz.ping, ips= always (IPv4 on non-lo interfaces,
@@ -55,7 +56,7 @@ BUSYBOX_PKG=busybox-static
 # Load order matters (dependencies first); missing ones are skipped in the guest.
 MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 virtio_blk failover net_failover virtio_net virtio_balloon evdev button
-scsi_common scsi_mod virtio_scsi sd_mod cdrom sr_mod isofs"
+scsi_common scsi_mod virtio_scsi sd_mod cdrom sr_mod isofs virtio-rng efivarfs virtio_console"
 
 log() { echo "build-guest: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -388,6 +389,26 @@ ping_all() {    # -> "ping=T:ok|fail,..." (empty without infz.ping); targets in 
     echo " ping=$out"
 }
 
+# A cloud-init NoCloud seed: the CD whose ISO 9660 label is "cidata" -> "<instance-id>:<sha256 of user-data>"
+# ("-" when there is none). Mounted read-only only while it is read.
+read_cidata() {
+    for d in /sys/block/sr*; do
+        [ -e "$d" ] || continue
+        n=${d##*/}
+        label=$(dd if=/dev/$n bs=2048 skip=16 count=1 2>/dev/null | dd bs=1 skip=40 count=32 2>/dev/null \
+                | tr -d '\000' | sed 's/ *$//')
+        [ "$label" = cidata ] || continue
+        mkdir -p /run/cidata
+        mount -t iso9660 -o ro /dev/$n /run/cidata 2>/dev/null || continue
+        id=$(sed -n 's/^instance-id: *//p' /run/cidata/meta-data 2>/dev/null | tr -d '"' | tr ' ' _)
+        sum=$(sha256sum /run/cidata/user-data 2>/dev/null | cut -d' ' -f1)
+        umount /run/cidata 2>/dev/null
+        echo "${id:--}:${sum:--}"
+        return
+    done
+    echo -
+}
+
 if [ ! -e /run/infz-setup-done ]; then
     : >/run/infz-setup-done
     for m in $(cat /lib/modules/infz/order); do
@@ -405,6 +426,9 @@ if [ ! -e /run/infz-setup-done ]; then
     # Keep kernel info/debug chatter (e.g. on hotplug) off the console so it
     # cannot split report lines; warnings and worse still show.
     { echo 5 >/proc/sys/kernel/printk; } 2>/dev/null
+    if [ -d /sys/firmware/efi ]; then
+        mount -t efivarfs efivarfs /sys/firmware/efi/efivars 2>/dev/null || echo "infz: efivarfs not mounted"
+    fi
     echo INFZ-BOOTED
 fi
 
@@ -475,10 +499,27 @@ while :; do
 
     pings=$(ping_all)
 
+    # Firmware: UEFI or not, Secure Boot's state (the 5th byte of the SecureBoot EFI variable), a TPM, the
+    # hardware RNG in use, and a cloud-init NoCloud seed (a CD labelled cidata: its instance-id and the
+    # sha256 of its user-data).
+    efi=0; sb=-
+    if [ -d /sys/firmware/efi ]; then
+        efi=1
+        for v in /sys/firmware/efi/efivars/SecureBoot-*; do
+            [ -e "$v" ] || continue
+            sb=$(dd if="$v" bs=1 skip=4 count=1 2>/dev/null | od -An -tu1 | tr -d ' ')
+        done
+    fi
+    tpm=0; [ -e /sys/class/tpm/tpm0 ] && tpm=1
+    rng=; { read rng </sys/class/misc/hw_random/rng_current; } 2>/dev/null
+    case $rng in ''|none) rng=- ;; esac
+    cidata=$(read_cidata)
+
     # IPv4 addresses actually configured on non-lo interfaces.
     ips=$(ip -4 -o addr show 2>/dev/null | awk '$3 == "inet" && $2 != "lo" { printf "%s%s:%s", s, $2, $4; s = "," }')
 
-    cur="disks=$disks nics=$nics mem_kb=$mem cpus=$cpus cds=$cds$pings ips=$ips"
+    cur="disks=$disks nics=$nics mem_kb=$mem cpus=$cpus cds=$cds$pings ips=$ips efi=$efi sb=${sb:--} tpm=$tpm"
+    cur="$cur rng=$rng cidata=$cidata"
     if [ "$cur" != "$prev" ]; then
         seq=$(( seq + 1 ))
         echo "INFZ-REPORT seq=$seq $cur"

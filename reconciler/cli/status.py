@@ -15,7 +15,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from reconciler.cli.common import CliError, View, layout_of, out, read_view
+from reconciler.cli.common import CliError, View, config_of, layout_of, out, read_view
 from reconciler.plan.actions import Change
 from reconciler.runtime.store import VMStatus, conditions_text, open_readonly
 from reconciler.state import files
@@ -137,7 +137,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     directory = args.directory or files.read_source(layout)
     if directory is None:
         raise CliError("no manifest directory given and none applied yet: infinization status DIR")
-    view = asyncio.run(read_view(directory, layout, allow_restart=False, host=args.host, tolerate_errors=True))
+    view = asyncio.run(read_view(directory, layout, allow_restart=False, host=args.host, tolerate_errors=True,
+                                 config=config_of(args)))
     rows = status_rows(view, _daemon_status(layout, args.host))
     networks = network_rows(view)
     if args.json:

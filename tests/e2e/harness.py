@@ -24,7 +24,8 @@ from reconciler.hostnet.nftables import firewall_table
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(os.environ.get("INFZ_GUEST_DIR", "/var/cache/infinization/guest"))
 REPORT_RE = re.compile(r"INFZ-REPORT seq=(\d+) disks=(\S*) nics=(\S*) mem_kb=(\d+) cpus=(\d+)(?: cds=(\S*))?"
-                       r"(?: ping=(\S*))?(?: ips=(\S*))?")
+                       r"(?: ping=(\S*))?(?: ips=(\S*))?"
+                       r"(?: efi=(\d) sb=(\S+) tpm=(\d) rng=(\S+) cidata=(\S+))?")
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,18 @@ class Report:
     cds: dict[str, str]
     ping: dict[str, str] = field(default_factory=dict)  # target -> "ok" | "fail" (only with infz.ping=)
     ips: dict[str, list[str]] = field(default_factory=dict)  # iface -> ["10.77.0.2/24", ...] (IPv4, no lo)
+    efi: bool = False  # the guest booted through UEFI
+    secure_boot: bool | None = None  # UEFI's SecureBoot variable; None: not UEFI or not readable
+    tpm: bool = False  # /sys/class/tpm/tpm0 exists
+    rng: str | None = None  # the hardware RNG in use (virtio_rng.0...), None: none
+    cidata: tuple[str, str] | None = None  # a NoCloud seed's (instance-id, sha256 of user-data)
 
 
 def parse_report(line: str) -> Report | None:
     match = REPORT_RE.search(line)
     if not match:
         return None
-    seq, disks, nics, mem, cpus, cds, ping, ips = match.groups()
+    seq, disks, nics, mem, cpus, cds, ping, ips, efi, sb, tpm, rng, cidata = match.groups()
     disk_map = {n: int(s) for n, s in (item.split(":") for item in disks.split(",") if item)}
     nic_map = {}
     for item in filter(None, nics.split(",")):
@@ -56,7 +62,10 @@ def parse_report(line: str) -> Report | None:
     for item in filter(None, (ips or "").split(",")):
         ifname, addr = item.split(":", 1)
         ip_map.setdefault(ifname, []).append(addr)
-    return Report(int(seq), disk_map, nic_map, int(mem), int(cpus), cd_map, ping_map, ip_map)
+    seed = tuple(cidata.rsplit(":", 1)) if cidata and cidata != "-" else None
+    return Report(int(seq), disk_map, nic_map, int(mem), int(cpus), cd_map, ping_map, ip_map,
+                  efi=efi == "1", secure_boot=None if sb in (None, "-") else sb == "1", tpm=tpm == "1",
+                  rng=None if rng in (None, "-") else rng, cidata=seed)  # type: ignore[arg-type]
 
 
 def vm_manifest(name: str, *, disks: str = "", run_strategy: str = "Always", extra: str = "",
