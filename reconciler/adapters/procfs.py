@@ -12,7 +12,10 @@ signal) and the sync daemon.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,9 +129,28 @@ def still_same(process: QemuProcess, paths: VMPaths) -> bool:
     return examine(paths).process == process
 
 
+DNSMASQ_USERS = ("nobody", "dnsmasq")  # the users dnsmasq drops to after binding (besides root)
+
+
+def _dnsmasq_uids() -> set[int]:
+    found = {0}
+    for name in DNSMASQ_USERS:
+        with contextlib.suppress(KeyError):
+            found.add(pwd.getpwnam(name).pw_uid)
+    return found
+
+
 def find_dnsmasq(pidfile: Path) -> int | None:
-    """The live dnsmasq that owns ``pidfile`` (its /proc cmdline names it), or None."""
+    """The live dnsmasq that owns ``pidfile``, or None. Like QEMU's, its PID is only trusted when /proc proves
+    it: the real dnsmasq binary (not deleted), running as root or the user dnsmasq drops to, whose argv names
+    this pidfile. A recycled PID whose process merely forges that argv (any unprivileged user can) is not."""
     pid = read_pidfile(pidfile)
     if pid is None or not is_alive(pid):
         return None
-    return pid if f"--pid-file={pidfile}" in (read_cmdline(pid) or ()) else None
+    if f"--pid-file={pidfile}" not in (read_cmdline(pid) or ()):
+        return None
+    binary = shutil.which("dnsmasq", path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if binary is None or exe(pid) != os.path.realpath(binary):
+        return None
+    found = uids(pid)
+    return pid if found is not None and set(found) <= _dnsmasq_uids() else None
