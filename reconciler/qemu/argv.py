@@ -116,11 +116,13 @@ def build_argv(
         *(arg for fdset, fd in sorted(opened.fds.items())
           for arg in ("-add-fd", _kv("", fd=fd, set=fdset, opaque=opened.names.get(fdset, "-")))),
         *_boot(spec, opened),
-        *(arg for disk in spec.disks for arg in _disk(disk, paths, pcie, next(chassis), opened, spec)),
+        *(arg for disk in spec.disks if disk.bus != "scsi" for arg in _disk(disk, paths, pcie, next(chassis), opened,
+                                                                           spec)),
         *(arg for nic in spec.networks
           for arg in _nic(name, nic, taps or {}, vhost, pcie, next(chassis), opened.vhost.get(nic.name))),
         *_spare_ports(spec, pcie, chassis),
         "-device", _json({"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER}),
+        *(arg for disk in spec.disks if disk.bus == "scsi" for arg in _disk(disk, paths, pcie, 0, opened, spec)),
         *(arg for cdrom in spec.cdroms for arg in _cdrom(cdrom.name, cdrom.image, opened.cdroms.get(cdrom.name))),
         *_balloon(spec),
         *_rng(spec),
