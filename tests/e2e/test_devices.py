@@ -61,11 +61,19 @@ def test_device_models_rng_and_smbios_uuid(host: Host) -> None:
     # preallocation=full: the file's blocks are allocated at creation.
     assert host.disk("dev", "inst").stat().st_blocks * 512 >= 48 * MiB
 
+    # A scsi disk hot-plugs onto the virtio-scsi controller (no spare slot), with an I/O limit read back.
+    (pid,) = host.qemu_pids("dev")
+    more = manifest.replace(DISKS, DISKS + "\n    - {name: more, size: 8Mi, bus: scsi, iops: 100}")
+    host.write("dev.yaml", more)
+    assert "on the virtio-scsi controller" in host.apply().stdout
+    guest.wait_report(lambda r: r.disks.get("sdb") == 8 * MiB, what="the hot-plugged scsi disk")
+    assert host.qemu_pids("dev") == [pid] and host.plan_exit() == 0
+
     # The UUID is the VM's, not the process's: the same after a stop and a start.
     boots = guest.boots()
-    host.write("dev.yaml", manifest.replace("runStrategy: Always", "runStrategy: Halted"))
+    host.write("dev.yaml", more.replace("runStrategy: Always", "runStrategy: Halted"))
     host.apply()
-    host.write("dev.yaml", manifest)
+    host.write("dev.yaml", more)
     host.apply()
     again = guest.wait_report(lambda r: r.rng is not None and "sda" in r.disks, what="boot after a restart",
                               boot=boots + 1)
