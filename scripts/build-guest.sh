@@ -18,7 +18,7 @@
 #   INFZ-REPORT seq=<n> disks=<name>:<bytes>[,...] nics=<if>@<mac>:<up|down>[,...] mem_kb=<kB> cpus=<n>
 #               cds=<srN>:<ISO volume label or ->[,...] [ping=<target>:<ok|fail>[,...]] ips=<if>:<cidr>[,...]
 #               efi=<0|1> sb=<0|1|-> tpm=<0|1> rng=<hw_random driver or -> cidata=<instance-id>:<sha256>|-
-#               ips=<if>:<addr>/<prefix>[,...]
+#               ips=<if>:<addr>/<prefix>[,...] ro=<read-only disk>[,...] uuid=<SMBIOS product_uuid or ->
 #                                    (one line) whenever anything but seq changes; ping= only
 #                                    with infz.ping, ips= always (IPv4 on non-lo interfaces,
 #                                    empty when none)
@@ -514,12 +514,20 @@ while :; do
     rng=; { read rng </sys/class/misc/hw_random/rng_current; } 2>/dev/null
     case $rng in ''|none) rng=- ;; esac
     cidata=$(read_cidata)
+    # Read-only disks (/sys/block/X/ro) and the SMBIOS system UUID QEMU gave (-uuid).
+    ro=
+    for d in /sys/block/vd* /sys/block/sd*; do
+        [ -e "$d/ro" ] || continue
+        v=; { read v <"$d/ro"; } 2>/dev/null
+        [ "$v" = 1 ] && ro="${ro:+$ro,}${d##*/}"
+    done
+    uuid=; { read uuid </sys/class/dmi/id/product_uuid; } 2>/dev/null
 
     # IPv4 addresses actually configured on non-lo interfaces.
     ips=$(ip -4 -o addr show 2>/dev/null | awk '$3 == "inet" && $2 != "lo" { printf "%s%s:%s", s, $2, $4; s = "," }')
 
     cur="disks=$disks nics=$nics mem_kb=$mem cpus=$cpus cds=$cds$pings ips=$ips efi=$efi sb=${sb:--} tpm=$tpm"
-    cur="$cur rng=$rng cidata=$cidata"
+    cur="$cur rng=$rng cidata=$cidata ro=$ro uuid=${uuid:--}"
     if [ "$cur" != "$prev" ]; then
         seq=$(( seq + 1 ))
         echo "INFZ-REPORT seq=$seq $cur"

@@ -43,11 +43,12 @@ def give_to_qemu(path: Path, uid: int, gid: int) -> None:
         os.chmod(path, 0o600)
 
 
-def open_for_qemu(path: Path, uid: int, gid: int) -> int:
-    """The disk, given to QEMU's user, opened read-write for QEMU (an fd it inherits or receives)."""
+def open_for_qemu(path: Path, uid: int, gid: int, read_only: bool = False) -> int:
+    """The disk, given to QEMU's user, opened read-write for QEMU (an fd it inherits or receives); a
+    ``readOnly`` disk read-only (QEMU picks an fd of its fd set by access mode)."""
     try:
         give_to_qemu(path, uid, gid)
-        return os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise StepFailed(f"cannot open disk {path}: {exc.strerror or exc}") from exc
 
@@ -65,8 +66,9 @@ def open_read_only(path: str) -> int:
 
 
 def create(path: Path, size: int | None, image: str | None, image_format: str,
-           owner: tuple[int, int] | None = None) -> str:
-    """Create the qcow2 (a linked clone of ``image`` if given), owned by ``owner`` (QEMU's uid, gid), 0600."""
+           owner: tuple[int, int] | None = None, preallocation: str = "off") -> str:
+    """Create the qcow2 (a linked clone of ``image`` if given), owned by ``owner`` (QEMU's uid, gid), 0600,
+    with ``preallocation`` (off, metadata, falloc, full: validated by the spec model)."""
     if path.exists():
         return "already exists (kept as it is)"
     files.make_private_dirs(path.parent)
@@ -76,6 +78,8 @@ def create(path: Path, size: int | None, image: str | None, image_format: str,
     argv = [QEMU_IMG, "create", "-q", "-f", "qcow2"]
     if image:
         argv += ["-b", image, "-F", image_format]
+    if preallocation != "off":
+        argv += ["-o", f"preallocation={preallocation}"]
     argv.append(str(partial))
     if size is not None:
         argv.append(str(size))

@@ -147,7 +147,7 @@ class Executor:
                 image = self._require(f"spec.disks[{step.target}].image", step.image) if step.image else None
                 files.claim_disk(paths, step.target)
                 return disks.create(Path(step.path), step.size, image, step.image_format,
-                                    owner=vmprocess.qemu_account(self.host))
+                                    owner=vmprocess.qemu_account(self.host), preallocation=step.preallocation)
             case s.GrowDiskLive():
                 return await disks.grow_live(paths.qmp, step.node, Path(step.path), step.size)
             case s.GrowDiskOffline():

@@ -102,29 +102,36 @@ async def _add_disk_nodes(qmp: Monitor, paths: VMPaths, vm: VirtualMachine, disk
                 await qmp.execute("blockdev-add", node)
     if disk_file_node(disk) not in nodes:
         path = paths.disk(disk)
-        filename = await _add_fd(qmp, disks.open_for_qemu(path, *_qemu_owner(paths)), str(path))
-        await qmp.execute("blockdev-add", disk_file_blockdev(disk, filename))
+        filename = await _add_fd(qmp, disks.open_for_qemu(path, *_qemu_owner(paths), spec.readOnly), str(path))
+        await qmp.execute("blockdev-add", disk_file_blockdev(disk, filename, spec))
     if disk_node(disk) not in nodes:
-        await qmp.execute("blockdev-add", disk_format_blockdev(disk, backing))
+        await qmp.execute("blockdev-add", disk_format_blockdev(disk, backing, spec))
 
 
 async def hotplug_disk(qmp: Monitor, paths: VMPaths, vm: VirtualMachine, disk: str, iops: int, bps: int) -> str:
     device = disk_node(disk)
     if device in await peripheral_ids(qmp):
         return "already plugged"
+    spec = next(d for d in vm.spec.disks if d.name == disk)
+    if spec.bus == "sata":
+        raise StepFailed("q35's AHCI cannot hot-plug a disk (bus sata): a restart adds it instead")
     await _add_disk_nodes(qmp, paths, vm, disk)
-    bus = await _free_bus(qmp, vm)
-    await qmp.execute("device_add", disk_device_args(disk, bus), timeout=DEVICE_TIMEOUT)
+    bus = await _free_bus(qmp, vm) if spec.bus == "virtio" else None  # scsi: on the virtio-scsi controller
+    await qmp.execute("device_add", disk_device_args(disk, bus, spec), timeout=DEVICE_TIMEOUT)
     await _confirm_present(qmp, device)
     if iops or bps:
         await set_io_limits(qmp, disk, iops, bps)
-    return f"plugged on {bus or 'pci.0'}"
+    return f"plugged on {bus or (SCSI_CONTROLLER if spec.bus == 'scsi' else 'pci.0')}"
 
 
 async def set_io_limits(qmp: Monitor, disk: str, iops: int, bps: int) -> str:
-    # With -blockdev the device's BlockBackend is reached through its QOM path, not its id.
+    # With -blockdev the device's BlockBackend is reached through its QOM path, not its id; a virtio-blk
+    # device's through its virtio-backend child (scsi-hd and ide-hd hold it themselves).
+    device = f"/machine/peripheral/{disk_node(disk)}"
+    if (await peripheral_ids(qmp)).get(disk_node(disk), "virtio-blk-pci").startswith("virtio-"):
+        device += "/virtio-backend"
     await qmp.execute("block_set_io_throttle", {
-        "id": f"/machine/peripheral/{disk_node(disk)}/virtio-backend",
+        "id": device,
         "iops": iops, "iops_rd": 0, "iops_wr": 0, "bps": bps, "bps_rd": 0, "bps_wr": 0,
     })
     return f"iops={iops} bps={bps}"

@@ -87,7 +87,7 @@ def _open_files(paths: VMPaths, vm: VirtualMachine, uid: int, gid: int) -> Opene
     try:
         for disk in vm.spec.disks:
             path = paths.disk(disk.name)
-            add("disks", disk.name, str(path), disks.open_for_qemu(path, uid, gid))
+            add("disks", disk.name, str(path), disks.open_for_qemu(path, uid, gid, disk.readOnly))
             if disk.image:
                 add("backing", disk.name, disk.image, disks.open_read_only(disk.image))
         for cdrom in vm.spec.cdroms:

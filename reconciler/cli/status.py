@@ -18,6 +18,7 @@ from rich.table import Table
 from reconciler.cli.common import CliError, View, config_of, layout_of, out, read_view
 from reconciler.plan.actions import Change
 from reconciler.runtime.store import VMStatus, conditions_text, open_readonly
+from reconciler.spec.naming import smbios_uuid
 from reconciler.state import files
 from reconciler.state.layout import StateLayout
 
@@ -64,6 +65,7 @@ def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str
         "unplugPending": change.unplug_pending,
         "unverified": vm.unverified,
         "disks": {n: d.virtual_size for n, d in vm.disks.items() if d.exists},
+        "uuid": smbios_uuid(name),  # the SMBIOS system UUID QEMU gives the guest (-uuid)
         "manifest": loaded.source.file if loaded else None,
         "revision": view.records[name].revision if name in view.records else None,
         "conditions": status.conditions if status is not None else {},

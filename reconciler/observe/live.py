@@ -91,7 +91,7 @@ def _disks(answers: LiveAnswers, limits: dict[str, tuple[int, int]]) -> dict[str
     for name in sorted(names):
         iops, bps = limits.get(name, (0, 0))
         disks[name] = LiveDisk(device=f"disk-{name}" in answers.devices, node=f"disk-{name}" in answers.nodes,
-                               iops=iops, bps=bps)
+                               iops=iops, bps=bps, driver=answers.devices.get(f"disk-{name}", ""))
     return disks
 
 

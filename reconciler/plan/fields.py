@@ -45,6 +45,15 @@ TABLE: tuple[FieldRule, ...] = (
     FieldRule(("disks", "*", "deletePolicy"), Mode.LIVE, "recorded", "Read when the VM is deleted."),
     FieldRule(("disks", "*", "iops"), Mode.LIVE, "block_set_io_throttle"),
     FieldRule(("disks", "*", "bps"), Mode.LIVE, "block_set_io_throttle"),
+    FieldRule(("disks", "*", "bus"), Mode.RESTART, "a disk's controller is chosen when it is plugged",
+              "scsi disks hot-plug onto the virtio-scsi controller (no spare slot); q35's AHCI cannot hot-plug, "
+              "so a sata disk added to or removed from a running VM is a restart."),
+    FieldRule(("disks", "*", "cache"), Mode.RESTART, "the cache mode is set when the disk is plugged"),
+    FieldRule(("disks", "*", "discard"), Mode.RESTART, "discard is set when the disk is plugged"),
+    FieldRule(("disks", "*", "readOnly"), Mode.RESTART, "read-only is set when the disk is plugged"),
+    FieldRule(("disks", "*", "preallocation"), Mode.LIVE, "recorded",
+              "Used when the disk file is created (qemu-img create -o preallocation=); an existing disk keeps "
+              "its allocation."),
     FieldRule(("networks", "*"), Mode.LIVE, "hot-plug: netdev_add + device_add on a spare slot",
               "Removal: device_del, wait for DEVICE_DELETED, then netdev_del."),
     FieldRule(("networks", "*", "mac"), Mode.RESTART, "a NIC's MAC is set when it is plugged"),
@@ -59,9 +68,11 @@ TABLE: tuple[FieldRule, ...] = (
     FieldRule(("networks", "*", "ips"), Mode.LIVE, "nftables anti-spoofing rules"),
     FieldRule(("networks", "*", "ipv6"), Mode.LIVE, "nftables anti-spoofing rules",
               "With ips: IPv6 frames pass only with an IPv6 address in ips or ipv6: true."),
+    FieldRule(("networks", "*", "model"), Mode.RESTART, "a NIC's device model is set when it is plugged"),
     FieldRule(("networks", "*", "restrict"), Mode.RESTART, "user-mode options are set when the NIC is plugged"),
     FieldRule(("cdroms", "*"), Mode.LIVE, "device_add scsi-cd on the virtio-scsi controller"),
     FieldRule(("cdroms", "*", "image"), Mode.LIVE, "open tray, remove medium, insert medium, close tray"),
+    FieldRule(("rng",), Mode.RESTART, "the virtio RNG is created when QEMU starts"),
     FieldRule(("metadata", "labels"), Mode.LIVE, "recorded"),
 )
 

@@ -67,16 +67,38 @@ def _unplug_removed(work: LivePlan, live: LiveState, present: Iterable[str], wan
         work.changed(f"{field}[{name}]", "present", None, (field, "*"), how_field)
 
 
+def _ahci_cannot_hotplug(work: LivePlan, spec: VirtualMachineSpec, live: LiveState) -> set[str]:
+    """sata disks to add or remove on the running VM: restart causes (q35's AHCI cannot hot-plug).
+    Returns the names of those removed, which are left alone live."""
+    how = "q35's AHCI cannot hot-plug: a restart"
+    wanted = {d.name for d in spec.disks}
+    removed = {n for n, d in live.disks.items() if d.driver == "ide-hd" and d.device and n not in wanted}
+    added = {d.name for d in spec.disks if d.bus == "sata" and not (d.name in live.disks and
+                                                                     live.disks[d.name].device)}
+    for name, before, after in [*((n, "present", None) for n in sorted(removed)),
+                                *((n, None, "present") for n in sorted(added))]:
+        verb = "removed" if after is None else "added"
+        work.restart_causes.append(f"disks[{name}] (bus sata) {verb}: {how}")
+        work.fields.append(FieldChange(path=f"disks[{name}]", before=before, after=after, mode=Mode.RESTART,
+                                       how=how))
+    return removed | added
+
+
 def _disks(work: LivePlan, spec: VirtualMachineSpec, live: LiveState) -> None:
-    _unplug_removed(work, live, live.disks, {d.name for d in spec.disks}, device=disk_node,
+    sata = _ahci_cannot_hotplug(work, spec, live)
+    present = [name for name in live.disks if name not in sata]
+    _unplug_removed(work, live, present, {d.name for d in spec.disks}, device=disk_node,
                     kind=s.UnplugDisk, label="disk", how="device_del, wait for DEVICE_DELETED, blockdev-del",
                     field="disks", how_field="unplug; the file is kept")
     for disk in spec.disks:
         have = live.disks.get(disk.name)
+        if disk.name in sata:
+            continue
         if have is None or not have.device:
-            work.slots_needed += 1
+            work.slots_needed += disk.bus == "virtio"  # a scsi disk joins the virtio-scsi controller
             work.step(s.HotplugDisk(name=work.name, target=disk.name, iops=disk.iops, bps=disk.bps,
-                                    summary=f"disk {disk.name}: hot-plug (blockdev-add + device_add)"))
+                                    summary=f"disk {disk.name}: hot-plug (blockdev-add + device_add"
+                                    f"{' on the virtio-scsi controller' if disk.bus == 'scsi' else ''})"))
             work.changed(f"disks[{disk.name}]", None, "present", ("disks", "*"))
         elif (have.iops, have.bps) != (disk.iops, disk.bps):
             work.step(s.SetIoLimits(name=work.name, target=disk.name, iops=disk.iops, bps=disk.bps,

@@ -53,6 +53,7 @@ class LiveDisk(_Fact):
     node: bool = Field(description="The qcow2 block node exists.")
     iops: int = 0
     bps: int = 0
+    driver: str = Field(default="", description="The device's QOM type (virtio-blk-pci, scsi-hd, ide-hd).")
 
 
 class LiveNic(_Fact):

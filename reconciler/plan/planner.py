@@ -290,10 +290,13 @@ def _new_disk(work: _VMPlan, disk: DiskSpec, path: str, observed: ObservedState,
         return
     size = disk.size if disk.size is not None else (base.virtual_size if base else None)
     what = f"create {format_size(size)} qcow2" if size else "create qcow2"
+    if disk.preallocation != "off":
+        what += f" (preallocation={disk.preallocation})"
     if disk.image:
         what += f" backed by {disk.image}"
     work.offline.append(s.CreateDisk(name=work.name, target=disk.name, summary=f"{label}: {what}", path=path,
-                                     size=disk.size, image=disk.image, image_format=disk.imageFormat))
+                                     size=disk.size, image=disk.image, image_format=disk.imageFormat,
+                                     preallocation=disk.preallocation))
     if not running:  # on a running VM the new disk is a restart cause, listed as such
         work.fields.append(FieldChange(path=f"disks[{disk.name}]", before=None, after="present", mode=Mode.LIVE,
                                        how="qemu-img create"))

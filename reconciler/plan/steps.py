@@ -122,6 +122,7 @@ class CreateDisk(_StepBase):
     size: int | None
     image: str | None
     image_format: Literal["qcow2", "raw"] = "qcow2"
+    preallocation: Literal["off", "metadata", "falloc", "full"] = "off"
 
 
 class GrowDiskLive(_StepBase):

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.errors import UnsafeValue
-from reconciler.spec.models import DiskSpec, NetworkInterfaceSpec, VirtualMachineSpec, nic_mac
+from reconciler.spec.models import DiskSpec, NetworkInterfaceSpec, VirtualMachineSpec, cpu_model, nic_mac, sata_port
 from reconciler.spec.naming import (
     BALLOON_DEVICE,
+    RNG_DEVICE,
+    RNG_OBJECT,
     SCSI_CONTROLLER,
     backing_file_node,
     backing_node,
@@ -33,6 +35,7 @@ from reconciler.spec.naming import (
     nic_device,
     nic_netdev,
     root_port,
+    smbios_uuid,
     spare_port,
 )
 from reconciler.state.layout import VMPaths
@@ -113,13 +116,16 @@ def build_argv(
         *(arg for fdset, fd in sorted(opened.fds.items())
           for arg in ("-add-fd", _kv("", fd=fd, set=fdset, opaque=opened.names.get(fdset, "-")))),
         *_boot(spec, opened),
-        *(arg for disk in spec.disks for arg in _disk(disk, paths, pcie, next(chassis), opened)),
+        *(arg for disk in spec.disks if disk.bus != "scsi" for arg in _disk(disk, paths, pcie, next(chassis), opened,
+                                                                           spec)),
         *(arg for nic in spec.networks
           for arg in _nic(name, nic, taps or {}, vhost, pcie, next(chassis), opened.vhost.get(nic.name))),
         *_spare_ports(spec, pcie, chassis),
         "-device", _json({"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER}),
+        *(arg for disk in spec.disks if disk.bus == "scsi" for arg in _disk(disk, paths, pcie, 0, opened, spec)),
         *(arg for cdrom in spec.cdroms for arg in _cdrom(cdrom.name, cdrom.image, opened.cdroms.get(cdrom.name))),
         *_balloon(spec),
+        *_rng(spec),
         "-pidfile", str(paths.pidfile),
     ]
 
@@ -131,11 +137,12 @@ def _machine(binary: str, name: str, spec: VirtualMachineSpec) -> list[str]:
         "-nodefaults",
         "-no-user-config",
         "-machine", _kv(spec.machine.type),
+        "-uuid", _safe(smbios_uuid(name)),
     ]
     for accel in spec.machine.accel:
         argv += ["-accel", _kv(accel)]
-    if spec.cpu.model:
-        argv += ["-cpu", _kv(spec.cpu.model)]
+    if model := cpu_model(spec):
+        argv += ["-cpu", _kv(model)]
     return argv
 
 
@@ -164,16 +171,21 @@ def _boot(spec: VirtualMachineSpec, opened: OpenedFiles) -> list[str]:
     return argv
 
 
-def _disk(disk: DiskSpec, paths: VMPaths, pcie: bool, chassis: int, opened: OpenedFiles) -> list[str]:
+def _disk(disk: DiskSpec, paths: VMPaths, pcie: bool, chassis: int, opened: OpenedFiles,
+          spec: VirtualMachineSpec | None = None) -> list[str]:
     fdset = opened.disks.get(disk.name)
     base = opened.backing.get(disk.name)
     backing = [] if base is None else backing_blockdevs(disk.name, fdset_path(base), disk.imageFormat)
+    on_port = pcie and disk.bus == "virtio"  # scsi and sata disks sit on their controllers
+    ahci = sata_port(spec, disk.name) if spec is not None and disk.bus == "sata" else 0
+    path = fdset_path(fdset) if fdset else str(paths.disk(disk.name))
     return [
-        *_port(pcie, disk_node(disk.name), chassis),
+        *_port(on_port, disk_node(disk.name), chassis),
         *(arg for node in backing for arg in ("-blockdev", _json(node))),
-        "-blockdev", _json(disk_file_blockdev(disk.name, fdset_path(fdset) if fdset else str(paths.disk(disk.name)))),
-        "-blockdev", _json(disk_format_blockdev(disk.name, backing_node(disk.name) if backing else None)),
-        "-device", _json(disk_device_args(disk.name, root_port(disk_node(disk.name)) if pcie else None)),
+        "-blockdev", _json(disk_file_blockdev(disk.name, path, disk)),
+        "-blockdev", _json(disk_format_blockdev(disk.name, backing_node(disk.name) if backing else None, disk)),
+        "-device", _json(disk_device_args(disk.name, root_port(disk_node(disk.name)) if on_port else None, disk,
+                                          ahci)),
     ]
 
 
@@ -228,6 +240,14 @@ def _balloon(spec: VirtualMachineSpec) -> list[str]:
     return ["-device", _json({"driver": "virtio-balloon-pci", "id": BALLOON_DEVICE})]
 
 
+def _rng(spec: VirtualMachineSpec) -> list[str]:
+    """A virtio RNG fed from the host's /dev/urandom (QEMU opens it itself, as its user, under its sandbox)."""
+    if not spec.rng.enabled:
+        return []
+    return ["-object", _json({"qom-type": "rng-random", "id": RNG_OBJECT, "filename": "/dev/urandom"}),
+            "-device", _json({"driver": "virtio-rng-pci", "id": RNG_DEVICE, "rng": RNG_OBJECT})]
+
+
 def _cpu_and_memory(spec: VirtualMachineSpec) -> list[str]:
     cpu, memory = spec.cpu, spec.memory
     # vCPUs are hot-plugged as cores: the topology QEMU sees is sized for maxCpus.
@@ -250,17 +270,39 @@ def host_forwards(nic: NetworkInterfaceSpec) -> list[str]:
     return [f"{fwd.protocol}:{fwd.hostAddress}:{fwd.host}-:{fwd.guest}" for fwd in nic.portForwards]
 
 
-def disk_file_blockdev(disk_name: str, path: str) -> dict[str, Any]:
-    return {"driver": "file", "node-name": disk_file_node(disk_name), "filename": path}
+# A disk's cache mode as QEMU's -drive cache= expands it: (cache.direct, cache.no-flush, device write-cache).
+CACHE_MODES: dict[str, tuple[bool, bool, bool]] = {
+    "writeback": (False, False, True), "none": (True, False, True), "writethrough": (False, False, False),
+    "directsync": (True, False, False), "unsafe": (False, True, True),
+}
 
 
-def disk_format_blockdev(disk_name: str, backing: str | None = None) -> dict[str, Any]:
+def _node_options(disk: DiskSpec | None) -> dict[str, Any]:
+    """cache, discard and read-only of a disk's block nodes (nothing for the defaults)."""
+    if disk is None:
+        return {}
+    options: dict[str, Any] = {}
+    direct, no_flush, _ = CACHE_MODES[disk.cache]
+    if direct or no_flush:
+        options["cache"] = {"direct": direct, "no-flush": no_flush}
+    if disk.discard == "unmap":
+        options["discard"] = "unmap"
+    if disk.readOnly:
+        options["read-only"] = True
+    return options
+
+
+def disk_file_blockdev(disk_name: str, path: str, disk: DiskSpec | None = None) -> dict[str, Any]:
+    return {"driver": "file", "node-name": disk_file_node(disk_name), "filename": path, **_node_options(disk)}
+
+
+def disk_format_blockdev(disk_name: str, backing: str | None = None, disk: DiskSpec | None = None) -> dict[str, Any]:
     """A disk's qcow2 node; ``backing``: the node of its backing image (else QEMU opens the path in the
     image's header itself)."""
     node = {"driver": "qcow2", "node-name": disk_node(disk_name), "file": disk_file_node(disk_name)}
     if backing:
         node["backing"] = backing
-    return node
+    return {**node, **_node_options(disk)}
 
 
 def backing_blockdevs(disk_name: str, filename: str, image_format: str) -> list[dict[str, Any]]:
@@ -272,16 +314,30 @@ def backing_blockdevs(disk_name: str, filename: str, image_format: str) -> list[
     ]
 
 
-def disk_device_args(disk_name: str, bus: str | None) -> dict[str, Any]:
-    args: dict[str, Any] = {"driver": "virtio-blk-pci", "id": disk_node(disk_name), "drive": disk_node(disk_name),
+_DISK_DRIVERS = {"virtio": "virtio-blk-pci", "scsi": "scsi-hd", "sata": "ide-hd"}
+
+
+def disk_device_args(disk_name: str, bus: str | None, disk: DiskSpec | None = None,
+                     ahci_port: int = 0) -> dict[str, Any]:
+    """A disk's device: virtio-blk on ``bus`` (a root port, or none), scsi-hd on the virtio-scsi controller,
+    or ide-hd on q35's AHCI port ``ahci_port``."""
+    kind = disk.bus if disk is not None else "virtio"
+    args: dict[str, Any] = {"driver": _DISK_DRIVERS[kind], "id": disk_node(disk_name), "drive": disk_node(disk_name),
                             "serial": disk_name}
+    if kind == "scsi":
+        bus = f"{SCSI_CONTROLLER}.0"
+    elif kind == "sata":
+        bus = f"ide.{ahci_port}"
     if bus:
         args["bus"] = bus
+    if disk is not None and not CACHE_MODES[disk.cache][2]:
+        args["write-cache"] = "off"
     return args
 
 
 def nic_device_args(vm_name: str, nic: NetworkInterfaceSpec, bus: str | None) -> dict[str, Any]:
-    args: dict[str, Any] = {"driver": "virtio-net-pci", "id": nic_device(nic.name), "netdev": nic_netdev(nic.name),
+    driver = "virtio-net-pci" if nic.model == "virtio" else nic.model
+    args: dict[str, Any] = {"driver": driver, "id": nic_device(nic.name), "netdev": nic_netdev(nic.name),
                             "mac": nic_mac(vm_name, nic)}
     if nic.queues > 1:
         args.update({"mq": True, "vectors": 2 * nic.queues + 2})

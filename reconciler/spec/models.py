@@ -163,11 +163,25 @@ class DiskSpec(_Frozen):
     )
     iops: Annotated[int, Field(ge=0)] = Field(default=0, description="I/O operations per second limit; 0: none.")
     bps: Size = Field(default=0, description="Bytes per second limit; 0: none.")
+    bus: Literal["virtio", "scsi", "sata"] = Field(
+        default="virtio", description="virtio-blk; scsi: on the virtio-scsi controller; sata: q35's AHCI "
+        "(for installers without virtio drivers; no hot-plug).")
+    cache: Literal["none", "writeback", "writethrough", "directsync", "unsafe"] = Field(
+        default="writeback", description="Host cache mode, as QEMU's -drive cache= (none: O_DIRECT).")
+    discard: Literal["ignore", "unmap"] = Field(
+        default="ignore", description="unmap: the guest's TRIM/discard frees space in the image.")
+    readOnly: bool = Field(default=False, description="The guest cannot write to it (not with bus sata).")
+    preallocation: Literal["off", "metadata", "falloc", "full"] = Field(
+        default="off", description="qcow2 preallocation when the disk file is created (qemu-img create -o).")
 
     @model_validator(mode="after")
     def _size_or_image(self) -> DiskSpec:
         if self.size is None and self.image is None:
             raise ValueError("a disk needs a size, an image, or both")
+        if self.preallocation != "off" and self.image is not None:
+            raise ValueError("preallocation needs a disk without image (qcow2 refuses it on a linked clone)")
+        if self.readOnly and self.bus == "sata":
+            raise ValueError("readOnly needs bus virtio or scsi (QEMU's ide-hd refuses a read-only drive)")
         if self.size is not None and (self.size % 512 or self.size == 0):
             raise ValueError("disk size must be a positive multiple of 512 bytes")
         return self
@@ -282,6 +296,8 @@ class NetworkInterfaceSpec(_Frozen):
     portForwards: list[PortForward] = Field(default_factory=list)
     link: Literal["up", "down"] = Field(default="up", description="Link state, as the guest sees it.")
     queues: Annotated[int, Field(ge=1, le=16)] = Field(default=1, description="Multiqueue (type bridge).")
+    model: Literal["virtio", "e1000e"] = Field(
+        default="virtio", description="e1000e: an emulated Intel NIC, for installers without virtio drivers.")
     firewall: FirewallSpec | None = Field(default=None, description="type bridge: per-NIC nftables rules.")
     ipv6: bool = Field(
         default=False, description="type bridge with ips: the guest may send IPv6 without a declared IPv6 address."
@@ -308,12 +324,18 @@ class NetworkInterfaceSpec(_Frozen):
                 raise ValueError("type bridge needs exactly one of network (a Network) or bridge (a host bridge)")
             if self.portForwards:
                 raise ValueError("portForwards are for type: user")
+        if self.queues != 1 and self.model != "virtio":
+            raise ValueError("queues needs model: virtio")
         return self
 
 
 class CdromSpec(_Frozen):
     name: DeviceName
     image: AbsolutePath | None = Field(default=None, description="An ISO image; none: an empty drive.")
+
+
+class RngSpec(_Frozen):
+    enabled: bool = Field(default=True, description="A virtio RNG fed from the host's /dev/urandom.")
 
 
 class VirtualMachineSpec(_Frozen):
@@ -342,6 +364,7 @@ class VirtualMachineSpec(_Frozen):
     terminationGracePeriodSeconds: Annotated[int, Field(ge=0, le=3600)] = Field(
         default=60, description="How long a graceful stop (ACPI power button) may take before QEMU is quit."
     )
+    rng: RngSpec = Field(default_factory=RngSpec)
 
     @model_validator(mode="after")
     def _unique_device_names(self) -> VirtualMachineSpec:
@@ -351,6 +374,15 @@ class VirtualMachineSpec(_Frozen):
                 if item.name in seen:
                     raise ValueError(f"{kind}: the name {item.name!r} is used twice")
                 seen.add(item.name)
+        return self
+
+    @model_validator(mode="after")
+    def _sata_fits(self) -> VirtualMachineSpec:
+        sata = [disk.name for disk in self.disks if disk.bus == "sata"]
+        if sata and self.machine.type != "q35":
+            raise ValueError("disks with bus sata need machine type q35 (its built-in AHCI controller)")
+        if len(sata) > SATA_PORTS:
+            raise ValueError(f"at most {SATA_PORTS} disks with bus sata (the AHCI controller's ports)")
         return self
 
 
@@ -409,6 +441,23 @@ class Network(_Frozen):
     @property
     def name(self) -> str:
         return self.metadata.name
+
+
+SATA_PORTS = 6
+
+
+def sata_port(spec: VirtualMachineSpec, disk_name: str) -> int:
+    """The AHCI port (``ide.N``) of a sata disk: its position among the VM's sata disks."""
+    return [disk.name for disk in spec.disks if disk.bus == "sata"].index(disk_name)
+
+
+def cpu_model(spec: VirtualMachineSpec) -> str | None:
+    """The CPU model QEMU is given: ``cpu.model``, else ``host`` when the accelerator can only be KVM
+    (``accel: [kvm]``), else None (QEMU's default). With a fallback (``[kvm, tcg]``, the default) QEMU may
+    end up on TCG, where ``-cpu host`` does not start: the default stays QEMU's; say ``model: host``."""
+    if spec.cpu.model is not None:
+        return spec.cpu.model
+    return "host" if spec.machine.accel == ["kvm"] else None
 
 
 def default_mac(vm_name: str, nic_name: str) -> str:

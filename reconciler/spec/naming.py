@@ -7,6 +7,8 @@ models, so every id here is a safe QEMU id.
 
 from __future__ import annotations
 
+import uuid
+
 
 def disk_node(disk_name: str) -> str:
     """The QEMU format-node name of a disk (what ``block_resize`` targets); also its device id."""
@@ -55,3 +57,14 @@ def spare_port(index: int) -> str:
 
 SCSI_CONTROLLER = "scsi0"
 BALLOON_DEVICE = "balloon0"
+RNG_OBJECT = "rng0-source"
+RNG_DEVICE = "rng0"
+
+# Fixed namespace of the SMBIOS UUIDs (a uuid5 of the VM name in it), so every host derives the same one.
+_SMBIOS_NAMESPACE = uuid.UUID("4f1e2b6e-8a37-5c0d-9f52-1d6b0c7e3a10")
+
+
+def smbios_uuid(vm_name: str) -> str:
+    """The VM's SMBIOS system UUID (``-uuid``; /sys/class/dmi/id/product_uuid in the guest): derived from
+    its name alone, so it is the same across restarts, upgrades and hosts, and needs no stored state."""
+    return str(uuid.uuid5(_SMBIOS_NAMESPACE, vm_name))

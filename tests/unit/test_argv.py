@@ -144,3 +144,81 @@ def test_what_the_executor_opened_is_handed_to_qemu_as_fds_and_copies() -> None:
     assert (_after(argv, "-kernel"), _after(argv, "-initrd")) == (
         ["/var/lib/infz/vms/web/run/kernel"], ["/var/lib/infz/vms/web/run/initrd"])
     assert not [arg for arg in argv if arg.startswith("/srv/") or "/srv/" in arg.split("opaque=")[0]]
+
+
+DEVICES = """apiVersion: infinization.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: desk}
+spec:
+  machine: {type: q35, accel: [tcg]}
+  disks:
+  - {name: root, size: 1Gi}
+  - {name: data, size: 1Gi, bus: scsi, cache: none, discard: unmap, readOnly: true}
+  - {name: inst, size: 1Gi, bus: sata, cache: writethrough}
+  - {name: inst2, size: 1Gi, bus: sata, cache: unsafe}
+  networks: [{name: nat, model: e1000e, mac: "52:54:00:00:00:0a"}]
+"""
+
+
+def _load(text: str) -> VirtualMachine:
+    objects, errors = load_text(text, "x")
+    assert not errors, errors
+    vm = objects[0][0]
+    assert isinstance(vm, VirtualMachine)
+    return vm
+
+
+def test_device_models_cache_discard_read_only_rng_and_uuid() -> None:
+    vm = _load(DEVICES)
+    argv = build_argv(vm.name, vm.spec, StateLayout(Path("/var/lib/infz")).vm("desk"))
+    devices = {d["id"]: d for d in map(json.loads, _after(argv, "-device")) if "id" in d}
+    nodes = {n["node-name"]: n for n in map(json.loads, _after(argv, "-blockdev"))}
+    assert devices["disk-root"]["driver"] == "virtio-blk-pci" and devices["disk-root"]["bus"] == "rp-disk-root"
+    assert devices["disk-data"] == {"driver": "scsi-hd", "id": "disk-data", "drive": "disk-data", "serial": "data",
+                                    "bus": "scsi0.0"}
+    assert devices["disk-inst"] == {"driver": "ide-hd", "id": "disk-inst", "drive": "disk-inst", "serial": "inst",
+                                    "bus": "ide.0", "write-cache": "off"}
+    assert devices["disk-inst2"]["bus"] == "ide.1" and "write-cache" not in devices["disk-inst2"]
+    assert "rp-disk-data" not in devices and "rp-disk-inst" not in devices  # on their controllers
+    for node in ("file-data", "disk-data"):
+        assert nodes[node]["cache"] == {"direct": True, "no-flush": False}
+        assert nodes[node]["discard"] == "unmap" and nodes[node]["read-only"] is True
+    assert nodes["disk-inst2"]["cache"] == {"direct": False, "no-flush": True}
+    assert "cache" not in nodes["disk-root"] and "discard" not in nodes["disk-root"]
+    assert devices["nic-nat"]["driver"] == "e1000e"
+    assert devices["rng0"] == {"driver": "virtio-rng-pci", "id": "rng0", "rng": "rng0-source"}
+    assert [json.loads(x) for x in _after(argv, "-object")] == [
+        {"qom-type": "rng-random", "id": "rng0-source", "filename": "/dev/urandom"}]
+    uuid = _after(argv, "-uuid")
+    assert uuid == _after(build_argv("desk", vm.spec, StateLayout(Path("/other")).vm("desk")), "-uuid")
+    assert uuid != _after(build_argv("other", vm.spec, StateLayout(Path("/var/lib/infz")).vm("other")), "-uuid")
+    assert _after(argv, "-cpu") == []  # TCG: QEMU's default model
+
+
+def test_rng_can_be_dropped_and_cpu_host_only_where_the_accelerator_is_kvm() -> None:
+    vm = _load(MANIFEST.replace("model: qemu64", "model: null") + "  rng: {enabled: false}\n")
+    argv = build_argv(vm.name, vm.spec, StateLayout(Path("/var/lib/infz")).vm("web"))
+    assert "-object" not in argv and "virtio-rng-pci" not in " ".join(argv)
+    assert _after(argv, "-cpu") == []  # [kvm, tcg]: QEMU may fall back to TCG, where -cpu host fails
+    kvm = _load(MANIFEST.replace("model: qemu64", "model: null").replace("[kvm, tcg]", "[kvm]"))
+    assert _after(build_argv(kvm.name, kvm.spec, StateLayout(Path("/v")).vm("web")), "-cpu") == ["host"]
+    assert _after(build_argv(vm.name, _vm().spec, StateLayout(Path("/v")).vm("web")), "-cpu") == ["qemu64"]
+
+
+@pytest.mark.parametrize(("disk", "error"), [
+    ("{name: d, size: 1Gi, bus: sata, readOnly: true}", "readOnly needs bus virtio or scsi"),
+    ("{name: d, image: /srv/base.qcow2, preallocation: full}", "preallocation needs a disk without image"),
+    ("{name: d, size: 1Gi, bus: ide}", "bus"),
+])
+def test_device_options_that_qemu_would_refuse_are_refused_by_the_spec(disk: str, error: str) -> None:
+    _, errors = load_text(MANIFEST.replace("[{name: root, size: 1Gi}]", f"[{disk}]"), "x")
+    assert errors and error in str(errors[0])
+
+
+def test_sata_needs_q35_and_fits_six_ports() -> None:
+    _, errors = load_text(MANIFEST.replace("[{name: root, size: 1Gi}]", "[{name: d, size: 1Gi, bus: sata}]"), "x")
+    assert errors and "need machine type q35" in str(errors[0])
+    seven = ", ".join(f"{{name: d{i}, size: 1Gi, bus: sata}}" for i in range(7))
+    _, errors = load_text(DEVICES.replace("  - {name: root, size: 1Gi}\n", f"  - {seven}\n".replace(", {", "\n  - {")),
+                          "x")
+    assert errors and "at most 6 disks with bus sata" in str(errors[0])

@@ -113,6 +113,16 @@ TABLE_COVERAGE: dict[tuple[str, ...], tuple[str, str]] = {
     ("networks", "*", "ipv6"): ("nic_ipv6_allowed_live_as_rule_diff", "+ rule web/lan0 anti-spoofing only ip+arp+ip6"),
     ("networks", "*", "restrict"): ("nic_restrict_change_needs_restart",
                                     "networks[nat].restrict changed (False -> True)"),
+    ("disks", "*", "bus"): ("sata_disk_added_live_needs_restart_scsi_hotplugs",
+                            "disks[legacy] (bus sata) added: q35's AHCI cannot hot-plug"),
+    ("disks", "*", "cache"): ("device_model_changes_need_restart", "disks[root].cache changed (writeback -> none)"),
+    ("disks", "*", "discard"): ("device_model_changes_need_restart", "disks[root].discard changed (ignore -> unmap)"),
+    ("disks", "*", "readOnly"): ("device_model_changes_need_restart", "disks[root].readOnly changed (False -> True)"),
+    ("disks", "*", "preallocation"): ("sata_disk_added_live_needs_restart_scsi_hotplugs",
+                                      "disk scratch: create 2Gi qcow2 (preallocation=full)"),
+    ("networks", "*", "model"): ("device_model_changes_need_restart",
+                                 "networks[nat].model changed (virtio -> e1000e)"),
+    ("rng",): ("device_model_changes_need_restart", "rng.enabled changed (True -> False)"),
 }
 
 
