@@ -316,6 +316,10 @@ class CdromSpec(_Frozen):
     image: AbsolutePath | None = Field(default=None, description="An ISO image; none: an empty drive.")
 
 
+class TpmSpec(_Frozen):
+    enabled: bool = Field(default=False, description="A TPM 2.0 (tpm-crb), emulated by swtpm; its state is kept.")
+
+
 class VirtualMachineSpec(_Frozen):
     runStrategy: Literal["Always", "RerunOnFailure", "Manual", "Halted"] = Field(
         default="Always",
@@ -336,6 +340,7 @@ class VirtualMachineSpec(_Frozen):
     disks: list[DiskSpec] = Field(default_factory=list)
     networks: list[NetworkInterfaceSpec] = Field(default_factory=list)
     cdroms: list[CdromSpec] = Field(default_factory=list)
+    tpm: TpmSpec = Field(default_factory=TpmSpec)
     hotplugSlots: Annotated[int, Field(ge=0, le=16)] = Field(
         default=4, description="Spare PCIe slots reserved at start for disks and NICs added live."
     )

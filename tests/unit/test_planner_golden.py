@@ -113,6 +113,7 @@ TABLE_COVERAGE: dict[tuple[str, ...], tuple[str, str]] = {
     ("networks", "*", "ipv6"): ("nic_ipv6_allowed_live_as_rule_diff", "+ rule web/lan0 anti-spoofing only ip+arp+ip6"),
     ("networks", "*", "restrict"): ("nic_restrict_change_needs_restart",
                                     "networks[nat].restrict changed (False -> True)"),
+    ("tpm",): ("tpm_turned_off_keeps_state_orphan_swtpm_stopped", "turned off, the TPM state is kept"),
 }
 
 
