@@ -243,14 +243,13 @@ def _tpm(spec: VirtualMachineSpec, paths: VMPaths) -> list[str]:
 
 def swtpm_argv(paths: VMPaths, binary: str = "swtpm") -> list[str]:
     """The VM's swtpm (TPM 2.0) in the foreground: its state in ``tpm/NAME/``, its control socket in QEMU's
-    ``run/``, its pidfile there too, its log on stderr; it exits when QEMU's connection is lost."""
+    ``run/``, its pidfile there too, its errors on stderr; it exits when QEMU's connection is lost."""
     paths.check()
     return [binary, "socket", "--tpm2",
             "--tpmstate", _kv("", dir=paths.tpm_state, mode="0600"),
             "--ctrl", _kv("", type="unixio", path=paths.tpm_socket, mode="0600"),
             "--pid", _kv("", file=paths.tpm_pidfile),
-            "--log", _kv("", fd=2, level=1),
-            "--terminate"]
+            "--terminate"]  # errors go to stderr (vms/NAME/swtpm.log); swtpm 0.7 refuses --log fd=2
 
 
 def _cpu_and_memory(spec: VirtualMachineSpec) -> list[str]:
