@@ -19,9 +19,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.state.files import read_launch, read_pidfile
+from reconciler.state.files import read_launch, read_pidfile, read_tpm_launch
 from reconciler.state.layout import VMPaths
-from reconciler.state.models import LaunchRecord
+from reconciler.state.models import LaunchRecord, TpmLaunchRecord
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def exe(pid: int) -> str | None:
         return None
 
 
-def mismatch(pid: int, launch: LaunchRecord | None) -> str | None:
+def mismatch(pid: int, launch: LaunchRecord | TpmLaunchRecord | None) -> str | None:
     """Why live process ``pid`` is not the QEMU ``launch`` records (None: it is)."""
     if launch is None or launch.pid is None or launch.start_time is None:
         return "no launch record names it (launch.json is missing or was never completed)"
@@ -138,6 +138,22 @@ def _dnsmasq_uids() -> set[int]:
         with contextlib.suppress(KeyError):
             found.add(pwd.getpwnam(name).pw_uid)
     return found
+
+
+def find_swtpm(paths: VMPaths) -> QemuProcess | None:
+    """The VM's live swtpm when its pidfile names a process that passes every check of ``mismatch``
+    against ``swtpm.json``. A record without a pid (a crash between the launch and its record) is checked on
+    what it has: the pidfile, uid, executable and argv (which names this VM's TPM state and socket)."""
+    pid = read_pidfile(paths.tpm_pidfile)
+    launch = read_tpm_launch(paths)
+    if pid is None or launch is None or not is_alive(pid):
+        return None
+    if launch.pid is None:
+        launch = launch.model_copy(update={"pid": pid, "start_time": start_time(pid)})
+    cmdline, began = read_cmdline(pid), start_time(pid)
+    if mismatch(pid, launch) is not None or cmdline is None or began is None:
+        return None
+    return QemuProcess(pid=pid, start_time=began, cmdline=cmdline)
 
 
 def find_dnsmasq(pidfile: Path) -> int | None:

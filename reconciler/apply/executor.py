@@ -22,7 +22,7 @@ from typing import assert_never
 
 from reconciler.adapters import monitor, procfs
 from reconciler.adapters import paths as host_paths
-from reconciler.apply import disks, hostnet, hotplug, vmprocess
+from reconciler.apply import disks, hostnet, hotplug, swtpm, vmprocess
 from reconciler.errors import InfinizationError, Permanent, Refused, StepFailed
 from reconciler.plan import policy
 from reconciler.plan import steps as s
@@ -117,7 +117,7 @@ class Executor:
         """The one dispatch table: how each kind of step runs."""
         match step:
             case (s.WriteRecord() | s.CreateDisk() | s.GrowDiskLive() | s.GrowDiskOffline() | s.Stop() | s.Start()
-                  | s.DeleteDisk() | s.Forget()):
+                  | s.DeleteDisk() | s.Forget() | s.StopTpm() | s.DeleteTpmState()):
                 return await self._vm_step(step)
             case (s.HotplugDisk() | s.UnplugDisk() | s.HotplugNic() | s.UnplugNic() | s.SetLink() | s.SetIoLimits()
                   | s.AddCpus() | s.AddMemory() | s.SetBalloon() | s.HotplugCdrom() | s.UnplugCdrom()
@@ -160,10 +160,12 @@ class Executor:
             case s.DeleteDisk():
                 return self._delete_disk(paths, step)
             case s.Forget():
-                if procfs.find_qemu(paths) is not None:
+                if procfs.find_qemu(paths) is not None or procfs.find_swtpm(paths) is not None:
                     raise StepFailed("the VM is still running: refusing to forget it (it is stopped first)")
                 files.forget_vm(paths)
                 return "forgotten"
+            case s.StopTpm() | s.DeleteTpmState():
+                return await _tpm_step(paths, step)
             case _:
                 assert_never(step)
 
@@ -285,3 +287,14 @@ async def _live_step(qmp: monitor.Monitor, paths: VMPaths, vm: VirtualMachine, s
             return await hotplug.change_media(qmp, target, step.image)
         case _:
             assert_never(step)
+
+
+async def _tpm_step(paths: VMPaths, step: s.StopTpm | s.DeleteTpmState) -> str:
+    """A swtpm left without its QEMU, or the TPM state of a VM deleted with its disks: never while QEMU runs."""
+    if procfs.find_qemu(paths) is not None:
+        raise StepFailed("the VM's QEMU runs: refusing to touch its TPM")
+    if isinstance(step, s.StopTpm):
+        return await swtpm.stop(paths) or "no swtpm of this VM runs"
+    if procfs.find_swtpm(paths) is not None:
+        raise StepFailed("its swtpm still runs: refusing to delete the TPM state")
+    return "deleted" if files.delete_tpm_state(paths) else "already gone"

@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 from reconciler.adapters import monitor, procfs
-from reconciler.apply import disks, hostnet
+from reconciler.apply import disks, hostnet, swtpm
 from reconciler.errors import MonitorError, Refused, StepFailed
-from reconciler.qemu.argv import OpenedFiles, build_argv
+from reconciler.qemu.argv import OpenedFiles, build_argv, swtpm_argv
 from reconciler.spec.host import HostConfig
 from reconciler.spec.models import VirtualMachine, nic_mac, tap_name
 from reconciler.state import files
@@ -130,23 +130,24 @@ def _boot_copy(paths: VMPaths, what: str, source: str, uid: int, gid: int) -> st
     return str(paths.boot_copy(what))
 
 
-def _launch(paths: VMPaths, argv: list[str], uid: int, gid: int, fds: list[int]) -> int:
-    """Run QEMU detached as ``uid``:``gid`` with no privileges; its pid."""
+def _launch(paths: VMPaths, argv: list[str], uid: int, gid: int, fds: list[int], what: str = "QEMU") -> int:
+    """Run QEMU (or, ``what`` = "swtpm", the VM's swtpm) detached as ``uid``:``gid`` with no privileges; its pid."""
     # --init-groups: the user's groups from the host's database only (e.g. kvm, for /dev/kvm), never ours.
     setpriv = [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--no-new-privs",
                "--inh-caps=-all", "--bounding-set=-all", "--"]
-    log = files.open_qemu_log(paths)
+    log = files.open_qemu_log(paths) if what == "QEMU" else files.open_swtpm_log(paths)
     try:
         done = subprocess.run(["/bin/sh", "-c", LAUNCHER, "infinization-launch", *setpriv, *argv],
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, pass_fds=fds,
                               cwd=paths.run, env=LAUNCH_ENV, start_new_session=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise StepFailed(f"cannot launch QEMU: {exc}") from exc
+        raise StepFailed(f"cannot launch {what}: {exc}") from exc
     finally:
         os.close(log)
     pid = done.stdout.strip()
     if done.returncode != 0 or not pid.isdigit():
-        raise StepFailed(f"cannot launch QEMU: {files.qemu_log_tail(paths) or f'exit status {done.returncode}'}")
+        said = files.qemu_log_tail(paths) if what == "QEMU" else files.swtpm_log_tail(paths)
+        raise StepFailed(f"cannot launch {what}: {said or f'exit status {done.returncode}'}")
     return int(pid)
 
 
@@ -190,7 +191,42 @@ def _own_cgroup(paths: VMPaths, pid: int) -> str:
 
 async def start(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str],
                 host: HostConfig) -> str:
-    """Start the VM unless its QEMU already runs; return what was done.
+    """Start the VM unless its QEMU already runs (its swtpm first, when it has a TPM); what was done."""
+    if not vm.spec.tpm.enabled or procfs.find_qemu(paths) is not None:
+        return await _start_qemu(layout, paths, vm, bridges, host)
+    tpm = await _start_swtpm(layout, paths, host)
+    try:
+        return f"{await _start_qemu(layout, paths, vm, bridges, host)}, {tpm}"
+    except BaseException:
+        await swtpm.stop(paths)  # a swtpm without its QEMU would wait forever for a connection
+        raise
+
+
+async def _start_swtpm(layout: StateLayout, paths: VMPaths, host: HostConfig) -> str:
+    """Start the VM's swtpm (one per TPM state: a stale one of ours is stopped first) and wait for its socket."""
+    stale = await swtpm.stop(paths)
+    uid, gid = qemu_account(host)
+    files.prepare_vm_dirs(layout, paths, uid, gid)
+    files.prepare_tpm_state(layout, paths, uid, gid)
+    argv = swtpm_argv(paths, host.swtpmBinary)
+    files.write_tpm_launch(paths, argv, uid, host.swtpmBinary)
+    files.remove_pidfile(paths.tpm_pidfile)
+    pid = await asyncio.to_thread(_launch, paths, argv, uid, gid, [], "swtpm")
+    if (began := procfs.start_time(pid)) is not None:
+        files.record_tpm_launched(paths, pid, began)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not (paths.tpm_socket.is_socket() and procfs.find_swtpm(paths) is not None):
+        if not procfs.is_alive(pid) or time.monotonic() >= deadline:
+            said = files.swtpm_log_tail(paths)
+            await swtpm.stop(paths)
+            raise StepFailed(f"swtpm did not start: {said or f'pid {pid} gave no control socket'}")
+        await asyncio.sleep(POLL)
+    return f"swtpm pid {pid}" + (f" ({stale} first)" if stale else "")
+
+
+async def _start_qemu(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str],
+                      host: HostConfig) -> str:
+    """Start the VM's QEMU unless it already runs; return what was done.
 
     ``bridges`` maps each bridged NIC to its bridge: their TAPs are created here and handed to QEMU as
     file descriptors (closed on our side once QEMU has them), like its disks and media, and, where the
@@ -287,6 +323,13 @@ def _kill(process: procfs.QemuProcess, paths: VMPaths) -> None:
 
 
 async def stop(paths: VMPaths, grace: float) -> str:
+    """Stop the VM's QEMU, then its swtpm (which exits by itself when QEMU goes); return what worked."""
+    how = await _stop_qemu(paths, grace)
+    tpm = await swtpm.stop(paths)
+    return f"{how}, {tpm}" if tpm else how
+
+
+async def _stop_qemu(paths: VMPaths, grace: float) -> str:
     """Stop the VM's QEMU if it runs: ACPI power button, then quit, then SIGKILL; return what worked."""
     process = procfs.find_qemu(paths)
     if process is None:

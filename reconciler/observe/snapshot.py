@@ -35,8 +35,10 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str]) 
     last_exit = None
     if observed_process is None and (ended := files.read_exit(paths)) is not None:
         last_exit = ended.reason
+    tpm = procfs.find_swtpm(paths)
     return ObservedVM(name=name, process=observed_process, disks=disks, last_exit=last_exit,
-                      unverified=examined.unverified)
+                      unverified=examined.unverified, tpm_pid=tpm.pid if tpm else None,
+                      tpm_state=files.tpm_state_exists(paths))
 
 
 async def query_running(

@@ -74,6 +74,10 @@ TABLE: tuple[FieldRule, ...] = (
     FieldRule(("cdroms", "*", "image"), Mode.LIVE, "open tray, remove medium, insert medium, close tray"),
     FieldRule(("rng",), Mode.RESTART, "the virtio RNG is created when QEMU starts"),
     FieldRule(("metadata", "labels"), Mode.LIVE, "recorded"),
+    FieldRule(("tpm",), Mode.RESTART,
+              "swtpm and tpm-crb are attached when QEMU starts; turned off, the TPM state is kept",
+              "Its state (tpm/NAME/) survives restarts; it is deleted only with the VM, when all its disks have "
+              "deletePolicy: Delete."),
 )
 
 

@@ -102,6 +102,8 @@ class ObservedVM(_Fact):
     unverified: str | None = Field(
         default=None, description="A live process the pidfile names but that is not proven this VM's QEMU (why); "
         "it is not adopted: the VM counts as not running.")
+    tpm_pid: int | None = Field(default=None, description="The VM's swtpm, when one of ours runs (verified).")
+    tpm_state: bool = Field(default=False, description="The VM's TPM state directory (tpm/NAME/) exists.")
 
 
 class ObservedLink(_Fact):

@@ -129,13 +129,13 @@ def plan(
     host = host or HostConfig()
     networks = networks or {}
     net = plan_networks(networks, desired, observed)
-    names = sorted(set(desired) | set(last_applied) | {n for n, vm in observed.vms.items() if vm.process})
+    names = sorted(set(desired) | set(last_applied) | {n for n, vm in observed.vms.items() if vm.process or vm.tpm_pid})
     changes = list(net.first)
     for name in names:
         vm = desired.get(name)
         record = last_applied.get(name)
         change = _plan_vm(name, vm, observed, record, options, networks, host) if vm else _plan_delete(
-            name, observed.vm(name), record)
+            name, observed.vm(name), record, observed.state_dir)
         if change is not None and change.steps and name in net.blocked:
             change = change.model_copy(update={"steps": [], "opens": [], "refusals": [net.blocked[name]]})
         if change is not None:
@@ -176,6 +176,7 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
     if work.refusals:
         return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
     steps, action, pending = _choose(work, desired.spec, obs, record is not None, options, allowed)
+    steps += _orphan_tpm(work.reasons, obs)
     if steps or record is None or recorded_changes:
         steps = [s.WriteRecord(name=name, summary="record the desired spec as last applied", vm=manifest), *steps]
     if action is Action.NOOP and steps:
@@ -384,16 +385,35 @@ def _record_only_fields(work: _VMPlan, before: VirtualMachine, after: VirtualMac
     return count
 
 
-def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None) -> Change | None:
+def _orphan_tpm(reasons: list[str], obs: ObservedVM) -> list[s.Step]:
+    """A swtpm of ours that runs without its QEMU (a crash, a kill -9 between the two launches): stop it."""
+    if obs.process is not None or obs.tpm_pid is None:
+        return []
+    reasons.append(f"its swtpm (pid {obs.tpm_pid}) runs without its QEMU")
+    return [s.StopTpm(name=obs.name, summary=f"stop swtpm pid {obs.tpm_pid}, left without its QEMU")]
+
+
+def _delete_tpm(name: str, obs: ObservedVM, record: AppliedRecord, state_dir: str) -> tuple[list[s.Step], str]:
+    """The TPM state goes with the VM only when every disk goes too (deletePolicy: Delete); else it is kept."""
+    if not obs.tpm_state:
+        return [], ""
+    if all(disk.deletePolicy == "Delete" for disk in record.vm.spec.disks):
+        path = paths.tpm_state(state_dir, name)
+        return [s.DeleteTpmState(name=name, path=path, summary=f"delete the TPM state {path} (no disk of the VM "
+                                 "is kept: deletePolicy: Delete)")], ""
+    return [], "the TPM state"
+
+
+def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, state_dir: str = "") -> Change | None:
     if record is None:
         # A QEMU that is ours (its cmdline names our pidfile) but that we have no record of can only come
         # from a crash before the record was written; stop it, there is nothing else of ours to remove.
-        if obs.process is None:
+        if obs.process is None and obs.tpm_pid is None:
             return None
         return Change(name=name, action=Action.DELETE, reasons=["running but not in any manifest"],
                       steps=[_stop_step(name, VirtualMachineSpec().terminationGracePeriodSeconds),
                              s.Forget(name=name, summary="forget the VM (disks are kept)")])
-    steps: list[s.Step] = []
+    steps: list[s.Step] = _orphan_tpm([], obs)
     if obs.process is not None:
         steps.append(_stop_step(name, record.vm.spec.terminationGracePeriodSeconds))
     kept = []
@@ -404,6 +424,9 @@ def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None) -> Ch
                                       summary=f"disk {disk.name}: delete {image.path} (deletePolicy: Delete)"))
         elif image and image.exists:
             kept.append(disk.name)
+    tpm_steps, tpm_kept = _delete_tpm(name, obs, record, state_dir)
+    steps += tpm_steps
     summary = "forget the VM" + (f" (keeping disks: {', '.join(kept)})" if kept else "")
+    summary += f" (keeping {tpm_kept})" if tpm_kept else ""
     steps.append(s.Forget(name=name, summary=summary))
     return Change(name=name, action=Action.DELETE, reasons=["its manifest was removed"], steps=steps)

@@ -23,7 +23,7 @@ from reconciler.spec.host import HostConfig
 from reconciler.spec.models import VirtualMachineSpec
 
 PRIVILEGED_BELOW = 1024
-_STATE_SUBDIRS = ("vms", "disks", "networks")
+_STATE_SUBDIRS = ("vms", "disks", "networks", "tpm")
 _UNSAFE = re.compile(r"[,=\x00-\x1f\x7f]")
 _KIND_TEXT = {"directory": "a directory, not a regular file", "device": "a device node, not a regular file",
               "missing": "which does not exist", "other": "a socket, a FIFO or unreadable, not a regular file"}

@@ -49,6 +49,8 @@ class StepKind(StrEnum):
     REPAIR_TAP = "repair-tap"
     ENSURE_DHCP = "ensure-dhcp"
     STOP_DHCP = "stop-dhcp"
+    STOP_TPM = "stop-tpm"
+    DELETE_TPM_STATE = "delete-tpm-state"
 
 
 class Phase:
@@ -160,6 +162,19 @@ class DeleteDisk(_StepBase):
 class Forget(_StepBase):
     kind: Literal[StepKind.FORGET] = StepKind.FORGET
     phase = Phase.FORGET
+
+
+class StopTpm(_StepBase):
+    """Stop a swtpm of ours left without its QEMU (a crash, or a kill -9 between the two launches)."""
+
+    kind: Literal[StepKind.STOP_TPM] = StepKind.STOP_TPM
+    phase = Phase.STOP
+
+
+class DeleteTpmState(_StepBase):
+    kind: Literal[StepKind.DELETE_TPM_STATE] = StepKind.DELETE_TPM_STATE
+    phase = Phase.DELETE
+    path: str
 
 
 # -- a running VM, over QMP -----------------------------------------------------------------------------
@@ -292,7 +307,8 @@ class StopDhcp(_StepBase):
     pidfile: str
 
 
-VMStep = WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget
+VMStep = WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget \
+    | StopTpm | DeleteTpmState
 """Steps on a VM's record, disk files and process."""
 LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
             | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia)

@@ -26,6 +26,9 @@ from reconciler.spec.naming import (
     RNG_DEVICE,
     RNG_OBJECT,
     SCSI_CONTROLLER,
+    TPM_BACKEND,
+    TPM_CHARDEV,
+    TPM_DEVICE,
     backing_file_node,
     backing_node,
     cdrom_device,
@@ -126,6 +129,7 @@ def build_argv(
         *(arg for cdrom in spec.cdroms for arg in _cdrom(cdrom.name, cdrom.image, opened.cdroms.get(cdrom.name))),
         *_balloon(spec),
         *_rng(spec),
+        *_tpm(spec, paths),
         "-pidfile", str(paths.pidfile),
     ]
 
@@ -246,6 +250,26 @@ def _rng(spec: VirtualMachineSpec) -> list[str]:
         return []
     return ["-object", _json({"qom-type": "rng-random", "id": RNG_OBJECT, "filename": "/dev/urandom"}),
             "-device", _json({"driver": "virtio-rng-pci", "id": RNG_DEVICE, "rng": RNG_OBJECT})]
+
+
+def _tpm(spec: VirtualMachineSpec, paths: VMPaths) -> list[str]:
+    """A TPM 2.0 on the CRB interface, backed by the VM's swtpm over its control socket."""
+    if not spec.tpm.enabled:
+        return []
+    return ["-chardev", _kv("socket", id=TPM_CHARDEV, path=paths.tpm_socket),
+            "-tpmdev", _kv("emulator", id=TPM_BACKEND, chardev=TPM_CHARDEV),
+            "-device", _json({"driver": "tpm-crb", "tpmdev": TPM_BACKEND, "id": TPM_DEVICE})]
+
+
+def swtpm_argv(paths: VMPaths, binary: str = "swtpm") -> list[str]:
+    """The VM's swtpm (TPM 2.0) in the foreground: its state in ``tpm/NAME/``, its control socket in QEMU's
+    ``run/``, its pidfile there too, its errors on stderr; it exits when QEMU's connection is lost."""
+    paths.check()
+    return [binary, "socket", "--tpm2",
+            "--tpmstate", _kv("", dir=paths.tpm_state, mode="0600"),
+            "--ctrl", _kv("", type="unixio", path=paths.tpm_socket, mode="0600"),
+            "--pid", _kv("", file=paths.tpm_pidfile),
+            "--terminate"]  # errors go to stderr (vms/NAME/swtpm.log); swtpm 0.7 refuses --log fd=2
 
 
 def _cpu_and_memory(spec: VirtualMachineSpec) -> list[str]:

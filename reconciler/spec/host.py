@@ -51,6 +51,9 @@ class HostConfig(BaseModel):
     qemuBinary: AbsolutePath = Field(
         default="/usr/bin/qemu-system-x86_64", description="The QEMU a VM's process must be (its /proc exe)."
     )
+    swtpmBinary: AbsolutePath = Field(
+        default="/usr/bin/swtpm", description="The swtpm a VM's TPM process must be (its /proc exe)."
+    )
     portForwardRange: Annotated[str, AfterValidator(_port_range)] = Field(
         default="10000-20000", description="Host ports a user-mode NIC's portForwards may bind."
     )

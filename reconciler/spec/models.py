@@ -338,6 +338,10 @@ class RngSpec(_Frozen):
     enabled: bool = Field(default=True, description="A virtio RNG fed from the host's /dev/urandom.")
 
 
+class TpmSpec(_Frozen):
+    enabled: bool = Field(default=False, description="A TPM 2.0 (tpm-crb), emulated by swtpm; its state is kept.")
+
+
 class VirtualMachineSpec(_Frozen):
     runStrategy: Literal["Always", "RerunOnFailure", "Manual", "Halted"] = Field(
         default="Always",
@@ -358,6 +362,7 @@ class VirtualMachineSpec(_Frozen):
     disks: list[DiskSpec] = Field(default_factory=list)
     networks: list[NetworkInterfaceSpec] = Field(default_factory=list)
     cdroms: list[CdromSpec] = Field(default_factory=list)
+    tpm: TpmSpec = Field(default_factory=TpmSpec)
     hotplugSlots: Annotated[int, Field(ge=0, le=16)] = Field(
         default=4, description="Spare PCIe slots reserved at start for disks and NICs added live."
     )

@@ -56,6 +56,9 @@ def spare_port(index: int) -> str:
 
 
 SCSI_CONTROLLER = "scsi0"
+TPM_CHARDEV = "chrtpm"
+TPM_BACKEND = "tpm0"
+TPM_DEVICE = "tpm-crb0"
 BALLOON_DEVICE = "balloon0"
 RNG_OBJECT = "rng0-source"
 RNG_DEVICE = "rng0"

@@ -13,6 +13,8 @@ are atomic (temporary file, fsync, rename) and private to their owner (0600). Wh
 - ``restarts.json``: the sync daemon's crash-loop history.
 - ``source.json``: the CLI's ``apply``; read by ``status``, ``start`` and ``stop``.
 - ``networks/NAME.json``: the executor's network steps; read by the observers and the executor.
+- ``swtpm.json``: ``write_tpm_launch`` / ``record_tpm_launched`` by ``apply.vmprocess``; ``tpm/NAME/`` (the
+  TPM state, written by swtpm) is created by ``prepare_tpm_state`` and deleted by ``delete_tpm_state``.
 - QEMU's and dnsmasq's pidfiles, the serial log and the DHCP leases are written by those programs; they
   are read here only, never following a symbolic link (QEMU's user owns its run directory).
 - Modes: directories we create are 0700; the state directory, ``vms/`` and a VM's folder are
@@ -46,6 +48,7 @@ from reconciler.state.models import (
     LiveRecord,
     NetworkRecord,
     SourceRecord,
+    TpmLaunchRecord,
 )
 
 
@@ -425,3 +428,57 @@ def install_boot_copy(source: str, dest: Path, uid: int, gid: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# -- the TPM: swtpm.json, swtpm.log, tpm/NAME/ -----------------------------------------------------------
+
+
+def read_tpm_launch(paths: VMPaths) -> TpmLaunchRecord | None:
+    try:
+        return TpmLaunchRecord.model_validate_json(paths.tpm_launch.read_text())
+    except (FileNotFoundError, ValidationError, json.JSONDecodeError):
+        return None
+
+
+def write_tpm_launch(paths: VMPaths, argv: list[str], uid: int, binary: str) -> None:
+    """The swtpm about to start (adopted only once ``record_tpm_launched`` names its pid)."""
+    write_atomic(paths.tpm_launch, _dump(TpmLaunchRecord(argv=argv, uid=uid, binary=binary)))
+
+
+def record_tpm_launched(paths: VMPaths, pid: int, start_time: int) -> None:
+    launch = read_tpm_launch(paths)
+    if launch is None:
+        raise CorruptRecord(f"{paths.tpm_launch} vanished while its swtpm started")
+    write_atomic(paths.tpm_launch, _dump(launch.model_copy(update={"pid": pid, "start_time": start_time})))
+
+
+def prepare_tpm_state(layout: StateLayout, paths: VMPaths, uid: int, gid: int) -> None:
+    """``tpm/`` root:gid 0710 (traverse only) and the VM's ``tpm/NAME/``, QEMU's user's 0700 (swtpm writes it)."""
+    make_private_dirs(paths.tpm_state)
+    _own(layout.tpm, 0, gid, 0o710)
+    _own(paths.tpm_state, uid, gid, 0o700)
+
+
+def tpm_state_exists(paths: VMPaths) -> bool:
+    return paths.tpm_state.is_dir()
+
+
+def delete_tpm_state(paths: VMPaths) -> bool:
+    """Remove the VM's TPM state; False when there was none."""
+    if not paths.tpm_state.is_dir() or paths.tpm_state.is_symlink():
+        return False
+    shutil.rmtree(paths.tpm_state)
+    return True
+
+
+def open_swtpm_log(paths: VMPaths) -> int:
+    """swtpm's stderr for this start (truncated), root's 0600."""
+    return os.open(paths.tpm_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def swtpm_log_tail(paths: VMPaths, lines: int = 5) -> str:
+    try:
+        text = _read_no_follow(paths.tpm_log).decode(errors="replace")
+    except OSError:
+        return ""
+    return "; ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())

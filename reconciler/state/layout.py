@@ -16,6 +16,11 @@
     STATE/vms/NAME/run/events.sock       a second QMP monitor, kept free for a long-lived event listener
     STATE/vms/NAME/run/serial.log        the guest's serial console
     STATE/vms/NAME/run/kernel, initrd    QEMU's private copies of the boot files (-kernel takes no fd)
+    STATE/vms/NAME/swtpm.json          argv, user, pid and start time of the VM's swtpm (its identity)
+    STATE/vms/NAME/swtpm.log           swtpm's stderr (root's)
+    STATE/vms/NAME/run/swtpm.sock        swtpm's control socket (QEMU connects to it); run/swtpm.pid its pidfile
+    STATE/tpm/NAME/                    the VM's TPM state (QEMU's user's, 0700): outside vms/NAME, so it outlives
+                                       a forgotten VM unless all its disks had deletePolicy: Delete
     STATE/disks/NAME/DISK.qcow2        disk images: outside the VM folder, so forgetting a VM keeps them
     STATE/networks/NAME.json           a Network we created (its bridge is ours to repair and delete)
     STATE/networks/NAME.dnsmasq.pid    its DHCP server (dnsmasq), and NAME.leases, the leases it gave
@@ -84,6 +89,10 @@ class StateLayout:
     def dhcp_leases(self, name: str) -> Path:
         return Path(paths.dhcp_leases(str(self.root), name))
 
+    @property
+    def tpm(self) -> Path:
+        return self.root / "tpm"
+
     def vm(self, name: str) -> VMPaths:
         return VMPaths(self.vms / name, self.disks / name, self.root)
 
@@ -145,12 +154,33 @@ class VMPaths:
         """QEMU's private copy of the kernel or initrd (``what``): QEMU 7.2's -kernel opens a path, not an fd."""
         return self.run / what
 
+    @property
+    def tpm_state(self) -> Path:
+        """The TPM's state (swtpm's --tpmstate dir): outside the VM's folder, so forgetting the VM keeps it."""
+        return Path(paths.tpm_state(str(self.root), self.dir.name))
+
+    @property
+    def tpm_launch(self) -> Path:
+        return self.dir / "swtpm.json"
+
+    @property
+    def tpm_log(self) -> Path:
+        return self.dir / "swtpm.log"
+
+    @property
+    def tpm_socket(self) -> Path:
+        return self.run / "swtpm.sock"
+
+    @property
+    def tpm_pidfile(self) -> Path:
+        return self.run / "swtpm.pid"
+
     def disk(self, disk_name: str) -> Path:
         return Path(paths.disk_file(str(self.root), self.dir.name, disk_name))
 
     def check(self) -> None:
         """Refuse paths QEMU cannot use: sockets longer than a sun_path, or option separators."""
-        for path in (self.qmp, self.events):
+        for path in (self.qmp, self.events, self.tpm_socket):
             if len(os.fsencode(path)) > UNIX_PATH_MAX:
                 raise UnsafeValue(
                     f"socket path {path} is longer than {UNIX_PATH_MAX} bytes; use a shorter --state-dir"

@@ -57,6 +57,16 @@ class LaunchRecord(_Record):
     start_time: int | None = Field(default=None, description="Its start time in clock ticks (/proc/PID/stat).")
 
 
+class TpmLaunchRecord(_Record):
+    """vms/NAME/swtpm.json: the swtpm we started for the VM's TPM (trusted only while /proc agrees)."""
+
+    argv: list[str]
+    uid: int | None = None
+    binary: str | None = None
+    pid: int | None = None
+    start_time: int | None = None
+
+
 class LiveRecord(_Record):
     """vms/NAME/live.json: what QMP cannot tell us back (link state, balloon target, unplugs we asked for).
 

@@ -20,3 +20,8 @@ def dhcp_pidfile(state_dir: str, network: str) -> str:
 
 def dhcp_leases(state_dir: str, network: str) -> str:
     return posixpath.join(state_dir, "networks", f"{network}.leases")
+
+
+def tpm_state(state_dir: str, vm: str) -> str:
+    """A VM's TPM state (swtpm's directory): outside the VM's folder, so forgetting a VM keeps it."""
+    return posixpath.join(state_dir, "tpm", vm)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.qemu.argv import OpenedFiles, UnsafeOptionValue, _kv, build_argv
+from reconciler.qemu.argv import OpenedFiles, UnsafeOptionValue, _kv, build_argv, swtpm_argv
 from reconciler.spec.loader import load_text
 from reconciler.spec.models import VirtualMachine
 from reconciler.state.layout import StateLayout
@@ -222,3 +222,21 @@ def test_sata_needs_q35_and_fits_six_ports() -> None:
     _, errors = load_text(DEVICES.replace("  - {name: root, size: 1Gi}\n", f"  - {seven}\n".replace(", {", "\n  - {")),
                           "x")
     assert errors and "at most 6 disks with bus sata" in str(errors[0])
+
+
+def test_tpm_is_a_crb_device_on_the_vms_swtpm_socket_and_swtpm_keeps_state_outside_the_vm_folder() -> None:
+    vm = _vm()
+    paths = StateLayout(Path("/var/lib/infz")).vm("web")
+    assert "-tpmdev" not in build_argv("web", vm.spec, paths)
+    spec = vm.spec.model_copy(update={"tpm": vm.spec.tpm.model_copy(update={"enabled": True})})
+    argv = build_argv("web", spec, paths)
+    assert "socket,id=chrtpm,path=/var/lib/infz/vms/web/run/swtpm.sock" in _after(argv, "-chardev")
+    assert _after(argv, "-tpmdev") == ["emulator,id=tpm0,chardev=chrtpm"]
+    assert {"driver": "tpm-crb", "tpmdev": "tpm0", "id": "tpm-crb0"} in [json.loads(a) for a in _after(argv, "-device")]
+    swtpm = swtpm_argv(paths, "/usr/bin/swtpm")
+    assert swtpm[:3] == ["/usr/bin/swtpm", "socket", "--tpm2"] and "--terminate" in swtpm
+    assert _after(swtpm, "--tpmstate") == ["dir=/var/lib/infz/tpm/web,mode=0600"]
+    assert _after(swtpm, "--ctrl") == ["type=unixio,path=/var/lib/infz/vms/web/run/swtpm.sock,mode=0600"]
+    assert _after(swtpm, "--pid") == ["file=/var/lib/infz/vms/web/run/swtpm.pid"]
+    with pytest.raises(ValueError, match="must not contain"):
+        swtpm_argv(StateLayout(Path("/var/lib/in=fz")).vm("web"))

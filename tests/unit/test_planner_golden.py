@@ -123,6 +123,7 @@ TABLE_COVERAGE: dict[tuple[str, ...], tuple[str, str]] = {
     ("networks", "*", "model"): ("device_model_changes_need_restart",
                                  "networks[nat].model changed (virtio -> e1000e)"),
     ("rng",): ("device_model_changes_need_restart", "rng.enabled changed (True -> False)"),
+    ("tpm",): ("tpm_turned_off_keeps_state_orphan_swtpm_stopped", "turned off, the TPM state is kept"),
 }
 
 
