@@ -36,7 +36,8 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str]) 
     if observed_process is None and (ended := files.read_exit(paths)) is not None:
         last_exit = ended.reason
     return ObservedVM(name=name, process=observed_process, disks=disks, last_exit=last_exit,
-                      unverified=examined.unverified)
+                      unverified=examined.unverified,
+                      efi_vars=str(paths.efi_vars) if files.efi_vars_exists(paths) else None)
 
 
 async def query_running(

@@ -49,6 +49,8 @@ class StepKind(StrEnum):
     REPAIR_TAP = "repair-tap"
     ENSURE_DHCP = "ensure-dhcp"
     STOP_DHCP = "stop-dhcp"
+    CREATE_EFI_VARS = "create-efi-vars"
+    DELETE_EFI_VARS = "delete-efi-vars"
 
 
 class Phase:
@@ -159,6 +161,21 @@ class DeleteDisk(_StepBase):
 class Forget(_StepBase):
     kind: Literal[StepKind.FORGET] = StepKind.FORGET
     phase = Phase.FORGET
+
+
+class CreateEfiVars(_StepBase):
+    """Copy OVMF's VARS template to the VM's own variable store, once (an existing store is kept)."""
+
+    kind: Literal[StepKind.CREATE_EFI_VARS] = StepKind.CREATE_EFI_VARS
+    phase = Phase.CREATE
+    path: str
+    template: str
+
+
+class DeleteEfiVars(_StepBase):
+    kind: Literal[StepKind.DELETE_EFI_VARS] = StepKind.DELETE_EFI_VARS
+    phase = Phase.DELETE
+    path: str
 
 
 # -- a running VM, over QMP -----------------------------------------------------------------------------
@@ -291,7 +308,8 @@ class StopDhcp(_StepBase):
     pidfile: str
 
 
-VMStep = WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget
+VMStep = WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget \
+    | CreateEfiVars | DeleteEfiVars
 """Steps on a VM's record, disk files and process."""
 LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
             | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia)

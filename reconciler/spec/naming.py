@@ -7,6 +7,8 @@ models, so every id here is a safe QEMU id.
 
 from __future__ import annotations
 
+from reconciler.spec.models import VirtualMachineSpec
+
 
 def disk_node(disk_name: str) -> str:
     """The QEMU format-node name of a disk (what ``block_resize`` targets); also its device id."""
@@ -55,3 +57,22 @@ def spare_port(index: int) -> str:
 
 SCSI_CONTROLLER = "scsi0"
 BALLOON_DEVICE = "balloon0"
+
+
+def firmware_node(what: str) -> str:
+    """The raw format node of a UEFI VM's pflash ``what``: ``code`` (pflash0, read-only) or ``vars`` (pflash1)."""
+    return f"fw-{what}"
+
+
+def firmware_file_node(what: str) -> str:
+    return f"fwfile-{what}"
+
+
+def boot_devices(spec: VirtualMachineSpec) -> list[str]:
+    """The boot order as ``kind:name`` entries: ``bootOrder``, or else the disks in order."""
+    return list(spec.bootOrder) or [f"disk:{disk.name}" for disk in spec.disks]
+
+
+def boot_indices(spec: VirtualMachineSpec) -> dict[str, int]:
+    """QEMU ``bootindex`` per ``kind:name`` device (1 first: a direct kernel boot's option ROM comes first)."""
+    return {entry: index for index, entry in enumerate(boot_devices(spec), start=1)}

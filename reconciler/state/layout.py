@@ -17,6 +17,7 @@
     STATE/vms/NAME/run/serial.log        the guest's serial console
     STATE/vms/NAME/run/kernel, initrd    QEMU's private copies of the boot files (-kernel takes no fd)
     STATE/disks/NAME/DISK.qcow2        disk images: outside the VM folder, so forgetting a VM keeps them
+    STATE/disks/NAME/efivars.fd        a UEFI VM's variables (copied once from OVMF's template), QEMU's user's 0600
     STATE/networks/NAME.json           a Network we created (its bridge is ours to repair and delete)
     STATE/networks/NAME.dnsmasq.pid    its DHCP server (dnsmasq), and NAME.leases, the leases it gave
 
@@ -144,6 +145,11 @@ class VMPaths:
     def boot_copy(self, what: str) -> Path:
         """QEMU's private copy of the kernel or initrd (``what``): QEMU 7.2's -kernel opens a path, not an fd."""
         return self.run / what
+
+    @property
+    def efi_vars(self) -> Path:
+        """The VM's UEFI variable store (pflash1), beside its disks: kept when the VM is forgotten."""
+        return Path(paths.efi_vars(str(self.root), self.dir.name))
 
     def disk(self, disk_name: str) -> Path:
         return Path(paths.disk_file(str(self.root), self.dir.name, disk_name))

@@ -144,3 +144,40 @@ def test_what_the_executor_opened_is_handed_to_qemu_as_fds_and_copies() -> None:
     assert (_after(argv, "-kernel"), _after(argv, "-initrd")) == (
         ["/var/lib/infz/vms/web/run/kernel"], ["/var/lib/infz/vms/web/run/initrd"])
     assert not [arg for arg in argv if arg.startswith("/srv/") or "/srv/" in arg.split("opaque=")[0]]
+
+
+UEFI = """apiVersion: infinization.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: desk}
+spec:
+  firmware: {type: uefi, secureBoot: true}
+  disks: [{name: root, size: 1Gi}]
+  cdroms: [{name: install, image: /srv/iso/x.iso}, {name: drivers}]
+  bootOrder: [cdrom:install, disk:root]
+"""
+
+
+def test_uefi_firmware_is_two_pflash_fd_sets_and_boot_order_is_bootindex() -> None:
+    objects, errors = load_text(UEFI, "x")
+    assert not errors and isinstance(objects[0][0], VirtualMachine)
+    vm = objects[0][0]
+    paths = StateLayout(Path("/s")).vm("desk")
+    with pytest.raises(ValueError, match="UEFI"):
+        build_argv(vm.name, vm.spec, paths)  # never lets QEMU open a firmware path itself
+    argv = build_argv(vm.name, vm.spec, paths, files=OpenedFiles(firmware={"code": 7, "vars": 8}))
+    nodes = {node["node-name"]: node for node in map(json.loads, _after(argv, "-blockdev"))}
+    assert nodes["fwfile-code"] == {"driver": "file", "node-name": "fwfile-code", "filename": "/dev/fdset/7",
+                                    "read-only": True}
+    assert nodes["fw-code"]["read-only"] is True and nodes["fw-vars"]["read-only"] is False
+    assert nodes["fwfile-vars"]["filename"] == "/dev/fdset/8"
+    assert _after(argv, "-machine") == ["q35", "pflash0=fw-code,pflash1=fw-vars", "smm=on"]
+    assert _after(argv, "-global") == ["driver=cfi.pflash01,property=secure,value=on"]
+    boot = {d["id"]: d.get("bootindex") for d in map(json.loads, _after(argv, "-device")) if "id" in d}
+    assert (boot["cd-install"], boot["disk-root"], boot["cd-drivers"]) == (1, 2, None)
+
+
+def test_bios_boots_the_disks_in_order_by_default() -> None:
+    vm = _vm()
+    argv = build_argv(vm.name, vm.spec, StateLayout(Path("/s")).vm("web"))
+    assert "-global" not in argv and _after(argv, "-machine") == ["pc"]
+    assert [d.get("bootindex") for d in map(json.loads, _after(argv, "-device")) if d.get("id") == "disk-root"] == [1]
