@@ -75,7 +75,7 @@ storageRoots:
   - /var/cache/infinization          # the bundled demo guest's kernel and initrd
 
 # Where firmware files may come from.
-firmwareDirs: [/usr/share/OVMF, /usr/share/qemu, /usr/share/seabios]
+firmwareDirs: [/usr/share/OVMF, /usr/share/qemu, /usr/share/seabios, /usr/share/edk2/ovmf]
 
 # The unprivileged user QEMU runs as, and the QEMU binary a VM's process must be.
 qemuUser: infinization-qemu

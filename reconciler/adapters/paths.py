@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from reconciler.errors import Refused
+from reconciler.plan.firmware import Firmware, probe_paths, select
 from reconciler.plan.observed import ObservedPath, PathKind
 from reconciler.plan.policy import path_refusal
 from reconciler.spec.host import HostConfig
+from reconciler.spec.models import VirtualMachineSpec
 
 
 def observe_path(path: str) -> ObservedPath:
@@ -46,14 +48,28 @@ def policy_facts(host: HostConfig, state_dir: str, named: Iterable[str]) -> dict
     return {path: observe_path(path) for path in wanted}
 
 
-def require(field: str, path: str, host: HostConfig, state_dir: str) -> str:
+def require(field: str, path: str, host: HostConfig, state_dir: str, roots: Sequence[str] | None = None) -> str:
     """The resolved ``path`` if the host policy lets ``field`` open it now.
 
     :raise Refused: When it resolves outside the storage roots, into the state directory, or to anything
         but a regular file.
     """
-    facts = policy_facts(host, state_dir, [path])
-    reason = path_refusal(field, path, facts, host.storageRoots, state_dir)
+    roots = host.storageRoots if roots is None else roots  # firmware: the firmware directories
+    facts = policy_facts(host, state_dir, [path, *roots])
+    reason = path_refusal(field, path, facts, roots, state_dir)
     if reason is not None:
         raise Refused(f"host policy: {reason}")
     return facts[path].resolved
+
+
+def require_firmware(spec: VirtualMachineSpec, host: HostConfig, state_dir: str) -> Firmware | None:
+    """The OVMF files for a UEFI VM, probed again right before QEMU starts (None for BIOS).
+
+    :raise Refused: When none is usable now (the planner's rule: ``plan.firmware.select``).
+    """
+    if spec.firmware.type != "uefi":
+        return None
+    found = select(spec, policy_facts(host, state_dir, [*host.firmwareDirs, *probe_paths(host)]), host, state_dir)
+    if isinstance(found, str):
+        raise Refused(f"host policy: {found}")
+    return found

@@ -131,6 +131,8 @@ class Executor:
                   | s.RepairTap() | s.EnsureDhcp() | s.StopDhcp()):
                 # pyroute2's sync IPRoute refuses to run in the event loop's thread.
                 return await asyncio.to_thread(self._host_step, step)
+            case s.CreateEfiVars() | s.DeleteEfiVars():
+                return await self._vm_step(step)
             case _:
                 assert_never(step)
 
@@ -166,8 +168,22 @@ class Executor:
                 return "forgotten"
             case s.StopTpm() | s.DeleteTpmState():
                 return await _tpm_step(paths, step)
+            case s.CreateEfiVars() | s.DeleteEfiVars():
+                return self._efi_vars_step(paths, step)
             case _:
                 assert_never(step)
+
+    def _efi_vars_step(self, paths: VMPaths, step: s.CreateEfiVars | s.DeleteEfiVars) -> str:
+        """A UEFI VM's variable store: copied once from the template (re-checked in the firmware
+        directories; an existing store is kept), or deleted once its QEMU is gone."""
+        if isinstance(step, s.CreateEfiVars):
+            template = host_paths.require("firmware VARS template", step.template, self.host, str(self.layout.root),
+                                          roots=self.host.firmwareDirs)
+            uid, gid = vmprocess.qemu_account(self.host)
+            return "copied" if files.install_efi_vars(template, paths, uid, gid) else "already exists (kept as it is)"
+        if procfs.find_qemu(paths) is not None:
+            raise StepFailed("the VM is still running: refusing to delete its UEFI variables")
+        return "deleted" if files.delete_efi_vars(paths) else "already gone"
 
     def _require(self, field_name: str, path: str) -> str:
         """The host policy's re-check right before a path is opened: the resolved path, or Refused."""
@@ -189,7 +205,8 @@ class Executor:
         if procfs.find_qemu(paths) is not None:
             return "already running"
         vm = self._resolved_vm(self._recorded_vm(paths))
-        started = await vmprocess.start(self.layout, paths, vm, self._bridges(vm), self.host)
+        fw = host_paths.require_firmware(vm.spec, self.host, str(self.layout.root))
+        started = await vmprocess.start(self.layout, paths, vm, self._bridges(vm), self.host, firmware=fw)
         async with monitor.session(paths.qmp) as qmp:
             extra = await hotplug.after_start(qmp, paths, vm)
         return ", ".join([started, *extra])

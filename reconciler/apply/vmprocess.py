@@ -32,6 +32,7 @@ from pathlib import Path
 from reconciler.adapters import monitor, procfs
 from reconciler.apply import disks, hostnet, swtpm
 from reconciler.errors import MonitorError, Refused, StepFailed
+from reconciler.plan.firmware import Firmware
 from reconciler.qemu.argv import OpenedFiles, build_argv, swtpm_argv
 from reconciler.spec.host import HostConfig
 from reconciler.spec.models import VirtualMachine, nic_mac, tap_name
@@ -71,13 +72,14 @@ def qemu_account(host: HostConfig) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-def _open_files(paths: VMPaths, vm: VirtualMachine, uid: int, gid: int) -> OpenedFiles:
+def _open_files(paths: VMPaths, vm: VirtualMachine, uid: int, gid: int,
+                firmware: Firmware | None = None) -> OpenedFiles:
     """Open what QEMU will use (fd sets) and copy its boot files; on failure nothing stays open."""
     sets = itertools.count(1)
     fds: dict[int, int] = {}
     names: dict[int, str] = {}
     vhost: dict[str, list[int]] = {}
-    chosen: dict[str, dict[str, int]] = {"disks": {}, "backing": {}, "cdroms": {}}
+    chosen: dict[str, dict[str, int]] = {"disks": {}, "backing": {}, "cdroms": {}, "firmware": {}}
 
     def add(kind: str, name: str, path: str, fd: int) -> None:
         fdset = next(sets)
@@ -93,6 +95,9 @@ def _open_files(paths: VMPaths, vm: VirtualMachine, uid: int, gid: int) -> Opene
         for cdrom in vm.spec.cdroms:
             if cdrom.image:
                 add("cdroms", cdrom.name, cdrom.image, disks.open_read_only(cdrom.image))
+        if firmware is not None:  # OVMF's code read-only, the VM's own variable store read-write
+            add("firmware", "code", firmware.code, disks.open_read_only(firmware.code))
+            add("firmware", "vars", str(paths.efi_vars), files.open_efi_vars(paths))
         for nic in vm.spec.networks:
             if nic.type == "bridge" and VHOST_NET.exists():
                 vhost[nic.name] = []
@@ -190,13 +195,13 @@ def _own_cgroup(paths: VMPaths, pid: int) -> str:
 
 
 async def start(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str],
-                host: HostConfig) -> str:
+                host: HostConfig, firmware: Firmware | None = None) -> str:
     """Start the VM unless its QEMU already runs (its swtpm first, when it has a TPM); what was done."""
     if not vm.spec.tpm.enabled or procfs.find_qemu(paths) is not None:
-        return await _start_qemu(layout, paths, vm, bridges, host)
+        return await _start_qemu(layout, paths, vm, bridges, host, firmware)
     tpm = await _start_swtpm(layout, paths, host)
     try:
-        return f"{await _start_qemu(layout, paths, vm, bridges, host)}, {tpm}"
+        return f"{await _start_qemu(layout, paths, vm, bridges, host, firmware)}, {tpm}"
     except BaseException:
         await swtpm.stop(paths)  # a swtpm without its QEMU would wait forever for a connection
         raise
@@ -225,7 +230,7 @@ async def _start_swtpm(layout: StateLayout, paths: VMPaths, host: HostConfig) ->
 
 
 async def _start_qemu(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str],
-                      host: HostConfig) -> str:
+                      host: HostConfig, firmware: Firmware | None = None) -> str:
     """Start the VM's QEMU unless it already runs; return what was done.
 
     ``bridges`` maps each bridged NIC to its bridge: their TAPs are created here and handed to QEMU as
@@ -246,7 +251,7 @@ async def _start_qemu(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, b
             if nic.type == "bridge":
                 taps[nic.name] = await asyncio.to_thread(
                     hostnet.open_tap, tap_name(vm.name, nic.name), bridges[nic.name], nic.queues, nic_mac(vm.name, nic))
-        opened = await asyncio.to_thread(_open_files, paths, vm, uid, gid)
+        opened = await asyncio.to_thread(_open_files, paths, vm, uid, gid, firmware)
         argv = build_argv(vm.name, vm.spec, paths, binary=host.qemuBinary, taps=taps, files=opened)
         files.write_launch(paths, argv, vm, uid=uid, binary=host.qemuBinary)
         # Whatever the pidfile names is not our QEMU (we checked): QEMU writes its own. A QEMU of ours we

@@ -38,7 +38,8 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str]) 
     tpm = procfs.find_swtpm(paths)
     return ObservedVM(name=name, process=observed_process, disks=disks, last_exit=last_exit,
                       unverified=examined.unverified, tpm_pid=tpm.pid if tpm else None,
-                      tpm_state=files.tpm_state_exists(paths))
+                      tpm_state=files.tpm_state_exists(paths),
+                      efi_vars=str(paths.efi_vars) if files.efi_vars_exists(paths) else None)
 
 
 async def query_running(

@@ -35,6 +35,15 @@ TABLE: tuple[FieldRule, ...] = (
     FieldRule(("memory", "size"), Mode.LIVE, "pc-dimm hot-plug up; balloon down",
               "Up to memory.maxSize by DIMMs; down only with memory.balloon: true; else a restart."),
     FieldRule(("boot",), Mode.RESTART, "kernel, initrd and cmdline are read when the VM boots"),
+    FieldRule(("firmware",), Mode.RESTART, "OVMF (pflash0, pflash1) is set when QEMU starts",
+              "uefi: OVMF from the host's firmwareDirs (none: refused at plan, naming the package `ovmf`); "
+              "the VM's variable store is copied once from its template and kept across restarts."),
+    FieldRule(("firmware", "secureBoot"), Mode.RESTART, "Secure Boot OVMF code with SMM, set when QEMU starts",
+              "The variable store is kept: turning it on for a VM whose store came from the plain template "
+              "enrolls no keys (the VARS template is only copied once)."),
+    FieldRule(("bootOrder",), Mode.RESTART, "bootindex is set on the devices when QEMU starts",
+              "Default: the disks in order. Neither boot.kernel nor a disk or a CD-ROM with a medium in it: "
+              "starting the VM is refused."),
     FieldRule(("disks", "*"), Mode.LIVE, "hot-plug: blockdev-add + device_add on a spare slot",
               "Removal: device_del, wait for DEVICE_DELETED, then blockdev-del; the file is kept."),
     FieldRule(("disks", "*", "size"), Mode.LIVE, "block_resize (running) or qemu-img resize (stopped)",

@@ -99,6 +99,7 @@ class ObservedVM(_Fact):
         default=None, description="How the last QEMU of this VM ended (exit.json): guest-shutdown, crash..."
     )
     disks: dict[str, ObservedImage] = Field(default_factory=dict, description="Our disk files, by disk name.")
+    efi_vars: str | None = Field(default=None, description="Its UEFI variable store's path, when it exists.")
     unverified: str | None = Field(
         default=None, description="A live process the pidfile names but that is not proven this VM's QEMU (why); "
         "it is not adopted: the VM counts as not running.")

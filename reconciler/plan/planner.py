@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.plan import policy
+from reconciler.plan import firmware, policy
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan
 from reconciler.plan.fields import rule_for
@@ -157,17 +157,14 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
     the VM is compared with its paths resolved (what QEMU was, or will be, given); the record keeps the
     manifest as written."""
     verdict = policy.check_vm(manifest.spec, observed.paths, host, observed.state_dir)
-    if verdict.spec is None:
-        return Change(name=name, action=Action.NOOP, refusals=verdict.refusals)
+    refusals = [*verdict.refusals, *firmware.refusals(manifest.spec, observed.paths, host, observed.state_dir)]
+    if verdict.spec is None or refusals:
+        return Change(name=name, action=Action.NOOP, refusals=refusals)
     desired = manifest.model_copy(update={"spec": verdict.spec})
     obs = observed.vm(name)
     work = _VMPlan(name)
     live = obs.process.live if obs.process else None
-    attached = {disk for disk, state in live.disks.items() if state.device} if live else set()
-    for disk in desired.spec.disks:
-        _plan_disk(work, disk, obs.disks.get(disk.name), observed, obs.process is not None, disk.name in attached)
-    if obs.process is not None:
-        _running_vm(work, desired, obs.process, record, observed, networks)
+    _gather(work, desired, obs, record, observed, networks, host)
     # The record is rewritten when something else happens, or when a field that is only recorded
     # (labels, deletePolicy...) changed; a pending restart alone does not rewrite it.
     recorded_changes = _record_only_fields(work, record.vm, manifest) if record is not None else 0
@@ -177,6 +174,8 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
         return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
     steps, action, pending = _choose(work, desired.spec, obs, record is not None, options, allowed)
     steps += _orphan_tpm(work.reasons, obs)
+    if (nothing := firmware.boot_refusal(desired.spec)) and any(isinstance(step, s.Start) for step in steps):
+        return Change(name=name, action=Action.NOOP, reasons=work.reasons, refusals=[nothing])
     if steps or record is None or recorded_changes:
         steps = [s.WriteRecord(name=name, summary="record the desired spec as last applied", vm=manifest), *steps]
     if action is Action.NOOP and steps:
@@ -184,7 +183,39 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
     unplug_pending = work.live.unplug_pending if work.live and action is not Action.RESTART else []
     return Change(name=name, action=action, reasons=work.reasons, fields=work.fields, steps=s.in_order(steps),
                   pending_restart=pending, refusals=[], unplug_pending=unplug_pending,
-                  opens=policy.opens(manifest.spec, steps, observed.paths))
+                  opens=[*policy.opens(manifest.spec, steps, observed.paths), *_firmware_opens(
+                      steps, firmware.select(desired.spec, observed.paths, host, observed.state_dir))])
+
+
+def _gather(work: _VMPlan, desired: VirtualMachine, obs: ObservedVM, record: AppliedRecord | None,
+            observed: ObservedState, networks: Mapping[str, Network], host: HostConfig) -> None:
+    """The VM's disks, its UEFI variable store, and (when QEMU runs) restart causes and live changes."""
+    live = obs.process.live if obs.process else None
+    attached = {disk for disk, state in live.disks.items() if state.device} if live else set()
+    for disk in desired.spec.disks:
+        _plan_disk(work, disk, obs.disks.get(disk.name), observed, obs.process is not None, disk.name in attached)
+    _efi_vars(work, desired.spec, obs, observed, host)
+    if obs.process is not None:
+        _running_vm(work, desired, obs.process, record, observed, networks)
+
+
+def _efi_vars(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, observed: ObservedState,
+              host: HostConfig) -> None:
+    """A UEFI VM's own variable store, copied once from OVMF's template (an existing one is kept)."""
+    found = firmware.select(spec, observed.paths, host, observed.state_dir)
+    if isinstance(found, firmware.Firmware) and not obs.efi_vars:
+        path = paths.efi_vars(observed.state_dir, work.name)
+        work.offline.append(s.CreateEfiVars(name=work.name, target="efivars", path=path, template=found.vars_template,
+                                            summary=f"UEFI variables: copy {found.vars_template} to {path} (once; "
+                                            "kept across restarts, deleted only with the VM and all its disks)"))
+
+
+def _firmware_opens(steps: list[s.Step], found: firmware.Firmware | str | None) -> list[str]:
+    """The OVMF files a start (its code) or the variable store's copy (its template) opens."""
+    if not isinstance(found, firmware.Firmware):
+        return []
+    shown = [f"firmware: code {found.code}"] if any(isinstance(step, s.Start) for step in steps) else []
+    return shown + [f"firmware: VARS template {step.template}" for step in steps if isinstance(step, s.CreateEfiVars)]
 
 
 def _check_slots(work: _VMPlan, free: int, allowed: bool) -> None:
@@ -426,7 +457,12 @@ def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, state
             kept.append(disk.name)
     tpm_steps, tpm_kept = _delete_tpm(name, obs, record, state_dir)
     steps += tpm_steps
-    summary = "forget the VM" + (f" (keeping disks: {', '.join(kept)})" if kept else "")
+    if obs.efi_vars and not kept:
+        steps.append(s.DeleteEfiVars(name=name, target="efivars", path=obs.efi_vars, summary=f"UEFI variables: "
+                                     f"delete {obs.efi_vars} (no disk is kept: all have deletePolicy: Delete)"))
+    keeping = [f"disks: {', '.join(kept)}"] if kept else []
+    keeping += [f"the UEFI variables {obs.efi_vars}"] if obs.efi_vars and kept else []
+    summary = "forget the VM" + (f" (keeping {'; '.join(keeping)})" if keeping else "")
     summary += f" (keeping {tpm_kept})" if tpm_kept else ""
     steps.append(s.Forget(name=name, summary=summary))
     return Change(name=name, action=Action.DELETE, reasons=["its manifest was removed"], steps=steps)

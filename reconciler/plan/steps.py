@@ -51,6 +51,8 @@ class StepKind(StrEnum):
     STOP_DHCP = "stop-dhcp"
     STOP_TPM = "stop-tpm"
     DELETE_TPM_STATE = "delete-tpm-state"
+    CREATE_EFI_VARS = "create-efi-vars"
+    DELETE_EFI_VARS = "delete-efi-vars"
 
 
 class Phase:
@@ -173,6 +175,21 @@ class StopTpm(_StepBase):
 
 class DeleteTpmState(_StepBase):
     kind: Literal[StepKind.DELETE_TPM_STATE] = StepKind.DELETE_TPM_STATE
+    phase = Phase.DELETE
+    path: str
+
+
+class CreateEfiVars(_StepBase):
+    """Copy OVMF's VARS template to the VM's own variable store, once (an existing store is kept)."""
+
+    kind: Literal[StepKind.CREATE_EFI_VARS] = StepKind.CREATE_EFI_VARS
+    phase = Phase.CREATE
+    path: str
+    template: str
+
+
+class DeleteEfiVars(_StepBase):
+    kind: Literal[StepKind.DELETE_EFI_VARS] = StepKind.DELETE_EFI_VARS
     phase = Phase.DELETE
     path: str
 
@@ -307,8 +324,8 @@ class StopDhcp(_StepBase):
     pidfile: str
 
 
-VMStep = WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget \
-    | StopTpm | DeleteTpmState
+VMStep = (WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget
+          | StopTpm | DeleteTpmState | CreateEfiVars | DeleteEfiVars)
 """Steps on a VM's record, disk files and process."""
 LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
             | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia)

@@ -31,10 +31,13 @@ from reconciler.spec.naming import (
     TPM_DEVICE,
     backing_file_node,
     backing_node,
+    boot_indices,
     cdrom_device,
     cdrom_file_node,
     disk_file_node,
     disk_node,
+    firmware_file_node,
+    firmware_node,
     nic_device,
     nic_netdev,
     root_port,
@@ -67,6 +70,7 @@ class OpenedFiles:
     vhost: Mapping[str, list[int]] = field(default_factory=dict)  # bridged NIC -> /dev/vhost-net fds, per queue
     kernel: str | None = None
     initrd: str | None = None
+    firmware: Mapping[str, int] = field(default_factory=dict)  # UEFI: fd set id of "code" and of "vars"
 
 
 class UnsafeOptionValue(UnsafeValue):
@@ -110,6 +114,7 @@ def build_argv(
     pcie = spec.machine.type == "q35"
     # One chassis number per PCIe root port, in argv order: disks, then NICs, then the spare ports.
     chassis = iter(range(1, 256))
+    order = boot_indices(spec)
     return [
         *_machine(binary, name, spec),
         "-sandbox", SANDBOX,
@@ -119,14 +124,17 @@ def build_argv(
         *(arg for fdset, fd in sorted(opened.fds.items())
           for arg in ("-add-fd", _kv("", fd=fd, set=fdset, opaque=opened.names.get(fdset, "-")))),
         *_boot(spec, opened),
-        *(arg for disk in spec.disks if disk.bus != "scsi" for arg in _disk(disk, paths, pcie, next(chassis), opened,
-                                                                           spec)),
+        *_firmware(spec, opened),
+        *(arg for disk in spec.disks if disk.bus != "scsi"
+          for arg in _bootindex(_disk(disk, paths, pcie, next(chassis), opened, spec), order.get(f"disk:{disk.name}"))),
         *(arg for nic in spec.networks
           for arg in _nic(name, nic, taps or {}, vhost, pcie, next(chassis), opened.vhost.get(nic.name))),
         *_spare_ports(spec, pcie, chassis),
         "-device", _json({"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER}),
-        *(arg for disk in spec.disks if disk.bus == "scsi" for arg in _disk(disk, paths, pcie, 0, opened, spec)),
-        *(arg for cdrom in spec.cdroms for arg in _cdrom(cdrom.name, cdrom.image, opened.cdroms.get(cdrom.name))),
+        *(arg for disk in spec.disks if disk.bus == "scsi"
+          for arg in _bootindex(_disk(disk, paths, pcie, 0, opened, spec), order.get(f"disk:{disk.name}"))),
+        *(arg for cdrom in spec.cdroms for arg in _bootindex(
+            _cdrom(cdrom.name, cdrom.image, opened.cdroms.get(cdrom.name)), order.get(f"cdrom:{cdrom.name}"))),
         *_balloon(spec),
         *_rng(spec),
         *_tpm(spec, paths),
@@ -173,6 +181,33 @@ def _boot(spec: VirtualMachineSpec, opened: OpenedFiles) -> list[str]:
     if spec.boot.cmdline:
         argv += ["-append", spec.boot.cmdline]
     return argv
+
+
+def _firmware(spec: VirtualMachineSpec, opened: OpenedFiles) -> list[str]:
+    """UEFI: OVMF's code read-only on pflash0 and the VM's variable store on pflash1, both fd sets (QEMU's
+    user opens no firmware path); Secure Boot also needs SMM and a pflash only SMM code may write."""
+    if spec.firmware.type != "uefi":
+        return []
+    if "code" not in opened.firmware or "vars" not in opened.firmware:
+        raise ValueError("UEFI: the firmware code and the VM's variable store must be opened for QEMU (fd sets)")
+    argv: list[str] = []
+    for what, read_only in (("code", True), ("vars", False)):
+        argv += ["-blockdev", _json({"driver": "file", "node-name": firmware_file_node(what),
+                                     "filename": fdset_path(opened.firmware[what]), "read-only": read_only}),
+                 "-blockdev", _json({"driver": "raw", "node-name": firmware_node(what),
+                                     "file": firmware_file_node(what), "read-only": read_only})]
+    argv += ["-machine", _kv("", pflash0=firmware_node("code"), pflash1=firmware_node("vars"))]
+    if spec.firmware.secureBoot:
+        argv += ["-machine", "smm=on", "-global", _kv("", driver="cfi.pflash01", property="secure", value="on")]
+    return argv
+
+
+def _bootindex(argv: list[str], index: int | None) -> list[str]:
+    """``argv`` with ``bootindex`` added to its (last) ``-device``: the device's place in the boot order."""
+    if index is None:
+        return argv
+    device = json.loads(argv[-1])
+    return [*argv[:-1], _json({**device, "bootindex": index})]
 
 
 def _disk(disk: DiskSpec, paths: VMPaths, pcie: bool, chassis: int, opened: OpenedFiles,

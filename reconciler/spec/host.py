@@ -32,7 +32,7 @@ def _default_roots() -> list[str]:
 
 
 def _default_firmware() -> list[str]:
-    return ["/usr/share/OVMF", "/usr/share/qemu", "/usr/share/seabios"]
+    return ["/usr/share/OVMF", "/usr/share/qemu", "/usr/share/seabios", "/usr/share/edk2/ovmf"]
 
 
 class HostConfig(BaseModel):

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
+import pydantic
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from reconciler.spec.units import Size
@@ -149,6 +150,21 @@ class BootSpec(_Frozen):
     kernel: AbsolutePath
     initrd: AbsolutePath | None = None
     cmdline: Annotated[str, AfterValidator(_no_control), Field(max_length=4096)] = ""
+
+
+class FirmwareSpec(_Frozen):
+    type: Literal["bios", "uefi"] = Field(default="bios", description="bios: SeaBIOS; uefi: OVMF from the host.")
+    secureBoot: bool = Field(default=False, description="uefi: Secure Boot on, with Microsoft's keys enrolled.")
+
+    @model_validator(mode="after")
+    def _secure_boot_needs_uefi(self) -> FirmwareSpec:
+        if self.secureBoot and self.type != "uefi":
+            raise ValueError("secureBoot needs type: uefi")
+        return self
+
+
+BootDevice = Annotated[str, Field(pattern=r"^(cdrom|disk):[a-z0-9]([a-z0-9-]*[a-z0-9])?$")]
+"""A boot device: ``disk:NAME`` or ``cdrom:NAME`` (a disk or CD-ROM of the same VM)."""
 
 
 class DiskSpec(_Frozen):
@@ -359,10 +375,14 @@ class VirtualMachineSpec(_Frozen):
     cpu: CpuSpec = Field(default_factory=CpuSpec)
     memory: MemorySpec = Field(default_factory=MemorySpec)
     boot: BootSpec | None = None
+    firmware: FirmwareSpec = Field(default_factory=FirmwareSpec)
     disks: list[DiskSpec] = Field(default_factory=list)
     networks: list[NetworkInterfaceSpec] = Field(default_factory=list)
     cdroms: list[CdromSpec] = Field(default_factory=list)
     tpm: TpmSpec = Field(default_factory=TpmSpec)
+    bootOrder: list[BootDevice] = Field(
+        default_factory=list, description="Devices to boot from, in order: disk:NAME, cdrom:NAME. Default: the disks."
+    )
     hotplugSlots: Annotated[int, Field(ge=0, le=16)] = Field(
         default=4, description="Spare PCIe slots reserved at start for disks and NICs added live."
     )
@@ -370,6 +390,27 @@ class VirtualMachineSpec(_Frozen):
         default=60, description="How long a graceful stop (ACPI power button) may take before QEMU is quit."
     )
     rng: RngSpec = Field(default_factory=RngSpec)
+
+    @pydantic.field_validator("firmware")
+    @classmethod
+    def _secure_boot_needs_q35(cls, value: FirmwareSpec, info: pydantic.ValidationInfo) -> FirmwareSpec:
+        machine = info.data.get("machine")
+        if value.secureBoot and machine is not None and machine.type != "q35":
+            raise ValueError("secureBoot needs machine type q35 (OVMF's Secure Boot build needs SMM)")
+        return value
+
+    @pydantic.field_validator("bootOrder")
+    @classmethod
+    def _boot_devices_exist(cls, value: list[str], info: pydantic.ValidationInfo) -> list[str]:
+        names = {"disk": {disk.name for disk in info.data.get("disks", [])},
+                 "cdrom": {cdrom.name for cdrom in info.data.get("cdroms", [])}}
+        for index, entry in enumerate(value):
+            kind, _, name = entry.partition(":")
+            if name not in names[kind]:
+                raise ValueError(f"bootOrder[{index}]: {entry}: this VM has no {kind} named {name!r}")
+        if len(set(value)) != len(value):
+            raise ValueError("bootOrder names a device twice")
+        return value
 
     @model_validator(mode="after")
     def _unique_device_names(self) -> VirtualMachineSpec:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import uuid
 
+from reconciler.spec.models import VirtualMachineSpec
+
 
 def disk_node(disk_name: str) -> str:
     """The QEMU format-node name of a disk (what ``block_resize`` targets); also its device id."""
@@ -71,3 +73,22 @@ def smbios_uuid(vm_name: str) -> str:
     """The VM's SMBIOS system UUID (``-uuid``; /sys/class/dmi/id/product_uuid in the guest): derived from
     its name alone, so it is the same across restarts, upgrades and hosts, and needs no stored state."""
     return str(uuid.uuid5(_SMBIOS_NAMESPACE, vm_name))
+
+
+def firmware_node(what: str) -> str:
+    """The raw format node of a UEFI VM's pflash ``what``: ``code`` (pflash0, read-only) or ``vars`` (pflash1)."""
+    return f"fw-{what}"
+
+
+def firmware_file_node(what: str) -> str:
+    return f"fwfile-{what}"
+
+
+def boot_devices(spec: VirtualMachineSpec) -> list[str]:
+    """The boot order as ``kind:name`` entries: ``bootOrder``, or else the disks in order."""
+    return list(spec.bootOrder) or [f"disk:{disk.name}" for disk in spec.disks]
+
+
+def boot_indices(spec: VirtualMachineSpec) -> dict[str, int]:
+    """QEMU ``bootindex`` per ``kind:name`` device (1 first: a direct kernel boot's option ROM comes first)."""
+    return {entry: index for index, entry in enumerate(boot_devices(spec), start=1)}

@@ -15,6 +15,9 @@ are atomic (temporary file, fsync, rename) and private to their owner (0600). Wh
 - ``networks/NAME.json``: the executor's network steps; read by the observers and the executor.
 - ``swtpm.json``: ``write_tpm_launch`` / ``record_tpm_launched`` by ``apply.vmprocess``; ``tpm/NAME/`` (the
   TPM state, written by swtpm) is created by ``prepare_tpm_state`` and deleted by ``delete_tpm_state``.
+- ``disks/NAME/efivars.fd``: a UEFI VM's variables, copied once from OVMF's template by
+  ``install_efi_vars`` (the executor's create-efi-vars step), opened for QEMU by ``open_efi_vars``,
+  deleted by ``delete_efi_vars``; QEMU's user's, 0600.
 - QEMU's and dnsmasq's pidfiles, the serial log and the DHCP leases are written by those programs; they
   are read here only, never following a symbolic link (QEMU's user owns its run directory).
 - Modes: directories we create are 0700; the state directory, ``vms/`` and a VM's folder are
@@ -482,3 +485,66 @@ def swtpm_log_tail(paths: VMPaths, lines: int = 5) -> str:
     except OSError:
         return ""
     return "; ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+
+
+# -- a UEFI VM's variable store --------------------------------------------------------------------------
+
+
+def efi_vars_exists(paths: VMPaths) -> bool:
+    return paths.efi_vars.exists() or paths.efi_vars.is_symlink()
+
+
+def install_efi_vars(template: str, paths: VMPaths, uid: int, gid: int) -> bool:
+    """Copy OVMF's VARS ``template`` to the VM's store, QEMU's user's 0600, unless it exists (never
+    replaced: it holds the guest's boot entries and keys). Built under a temporary name and linked into
+    place, so a crash leaves no half copy; temporary files of an earlier crash are removed. True if copied."""
+    dest = paths.efi_vars
+    make_private_dirs(dest.parent)
+    for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    if efi_vars_exists(paths):
+        return False
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, open(template, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+            os.fchown(out.fileno(), uid, gid)
+            os.fchmod(out.fileno(), 0o600)
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(tmp, dest)  # fails if it appeared meanwhile: the existing one is kept
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def open_efi_vars(paths: VMPaths) -> int:
+    """The VM's variable store, read-write, for QEMU's pflash1 (never through a link).
+
+    :raise Refused: When it is missing (the create-efi-vars step runs before a start) or not a file.
+    """
+    try:
+        fd = os.open(paths.efi_vars, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise Refused(f"{paths.efi_vars} (the VM's UEFI variables) is missing: re-run apply, which creates it "
+                      "from OVMF's template") from None
+    except OSError as exc:
+        raise Refused(f"cannot open {paths.efi_vars}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused(f"{paths.efi_vars} is not a regular file: remove it by hand")
+    return fd
+
+
+def delete_efi_vars(paths: VMPaths) -> bool:
+    """Delete the VM's variable store (and its disk folder once empty); True if it existed."""
+    try:
+        paths.efi_vars.unlink()
+    except FileNotFoundError:
+        return False
+    with contextlib.suppress(OSError):
+        paths.efi_vars.parent.rmdir()  # only if empty
+    return True

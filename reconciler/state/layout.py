@@ -22,6 +22,7 @@
     STATE/tpm/NAME/                    the VM's TPM state (QEMU's user's, 0700): outside vms/NAME, so it outlives
                                        a forgotten VM unless all its disks had deletePolicy: Delete
     STATE/disks/NAME/DISK.qcow2        disk images: outside the VM folder, so forgetting a VM keeps them
+    STATE/disks/NAME/efivars.fd        a UEFI VM's variables (copied once from OVMF's template), QEMU's user's 0600
     STATE/networks/NAME.json           a Network we created (its bridge is ours to repair and delete)
     STATE/networks/NAME.dnsmasq.pid    its DHCP server (dnsmasq), and NAME.leases, the leases it gave
 
@@ -174,6 +175,11 @@ class VMPaths:
     @property
     def tpm_pidfile(self) -> Path:
         return self.run / "swtpm.pid"
+
+    @property
+    def efi_vars(self) -> Path:
+        """The VM's UEFI variable store (pflash1), beside its disks: kept when the VM is forgotten."""
+        return Path(paths.efi_vars(str(self.root), self.dir.name))
 
     def disk(self, disk_name: str) -> Path:
         return Path(paths.disk_file(str(self.root), self.dir.name, disk_name))

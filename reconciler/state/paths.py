@@ -14,6 +14,12 @@ def disk_file(state_dir: str, vm: str, disk: str) -> str:
     return posixpath.join(state_dir, "disks", vm, f"{disk}.qcow2")
 
 
+def efi_vars(state_dir: str, vm: str) -> str:
+    """A UEFI VM's own copy of the OVMF variables: beside its disks (its boot entries and keys go with them),
+    so forgetting the VM keeps it; deleted only with the VM when none of its disks is kept."""
+    return posixpath.join(state_dir, "disks", vm, "efivars.fd")
+
+
 def dhcp_pidfile(state_dir: str, network: str) -> str:
     return posixpath.join(state_dir, "networks", f"{network}.dnsmasq.pid")
 

@@ -174,10 +174,11 @@ def test_device_models_cache_discard_read_only_rng_and_uuid() -> None:
     devices = {d["id"]: d for d in map(json.loads, _after(argv, "-device")) if "id" in d}
     nodes = {n["node-name"]: n for n in map(json.loads, _after(argv, "-blockdev"))}
     assert devices["disk-root"]["driver"] == "virtio-blk-pci" and devices["disk-root"]["bus"] == "rp-disk-root"
+    # No bootOrder: the disks boot in their order (bootindex 1, 2, ...).
     assert devices["disk-data"] == {"driver": "scsi-hd", "id": "disk-data", "drive": "disk-data", "serial": "data",
-                                    "bus": "scsi0.0"}
+                                    "bus": "scsi0.0", "bootindex": 2}
     assert devices["disk-inst"] == {"driver": "ide-hd", "id": "disk-inst", "drive": "disk-inst", "serial": "inst",
-                                    "bus": "ide.0", "write-cache": "off"}
+                                    "bus": "ide.0", "write-cache": "off", "bootindex": 3}
     assert devices["disk-inst2"]["bus"] == "ide.1" and "write-cache" not in devices["disk-inst2"]
     assert "rp-disk-data" not in devices and "rp-disk-inst" not in devices  # on their controllers
     for node in ("file-data", "disk-data"):
@@ -240,3 +241,40 @@ def test_tpm_is_a_crb_device_on_the_vms_swtpm_socket_and_swtpm_keeps_state_outsi
     assert _after(swtpm, "--pid") == ["file=/var/lib/infz/vms/web/run/swtpm.pid"]
     with pytest.raises(ValueError, match="must not contain"):
         swtpm_argv(StateLayout(Path("/var/lib/in=fz")).vm("web"))
+
+
+UEFI = """apiVersion: infinization.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: desk}
+spec:
+  firmware: {type: uefi, secureBoot: true}
+  disks: [{name: root, size: 1Gi}]
+  cdroms: [{name: install, image: /srv/iso/x.iso}, {name: drivers}]
+  bootOrder: [cdrom:install, disk:root]
+"""
+
+
+def test_uefi_firmware_is_two_pflash_fd_sets_and_boot_order_is_bootindex() -> None:
+    objects, errors = load_text(UEFI, "x")
+    assert not errors and isinstance(objects[0][0], VirtualMachine)
+    vm = objects[0][0]
+    paths = StateLayout(Path("/s")).vm("desk")
+    with pytest.raises(ValueError, match="UEFI"):
+        build_argv(vm.name, vm.spec, paths)  # never lets QEMU open a firmware path itself
+    argv = build_argv(vm.name, vm.spec, paths, files=OpenedFiles(firmware={"code": 7, "vars": 8}))
+    nodes = {node["node-name"]: node for node in map(json.loads, _after(argv, "-blockdev"))}
+    assert nodes["fwfile-code"] == {"driver": "file", "node-name": "fwfile-code", "filename": "/dev/fdset/7",
+                                    "read-only": True}
+    assert nodes["fw-code"]["read-only"] is True and nodes["fw-vars"]["read-only"] is False
+    assert nodes["fwfile-vars"]["filename"] == "/dev/fdset/8"
+    assert _after(argv, "-machine") == ["q35", "pflash0=fw-code,pflash1=fw-vars", "smm=on"]
+    assert _after(argv, "-global") == ["driver=cfi.pflash01,property=secure,value=on"]
+    boot = {d["id"]: d.get("bootindex") for d in map(json.loads, _after(argv, "-device")) if "id" in d}
+    assert (boot["cd-install"], boot["disk-root"], boot["cd-drivers"]) == (1, 2, None)
+
+
+def test_bios_boots_the_disks_in_order_by_default() -> None:
+    vm = _vm()
+    argv = build_argv(vm.name, vm.spec, StateLayout(Path("/s")).vm("web"))
+    assert "-global" not in argv and _after(argv, "-machine") == ["pc"]
+    assert [d.get("bootindex") for d in map(json.loads, _after(argv, "-device")) if d.get("id") == "disk-root"] == [1]

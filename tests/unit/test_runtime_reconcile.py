@@ -186,7 +186,7 @@ def test_an_unexpected_error_backs_off_and_is_never_ready(env: Env, monkeypatch:
 
 
 def test_a_crash_looping_vm_waits_before_its_next_start(env: Env) -> None:
-    env.write("a", vm_yaml("a", run="Always"))
+    env.write("a", vm_yaml("a", run="Always, disks: [{name: root, size: 1Mi}]"))  # something to boot
     assert asyncio.run(env.reconciler(dry_run=True)("a")) is None  # creates nothing in a dry run...
     files.write_record(env.layout.vm("a"), env.cache.state.vms["a"].vm, None)  # ...so record it as applied
     files.write_exit(env.layout.vm("a"), ExitRecord(reason="crash"))
