@@ -49,6 +49,7 @@ class StepKind(StrEnum):
     REPAIR_TAP = "repair-tap"
     ENSURE_DHCP = "ensure-dhcp"
     STOP_DHCP = "stop-dhcp"
+    FINISH_INSTALL = "finish-install"
 
 
 class Phase:
@@ -159,6 +160,15 @@ class DeleteDisk(_StepBase):
 class Forget(_StepBase):
     kind: Literal[StepKind.FORGET] = StepKind.FORGET
     phase = Phase.FORGET
+
+
+class FinishInstall(_StepBase):
+    """Record that the installs from these bootOnce CD-ROMs ended (and which media are ejected)."""
+
+    kind: Literal[StepKind.FINISH_INSTALL] = StepKind.FINISH_INSTALL
+    phase = Phase.RECORD
+    cdroms: list[str]
+    ejected: list[str]
 
 
 # -- a running VM, over QMP -----------------------------------------------------------------------------
@@ -291,7 +301,8 @@ class StopDhcp(_StepBase):
     pidfile: str
 
 
-VMStep = WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget
+VMStep = WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget \
+    | FinishInstall
 """Steps on a VM's record, disk files and process."""
 LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
             | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia)

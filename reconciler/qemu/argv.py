@@ -118,7 +118,9 @@ def build_argv(
           for arg in _nic(name, nic, taps or {}, vhost, pcie, next(chassis), opened.vhost.get(nic.name))),
         *_spare_ports(spec, pcie, chassis),
         "-device", _json({"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER}),
-        *(arg for cdrom in spec.cdroms for arg in _cdrom(cdrom.name, cdrom.image, opened.cdroms.get(cdrom.name))),
+        *(arg for cdrom in spec.cdroms for arg in _cdrom(cdrom.name, cdrom.image, opened.cdroms.get(cdrom.name),
+                                                         0 if cdrom.bootOnce else None)),
+        *install_action(spec),
         *_balloon(spec),
         "-pidfile", str(paths.pidfile),
     ]
@@ -213,13 +215,21 @@ def _spare_ports(spec: VirtualMachineSpec, pcie: bool, chassis: Iterator[int]) -
     return argv
 
 
-def _cdrom(cdrom_name: str, image: str | None, fdset: int | None) -> list[str]:
+def _cdrom(cdrom_name: str, image: str | None, fdset: int | None, bootindex: int | None = None) -> list[str]:
     device: dict[str, Any] = {"driver": "scsi-cd", "id": cdrom_device(cdrom_name), "bus": f"{SCSI_CONTROLLER}.0"}
+    if bootindex is not None:
+        device["bootindex"] = bootindex
     argv: list[str] = []
     if image:
         argv += ["-blockdev", _json(cdrom_blockdev(cdrom_name, fdset_path(fdset) if fdset else image))]
         device["drive"] = cdrom_device(cdrom_name)
     return [*argv, "-device", _json(device)]
+
+
+def install_action(spec: VirtualMachineSpec) -> list[str]:
+    """An install start (a bootOnce CD-ROM boots first): the guest's first reboot ends QEMU, so the next start
+    comes without the install medium (what libvirt's on_reboot=destroy does for installers)."""
+    return ["-action", "reboot=shutdown"] if any(cdrom.bootOnce for cdrom in spec.cdroms) else []
 
 
 def _balloon(spec: VirtualMachineSpec) -> list[str]:

@@ -20,3 +20,8 @@ def dhcp_pidfile(state_dir: str, network: str) -> str:
 
 def dhcp_leases(state_dir: str, network: str) -> str:
     return posixpath.join(state_dir, "networks", f"{network}.leases")
+
+
+def seed_file(state_dir: str, vm: str, digest: str) -> str:
+    """A VM's cloud-init NoCloud seed ISO, named by a hash of its content (a new content is a new file)."""
+    return posixpath.join(state_dir, "vms", vm, f"cidata-{digest[:16]}.iso")

@@ -144,3 +144,20 @@ def test_what_the_executor_opened_is_handed_to_qemu_as_fds_and_copies() -> None:
     assert (_after(argv, "-kernel"), _after(argv, "-initrd")) == (
         ["/var/lib/infz/vms/web/run/kernel"], ["/var/lib/infz/vms/web/run/initrd"])
     assert not [arg for arg in argv if arg.startswith("/srv/") or "/srv/" in arg.split("opaque=")[0]]
+
+
+def test_a_boot_once_cdrom_boots_first_and_a_reboot_ends_the_install() -> None:
+    """An install start: the bootOnce CD gets bootindex 0 and the guest's first reboot ends QEMU; once the
+    install is over (bootOnce off in the spec QEMU gets), neither."""
+    vm = _vm()
+    cdroms = [{"name": "install", "image": "/srv/cd.iso", "bootOnce": True}, {"name": "drivers"}]
+    installing = vm.spec.model_validate({**vm.spec.model_dump(), "cdroms": cdroms})
+    argv = build_argv(vm.name, installing, StateLayout(Path("/st")).vm(vm.name))
+    devices = [json.loads(arg) for arg in _after(argv, "-device") if arg.startswith("{")]
+    boots = {d["id"]: d.get("bootindex") for d in devices if d["driver"] == "scsi-cd"}
+    assert boots == {"cd-install": 0, "cd-drivers": None}
+    assert _after(argv, "-action") == ["reboot=shutdown"]
+    done = installing.model_copy(update={"cdroms": [c.model_copy(update={"bootOnce": False})
+                                                    for c in installing.cdroms]})
+    argv = build_argv(vm.name, done, StateLayout(Path("/st")).vm(vm.name))
+    assert "-action" not in argv and '"bootindex"' not in " ".join(argv)
