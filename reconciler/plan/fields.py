@@ -63,7 +63,7 @@ TABLE: tuple[FieldRule, ...] = (
     FieldRule(("cdroms", "*"), Mode.LIVE, "device_add scsi-cd on the virtio-scsi controller"),
     FieldRule(("cdroms", "*", "image"), Mode.LIVE, "open tray, remove medium, insert medium, close tray"),
     FieldRule(("cdroms", "*", "bootOnce"), Mode.LIVE, "recorded",
-              "Read at a start: until the install from this medium ends, the VM boots from it (bootindex 0) and "
+              "Read at a start: until the install from this medium ends, the VM boots from it (bootindex 1) and "
               "its first reboot ends QEMU (-action reboot=shutdown); the record says the install began."),
     FieldRule(("cdroms", "*", "ejectAfterInstall"), Mode.LIVE, "recorded",
               "When the install ends (the guest's first power-off or reboot), the record says so and the drive "

@@ -1,7 +1,7 @@
 """Install media and the cloud-init seed: the spec QEMU is given, from the manifest and the record (pure).
 
 ``effective_spec`` is what the planner compares with the running QEMU and what the executor starts:
-- a ``bootOnce`` CD-ROM keeps ``bootOnce`` (the argv gives it ``bootindex`` 0 and ``-action
+- a ``bootOnce`` CD-ROM keeps ``bootOnce`` (the argv gives it ``bootindex`` 1 and ``-action
   reboot=shutdown``, so the guest's first reboot ends QEMU) until the record says its install is done;
   then ``bootOnce`` is off and, with ``ejectAfterInstall``, the drive is empty;
 - ``cloudInit`` becomes one more CD-ROM, ``cidata``, whose medium is the seed ISO in the VM's state folder

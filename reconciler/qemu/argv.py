@@ -41,6 +41,9 @@ QEMU_BINARY = "qemu-system-x86_64"
 _UNSAFE = re.compile(r"[,=\x00-\x1f\x7f]")
 # QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid, no fork/exec, no scheduler/affinity
 # changes. QEMU 7.2 kills a -daemonize'd QEMU under spawn=deny, so it is never daemonized (see vmprocess).
+# A bootOnce CD-ROM during its install start: first of the devices (index 0 is QEMU's own linuxboot ROM
+# under -kernel, so a direct kernel boot still wins).
+BOOT_ONCE_INDEX = 1
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -119,7 +122,7 @@ def build_argv(
         *_spare_ports(spec, pcie, chassis),
         "-device", _json({"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER}),
         *(arg for cdrom in spec.cdroms for arg in _cdrom(cdrom.name, cdrom.image, opened.cdroms.get(cdrom.name),
-                                                         0 if cdrom.bootOnce else None)),
+                                                         BOOT_ONCE_INDEX if cdrom.bootOnce else None)),
         *install_action(spec),
         *_balloon(spec),
         "-pidfile", str(paths.pidfile),

@@ -147,7 +147,7 @@ def test_what_the_executor_opened_is_handed_to_qemu_as_fds_and_copies() -> None:
 
 
 def test_a_boot_once_cdrom_boots_first_and_a_reboot_ends_the_install() -> None:
-    """An install start: the bootOnce CD gets bootindex 0 and the guest's first reboot ends QEMU; once the
+    """An install start: the bootOnce CD gets bootindex 1 and the guest's first reboot ends QEMU; once the
     install is over (bootOnce off in the spec QEMU gets), neither."""
     vm = _vm()
     cdroms = [{"name": "install", "image": "/srv/cd.iso", "bootOnce": True}, {"name": "drivers"}]
@@ -155,7 +155,7 @@ def test_a_boot_once_cdrom_boots_first_and_a_reboot_ends_the_install() -> None:
     argv = build_argv(vm.name, installing, StateLayout(Path("/st")).vm(vm.name))
     devices = [json.loads(arg) for arg in _after(argv, "-device") if arg.startswith("{")]
     boots = {d["id"]: d.get("bootindex") for d in devices if d["driver"] == "scsi-cd"}
-    assert boots == {"cd-install": 0, "cd-drivers": None}
+    assert boots == {"cd-install": 1, "cd-drivers": None}
     assert _after(argv, "-action") == ["reboot=shutdown"]
     done = installing.model_copy(update={"cdroms": [c.model_copy(update={"bootOnce": False})
                                                     for c in installing.cdroms]})
