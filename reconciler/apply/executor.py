@@ -24,14 +24,16 @@ from reconciler.adapters import monitor, procfs
 from reconciler.adapters import paths as host_paths
 from reconciler.apply import disks, hostnet, hotplug, swtpm, vmprocess
 from reconciler.errors import InfinizationError, Permanent, Refused, StepFailed
-from reconciler.plan import policy
+from reconciler.plan import media, policy
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Change, Plan
 from reconciler.plan.steps import Step, StepKind
+from reconciler.spec.cloudinit import seed_digest, seed_files
 from reconciler.spec.host import HostConfig
-from reconciler.spec.models import Network, VirtualMachine, nic_bridge
+from reconciler.spec.models import CIDATA, REDACTED, Network, VirtualMachine, nic_bridge
 from reconciler.state import files
 from reconciler.state.layout import StateLayout, VMPaths
+from reconciler.state.models import InstallRecord
 
 CRASH_ENV = "INFINIZATION_CRASH_AT"
 
@@ -117,7 +119,7 @@ class Executor:
         """The one dispatch table: how each kind of step runs."""
         match step:
             case (s.WriteRecord() | s.CreateDisk() | s.GrowDiskLive() | s.GrowDiskOffline() | s.Stop() | s.Start()
-                  | s.DeleteDisk() | s.Forget() | s.StopTpm() | s.DeleteTpmState()):
+                  | s.DeleteDisk() | s.Forget() | s.StopTpm() | s.DeleteTpmState() | s.FinishInstall()):
                 return await self._vm_step(step)
             case (s.HotplugDisk() | s.UnplugDisk() | s.HotplugNic() | s.UnplugNic() | s.SetLink() | s.SetIoLimits()
                   | s.AddCpus() | s.AddMemory() | s.SetBalloon() | s.HotplugCdrom() | s.UnplugCdrom()
@@ -170,6 +172,8 @@ class Executor:
                 return await _tpm_step(paths, step)
             case s.CreateEfiVars() | s.DeleteEfiVars():
                 return self._efi_vars_step(paths, step)
+            case s.FinishInstall():
+                return self._finish_install(paths, step)
             case _:
                 assert_never(step)
 
@@ -190,7 +194,10 @@ class Executor:
         return host_paths.require(field_name, path, self.host, str(self.layout.root))
 
     def _media_checked(self, step: s.LiveStep) -> s.LiveStep:
-        """A CD-ROM's new medium, re-checked and resolved."""
+        """A CD-ROM's new medium, re-checked and resolved (the cloud-init seed: built from the record)."""
+        if isinstance(step, s.HotplugCdrom | s.ChangeMedia) and step.target == CIDATA:
+            paths = self.layout.vm(step.name)
+            return step.model_copy(update={"image": str(_seed(paths, self._recorded_vm(paths)))})
         if isinstance(step, s.HotplugCdrom | s.ChangeMedia) and step.image:
             return step.model_copy(update={"image": self._require(f"spec.cdroms[{step.target}].image", step.image)})
         return step
@@ -205,11 +212,42 @@ class Executor:
         if procfs.find_qemu(paths) is not None:
             return "already running"
         vm = self._resolved_vm(self._recorded_vm(paths))
+        vm = self._as_started(paths, vm)
         fw = host_paths.require_firmware(vm.spec, self.host, str(self.layout.root))
         started = await vmprocess.start(self.layout, paths, vm, self._bridges(vm), self.host, firmware=fw)
+        installing = self._began_installs(paths, vm)
         async with monitor.session(paths.qmp) as qmp:
             extra = await hotplug.after_start(qmp, paths, vm)
-        return ", ".join([started, *extra])
+        return ", ".join([started, *installing, *extra])
+
+    def _as_started(self, paths: VMPaths, vm: VirtualMachine) -> VirtualMachine:
+        """The VM as QEMU gets it: install media per the record, and the cloud-init seed (built here)."""
+        record = files.read_record(paths)
+        spec = media.effective_spec(vm.name, vm.spec, record.installs if record else [], str(self.layout.root))
+        if vm.spec.cloudInit is not None:
+            _seed(paths, vm)
+        return vm.model_copy(update={"spec": spec})
+
+    @staticmethod
+    def _began_installs(paths: VMPaths, vm: VirtualMachine) -> list[str]:
+        """Record the installs this start began (booting from bootOnce CD-ROMs), with the QEMU that runs them."""
+        launch = files.read_launch(paths)
+        booting = [cdrom for cdrom in vm.spec.cdroms if cdrom.bootOnce]
+        if not booting or launch is None or launch.pid is None or launch.start_time is None:
+            return []
+        files.record_installs(paths, [InstallRecord(cdrom=cdrom.name, image=cdrom.image, pid=launch.pid,
+                                                    start_time=launch.start_time) for cdrom in booting])
+        return [f"install from CD-ROM {', '.join(cdrom.name for cdrom in booting)} began (boots from it once)"]
+
+    @staticmethod
+    def _finish_install(paths: VMPaths, step: s.FinishInstall) -> str:
+        if procfs.find_qemu(paths) is not None:
+            raise StepFailed("the VM runs again: its install is not over (re-plan)")
+        record = files.read_record(paths)
+        begun = [i for i in (record.installs if record else []) if i.cdrom in step.cdroms]
+        files.record_installs(paths, [i.model_copy(update={"done": True, "ejected": i.cdrom in step.ejected})
+                                      for i in begun])
+        return "install done" + (f", {', '.join(step.ejected)} ejected" if step.ejected else "")
 
     @staticmethod
     def _delete_disk(paths: VMPaths, step: s.DeleteDisk) -> str:
@@ -268,6 +306,16 @@ class Executor:
         if record is None:
             raise Refused("no record of this VM: the record step must run first (re-run apply)")
         return record.vm
+
+
+def _seed(paths: VMPaths, vm: VirtualMachine) -> Path:
+    """Build (or find) the VM's cloud-init seed ISO from its record; its path."""
+    cloud_init = vm.spec.cloudInit
+    if cloud_init is None:
+        raise Refused("the VM has no cloudInit: no seed to build")
+    if cloud_init.userData.startswith(REDACTED):
+        raise Refused("the record holds a redacted user-data: re-apply the manifests")
+    return files.write_seed(paths, seed_digest(vm.name, cloud_init), seed_files(vm.name, cloud_init))
 
 
 async def _live_step(qmp: monitor.Monitor, paths: VMPaths, vm: VirtualMachine, step: s.LiveStep,

@@ -30,7 +30,8 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str]) 
         launch = files.read_launch(paths)
         launched = launch.vm.spec if launch is not None and tuple(launch.argv) == process.cmdline else None
         status, live = await query_running(paths, launched, files.read_live(paths, process.pid, process.start_time))
-        observed_process = ObservedProcess(pid=process.pid, status=status, launched=launched, live=live)
+        observed_process = ObservedProcess(pid=process.pid, start_time=process.start_time, status=status,
+                                           launched=launched, live=live)
     disks = {disk: qemu_img.inspect_image(paths.disk(disk)) for disk in sorted(set(disk_names))}
     last_exit = None
     if observed_process is None and (ended := files.read_exit(paths)) is not None:

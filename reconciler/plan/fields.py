@@ -82,6 +82,15 @@ TABLE: tuple[FieldRule, ...] = (
     FieldRule(("cdroms", "*"), Mode.LIVE, "device_add scsi-cd on the virtio-scsi controller"),
     FieldRule(("cdroms", "*", "image"), Mode.LIVE, "open tray, remove medium, insert medium, close tray"),
     FieldRule(("rng",), Mode.RESTART, "the virtio RNG is created when QEMU starts"),
+    FieldRule(("cdroms", "*", "bootOnce"), Mode.LIVE, "recorded",
+              "Read at a start: until the install from this medium ends, the VM boots from it (bootindex 1) and "
+              "its first reboot ends QEMU (-action reboot=shutdown); the record says the install began."),
+    FieldRule(("cdroms", "*", "ejectAfterInstall"), Mode.LIVE, "recorded",
+              "When the install ends (the guest's first power-off or reboot), the record says so and the drive "
+              "stays empty; the plan shows it as a finish-install step, not as drift."),
+    FieldRule(("cloudInit",), Mode.LIVE, "seed ISO rebuilt; the cidata medium is changed live",
+              "Takes effect on the next boot; cloud-init runs it only for a new instance-id (from the VM name "
+              "and the user-data). Plans, logs and status show a hash, never the user-data."),
     FieldRule(("metadata", "labels"), Mode.LIVE, "recorded"),
     FieldRule(("tpm",), Mode.RESTART,
               "swtpm and tpm-crb are attached when QEMU starts; turned off, the TPM state is kept",

@@ -85,6 +85,7 @@ class ObservedProcess(_Fact):
     """A live QEMU whose /proc cmdline proved it is ours for this VM."""
 
     pid: int
+    start_time: int | None = Field(default=None, description="Its start time (/proc/PID/stat), as verified.")
     status: str = Field(description="QMP query-status: running, paused, shutdown...; 'unreachable' without QMP")
     launched: VirtualMachineSpec | None = Field(
         default=None, description="The spec the process was started with (launch.json, checked against argv)."

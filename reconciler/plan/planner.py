@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.plan import firmware, policy
+from reconciler.plan import firmware, media, policy
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan
 from reconciler.plan.fields import rule_for
@@ -21,7 +21,7 @@ from reconciler.plan.live import LivePlan, plan_live
 from reconciler.plan.networks import plan_networks, tap_repairs
 from reconciler.plan.observed import ObservedImage, ObservedProcess, ObservedState, ObservedVM
 from reconciler.spec.host import HostConfig
-from reconciler.spec.models import DiskSpec, Network, VirtualMachine, VirtualMachineSpec
+from reconciler.spec.models import CIDATA, DiskSpec, Network, VirtualMachine, VirtualMachineSpec, secret_digest
 from reconciler.spec.naming import disk_node
 from reconciler.spec.units import format_size
 from reconciler.state import paths
@@ -163,11 +163,13 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
     desired = manifest.model_copy(update={"spec": verdict.spec})
     obs = observed.vm(name)
     work = _VMPlan(name)
+    desired = _media(work, desired, obs, record, observed.state_dir)
     live = obs.process.live if obs.process else None
     _gather(work, desired, obs, record, observed, networks, host)
     # The record is rewritten when something else happens, or when a field that is only recorded
     # (labels, deletePolicy...) changed; a pending restart alone does not rewrite it.
     recorded_changes = _record_only_fields(work, record.vm, manifest) if record is not None else 0
+    recorded_changes += _cloud_init_change(work, record, manifest)
     allowed = options.allow_restart or desired.spec.restartPolicy == "Auto"
     _check_slots(work, live.free_slots if live else 0, allowed)
     if work.refusals:
@@ -183,8 +185,8 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
     unplug_pending = work.live.unplug_pending if work.live and action is not Action.RESTART else []
     return Change(name=name, action=action, reasons=work.reasons, fields=work.fields, steps=s.in_order(steps),
                   pending_restart=pending, refusals=[], unplug_pending=unplug_pending,
-                  opens=[*policy.opens(manifest.spec, steps, observed.paths), *_firmware_opens(
-                      steps, firmware.select(desired.spec, observed.paths, host, observed.state_dir))])
+                  opens=media.shown_opens([*policy.opens(manifest.spec, steps, observed.paths), *_firmware_opens(
+                      steps, firmware.select(desired.spec, observed.paths, host, observed.state_dir))], desired.spec))
 
 
 def _gather(work: _VMPlan, desired: VirtualMachine, obs: ObservedVM, record: AppliedRecord | None,
@@ -216,6 +218,42 @@ def _firmware_opens(steps: list[s.Step], found: firmware.Firmware | str | None) 
         return []
     shown = [f"firmware: code {found.code}"] if any(isinstance(step, s.Start) for step in steps) else []
     return shown + [f"firmware: VARS template {step.template}" for step in steps if isinstance(step, s.CreateEfiVars)]
+
+
+def _media(work: _VMPlan, desired: VirtualMachine, obs: ObservedVM, record: AppliedRecord | None,
+           state_dir: str) -> VirtualMachine:
+    """Installs the guest ended become a finish-install step (done, not drift); the VM as QEMU gets it."""
+    installs = record.installs if record else []
+    if desired.spec.cloudInit is not None and any(cdrom.name == CIDATA for cdrom in desired.spec.cdroms):
+        work.refusals.append(f"spec.cdroms[{CIDATA}]: the name is taken by cloudInit's seed; rename the CD-ROM")
+    ended = media.ended_installs(desired.spec, installs, obs)
+    if ended:
+        eject = [c.name for c in desired.spec.cdroms if c.name in ended and c.ejectAfterInstall]
+        what = ", ".join(f"{cd}" + (" (medium ejected)" if cd in eject else "") for cd in ended)
+        work.reasons.append(f"the install from CD-ROM {what} ended: the guest powered off or rebooted")
+        work.offline.append(s.FinishInstall(name=work.name, cdroms=ended, ejected=eject,
+                                            summary=f"record the install from {', '.join(ended)} as done"
+                                            + (f"; eject {', '.join(eject)}" if eject else "")))
+        installs = [i.model_copy(update={"done": True}) if i.cdrom in ended else i for i in installs]
+    return desired.model_copy(update={"spec": media.effective_spec(work.name, desired.spec, installs, state_dir)})
+
+
+def _cloud_init_change(work: _VMPlan, record: AppliedRecord | None, manifest: VirtualMachine) -> int:
+    """A changed cloud-init seed, shown by hash (user-data may hold passwords): 1 when it changed."""
+    before, after = (record.vm.spec.cloudInit if record else None), manifest.spec.cloudInit
+    if record is None or before == after:
+        return 0
+    work.fields.append(FieldChange(path="cloudInit", before=_seed_label(before), after=_seed_label(after),
+                                   mode=Mode.LIVE, how="seed rebuilt; takes effect on the next boot; cloud-init "
+                                   "runs it only for a new instance-id"))
+    return 1
+
+
+def _seed_label(cloud_init: Any) -> str | None:
+    if cloud_init is None:
+        return None
+    network = ", network-config" if cloud_init.networkConfig is not None else ""
+    return f"user-data sha256:{secret_digest(cloud_init.userData)[:12]}{network}"
 
 
 def _check_slots(work: _VMPlan, free: int, allowed: bool) -> None:

@@ -53,6 +53,7 @@ class StepKind(StrEnum):
     DELETE_TPM_STATE = "delete-tpm-state"
     CREATE_EFI_VARS = "create-efi-vars"
     DELETE_EFI_VARS = "delete-efi-vars"
+    FINISH_INSTALL = "finish-install"
 
 
 class Phase:
@@ -194,6 +195,15 @@ class DeleteEfiVars(_StepBase):
     path: str
 
 
+class FinishInstall(_StepBase):
+    """Record that the installs from these bootOnce CD-ROMs ended (and which media are ejected)."""
+
+    kind: Literal[StepKind.FINISH_INSTALL] = StepKind.FINISH_INSTALL
+    phase = Phase.RECORD
+    cdroms: list[str]
+    ejected: list[str]
+
+
 # -- a running VM, over QMP -----------------------------------------------------------------------------
 
 
@@ -325,7 +335,7 @@ class StopDhcp(_StepBase):
 
 
 VMStep = (WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget
-          | StopTpm | DeleteTpmState | CreateEfiVars | DeleteEfiVars)
+          | StopTpm | DeleteTpmState | CreateEfiVars | DeleteEfiVars | FinishInstall)
 """Steps on a VM's record, disk files and process."""
 LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
             | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia)

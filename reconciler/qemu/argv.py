@@ -50,6 +50,9 @@ QEMU_BINARY = "qemu-system-x86_64"
 _UNSAFE = re.compile(r"[,=\x00-\x1f\x7f]")
 # QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid, no fork/exec, no scheduler/affinity
 # changes. QEMU 7.2 kills a -daemonize'd QEMU under spawn=deny, so it is never daemonized (see vmprocess).
+# A bootOnce CD-ROM during its install start: first of the devices (index 0 is QEMU's own linuxboot ROM
+# under -kernel, so a direct kernel boot still wins).
+BOOT_ONCE_INDEX = 1
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 
@@ -133,8 +136,10 @@ def build_argv(
         "-device", _json({"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER}),
         *(arg for disk in spec.disks if disk.bus == "scsi"
           for arg in _bootindex(_disk(disk, paths, pcie, 0, opened, spec), order.get(f"disk:{disk.name}"))),
-        *(arg for cdrom in spec.cdroms for arg in _bootindex(
-            _cdrom(cdrom.name, cdrom.image, opened.cdroms.get(cdrom.name)), order.get(f"cdrom:{cdrom.name}"))),
+        *(arg for cdrom in spec.cdroms for arg in _cdrom(
+            cdrom.name, cdrom.image, opened.cdroms.get(cdrom.name),
+            BOOT_ONCE_INDEX if cdrom.bootOnce else order.get(f"cdrom:{cdrom.name}"))),
+        *install_action(spec),
         *_balloon(spec),
         *_rng(spec),
         *_tpm(spec, paths),
@@ -264,13 +269,21 @@ def _spare_ports(spec: VirtualMachineSpec, pcie: bool, chassis: Iterator[int]) -
     return argv
 
 
-def _cdrom(cdrom_name: str, image: str | None, fdset: int | None) -> list[str]:
+def _cdrom(cdrom_name: str, image: str | None, fdset: int | None, bootindex: int | None = None) -> list[str]:
     device: dict[str, Any] = {"driver": "scsi-cd", "id": cdrom_device(cdrom_name), "bus": f"{SCSI_CONTROLLER}.0"}
+    if bootindex is not None:
+        device["bootindex"] = bootindex
     argv: list[str] = []
     if image:
         argv += ["-blockdev", _json(cdrom_blockdev(cdrom_name, fdset_path(fdset) if fdset else image))]
         device["drive"] = cdrom_device(cdrom_name)
     return [*argv, "-device", _json(device)]
+
+
+def install_action(spec: VirtualMachineSpec) -> list[str]:
+    """An install start (a bootOnce CD-ROM boots first): the guest's first reboot ends QEMU, so the next start
+    comes without the install medium (what libvirt's on_reboot=destroy does for installers)."""
+    return ["-action", "reboot=shutdown"] if any(cdrom.bootOnce for cdrom in spec.cdroms) else []
 
 
 def _balloon(spec: VirtualMachineSpec) -> list[str]:

@@ -16,7 +16,16 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    field_serializer,
+    model_validator,
+)
 
 from reconciler.spec.units import Size
 
@@ -348,6 +357,42 @@ class NetworkInterfaceSpec(_Frozen):
 class CdromSpec(_Frozen):
     name: DeviceName
     image: AbsolutePath | None = Field(default=None, description="An ISO image; none: an empty drive.")
+    bootOnce: bool = Field(default=False, description="Boot from this CD until the install from it ends (the "
+                           "guest's first power-off or reboot after a start from it).")
+    ejectAfterInstall: bool = Field(default=False, description="Eject the medium when the install from it ends.")
+
+
+CIDATA = "cidata"
+"""The CD-ROM that carries the cloud-init NoCloud seed (a name no ``cdroms`` entry may take)."""
+REDACTED = "<redacted sha256:"
+
+
+def secret_digest(value: str) -> str:
+    """sha256 of a secret, or the digest a redacted one carries (plans on disk hold only that)."""
+    if value.startswith(REDACTED) and value.endswith(">"):
+        return value[len(REDACTED):-1]
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+class CloudInitSpec(_Frozen):
+    """A NoCloud seed. ``userData`` may hold passwords: it is serialized as its hash unless the state files
+    write it (context ``secrets``), and two specs are equal when their user-data hashes are."""
+
+    userData: Annotated[str, Field(max_length=1024 * 1024)] = Field(description="Written byte-identical as user-data.")
+    networkConfig: dict[str, Any] | None = Field(default=None, description="network-config (version 2).")
+
+    @field_serializer("userData")
+    def _hide(self, value: str, info: SerializationInfo) -> str:
+        return value if (info.context or {}).get("secrets") else f"{REDACTED}{secret_digest(value)}>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CloudInitSpec):
+            return NotImplemented
+        return (secret_digest(self.userData), self.networkConfig) == (secret_digest(other.userData),
+                                                                      other.networkConfig)
+
+    def __hash__(self) -> int:
+        return hash(secret_digest(self.userData))
 
 
 class RngSpec(_Frozen):
@@ -411,6 +456,7 @@ class VirtualMachineSpec(_Frozen):
         if len(set(value)) != len(value):
             raise ValueError("bootOrder names a device twice")
         return value
+    cloudInit: CloudInitSpec | None = Field(default=None, description="A NoCloud seed CD (label cidata).")
 
     @model_validator(mode="after")
     def _unique_device_names(self) -> VirtualMachineSpec:

@@ -90,5 +90,7 @@ def boot_devices(spec: VirtualMachineSpec) -> list[str]:
 
 
 def boot_indices(spec: VirtualMachineSpec) -> dict[str, int]:
-    """QEMU ``bootindex`` per ``kind:name`` device (1 first: a direct kernel boot's option ROM comes first)."""
-    return {entry: index for index, entry in enumerate(boot_devices(spec), start=1)}
+    """QEMU ``bootindex`` per ``kind:name`` device (1 first: a direct kernel boot's option ROM holds 0). During
+    an install start a ``bootOnce`` CD-ROM takes 1 and the order follows from 2 (QEMU refuses a bootindex twice)."""
+    first = 2 if any(cdrom.bootOnce for cdrom in spec.cdroms) else 1
+    return {entry: index for index, entry in enumerate(boot_devices(spec), start=first)}

@@ -29,6 +29,7 @@ are atomic (temporary file, fsync, rename) and private to their owner (0600). Wh
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pycdlib
 from pydantic import BaseModel, ValidationError
 
 from reconciler.errors import CorruptRecord, Refused
@@ -47,6 +49,7 @@ from reconciler.state.models import (
     AppliedRecord,
     DhcpLease,
     ExitRecord,
+    InstallRecord,
     LaunchRecord,
     LiveRecord,
     NetworkRecord,
@@ -93,7 +96,8 @@ def _why(exc: ValidationError) -> str:
 
 
 def _dump(model: BaseModel) -> str:
-    return model.model_dump_json(indent=2) + "\n"
+    # Our files keep secrets (cloud-init user-data) verbatim; plans and logs get only their hash.
+    return model.model_dump_json(indent=2, context={"secrets": True}) + "\n"
 
 
 # -- record.json: the last-applied record ---------------------------------------------------------------
@@ -151,7 +155,8 @@ def write_record(paths: VMPaths, vm: VirtualMachine, source: str | None, revisio
     """Record ``vm`` as last applied, keeping the list of disks we created."""
     current = read_record(paths)
     owned = current.owned_disks if current else []
-    record = AppliedRecord(vm=vm, owned_disks=owned, source=source, revision=revision)
+    installs = current.installs if current else []
+    record = AppliedRecord(vm=vm, owned_disks=owned, installs=installs, source=source, revision=revision)
     write_atomic(paths.record, _dump(record))
     return record
 
@@ -167,6 +172,53 @@ def claim_disk(paths: VMPaths, disk: str) -> None:
     if disk not in current.owned_disks:
         updated = current.model_copy(update={"owned_disks": sorted([*current.owned_disks, disk])})
         write_atomic(paths.record, _dump(updated))
+
+
+def record_installs(paths: VMPaths, installs: list[InstallRecord]) -> None:
+    """Replace the record's installs from bootOnce CD-ROMs (by CD-ROM name) with ``installs``.
+
+    :raise Refused: When the VM has no record.
+    """
+    current = read_record(paths)
+    if current is None:
+        raise Refused(f"no record for {paths.dir.name}: the record step must run first (re-run apply)")
+    names = {install.cdrom for install in installs}
+    kept = [install for install in current.installs if install.cdrom not in names]
+    updated = current.model_copy(update={"installs": sorted([*kept, *installs], key=lambda i: i.cdrom)})
+    write_atomic(paths.record, _dump(updated))
+
+
+# -- cidata-HASH.iso: the cloud-init seed ----------------------------------------------------------------
+
+
+def write_seed(paths: VMPaths, digest: str, files_in_seed: dict[str, bytes]) -> Path:
+    """Build the NoCloud seed ISO (volume label ``cidata``; Joliet and Rock Ridge names) unless the file for
+    ``digest`` exists, remove the VM's other seeds, and return its path (root's 0600; QEMU gets an fd)."""
+    target = paths.seed(digest)
+    if not target.exists():
+        iso = pycdlib.PyCdlib()
+        iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
+        for index, (name, data) in enumerate(sorted(files_in_seed.items())):
+            iso.add_fp(io.BytesIO(data), len(data), f"/F{index}.;1", rr_name=name, joliet_path=f"/{name}")
+        out = io.BytesIO()
+        iso.write_fp(out)
+        iso.close()
+        make_private_dirs(target.parent)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(out.getvalue())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    for old in paths.dir.glob("cidata-*.iso"):
+        if old != target:
+            old.unlink(missing_ok=True)
+    return target
 
 
 def forget_vm(paths: VMPaths) -> None:

@@ -9,6 +9,7 @@
     STATE/vms/NAME/exit.json           how its last QEMU ended (guest-shutdown, crash, stopped by us...)
     STATE/vms/NAME/restarts.json       the sync daemon's restarts after failures (crash-loop history)
     STATE/vms/NAME/live.json           what QMP cannot report back (link state, balloon target, unplugs)
+    STATE/vms/NAME/cidata-HASH.iso     the cloud-init NoCloud seed (root's 0600; QEMU gets an fd)
     STATE/vms/NAME/qemu.log            QEMU's stderr (root's; QEMU writes to the fd it inherits)
     STATE/vms/NAME/run/                QEMU's own directory (owned by its user, 0700):
     STATE/vms/NAME/run/qemu.pid          QEMU's pidfile
@@ -183,6 +184,10 @@ class VMPaths:
 
     def disk(self, disk_name: str) -> Path:
         return Path(paths.disk_file(str(self.root), self.dir.name, disk_name))
+
+    def seed(self, digest: str) -> Path:
+        """The cloud-init seed ISO whose content hashes to ``digest``."""
+        return Path(paths.seed_file(str(self.root), self.dir.name, digest))
 
     def check(self) -> None:
         """Refuse paths QEMU cannot use: sockets longer than a sun_path, or option separators."""

@@ -26,11 +26,24 @@ class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class InstallRecord(_Record):
+    """An install from a ``bootOnce`` CD-ROM: begun by a start that booted from it (that QEMU's pid and
+    start time), done once that QEMU ended by the guest's own power-off or reboot."""
+
+    cdrom: str
+    image: str | None
+    pid: int
+    start_time: int
+    done: bool = False
+    ejected: bool = Field(default=False, description="The medium was ejected (ejectAfterInstall).")
+
+
 class AppliedRecord(_Record):
     """vms/NAME/record.json: the VM as last applied: proof that we manage it, and which disks we created."""
 
     vm: VirtualMachine
     owned_disks: list[str] = Field(default_factory=list)
+    installs: list[InstallRecord] = Field(default_factory=list, description="Installs from bootOnce CD-ROMs.")
     source: str | None = None
     revision: str | None = Field(default=None, description="The manifests' git revision when last applied.")
 

@@ -31,3 +31,8 @@ def dhcp_leases(state_dir: str, network: str) -> str:
 def tpm_state(state_dir: str, vm: str) -> str:
     """A VM's TPM state (swtpm's directory): outside the VM's folder, so forgetting a VM keeps it."""
     return posixpath.join(state_dir, "tpm", vm)
+
+
+def seed_file(state_dir: str, vm: str, digest: str) -> str:
+    """A VM's cloud-init NoCloud seed ISO, named by a hash of its content (a new content is a new file)."""
+    return posixpath.join(state_dir, "vms", vm, f"cidata-{digest[:16]}.iso")

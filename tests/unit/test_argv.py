@@ -278,3 +278,22 @@ def test_bios_boots_the_disks_in_order_by_default() -> None:
     argv = build_argv(vm.name, vm.spec, StateLayout(Path("/s")).vm("web"))
     assert "-global" not in argv and _after(argv, "-machine") == ["pc"]
     assert [d.get("bootindex") for d in map(json.loads, _after(argv, "-device")) if d.get("id") == "disk-root"] == [1]
+
+
+def test_a_boot_once_cdrom_boots_first_and_a_reboot_ends_the_install() -> None:
+    """An install start: the bootOnce CD gets bootindex 1 and the guest's first reboot ends QEMU; once the
+    install is over (bootOnce off in the spec QEMU gets), neither."""
+    vm = _vm()
+    cdroms = [{"name": "install", "image": "/srv/cd.iso", "bootOnce": True}, {"name": "drivers"}]
+    installing = vm.spec.model_validate({**vm.spec.model_dump(), "cdroms": cdroms})
+    argv = build_argv(vm.name, installing, StateLayout(Path("/st")).vm(vm.name))
+    devices = [json.loads(arg) for arg in _after(argv, "-device") if arg.startswith("{")]
+    boots = {d["id"]: d.get("bootindex") for d in devices if d["driver"] == "scsi-cd" or d["id"] == "disk-root"}
+    assert boots == {"cd-install": 1, "cd-drivers": None, "disk-root": 2}  # the boot order follows the CD
+    assert _after(argv, "-action") == ["reboot=shutdown"]
+    done = installing.model_copy(update={"cdroms": [c.model_copy(update={"bootOnce": False})
+                                                    for c in installing.cdroms]})
+    argv = build_argv(vm.name, done, StateLayout(Path("/st")).vm(vm.name))
+    devices = [json.loads(arg) for arg in _after(argv, "-device") if arg.startswith("{")]
+    boots = {d["id"]: d.get("bootindex") for d in devices if d["driver"] == "scsi-cd" or d["id"] == "disk-root"}
+    assert "-action" not in argv and boots == {"cd-install": None, "cd-drivers": None, "disk-root": 1}

@@ -128,7 +128,20 @@ TABLE_COVERAGE: dict[tuple[str, ...], tuple[str, str]] = {
                                  "networks[nat].model changed (virtio -> e1000e)"),
     ("rng",): ("device_model_changes_need_restart", "rng.enabled changed (True -> False)"),
     ("tpm",): ("tpm_turned_off_keeps_state_orphan_swtpm_stopped", "turned off, the TPM state is kept"),
+    ("cdroms", "*", "bootOnce"): ("install_ended_is_recorded_done_not_drift",
+                                  "cdroms[cd0].bootOnce: False -> True  (live: recorded)"),
+    ("cdroms", "*", "ejectAfterInstall"): ("install_ended_is_recorded_done_not_drift",
+                                           "record the install from install as done; eject install"),
+    ("cloudInit",): ("cloud_init_user_data_changed_live", "takes effect on the next boot; cloud-init runs it only"),
 }
+
+
+def test_user_data_never_reaches_a_plan() -> None:
+    """user-data may hold passwords: plans (text and JSON) show its hash only, and read back equal."""
+    result = _case_plan(CASES / "cloud_init_user_data_changed_live")
+    shown = result.model_dump_json() + render_plan(result)
+    assert "secret" not in shown and "<redacted sha256:" in result.model_dump_json()
+    assert Plan.model_validate_json(result.model_dump_json()) == result
 
 
 def test_every_field_table_row_has_a_golden_case() -> None:
