@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
@@ -18,7 +19,8 @@ from rich.table import Table
 from reconciler.cli.common import CliError, View, config_of, layout_of, out, read_view
 from reconciler.plan.actions import Change
 from reconciler.runtime.store import VMStatus, conditions_text, open_readonly
-from reconciler.spec.naming import smbios_uuid
+from reconciler.spec.models import VirtualMachineSpec
+from reconciler.spec.naming import channel_key, smbios_uuid
 from reconciler.state import files
 from reconciler.state.layout import StateLayout
 
@@ -48,6 +50,20 @@ def _daemon_status(layout: StateLayout, host: str | None) -> dict[str, VMStatus]
         store.close()
 
 
+def _spec(view: View, name: str) -> VirtualMachineSpec | None:
+    loaded = view.manifests.vms.get(name)
+    if loaded is not None:
+        return loaded.vm.spec
+    return view.records[name].vm.spec if name in view.records else None
+
+
+def _channels(view: View, name: str) -> dict[str, str]:
+    """Each channel's unix socket (QEMU listens on it while the VM runs; the host platform connects)."""
+    spec = _spec(view, name)
+    paths = StateLayout(Path(view.observed.state_dir)).vm(name)
+    return {c.name: str(paths.channel_socket(channel_key(c.name))) for c in spec.channels} if spec else {}
+
+
 def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str, Any]:
     name = change.name
     vm = view.observed.vm(name)
@@ -65,7 +81,8 @@ def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str
         "unplugPending": change.unplug_pending,
         "unverified": vm.unverified,
         "disks": {n: d.virtual_size for n, d in vm.disks.items() if d.exists},
-        "uuid": smbios_uuid(name),  # the SMBIOS system UUID QEMU gives the guest (-uuid)
+        "uuid": smbios_uuid(name),
+        "channels": _channels(view, name),  # the SMBIOS system UUID QEMU gives the guest (-uuid)
         "manifest": loaded.source.file if loaded else None,
         "revision": view.records[name].revision if name in view.records else None,
         "conditions": status.conditions if status is not None else {},
