@@ -19,10 +19,13 @@
 #               cds=<srN>:<ISO volume label or ->[,...] [ping=<target>:<ok|fail>[,...]] ips=<if>:<cidr>[,...]
 #               efi=<0|1> sb=<0|1|-> tpm=<0|1> rng=<hw_random driver or -> cidata=<instance-id>:<sha256>|-
 #               ips=<if>:<addr>/<prefix>[,...] ro=<read-only disk>[,...] uuid=<SMBIOS product_uuid or ->
+#               ports=<virtio-serial port name>[,...]
 #                                    (one line) whenever anything but seq changes; ping= only
 #                                    with infz.ping, ips= always (IPv4 on non-lo interfaces,
 #                                    empty when none)
 #   INFZ-POWEROFF                    when the ACPI power button was pressed
+# On each named virtio-serial port except the guest agent's, it writes "INFZ-PORT <name>" every second
+# (a write blocks until the host side connects, so a host that connects reads it).
 # It onlines hot-plugged CPUs and memory blocks, brings NICs up, and powers
 # off (QEMU exits) on QMP system_powerdown.
 #
@@ -522,12 +525,24 @@ while :; do
         [ "$v" = 1 ] && ro="${ro:+$ro,}${d##*/}"
     done
     uuid=; { read uuid </sys/class/dmi/id/product_uuid; } 2>/dev/null
+    # Named virtio-serial ports; each but the agent's gets one background writer of "INFZ-PORT <name>".
+    ports=
+    for d in /sys/class/virtio-ports/*; do
+        [ -e "$d/name" ] || continue
+        pn=; { read pn <"$d/name"; } 2>/dev/null
+        [ -n "$pn" ] || continue
+        ports="${ports:+$ports,}$pn"
+        [ "$pn" = org.qemu.guest_agent.0 ] && continue
+        [ -e "/run/infz-port.${d##*/}" ] && continue
+        : >"/run/infz-port.${d##*/}"
+        ( while :; do echo "INFZ-PORT $pn" >"/dev/${d##*/}" 2>/dev/null; sleep 1; done ) &
+    done
 
     # IPv4 addresses actually configured on non-lo interfaces.
     ips=$(ip -4 -o addr show 2>/dev/null | awk '$3 == "inet" && $2 != "lo" { printf "%s%s:%s", s, $2, $4; s = "," }')
 
     cur="disks=$disks nics=$nics mem_kb=$mem cpus=$cpus cds=$cds$pings ips=$ips efi=$efi sb=${sb:--} tpm=$tpm"
-    cur="$cur rng=$rng cidata=$cidata ro=$ro uuid=${uuid:--}"
+    cur="$cur rng=$rng cidata=$cidata ro=$ro uuid=${uuid:--} ports=$ports"
     if [ "$cur" != "$prev" ]; then
         seq=$(( seq + 1 ))
         echo "INFZ-REPORT seq=$seq $cur"

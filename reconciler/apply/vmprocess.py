@@ -11,7 +11,8 @@ re-parented to PID 1 once the launcher exits. Its stderr goes to ``qemu.log`` (r
 time go to ``launch.json``. Then wait until the monitor says the guest runs, or until QEMU is gone: then
 report the log's last lines (QEMU's own message). Where the host has a cgroup v2 hierarchy, QEMU is moved
 into a cgroup of its own (``infinization/<VM id>``).
-Stop: ``system_powerdown`` and wait up to the grace period, then ``quit``, then SIGKILL, each only to the
+Stop: the guest agent's ``guest-shutdown`` when the VM has the agent's port and the agent answers, then
+``system_powerdown``, each waiting within the grace period, then ``quit``, then SIGKILL, each only to the
 PID we verified (and re-verify right before signalling, the SIGKILL through a pidfd opened before that
 check) as this VM's QEMU.
 """
@@ -29,7 +30,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from reconciler.adapters import monitor, procfs
+from reconciler.adapters import agent, monitor, procfs
 from reconciler.apply import disks, hostnet, swtpm
 from reconciler.errors import MonitorError, Refused, StepFailed
 from reconciler.plan.firmware import Firmware
@@ -347,7 +348,29 @@ async def _stop_qemu(paths: VMPaths, grace: float) -> str:
     return how
 
 
+async def _through_agent(paths: VMPaths, pid: int, grace: float) -> tuple[bool, float]:
+    """Ask the guest agent to power off (when QEMU has its port); wait up to ``grace`` for QEMU to exit.
+    Return whether it did, and the grace left for the power button."""
+    if grace <= 0 or not agent_port(paths):
+        return False, grace
+    started = time.monotonic()
+    if await agent.shutdown(paths.agent_socket, min(agent.DEADLINE, grace)) is not None:
+        return False, max(0.0, grace - (time.monotonic() - started))
+    if await _wait_dead(pid, max(0.0, grace - (time.monotonic() - started))):
+        return True, 0.0
+    return False, max(0.0, grace - (time.monotonic() - started))
+
+
+def agent_port(paths: VMPaths) -> bool:
+    """The running QEMU was launched with the guest agent's port (its launch record says so)."""
+    launch = files.read_launch(paths)
+    return launch is not None and launch.vm.spec.guestAgent.enabled
+
+
 async def _stop(paths: VMPaths, process: procfs.QemuProcess, grace: float) -> str:
+    stopped, grace = await _through_agent(paths, process.pid, grace)
+    if stopped:
+        return "guest powered off through the guest agent"
     if grace > 0 and await _press_power_button(paths, process.pid, grace):
         return "guest powered off"
     try:

@@ -85,7 +85,7 @@ def _load_warning(directory: str) -> ManifestSet:
 
 async def read_view(directory: str, layout: StateLayout, allow_restart: bool, host: str | None = None,
                     options: PlanOptions | None = None, tolerate_errors: bool = False, *,
-                    config: HostConfig) -> View:
+                    config: HostConfig, ask_agent: bool = False) -> View:
     manifests = _load_warning(directory) if tolerate_errors else load_manifests(directory)
     all_records = _read_records(layout)
     if manifests.errors:
@@ -96,7 +96,7 @@ async def read_view(directory: str, layout: StateLayout, allow_restart: bool, ho
     desired = {name: loaded.vm for name, loaded in manifests.vms.items() if loaded.vm.spec.host == host}
     records = {name: record for name, record in all_records.items() if record.vm.spec.host == host}
     networks = {name: loaded.network for name, loaded in manifests.networks.items()}
-    observed = await observe(layout, desired, records, networks, host=config)
+    observed = await observe(layout, desired, records, networks, host=config, ask_agent=ask_agent)
     result = plan(desired, observed, records, networks=networks, manifest_dir=str(Path(directory).absolute()),
                   desired_digest=manifests.digest(),
                   options=options or PlanOptions(allow_restart=allow_restart), host=config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
@@ -17,8 +18,10 @@ from rich.table import Table
 
 from reconciler.cli.common import CliError, View, config_of, layout_of, out, read_view
 from reconciler.plan.actions import Change
+from reconciler.plan.observed import ObservedVM
 from reconciler.runtime.store import VMStatus, conditions_text, open_readonly
-from reconciler.spec.naming import smbios_uuid
+from reconciler.spec.models import VirtualMachineSpec
+from reconciler.spec.naming import channel_key, smbios_uuid
 from reconciler.state import files
 from reconciler.state.layout import StateLayout
 
@@ -48,6 +51,28 @@ def _daemon_status(layout: StateLayout, host: str | None) -> dict[str, VMStatus]
         store.close()
 
 
+def _spec(view: View, name: str) -> VirtualMachineSpec | None:
+    loaded = view.manifests.vms.get(name)
+    if loaded is not None:
+        return loaded.vm.spec
+    return view.records[name].vm.spec if name in view.records else None
+
+
+def _channels(view: View, name: str) -> dict[str, str]:
+    """Each channel's unix socket (QEMU listens on it while the VM runs; the host platform connects)."""
+    spec = _spec(view, name)
+    paths = StateLayout(Path(view.observed.state_dir)).vm(name)
+    return {c.name: str(paths.channel_socket(channel_key(c.name))) for c in spec.channels} if spec else {}
+
+
+def _agent(vm: ObservedVM) -> dict[str, Any] | None:
+    """The guest agent's answer: None when not asked (the VM is not running, or has no agent port)."""
+    found = vm.process.agent if vm.process else None
+    if found is None:
+        return None
+    return {"answering": found.answering, "addresses": found.addresses, "os": found.os, "detail": found.detail}
+
+
 def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str, Any]:
     name = change.name
     vm = view.observed.vm(name)
@@ -65,7 +90,9 @@ def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str
         "unplugPending": change.unplug_pending,
         "unverified": vm.unverified,
         "disks": {n: d.virtual_size for n, d in vm.disks.items() if d.exists},
-        "uuid": smbios_uuid(name),  # the SMBIOS system UUID QEMU gives the guest (-uuid)
+        "uuid": smbios_uuid(name),
+        "channels": _channels(view, name),
+        "agent": _agent(vm),  # the SMBIOS system UUID QEMU gives the guest (-uuid)
         "manifest": loaded.source.file if loaded else None,
         "revision": view.records[name].revision if name in view.records else None,
         "conditions": status.conditions if status is not None else {},
@@ -103,12 +130,21 @@ def network_rows(view: View) -> list[dict[str, Any]]:
     return [row for name in names if (row := _network_row(view, name)) is not None]
 
 
+def _agent_notes(found: dict[str, Any] | None) -> list[str]:
+    if found is None:
+        return []
+    if not found["answering"]:
+        return [f"agent: not answering ({found['detail']})"]
+    return [f"agent: {found['os'] or 'answering'}; ips: {', '.join(found['addresses']) or '-'}"]
+
+
 def _notes(row: dict[str, Any]) -> str:
     notes = [f"pending: {row['action']}"] if row["action"] else []
     notes += [f"restart pending: {cause}" for cause in row["pendingRestart"]]
     notes += [f"refused: {why}" for why in row["refused"]]
     notes += [f"unplug pending: {why}" for why in row["unplugPending"]]
     notes += [f"unverified: {row['unverified']}"] if row["unverified"] else []
+    notes += _agent_notes(row["agent"])
     notes += [c for c in conditions_text(row["conditions"]) if c != "Ready" and not c.startswith(_SHOWN_FROM_PLAN)]
     return escape("\n".join(notes))
 
@@ -140,7 +176,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if directory is None:
         raise CliError("no manifest directory given and none applied yet: infinization status DIR")
     view = asyncio.run(read_view(directory, layout, allow_restart=False, host=args.host, tolerate_errors=True,
-                                 config=config_of(args)))
+                                 config=config_of(args), ask_agent=True))
     rows = status_rows(view, _daemon_status(layout, args.host))
     networks = network_rows(view)
     if args.json:

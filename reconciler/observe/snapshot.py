@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from reconciler.adapters import monitor, procfs, qemu_img
+from reconciler.adapters import agent, monitor, procfs, qemu_img
 from reconciler.errors import MonitorError
 from reconciler.observe.hostnet import observe_host_network
 from reconciler.observe.live import observe_live
@@ -21,7 +21,8 @@ from reconciler.state.layout import StateLayout, VMPaths
 from reconciler.state.models import AppliedRecord, LiveRecord
 
 
-async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str]) -> ObservedVM:
+async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str],
+                     ask_agent: bool = False) -> ObservedVM:
     paths = layout.vm(name)
     examined = procfs.examine(paths)
     process = examined.process
@@ -30,8 +31,10 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str]) 
         launch = files.read_launch(paths)
         launched = launch.vm.spec if launch is not None and tuple(launch.argv) == process.cmdline else None
         status, live = await query_running(paths, launched, files.read_live(paths, process.pid, process.start_time))
+        asked = ask_agent and launched is not None and launched.guestAgent.enabled
+        guest = await agent.query(paths.agent_socket) if asked else None
         observed_process = ObservedProcess(pid=process.pid, start_time=process.start_time, status=status,
-                                           launched=launched, live=live)
+                                           launched=launched, live=live, agent=guest)
     disks = {disk: qemu_img.inspect_image(paths.disk(disk)) for disk in sorted(set(disk_names))}
     last_exit = None
     if observed_process is None and (ended := files.read_exit(paths)) is not None:
@@ -87,10 +90,12 @@ async def observe(
     networks: Mapping[str, Network] | None = None,
     only: set[str] | None = None,
     host: HostConfig | None = None,
+    ask_agent: bool = False,
 ) -> ObservedState:
     """Everything the planner needs about the VMs in ``desired``, in ``records`` or in the state folder
     (restricted to ``only`` when given), about the host paths they name (judged by ``host``'s policy)
-    and about the host networking they and ``networks`` use."""
+    and about the host networking they and ``networks`` use. ``ask_agent`` (status): also ask each running
+    VM's guest agent, within ``agent.DEADLINE`` each."""
     networks = networks or {}
     vms = {}
     backing: dict[str, ObservedImage] = {}
@@ -101,7 +106,7 @@ async def observe(
         for disk in (disk for vm in specs for disk in vm.spec.disks):
             if disk.image and disk.image not in backing:
                 backing[disk.image] = qemu_img.inspect_image(disk.image)
-        vms[name] = await observe_vm(layout, name, {disk.name for vm in specs for disk in vm.spec.disks})
+        vms[name] = await observe_vm(layout, name, {disk.name for vm in specs for disk in vm.spec.disks}, ask_agent)
     network_records = files.read_network_records(layout)
     recorded = {name: record.network for name, record in network_records.items()}
     links = _interesting_links([*desired.values(), *(r.vm for r in records.values())], networks, recorded)

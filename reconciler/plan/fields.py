@@ -81,6 +81,12 @@ TABLE: tuple[FieldRule, ...] = (
     FieldRule(("networks", "*", "restrict"), Mode.RESTART, "user-mode options are set when the NIC is plugged"),
     FieldRule(("cdroms", "*"), Mode.LIVE, "device_add scsi-cd on the virtio-scsi controller"),
     FieldRule(("cdroms", "*", "image"), Mode.LIVE, "open tray, remove medium, insert medium, close tray"),
+    FieldRule(("channels", "*"), Mode.RESTART, "virtio-serial ports are created when QEMU starts",
+              "Each a virtserialport named as given, on a unix socket QEMU listens on (vms/NAME/run/ch-KEY.sock, "
+              "in status --json); adding or removing one restarts the VM (no virtserialport hot-plug)."),
+    FieldRule(("guestAgent",), Mode.RESTART, "the agent's virtio-serial port is created when QEMU starts",
+              "Port org.qemu.guest_agent.0 on vms/NAME/run/qga.sock: status asks the agent (short deadline) for "
+              "the guest's IPs and OS, and a stop asks it to shut down before the ACPI power button."),
     FieldRule(("rng",), Mode.RESTART, "the virtio RNG is created when QEMU starts"),
     FieldRule(("cdroms", "*", "bootOnce"), Mode.LIVE, "recorded",
               "Read at a start: until the install from this medium ends, the VM boots from it (bootindex 1) and "

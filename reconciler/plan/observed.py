@@ -81,6 +81,15 @@ class LiveState(_Fact):
     pending_unplugs: list[str] = Field(default_factory=list, description="Device ids whose unplug is pending.")
 
 
+class ObservedAgent(_Fact):
+    """What the guest agent answered (status only: never planned on, not part of the plan's digest)."""
+
+    answering: bool
+    addresses: list[str] = Field(default_factory=list, description="The guest's addresses (address/prefix), no lo.")
+    os: str | None = Field(default=None, description="guest-get-osinfo's pretty name.")
+    detail: str = Field(default="", description="Why it is not answering.")
+
+
 class ObservedProcess(_Fact):
     """A live QEMU whose /proc cmdline proved it is ours for this VM."""
 
@@ -91,6 +100,8 @@ class ObservedProcess(_Fact):
         default=None, description="The spec the process was started with (launch.json, checked against argv)."
     )
     live: LiveState | None = Field(default=None, description="Devices, vCPUs and memory now; None: no QMP.")
+    agent: ObservedAgent | None = Field(default=None, description="The guest agent, when asked (status) and "
+                                        "the running QEMU has its port.")
 
 
 class ObservedVM(_Fact):
@@ -157,8 +168,10 @@ class ObservedState(_Fact):
     )
 
     def digest(self) -> str:
-        """What plans depend on (DHCP leases renew all the time and are only reported, never planned on)."""
-        data = self.model_dump_json(exclude={"host": {"dhcp": {"__all__": {"leases"}}}})
+        """What plans depend on (DHCP leases renew all the time, and the guest agent's answers change with the
+        guest: both are only reported, never planned on)."""
+        data = self.model_dump_json(exclude={"host": {"dhcp": {"__all__": {"leases"}}},
+                                             "vms": {"__all__": {"process": {"agent"}}}})
         return hashlib.sha256(data.encode()).hexdigest()
 
     def vm(self, name: str) -> ObservedVM:

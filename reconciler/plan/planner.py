@@ -30,7 +30,7 @@ from reconciler.state.models import STOPPED, AppliedRecord
 Path_ = tuple[str, ...]
 
 
-_KEYED = ("disks", "networks", "cdroms")
+_KEYED = ("disks", "networks", "cdroms", "channels")
 
 
 def flatten(spec: VirtualMachineSpec) -> dict[Path_, Any]:

@@ -20,12 +20,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.errors import UnsafeValue
-from reconciler.spec.models import DiskSpec, NetworkInterfaceSpec, VirtualMachineSpec, cpu_model, nic_mac, sata_port
+from reconciler.spec.models import (
+    AGENT_PORT,
+    DiskSpec,
+    NetworkInterfaceSpec,
+    VirtualMachineSpec,
+    cpu_model,
+    nic_mac,
+    sata_port,
+)
 from reconciler.spec.naming import (
+    AGENT_CHARDEV,
+    AGENT_DEVICE,
     BALLOON_DEVICE,
     RNG_DEVICE,
     RNG_OBJECT,
     SCSI_CONTROLLER,
+    SERIAL_CONTROLLER,
     TPM_BACKEND,
     TPM_CHARDEV,
     TPM_DEVICE,
@@ -34,6 +45,9 @@ from reconciler.spec.naming import (
     boot_indices,
     cdrom_device,
     cdrom_file_node,
+    channel_chardev,
+    channel_device,
+    channel_key,
     disk_file_node,
     disk_node,
     firmware_file_node,
@@ -143,6 +157,7 @@ def build_argv(
         *_balloon(spec),
         *_rng(spec),
         *_tpm(spec, paths),
+        *_serial_ports(spec, paths),
         "-pidfile", str(paths.pidfile),
     ]
 
@@ -307,6 +322,22 @@ def _tpm(spec: VirtualMachineSpec, paths: VMPaths) -> list[str]:
     return ["-chardev", _kv("socket", id=TPM_CHARDEV, path=paths.tpm_socket),
             "-tpmdev", _kv("emulator", id=TPM_BACKEND, chardev=TPM_CHARDEV),
             "-device", _json({"driver": "tpm-crb", "tpmdev": TPM_BACKEND, "id": TPM_DEVICE})]
+
+
+def _serial_ports(spec: VirtualMachineSpec, paths: VMPaths) -> list[str]:
+    """One virtio-serial controller, and a ``virtserialport`` per channel (and for the guest agent), each on a
+    unix socket QEMU listens on in its ``run/`` (``-chardev`` has no JSON syntax in 7.2: ``_kv`` checks)."""
+    ports = [(AGENT_PORT, AGENT_CHARDEV, AGENT_DEVICE, paths.agent_socket)] if spec.guestAgent.enabled else []
+    ports += [(channel.name, channel_chardev(channel.name), channel_device(channel.name),
+               paths.channel_socket(channel_key(channel.name))) for channel in spec.channels]
+    if not ports:
+        return []
+    argv = ["-device", _json({"driver": "virtio-serial-pci", "id": SERIAL_CONTROLLER})]
+    for port_name, chardev, device, socket in ports:
+        argv += ["-chardev", _kv("socket", id=chardev, path=socket, server="on", wait="off"),
+                 "-device", _json({"driver": "virtserialport", "bus": f"{SERIAL_CONTROLLER}.0", "chardev": chardev,
+                                   "name": _safe(port_name), "id": device})]
+    return argv
 
 
 def swtpm_argv(paths: VMPaths, binary: str = "swtpm") -> list[str]:

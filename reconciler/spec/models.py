@@ -399,6 +399,22 @@ class RngSpec(_Frozen):
     enabled: bool = Field(default=True, description="A virtio RNG fed from the host's /dev/urandom.")
 
 
+AGENT_PORT = "org.qemu.guest_agent.0"
+"""The virtio-serial port name qemu-guest-agent opens in the guest (reserved: no channel may take it)."""
+ChannelName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+"""A virtio-serial port name: letters, digits, '.', '_' and '-' (no ',' '=' or anything QEMU would parse)."""
+
+
+class ChannelSpec(_Frozen):
+    name: ChannelName = Field(description="The port's name in the guest (/dev/virtio-ports/NAME), e.g. "
+                              "com.infinibay.service; the host side is a unix socket in vms/NAME/run/.")
+
+
+class GuestAgentSpec(_Frozen):
+    enabled: bool = Field(default=False, description="A virtio-serial port org.qemu.guest_agent.0 on "
+                          "vms/NAME/run/qga.sock: status shows the guest's IPs and OS, a stop asks it first.")
+
+
 class TpmSpec(_Frozen):
     enabled: bool = Field(default=False, description="A TPM 2.0 (tpm-crb), emulated by swtpm; its state is kept.")
 
@@ -435,6 +451,9 @@ class VirtualMachineSpec(_Frozen):
         default=60, description="How long a graceful stop (ACPI power button) may take before QEMU is quit."
     )
     rng: RngSpec = Field(default_factory=RngSpec)
+    guestAgent: GuestAgentSpec = Field(default_factory=GuestAgentSpec)
+    channels: list[ChannelSpec] = Field(default_factory=list, description="Named virtio-serial ports, each a "
+                                        "unix socket (server) in vms/NAME/run/ for the host platform.")
 
     @pydantic.field_validator("firmware")
     @classmethod
@@ -466,6 +485,17 @@ class VirtualMachineSpec(_Frozen):
                 if item.name in seen:
                     raise ValueError(f"{kind}: the name {item.name!r} is used twice")
                 seen.add(item.name)
+        return self
+
+    @model_validator(mode="after")
+    def _channel_names(self) -> VirtualMachineSpec:
+        seen: set[str] = set()
+        for channel in self.channels:
+            if channel.name == AGENT_PORT:
+                raise ValueError(f"channels: {AGENT_PORT!r} is reserved for the guest agent (guestAgent.enabled)")
+            if channel.name in seen:
+                raise ValueError(f"channels: the name {channel.name!r} is used twice")
+            seen.add(channel.name)
         return self
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ models, so every id here is a safe QEMU id.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 from reconciler.spec.models import VirtualMachineSpec
@@ -64,6 +65,23 @@ TPM_DEVICE = "tpm-crb0"
 BALLOON_DEVICE = "balloon0"
 RNG_OBJECT = "rng0-source"
 RNG_DEVICE = "rng0"
+SERIAL_CONTROLLER = "vserial0"
+AGENT_CHARDEV = "chr-qga0"
+AGENT_DEVICE = "qga0"
+
+
+def channel_key(channel_name: str) -> str:
+    """A short, QEMU-id-safe key of a channel (its name may be long, or start with a digit): it names the
+    channel's chardev, its device and its socket file (sun_path is only 107 bytes)."""
+    return hashlib.sha256(channel_name.encode()).hexdigest()[:10]
+
+
+def channel_chardev(channel_name: str) -> str:
+    return f"chr-ch-{channel_key(channel_name)}"
+
+
+def channel_device(channel_name: str) -> str:
+    return f"ch-{channel_key(channel_name)}"
 
 # Fixed namespace of the SMBIOS UUIDs (a uuid5 of the VM name in it), so every host derives the same one.
 _SMBIOS_NAMESPACE = uuid.UUID("4f1e2b6e-8a37-5c0d-9f52-1d6b0c7e3a10")

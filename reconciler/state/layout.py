@@ -17,6 +17,8 @@
     STATE/vms/NAME/run/events.sock       a second QMP monitor, kept free for a long-lived event listener
     STATE/vms/NAME/run/serial.log        the guest's serial console
     STATE/vms/NAME/run/kernel, initrd    QEMU's private copies of the boot files (-kernel takes no fd)
+    STATE/vms/NAME/run/qga.sock          the guest agent's socket (QEMU listens; guestAgent.enabled)
+    STATE/vms/NAME/run/ch-KEY.sock       a channel's socket (QEMU listens; KEY: naming.channel_key of its name)
     STATE/vms/NAME/swtpm.json          argv, user, pid and start time of the VM's swtpm (its identity)
     STATE/vms/NAME/swtpm.log           swtpm's stderr (root's)
     STATE/vms/NAME/run/swtpm.sock        swtpm's control socket (QEMU connects to it); run/swtpm.pid its pidfile
@@ -178,6 +180,16 @@ class VMPaths:
         return self.run / "swtpm.pid"
 
     @property
+    def agent_socket(self) -> Path:
+        """The guest agent's virtio-serial port on the host: a unix socket QEMU listens on."""
+        return self.run / "qga.sock"
+
+    def channel_socket(self, key: str) -> Path:
+        """A channel's unix socket (QEMU listens on it; the host platform connects). ``key``: the channel's
+        ``naming.channel_key`` (short and safe whatever the channel's name)."""
+        return self.run / f"ch-{key}.sock"
+
+    @property
     def efi_vars(self) -> Path:
         """The VM's UEFI variable store (pflash1), beside its disks: kept when the VM is forgotten."""
         return Path(paths.efi_vars(str(self.root), self.dir.name))
@@ -191,7 +203,7 @@ class VMPaths:
 
     def check(self) -> None:
         """Refuse paths QEMU cannot use: sockets longer than a sun_path, or option separators."""
-        for path in (self.qmp, self.events, self.tpm_socket):
+        for path in (self.qmp, self.events, self.tpm_socket, self.agent_socket, self.channel_socket("0" * 10)):
             if len(os.fsencode(path)) > UNIX_PATH_MAX:
                 raise UnsafeValue(
                     f"socket path {path} is longer than {UNIX_PATH_MAX} bytes; use a shorter --state-dir"

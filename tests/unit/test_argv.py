@@ -297,3 +297,36 @@ def test_a_boot_once_cdrom_boots_first_and_a_reboot_ends_the_install() -> None:
     devices = [json.loads(arg) for arg in _after(argv, "-device") if arg.startswith("{")]
     boots = {d["id"]: d.get("bootindex") for d in devices if d["driver"] == "scsi-cd" or d["id"] == "disk-root"}
     assert "-action" not in argv and boots == {"cd-install": None, "cd-drivers": None, "disk-root": 1}
+
+
+def test_channels_and_the_guest_agent_are_virtserialports_on_unix_sockets_in_run() -> None:
+    from reconciler.spec.naming import channel_key
+
+    plain = _vm()
+    paths = StateLayout(Path("/var/lib/infz")).vm("web")
+    assert "virtio-serial-pci" not in " ".join(build_argv("web", plain.spec, paths))
+    vm = _load(MANIFEST + "  guestAgent: {enabled: true}\n  channels: [{name: com.infinibay.service}]\n")
+    argv = build_argv("web", vm.spec, paths)
+    devices = [json.loads(d) for d in _after(argv, "-device") if d.startswith("{")]
+    assert [d for d in devices if d["driver"] == "virtio-serial-pci"] == [{"driver": "virtio-serial-pci",
+                                                                           "id": "vserial0"}]
+    ports = {d["name"]: d for d in devices if d["driver"] == "virtserialport"}
+    assert set(ports) == {"org.qemu.guest_agent.0", "com.infinibay.service"}
+    key = channel_key("com.infinibay.service")
+    assert ports["com.infinibay.service"]["chardev"] == f"chr-ch-{key}"
+    assert ports["com.infinibay.service"]["bus"] == "vserial0.0"
+    chardevs = _after(argv, "-chardev")
+    assert "socket,id=chr-qga0,path=/var/lib/infz/vms/web/run/qga.sock,server=on,wait=off" in chardevs
+    assert f"socket,id=chr-ch-{key},path=/var/lib/infz/vms/web/run/ch-{key}.sock,server=on,wait=off" in chardevs
+
+
+@pytest.mark.parametrize(("channels", "error"), [
+    ("[{name: 'a,b'}]", "should match pattern"),
+    ("[{name: 'a=b'}]", "should match pattern"),
+    ("[{name: org.qemu.guest_agent.0}]", "reserved for the guest agent"),
+    ("[{name: x.y}, {name: x.y}]", "used twice"),
+    ("[{name: ''}]", "at least 1 character"),
+])
+def test_channel_names_are_safe_unique_and_not_the_agents(channels: str, error: str) -> None:
+    _, errors = load_text(MANIFEST + f"  channels: {channels}\n", "x")
+    assert errors and error in str(errors[0]), errors

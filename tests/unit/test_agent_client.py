@@ -1,0 +1,106 @@
+"""The guest agent client against a fake qemu-ga on a unix socket: what it asks, what it reads back, and
+that a silent or broken agent is "not answering" within the deadline, never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from reconciler.adapters import agent
+
+INTERFACES = [
+    {"name": "lo", "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "127.0.0.1", "prefix": 8}]},
+    {"name": "eth0", "hardware-address": "52:54:00:00:00:01", "ip-addresses": [
+        {"ip-address-type": "ipv4", "ip-address": "10.0.2.15", "prefix": 24},
+        {"ip-address-type": "ipv6", "ip-address": "fe80::5054:ff:fe00:1", "prefix": 64},
+        {"ip-address-type": "ipv6", "ip-address": "fd00::15", "prefix": 64}]},
+]
+OSINFO = {"id": "debian", "name": "Debian GNU/Linux", "pretty-name": "Debian GNU/Linux 12 (bookworm)"}
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def _qga(seen: list[str], stale: bytes = b"", osinfo: bool = True) -> Handler:
+    """A fake agent: answers guest-sync, guest-ping and the two queries, records what it was asked."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await answer_all(reader, writer)
+        finally:
+            writer.close()
+
+    async def answer_all(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(stale)  # what an earlier client left unread
+        while line := await reader.readline():
+            request = json.loads(line.strip(b"\xff \n"))
+            seen.append(request["execute"])
+            answer: dict[str, Any] = {
+                "guest-sync": {"return": request.get("arguments", {}).get("id")},
+                "guest-ping": {"return": {}},
+                "guest-network-get-interfaces": {"return": INTERFACES},
+                "guest-get-osinfo": {"return": OSINFO} if osinfo else {
+                    "error": {"class": "CommandNotFound", "desc": "The command guest-get-osinfo has not been found"}},
+            }.get(request["execute"], {})
+            if request["execute"] == "guest-shutdown":
+                return
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+
+    return serve
+
+
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        await reader.read()  # QEMU's socket with no agent behind the port: it reads, nobody answers
+    finally:
+        writer.close()
+
+
+def _with(tmp_path: Path, handler: Handler, call: Callable[[Path], Awaitable[Any]]) -> Any:
+    path = tmp_path / "qga.sock"
+
+    async def run() -> Any:
+        server = await asyncio.start_unix_server(handler, str(path))
+        async with server:
+            return await call(path)
+
+    return asyncio.run(run())
+
+
+def test_an_answering_agent_gives_addresses_and_os(tmp_path: Path) -> None:
+    seen: list[str] = []
+    found = _with(tmp_path, _qga(seen, stale=b'{"return": {"half": "of an old answer"}}\n{"return": 7}\n'),
+                  agent.query)
+    assert found.answering is True
+    assert found.addresses == ["10.0.2.15/24", "fd00::15/64"]
+    assert found.os == "Debian GNU/Linux 12 (bookworm)"
+    assert seen == ["guest-sync", "guest-ping", "guest-network-get-interfaces", "guest-get-osinfo"]
+
+
+def test_an_agent_without_osinfo_still_answers(tmp_path: Path) -> None:
+    found = _with(tmp_path, _qga([], osinfo=False), agent.query)
+    assert found.answering is True and found.os is None and found.addresses
+
+
+def test_a_silent_agent_is_not_answering_within_the_deadline(tmp_path: Path) -> None:
+    started = time.monotonic()
+    found = _with(tmp_path, _silent, lambda path: agent.query(path, deadline=0.5))
+    assert time.monotonic() - started < 2
+    assert found.answering is False and found.detail == "no answer within 0.5s"
+
+
+def test_a_missing_socket_is_not_answering(tmp_path: Path) -> None:
+    found = asyncio.run(agent.query(tmp_path / "absent.sock", deadline=0.5))
+    assert found.answering is False and "cannot connect" in found.detail
+
+
+def test_shutdown_pings_then_asks_for_a_powerdown(tmp_path: Path) -> None:
+    seen: list[str] = []
+    assert _with(tmp_path, _qga(seen), agent.shutdown) is None
+    assert seen == ["guest-sync", "guest-ping", "guest-shutdown"]
+    refused = _with(tmp_path, _silent, lambda path: agent.shutdown(path, deadline=0.3))
+    assert refused == "the guest agent did not answer within 0.3s"
