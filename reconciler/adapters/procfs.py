@@ -12,10 +12,12 @@ signal) and the sync daemon.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pwd
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,16 @@ def is_alive(pid: int) -> bool:
     """True when ``pid`` exists and is not a zombie or dead."""
     fields = _stat_fields(pid)
     return fields is not None and fields[0] not in ("Z", "X", "x")
+
+
+async def wait_dead(pid: int, timeout: float, poll: float = 0.02) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` to be gone (or a zombie); True if it is."""
+    deadline = time.monotonic() + timeout
+    while is_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(poll)
+    return True
 
 
 def start_time(pid: int) -> int | None:

@@ -9,11 +9,9 @@ SIGKILL, each through a pidfd opened before the last identity check (``procfs.fi
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
-import time
 
 from reconciler.adapters import procfs
 from reconciler.errors import StepFailed
@@ -21,15 +19,6 @@ from reconciler.state.layout import VMPaths
 
 TERM_TIMEOUT = 5.0
 POLL = 0.02
-
-
-async def _wait_dead(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while procfs.is_alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(POLL)
-    return True
 
 
 def _signal(process: procfs.QemuProcess, paths: VMPaths, signum: signal.Signals) -> None:
@@ -52,6 +41,6 @@ async def stop(paths: VMPaths) -> str:
         return ""
     for signum in (signal.SIGTERM, signal.SIGKILL):
         _signal(process, paths, signum)
-        if await _wait_dead(process.pid, TERM_TIMEOUT):
+        if await procfs.wait_dead(process.pid, TERM_TIMEOUT):
             return f"swtpm pid {process.pid} stopped ({signum.name})"
     raise StepFailed(f"swtpm pid {process.pid} is still alive after SIGKILL")

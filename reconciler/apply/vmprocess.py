@@ -52,15 +52,6 @@ LAUNCHER = 'umask 077; "$@" </dev/null >/dev/null & echo "$!"'
 LAUNCH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
-async def _wait_dead(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while procfs.is_alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(POLL)
-    return True
-
-
 def qemu_account(host: HostConfig) -> tuple[int, int]:
     """QEMU's uid and gid. :raise Refused: When the configured user does not exist (or is root)."""
     try:
@@ -307,8 +298,8 @@ async def _press_power_button(paths: VMPaths, pid: int, grace: float) -> bool:
             async with monitor.session(paths.qmp) as qmp:
                 await qmp.execute("system_powerdown")
         except MonitorError:
-            return await _wait_dead(pid, 0)
-        if await _wait_dead(pid, min(REPRESS, max(0.0, deadline - time.monotonic()))):
+            return await procfs.wait_dead(pid, 0)
+        if await procfs.wait_dead(pid, min(REPRESS, max(0.0, deadline - time.monotonic()))):
             return True
     return False
 
@@ -356,7 +347,7 @@ async def _through_agent(paths: VMPaths, pid: int, grace: float) -> tuple[bool, 
     started = time.monotonic()
     if await agent.shutdown(paths.agent_socket, min(agent.DEADLINE, grace)) is not None:
         return False, max(0.0, grace - (time.monotonic() - started))
-    if await _wait_dead(pid, max(0.0, grace - (time.monotonic() - started))):
+    if await procfs.wait_dead(pid, max(0.0, grace - (time.monotonic() - started))):
         return True, 0.0
     return False, max(0.0, grace - (time.monotonic() - started))
 
@@ -378,9 +369,9 @@ async def _stop(paths: VMPaths, process: procfs.QemuProcess, grace: float) -> st
             await qmp.execute("quit")
     except MonitorError:
         pass
-    if await _wait_dead(process.pid, QUIT_TIMEOUT):
+    if await procfs.wait_dead(process.pid, QUIT_TIMEOUT):
         return f"quit after the guest ignored the power button for {grace:g}s" if grace else "quit"
     _kill(process, paths)
-    if await _wait_dead(process.pid, QUIT_TIMEOUT):
+    if await procfs.wait_dead(process.pid, QUIT_TIMEOUT):
         return "killed (SIGKILL) after quit did not work"
     raise StepFailed(f"QEMU pid {process.pid} is still alive after SIGKILL")

@@ -30,7 +30,7 @@ def _stop(monkeypatch: pytest.MonkeyPatch, agent_answer: str | None, has_port: b
 
     monkeypatch.setattr(vmprocess.agent, "shutdown", shutdown)
     monkeypatch.setattr(vmprocess, "_press_power_button", button)
-    monkeypatch.setattr(vmprocess, "_wait_dead", dead)
+    monkeypatch.setattr(vmprocess.procfs, "wait_dead", dead)
     monkeypatch.setattr(vmprocess, "agent_port", lambda paths: has_port)
     how = asyncio.run(vmprocess._stop(StateLayout(Path("/st")).vm("web"), PROCESS, 30.0))
     return how, calls
