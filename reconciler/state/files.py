@@ -457,18 +457,28 @@ def check_private(layout: StateLayout) -> None:
                           f"{stat.S_IMODE(info.st_mode):o}): make it root's, 0700, and try again")
 
 
-def open_qemu_log(paths: VMPaths) -> int:
-    """QEMU's stderr for this start (truncated), root's 0600: the fd QEMU inherits."""
-    return os.open(paths.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+def _open_log(path: Path) -> int:
+    """A launched program's stderr for this start (truncated), root's 0600: the fd the program inherits."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
-def qemu_log_tail(paths: VMPaths, lines: int = 5) -> str:
-    """The last lines QEMU wrote to stderr, joined with '; ' (its own words on why it did not start)."""
+def _log_tail(path: Path, lines: int) -> str:
+    """The last lines a program wrote to its stderr log, joined with '; ' ("" when there is none)."""
     try:
-        text = _read_no_follow(paths.qemu_log).decode(errors="replace")
+        text = _read_no_follow(path).decode(errors="replace")
     except OSError:
         return ""
     return "; ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+
+
+def open_qemu_log(paths: VMPaths) -> int:
+    """QEMU's stderr for this start (truncated), root's 0600: the fd QEMU inherits."""
+    return _open_log(paths.qemu_log)
+
+
+def qemu_log_tail(paths: VMPaths, lines: int = 5) -> str:
+    """The last lines QEMU wrote to stderr (its own words on why it did not start)."""
+    return _log_tail(paths.qemu_log, lines)
 
 
 def install_boot_copy(source: str, dest: Path, uid: int, gid: int) -> None:
@@ -528,15 +538,11 @@ def delete_tpm_state(paths: VMPaths) -> bool:
 
 def open_swtpm_log(paths: VMPaths) -> int:
     """swtpm's stderr for this start (truncated), root's 0600."""
-    return os.open(paths.tpm_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    return _open_log(paths.tpm_log)
 
 
 def swtpm_log_tail(paths: VMPaths, lines: int = 5) -> str:
-    try:
-        text = _read_no_follow(paths.tpm_log).decode(errors="replace")
-    except OSError:
-        return ""
-    return "; ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+    return _log_tail(paths.tpm_log, lines)
 
 
 # -- a UEFI VM's variable store --------------------------------------------------------------------------
