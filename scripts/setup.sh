@@ -39,7 +39,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 log "installing infinization into $VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+"$VENV/bin/python" -m pip install -q -e "$ROOT[test,dev]"
 ln -sf "$VENV/bin/infinization" /usr/local/bin/infinization
 
 # QEMU runs as this unprivileged user (HostConfig.qemuUser; set INFZ_QEMU_USER when the host's

@@ -10,7 +10,12 @@ echo "== ruff"
 "$VENV/bin/ruff" check reconciler tests bench
 echo "== mypy (strict on spec/ and plan/)"
 "$VENV/bin/mypy" reconciler
+echo "== packaging (sdist and wheel build; twine check --strict)"
+DIST=$(mktemp -d)
+trap 'rm -rf "$DIST"' EXIT
+"$VENV/bin/python" -m build -q --outdir "$DIST" "$ROOT" >/dev/null
+"$VENV/bin/twine" check --strict "$DIST"/*
 echo "== pytest"
 # setup.sh installed QEMU and built the guest: here the end-to-end tests must run, never be skipped.
 export INFZ_REQUIRE_E2E=1
-exec "$VENV/bin/python" -m pytest "$@"
+"$VENV/bin/python" -m pytest "$@"

@@ -23,7 +23,6 @@ from reconciler.plan.planner import PlanOptions
 from reconciler.plan.steps import StepKind
 from reconciler.runtime.daemon import Options, run_daemon
 from reconciler.runtime.store import open_readonly
-from reconciler.spec.models import VirtualMachine
 from reconciler.state import files
 
 
@@ -105,8 +104,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    schema = VirtualMachine.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "Infinization VirtualMachine (infinization.io/v1alpha1)"
-    print(json.dumps(schema, indent=2))
+    from reconciler.spec.schema import manifest_schema
+
+    print(json.dumps(manifest_schema(), indent=2))
     return 0

@@ -99,7 +99,7 @@ def _add_read_only(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("directory")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("schema", help="print the JSON Schema of the VirtualMachine kind")
+    p = sub.add_parser("schema", help="print the JSON Schema of manifests (every kind)")
     p.set_defaults(func=cmd_schema)
 
 

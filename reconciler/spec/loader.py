@@ -92,17 +92,37 @@ class ManifestSet:
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core-schema implicit types only (no sexagesimal ints, no yes/no/on/off)."""
+    """SafeLoader with the YAML 1.2 core schema's implicit types only (no sexagesimal ints, no yes/no/on/off,
+    no YAML 1.1 leading-zero octals), as editors, ``ruamel.yaml`` and JSON Schema validators read the file."""
 
 
+# The YAML 1.2 core schema (https://yaml.org/spec/1.2.2/#1032-tag-resolution), in its order of precedence.
+_INT_RE = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT_RE = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
 _StrictLoader.yaml_implicit_resolvers = {}
 for _tag, _regexp, _first in (
-    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
-    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
-    ("tag:yaml.org,2002:int", r"^[-+]?[0-9]+$", "-+0123456789"),
-    ("tag:yaml.org,2002:float", r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$", "-+0123456789."),
+    ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), "tTfF"),
+    ("tag:yaml.org,2002:null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:int", _INT_RE, "-+0123456789"),
+    ("tag:yaml.org,2002:float", _FLOAT_RE, "-+0123456789."),
 ):
-    _StrictLoader.add_implicit_resolver(_tag, re.compile(_regexp), list(_first))
+    _StrictLoader.add_implicit_resolver(_tag, _regexp, list(_first))
+
+
+def _yaml_int(text: str) -> int:
+    """A YAML 1.2 core integer: decimal (leading zeros are decimal), ``0o`` octal or ``0x`` hexadecimal."""
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)
+
+
+def _yaml_float(text: str) -> float:
+    """A YAML 1.2 core float, including ``.inf``, ``-.inf`` and ``.nan`` (rejected later by the models)."""
+    special = text.lower().lstrip("+-")
+    if special in (".inf", ".nan"):
+        return float(text.lower().replace(".", ""))
+    return float(text)
 
 
 class _YamlProblem(Exception):
@@ -167,9 +187,9 @@ def _construct(node: yaml.Node, loc: Loc, marks: _Marks, active: frozenset[int] 
     if tag == "tag:yaml.org,2002:str":
         return node.value
     if tag == "tag:yaml.org,2002:int":
-        return int(node.value)
+        return _yaml_int(node.value)
     if tag == "tag:yaml.org,2002:float":
-        return float(node.value)
+        return _yaml_float(node.value)
     if tag == "tag:yaml.org,2002:bool":
         return node.value.lower() == "true"
     if tag == "tag:yaml.org,2002:null":

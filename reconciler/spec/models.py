@@ -34,7 +34,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=False, validate_default=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=False, validate_default=True,
+                              allow_inf_nan=False)
 
 
 def _no_control(value: str) -> str:
@@ -97,7 +98,8 @@ def _default_accels() -> list[Accel]:
 
 class MachineSpec(_Frozen):
     type: Literal["q35", "pc"] = "q35"
-    accel: Annotated[list[Accel], BeforeValidator(_accel_list), Field(min_length=1)] = Field(
+    accel: Annotated[list[Accel], BeforeValidator(_accel_list, json_schema_input_type=Accel | list[Accel]),
+                     Field(min_length=1)] = Field(
         default_factory=_default_accels,
         description="An accelerator or a list tried in order (QEMU falls back to the next one).",
     )

@@ -173,3 +173,26 @@ def test_scoped_ipv6_addresses_cannot_smuggle_text_into_nftables() -> None:
             "        rules: [{direction: in, action: drop, source: %s}]\n")
     errors = errors_of(HEAD + "metadata: {name: a}\n" + rule % '"fe80::/64%x"')
     assert len(errors) == 1 and "firewall.rules[0].source" in errors[0] and "scoped addresses" in errors[0]
+
+
+@pytest.mark.parametrize(("written", "cores"), [("0x2", 2), ("0o3", 3), ("04", 4), ("+2", 2)])
+def test_yaml12_core_integers(written: str, cores: int) -> None:
+    """Hex and ``0o`` octal are numbers, as YAML 1.2 (editors, ruamel.yaml, the JSON Schema) reads them; a
+    leading zero is decimal, not YAML 1.1's octal."""
+    assert vm_of(HEAD + f"metadata: {{name: a}}\nspec:\n  cpu: {{cores: {written}}}\n").spec.cpu.cores == cores
+
+
+@pytest.mark.parametrize("written", [".inf", "-.Inf", ".nan"])
+def test_yaml12_infinities_are_numbers_the_models_refuse(written: str) -> None:
+    errors = errors_of(HEAD + f"metadata: {{name: a}}\nspec:\n  cpu: {{cores: {written}}}\n")
+    assert len(errors) == 1 and "f.yaml:5:16: spec.cpu.cores" in errors[0], errors
+
+
+def test_yaml12_exponent_without_a_dot_is_a_float() -> None:
+    assert vm_of(HEAD + "metadata: {name: a}\nspec:\n  cpu: {cores: 2e0}\n").spec.cpu.cores == 2
+
+
+def test_yaml11_only_forms_stay_strings() -> None:
+    """``0b`` binary, ``1_000`` and sexagesimal are YAML 1.1 only: strings under the 1.2 core schema."""
+    errors = errors_of(HEAD + "metadata: {name: a}\nspec:\n  cpu: {cores: 0b10}\n")
+    assert len(errors) == 1 and "spec.cpu.cores" in errors[0]
