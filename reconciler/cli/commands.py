@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
@@ -85,7 +87,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps(events, indent=2))
+        print(json.dumps({"formatVersion": 1, "events": [_event_json(event) for event in events]}, indent=2))
         return 0
     table = Table(title=f"Events{' of ' + args.name if args.name else ''}")
     for column in ("TIME", "VM", "KIND", "RESULT", "MESSAGE"):
@@ -97,6 +99,13 @@ def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _event_json(event: dict[str, Any]) -> dict[str, Any]:
+    """One event as ``events --json`` publishes it: camelCase, the time as RFC 3339 UTC and epoch seconds."""
+    when = datetime.datetime.fromtimestamp(event["ts"], datetime.UTC).isoformat(timespec="milliseconds")
+    return {"time": when.replace("+00:00", "Z"), "ts": event["ts"], "vm": event["vm"], "kind": event["kind"],
+            "result": event["result"], "message": event["message"], "durationMs": event["duration_ms"]}
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     manifests = load_manifests(args.directory)
     out.print(f"{len(manifests.vms)} VirtualMachine(s) in {len(manifests.files)} file(s): valid.")
@@ -104,6 +113,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    if args.what == "plan":
+        from reconciler.plan.document import plan_document_schema
+
+        print(json.dumps(plan_document_schema(), indent=2))
+        return 0
     from reconciler.spec.schema import manifest_schema
 
     print(json.dumps(manifest_schema(), indent=2))

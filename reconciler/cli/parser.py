@@ -99,7 +99,9 @@ def _add_read_only(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("directory")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("schema", help="print the JSON Schema of manifests (every kind)")
+    p = sub.add_parser("schema", help="print a JSON Schema: of manifests (every kind), or of `plan --json`")
+    p.add_argument("what", nargs="?", choices=("manifest", "plan"), default="manifest",
+                   help="manifest (default): what `validate` reads; plan: what `plan --json` prints")
     p.set_defaults(func=cmd_schema)
 
 

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import sys
 from pathlib import Path
 
 from rich.markup import escape
 
+from reconciler import __version__
 from reconciler.apply.executor import ApplyResult, Executor
 from reconciler.apply.lock import StateLock
 from reconciler.cli.common import CliError, View, config_of, err, layout_of, out, print_step, read_view
 from reconciler.errors import LockTimeout
-from reconciler.plan.actions import FORMAT_VERSION, Action, Plan
+from reconciler.plan.actions import Action, Plan
+from reconciler.plan.document import Diagnostic, PlanFormatError, invalid_document, plan_document, plan_from_document
 from reconciler.plan.render import render_plan, summary_line
 from reconciler.runtime.gitrev import revision
+from reconciler.spec.loader import load_directory
 from reconciler.state import files
 from reconciler.state.files import write_atomic
 from reconciler.state.layout import StateLayout
@@ -30,13 +34,19 @@ from reconciler.state.layout import StateLayout
 
 def cmd_plan(args: argparse.Namespace) -> int:
     layout = layout_of(args)
+    if args.json and (broken := _diagnostics(args.directory)):
+        # A CI consumer gets the manifest errors as data too (stderr still has them for people).
+        print(json.dumps(invalid_document(broken, **_stamp(), manifest_dir=str(Path(args.directory).absolute())),
+                         indent=2))
+        return 1
     # Reading needs no lock: plan and status work while apply or the sync daemon runs.
     view = asyncio.run(read_view(args.directory, layout, args.allow_restart, args.host,
                                 config=config_of(args)))
+    document = json.dumps(plan_document(view.plan, **_stamp()), indent=2)
     if args.out:
-        write_atomic(Path(args.out), view.plan.model_dump_json(indent=2) + "\n")
+        write_atomic(Path(args.out), document + "\n")
     if args.json:
-        print(view.plan.model_dump_json(indent=2))
+        print(document)
     else:
         out.print(render_plan(view.plan), end="")
         if args.out:
@@ -46,6 +56,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.detailed_exitcode and not view.plan.empty:
         return 2
     return 0
+
+
+def _stamp() -> dict[str, str]:
+    """The version and time every published plan document carries."""
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return {"version": __version__, "timestamp": now}
+
+
+def _diagnostics(directory: str) -> list[Diagnostic]:
+    errors = load_directory(directory).errors
+    return [Diagnostic(file=e.file, line=e.line, column=e.col, field=e.path, message=e.message) for e in errors]
 
 
 # -- apply ------------------------------------------------------------------------------------------
@@ -120,9 +141,10 @@ def _read_saved_plan(path: Path) -> Plan:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CliError(f"cannot read saved plan {path}: {exc}") from exc
-    if data.get("format_version") != FORMAT_VERSION:
-        raise CliError(f"{path}: plan format {data.get('format_version')!r} is not {FORMAT_VERSION}")
-    return Plan.model_validate(data)
+    try:
+        return plan_from_document(data)
+    except PlanFormatError as exc:
+        raise CliError(f"{path}: {exc}") from exc
 
 
 def _refuse_if_daemon_runs(layout: StateLayout) -> None:

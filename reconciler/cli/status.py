@@ -180,7 +180,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = status_rows(view, _daemon_status(layout, args.host))
     networks = network_rows(view)
     if args.json:
-        print(json.dumps({"format_version": 1, "manifests": directory, "vms": rows, "networks": networks},
+        print(json.dumps({"formatVersion": 1, "manifests": directory, "vms": rows, "networks": networks},
                          indent=2))
         return 0
     out.print(_vm_table(directory, rows))

@@ -2,8 +2,9 @@
 
 A ``Plan`` holds one ``Change`` per VM. The action says what happens to the VM as a whole; the steps say
 how, in the order the executor runs them; ``reasons`` and ``fields`` are for people and never drive a
-decision. The JSON form (``Plan.model_dump_json``) is versioned by ``FORMAT_VERSION`` and is what
-``plan --json`` prints, ``plan --out`` saves and ``apply PLANFILE`` reads back.
+decision. Serialised by alias (camelCase, like manifests and ``status --json``), a ``Plan`` is the core of
+the published document of ``plan.document`` (versioned by ``FORMAT_VERSION``, see docs/plan-format.md)
+that ``plan --json`` prints, ``plan --out`` saves and ``apply PLANFILE`` reads back.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
 from reconciler.plan.steps import Step
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: camelCase keys, the document's envelope (1 had snake_case keys)
 
 
 class Action(StrEnum):
@@ -39,7 +41,7 @@ class Mode(StrEnum):
 
 
 class _Data(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True)
 
 
 class FieldChange(_Data):
@@ -48,6 +50,8 @@ class FieldChange(_Data):
     after: Any = None
     mode: Mode
     how: str
+    drift: bool = Field(default=False, description="The manifest did not change this part since it was last "
+                        "applied: the host drifted from it (changed outside the reconciler).")
 
 
 class Change(_Data):

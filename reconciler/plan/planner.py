@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.plan import firmware, media, policy
+from reconciler.plan import drift, firmware, media, policy
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan
 from reconciler.plan.fields import rule_for
@@ -172,6 +172,7 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
     recorded_changes += _cloud_init_change(work, record, manifest)
     allowed = options.allow_restart or desired.spec.restartPolicy == "Auto"
     _check_slots(work, live.free_slots if live else 0, allowed)
+    work.fields = drift.mark(work.fields, _manifest_changes(record, manifest))
     if work.refusals:
         return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
     steps, action, pending = _choose(work, desired.spec, obs, record is not None, options, allowed)
@@ -187,6 +188,14 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
                   pending_restart=pending, refusals=[], unplug_pending=unplug_pending,
                   opens=media.shown_opens([*policy.opens(manifest.spec, steps, observed.paths), *_firmware_opens(
                       steps, firmware.select(desired.spec, observed.paths, host, observed.state_dir))], desired.spec))
+
+
+def _manifest_changes(record: AppliedRecord | None, manifest: VirtualMachine) -> list[str] | None:
+    """The dotted paths the manifest changed since it was last applied (None: never applied)."""
+    if record is None:
+        return None
+    changed = [_dotted(path) for path, _, _ in field_diff(record.vm.spec, manifest.spec)]
+    return changed + (["metadata.labels"] if record.vm.metadata.labels != manifest.metadata.labels else [])
 
 
 def _gather(work: _VMPlan, desired: VirtualMachine, obs: ObservedVM, record: AppliedRecord | None,

@@ -77,6 +77,7 @@ def _render_change(change: Change) -> list[str]:
         colour = {Mode.LIVE: "yellow", Mode.RESTART: "magenta", Mode.REFUSED: "red"}[field.mode]
         arrow = f"{_value(field.before)} -> {_value(field.after)}"
         how = field.how if field.mode is Mode.REFUSED else f"{field.mode.value}: {field.how}"
+        how += "; drift: changed outside the reconciler" if field.drift else ""
         lines.append(f"      [{colour}]~[/] {_escape(field.path)}: {_escape(arrow)}  [dim]({_escape(how)})[/]")
     lines += [f"      [cyan]opens:[/] {_escape(entry)}" for entry in change.opens]
     for index, step in enumerate(change.steps, 1):

@@ -7,7 +7,8 @@ ending in ``assert_never``, so a kind added here without a handler is a mypy err
 (``tests/unit/test_step_exhaustiveness.py`` proves it). See "How to add a device" in docs/architecture.md.
 
 In JSON (``plan --json``, saved plans) a step reads ``{"kind", "name", "target", "args": {...},
-"summary"}``: the typed fields travel under ``args``, as in format version 1.
+"summary"}``: the typed fields travel under ``args``, their keys camelCase when dumped ``by_alias`` (the
+published document); ``destroys_data`` marks the kinds that delete what cannot be made again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
+from pydantic.alias_generators import to_camel
 
 from reconciler.spec.models import Network, VirtualMachine
 
@@ -81,13 +83,14 @@ _HEAD = ("kind", "name", "target", "summary")
 class _StepBase(BaseModel):
     """What every step has: the resource it acts on (``name``), the device (``target``) and a summary."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True)
 
     name: str = Field(description="The VM, Network or firewall the step acts on.")
     target: str = ""
     summary: str
 
     phase: ClassVar[int]
+    destroys_data: ClassVar[bool] = False  # deletes what no later step can make again (plan: destroysData)
 
     @model_validator(mode="before")
     @classmethod
@@ -159,6 +162,7 @@ class Start(_StepBase):
 class DeleteDisk(_StepBase):
     kind: Literal[StepKind.DELETE_DISK] = StepKind.DELETE_DISK
     phase = Phase.DELETE
+    destroys_data = True
     path: str
 
 
@@ -177,6 +181,7 @@ class StopTpm(_StepBase):
 class DeleteTpmState(_StepBase):
     kind: Literal[StepKind.DELETE_TPM_STATE] = StepKind.DELETE_TPM_STATE
     phase = Phase.DELETE
+    destroys_data = True
     path: str
 
 
@@ -192,6 +197,7 @@ class CreateEfiVars(_StepBase):
 class DeleteEfiVars(_StepBase):
     kind: Literal[StepKind.DELETE_EFI_VARS] = StepKind.DELETE_EFI_VARS
     phase = Phase.DELETE
+    destroys_data = True
     path: str
 
 

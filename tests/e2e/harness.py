@@ -160,7 +160,7 @@ class Host:
     def events(self, vm: str | None = None) -> list[dict[str, object]]:
         args = ["events", "--json", "--limit", "500"] + ([vm] if vm else [])
         done = self.cli(*args)
-        return json.loads(done.stdout) if done.returncode == 0 else []
+        return json.loads(done.stdout)["events"] if done.returncode == 0 else []
 
     def wait_for(self, predicate: Callable[[], object], what: str, timeout: float = 60) -> object:
         deadline = time.monotonic() + timeout

@@ -143,7 +143,7 @@ def test_saved_plan_is_refused_when_stale(host: Host) -> None:
     planfile = host.base / "p.json"
     host.cli("plan", str(host.manifests), "--out", str(planfile), check=True)
     saved = json.loads(planfile.read_text())
-    assert saved["format_version"] == 1 and saved["changes"][0]["action"] == "create"
+    assert saved["formatVersion"] == 2 and saved["changes"][0]["action"] == "create"
 
     host.write("s.yaml", vm_manifest("saved", run_strategy="Halted", memory="128Mi"))
     stale = host.cli("apply", str(planfile))
