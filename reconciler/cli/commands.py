@@ -122,3 +122,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
     print(json.dumps(manifest_schema(), indent=2))
     return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    from reconciler.cli.parser import build_parser
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0

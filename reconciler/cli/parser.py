@@ -7,10 +7,12 @@ Called by ``cli.main``. Each subcommand's ``func`` default is its handler in ``c
 from __future__ import annotations
 
 import argparse
-from typing import TypeAlias
+import sys
+from typing import NoReturn, TypeAlias
 
 from reconciler import __version__
 from reconciler.cli.commands import (
+    cmd_completion,
     cmd_events,
     cmd_logs,
     cmd_schema,
@@ -21,10 +23,43 @@ from reconciler.cli.commands import (
 from reconciler.cli.plan_apply import cmd_apply, cmd_plan
 from reconciler.cli.status import cmd_status
 
-DESCRIPTION = "The ``infinization`` command line: plan, apply, status, logs, validate, schema."
+DESCRIPTION = """\
+Declarative QEMU virtual machines: the VMs of this host are YAML manifests in a directory (a git checkout).
+Infinization compares them with what really runs, shows the plan, and applies it; `sync` keeps the host
+converged continuously."""
+EPILOG = """\
+examples:
+  infinization validate manifests/             check the manifests only
+  infinization plan manifests/                 what apply would change (a dry run)
+  infinization apply manifests/ --yes          do it
+  infinization status                          each VM: phase, in sync, pending restarts
+  infinization sync manifests/                 keep the host converged (the daemon)
+  infinization logs demo --tail 20             a VM's serial console
+
+Every command takes --state-dir and --config; `infinization COMMAND --help` tells more.
+Exit codes: 0 success, 1 error (usage errors too), 2 changes present (plan --detailed-exitcode)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 1 like every other error (2 means "changes present" for
+    ``plan --detailed-exitcode``, Terraform's convention), and says where to read more."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _sub(sub: _Subparsers, name: str, summary: str, description: str, examples: str,
+         parents: list[argparse.ArgumentParser] | None = None) -> argparse.ArgumentParser:
+    """A subcommand with a one-line summary (in the top-level list), a description and examples."""
+    # The parents are plain ArgumentParsers (option groups only); typeshed types them as the subclass.
+    return sub.add_parser(name, parents=parents or [], help=summary,  # type: ignore[arg-type]
+                          description=f"{summary}.\n\n{description}", epilog=f"examples:\n{examples}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
 
 # argparse exposes no public name for it, and it is generic only to type checkers (hence the string).
-_Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+_Subparsers: TypeAlias = "argparse._SubParsersAction[_Parser]"
 
 
 def _common() -> argparse.ArgumentParser:
@@ -42,74 +77,123 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _add_plan_apply_status(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("plan", parents=[common], help="show what apply would change")
-    p.add_argument("directory")
-    p.add_argument("--json", action="store_true", help="print the versioned JSON plan")
-    p.add_argument("--out", help="save the plan to a file for `apply FILE`")
+    p = _sub(sub, "plan", "show what apply would change, without changing anything",
+             "Reads the manifests and observes the host (QEMU processes and monitors, disk images, bridges,\n"
+             "TAPs, nftables), then prints each resource's action, its changed fields (live, restart or\n"
+             "refused, and why) and the ordered steps. Never changes the host and takes no lock. The JSON\n"
+             "form is documented in docs/plan-format.md.",
+             "  infinization plan manifests/\n"
+             "  infinization plan manifests/ --json | jq .summary\n"
+             "  infinization plan manifests/ --out tonight.plan && infinization apply tonight.plan\n"
+             "  infinization plan manifests/ --detailed-exitcode   # in CI: 0 nothing to do, 2 changes, 1 error",
+             [common])
+    p.add_argument("directory", help="the manifest directory (*.yaml, *.yml)")
+    p.add_argument("--json", action="store_true", help="print the versioned JSON document (docs/plan-format.md)")
+    p.add_argument("--out", metavar="FILE", help="also save the plan, for `infinization apply FILE`")
     p.add_argument("--detailed-exitcode", action="store_true", help="exit 0: no changes, 2: changes, 1: error")
     p.add_argument("--allow-restart", action="store_true", help="plan restarts for changes that need one")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("apply", parents=[common], help="apply a manifest directory or a saved plan")
-    p.add_argument("target", metavar="DIR|PLANFILE")
+    p = _sub(sub, "apply", "apply a manifest directory or a saved plan",
+             "Shows the plan, asks for confirmation (unless --yes), runs its steps and re-plans to check\n"
+             "that the host converged. A saved plan is applied exactly, or refused when the manifests or\n"
+             "the host changed since it was saved. Refused while a sync daemon runs on the state directory.",
+             "  infinization apply manifests/\n"
+             "  infinization apply manifests/ --yes --allow-restart\n"
+             "  infinization apply tonight.plan",
+             [common])
+    p.add_argument("target", metavar="DIR|PLANFILE", help="a manifest directory, or a plan saved by `plan --out`")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     p.add_argument("--allow-restart", action="store_true", help="restart VMs whose changes need it")
     p.add_argument("--allow-empty", action="store_true",
                    help="allow an empty manifest directory to delete every VM")
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("status", parents=[common], help="list VMs, their phase and whether they match")
-    p.add_argument("directory", nargs="?", help="manifest directory (default: the one last applied)")
-    p.add_argument("--json", action="store_true")
+    p = _sub(sub, "status", "list VMs, their phase and whether they match their manifests",
+             "Each VM's phase, PID, whether it matches its manifest, pending restarts, revision, the guest\n"
+             "agent's answer, the sync daemon's conditions; Networks with their DHCP leases. Works with a\n"
+             "broken manifest (its VMs are shown against their last applied spec).",
+             "  infinization status\n"
+             "  infinization status manifests/ --json | jq '.vms[] | {name, phase, inSync}'",
+             [common])
+    p.add_argument("directory", nargs="?", help="manifest directory (default: the one last applied or synced)")
+    p.add_argument("--json", action="store_true", help="print JSON (camelCase, with formatVersion)")
     p.set_defaults(func=cmd_status)
 
 
 def _add_sync_start_stop(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("sync", parents=[common], help="keep the host converged with DIR, continuously")
-    p.add_argument("directory")
+    p = _sub(sub, "sync", "keep the host converged with a manifest directory, continuously (the daemon)",
+             "Watches the directory, QEMU's monitors and processes, and the host's links, and reconciles each\n"
+             "VM when something changes (and every --resync-interval). Keeps the last good spec of a broken\n"
+             "file; backs off on failures; status and events go to SQLite in the state directory. Stop it\n"
+             "with SIGTERM: the VMs keep running.",
+             "  infinization sync manifests/\n"
+             "  infinization sync manifests/ --dry-run\n"
+             "  infinization sync /srv/vms --host $(hostname) --metrics-address 127.0.0.1:9464",
+             [common])
+    p.add_argument("directory", help="the manifest directory to keep the host converged with")
     p.add_argument("--dry-run", action="store_true", help="warn-only: compute and report plans, change nothing")
     p.add_argument("--allow-restart", action="store_true", help="restart VMs whose changes need it")
-    p.add_argument("--database", help="mirror status and events to PostgreSQL (postgresql://...)")
+    p.add_argument("--database", metavar="URL", help="mirror status and events to PostgreSQL (postgresql://...)")
     p.add_argument("--metrics-address", default="127.0.0.1:9464",
                    help="Prometheus metrics HOST:PORT, or 'none' (default 127.0.0.1:9464)")
     p.add_argument("--resync-interval", type=float, default=30.0, help="full resync period, seconds (default 30)")
     p.add_argument("--debounce-ms", type=int, default=50, help="manifest change debounce (default 50 ms)")
     p.set_defaults(func=cmd_sync)
 
-    for verb in ("start", "stop"):
-        p = sub.add_parser(verb, parents=[common], help=f"{verb} one VM now (for runStrategy Manual)")
-        p.add_argument("name")
+    for verb, what in (("start", "boots it"), ("stop", "shuts it down gracefully (guest agent, ACPI, then quit)")):
+        p = _sub(sub, verb, f"{verb} one VM now (for runStrategy Manual)",
+                 f"{verb.capitalize()}s one VM now: {what}. Never edits manifests.",
+                 f"  infinization {verb} web1\n  infinization {verb} web1 --manifests /srv/vms", [common])
+        p.add_argument("name", help="the VM's name (metadata.name)")
         p.add_argument("--manifests", dest="directory", help="manifest directory (default: the last applied)")
         p.set_defaults(func=cmd_start_stop)
 
 
 def _add_read_only(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("events", parents=[common], help="what the sync daemon did, newest last")
-    p.add_argument("name", nargs="?")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--json", action="store_true")
+    p = _sub(sub, "events", "what the sync daemon did, newest last",
+             "Each reconcile action of the sync daemon: when, which VM, what, its result and message.",
+             "  infinization events\n  infinization events web1 --limit 200 --json", [common])
+    p.add_argument("name", nargs="?", help="only this VM's events")
+    p.add_argument("--limit", type=int, default=50, help="at most this many events (default 50)")
+    p.add_argument("--json", action="store_true", help="print JSON (camelCase, with formatVersion)")
     p.set_defaults(func=cmd_events)
 
-    p = sub.add_parser("logs", parents=[common], help="print a VM's serial console log")
-    p.add_argument("name")
+    p = _sub(sub, "logs", "print a VM's serial console log",
+             "The guest's serial console as QEMU wrote it to the state directory.",
+             "  infinization logs web1\n  infinization logs web1 --tail 50", [common])
+    p.add_argument("name", help="the VM's name (metadata.name)")
     p.add_argument("--tail", type=int, default=0, help="only the last N lines")
     p.set_defaults(func=cmd_logs)
 
-    p = sub.add_parser("validate", help="check manifests without touching the host")
-    p.add_argument("directory")
+    p = _sub(sub, "validate", "check manifests without touching the host",
+             "Loads every manifest strictly and prints every error as file:line:col and field.",
+             "  infinization validate manifests/")
+    p.add_argument("directory", help="the manifest directory")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("schema", help="print a JSON Schema: of manifests (every kind), or of `plan --json`")
+    p = _sub(sub, "schema", "print a JSON Schema: of manifests (every kind), or of `plan --json`",
+             "The manifest schema is for editors (yaml-language-server modeline) and linters; the plan\n"
+             "schema for CI consumers of `plan --json`. Both are published under docs/schema/.",
+             "  infinization schema > manifest.schema.json\n  infinization schema plan")
     p.add_argument("what", nargs="?", choices=("manifest", "plan"), default="manifest",
                    help="manifest (default): what `validate` reads; plan: what `plan --json` prints")
     p.set_defaults(func=cmd_schema)
 
+    p = _sub(sub, "completion", "print a shell completion script (bash or zsh)",
+             "Completes subcommands, options and choices.",
+             "  infinization completion bash > /etc/bash_completion.d/infinization\n"
+             "  infinization completion zsh > \"${fpath[1]}/_infinization\"")
+    p.add_argument("shell", choices=("bash", "zsh"), help="the shell")
+    p.set_defaults(func=cmd_completion)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="infinization", description=DESCRIPTION)
+    parser = _Parser(prog="infinization", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"infinization {__version__}")
     common = _common()
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     # Subcommands in the order `--help` lists them.
     _add_plan_apply_status(sub, common)
     _add_sync_start_stop(sub, common)
