@@ -21,6 +21,7 @@ from rich.table import Table
 from reconciler.apply.executor import Executor
 from reconciler.apply.lock import StateLock
 from reconciler.cli.common import CliError, config_of, layout_of, load_manifests, out, print_step, read_view
+from reconciler.cli.recording import record_run
 from reconciler.plan.planner import PlanOptions
 from reconciler.plan.steps import StepKind
 from reconciler.runtime.daemon import Options, run_daemon
@@ -62,6 +63,8 @@ def cmd_start_stop(args: argparse.Namespace) -> int:
             return 0
         only = view.plan.model_copy(update={"changes": [change]})
         result = asyncio.run(Executor(layout, print_step, {}, host=view.config).run(only))
+        after = asyncio.run(read_view(directory, layout, False, args.host, config=view.config))
+        record_run(layout, args.host, result, view, after)
     return 0 if result.ok else 1
 
 
@@ -74,12 +77,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         raise CliError(f"{directory} is not a directory")
     metrics_address = None if args.metrics_address == "none" else args.metrics_address
-    return run_daemon(directory, layout, options, args.database, metrics_address)
+    return run_daemon(directory, layout, options, args.database, metrics_address,
+                      retention_days=args.event_retention_days)
 
 
 def cmd_events(args: argparse.Namespace) -> int:
     layout = layout_of(args)
-    store = open_readonly(layout.database, args.host or "")
+    store = open_readonly(layout.database, args.host)
     if store is None:
         raise CliError(f"no event store yet ({layout.database}): it is written by `infinization sync`")
     try:

@@ -139,6 +139,9 @@ def _add_sync_start_stop(sub: _Subparsers, common: argparse.ArgumentParser) -> N
                    help="Prometheus metrics HOST:PORT, or 'none' (default 127.0.0.1:9464)")
     p.add_argument("--resync-interval", type=float, default=30.0, help="full resync period, seconds (default 30)")
     p.add_argument("--debounce-ms", type=int, default=50, help="manifest change debounce (default 50 ms)")
+    p.add_argument("--event-retention-days", type=int, default=30, metavar="DAYS",
+                   help="prune this host's events older than DAYS, locally and in PostgreSQL (default 30; 0 keeps "
+                   "them)")
     p.set_defaults(func=cmd_sync)
 
     for verb, what in (("start", "boots it"), ("stop", "shuts it down gracefully (guest agent, ACPI, then quit)")):

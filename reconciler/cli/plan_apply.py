@@ -19,6 +19,7 @@ from reconciler import __version__
 from reconciler.apply.executor import ApplyResult, Executor
 from reconciler.apply.lock import StateLock
 from reconciler.cli.common import CliError, View, config_of, err, layout_of, out, print_step, read_view
+from reconciler.cli.recording import record_run
 from reconciler.errors import LockTimeout
 from reconciler.plan.actions import Action, Plan
 from reconciler.plan.document import Diagnostic, PlanFormatError, invalid_document, plan_document, plan_from_document
@@ -95,6 +96,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         out.print("")
         result = _execute(view, layout)
         after = asyncio.run(read_view(directory, layout, allow_restart, args.host, config=config))
+        record_run(layout, args.host, result, view, after, revision(Path(view.plan.manifest_dir)))
     return _report(view.plan, result, after.plan)
 
 

@@ -42,7 +42,7 @@ def _phase(view: View, name: str) -> str:
 
 
 def _daemon_status(layout: StateLayout, host: str | None) -> dict[str, VMStatus]:
-    store = open_readonly(layout.database, host or "")
+    store = open_readonly(layout.database, host)
     if store is None:
         return {}
     try:
@@ -101,7 +101,8 @@ def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str
 
 
 def status_rows(view: View, daemon: dict[str, VMStatus] | None = None) -> list[dict[str, Any]]:
-    return [_vm_row(view, change, daemon or {}) for change in view.plan.changes]
+    # Networks and the firewall have their own rows (network_rows) or none: "vms" lists VMs only.
+    return [_vm_row(view, change, daemon or {}) for change in view.plan.changes if change.resource == "VirtualMachine"]
 
 
 def _network_row(view: View, name: str) -> dict[str, Any] | None:

@@ -30,8 +30,9 @@ from reconciler.runtime.cache import HOST, DesiredCache
 from reconciler.runtime.listeners import QMPListeners, watch_files, watch_netlink
 from reconciler.runtime.queue import WorkQueue
 from reconciler.runtime.reconcile import Reconciler
-from reconciler.runtime.store import Store
+from reconciler.runtime.store import RETENTION_DAYS, Store
 from reconciler.spec.host import HostConfig
+from reconciler.state import files
 from reconciler.state.layout import StateLayout
 
 log = structlog.get_logger("infinization.sync")
@@ -106,13 +107,15 @@ class SyncDaemon:
 
 
 def run_daemon(directory: Path, layout: StateLayout, options: Options, database_url: str | None,
-               metrics_address: str | None) -> int:
+               metrics_address: str | None, *, retention_days: int = RETENTION_DAYS) -> int:
     structlog.configure(processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
                                     structlog.processors.JSONRenderer()])
     with StateLock(layout.daemon_lock, exclusive=True, wait=0), StateLock(layout.lock, exclusive=True, wait=60):
         if metrics_address:
             metrics.serve(metrics_address)
-        store = Store(layout.database, host=options.host or "", database_url=database_url)
+        # `status` and `events` without a directory read the one the daemon keeps the host converged with.
+        files.write_source(layout, str(directory.absolute()))
+        store = Store(layout.database, host=options.host, database_url=database_url, retention_days=retention_days)
         try:
             asyncio.run(SyncDaemon(directory, layout, store, options).run())
         finally:

@@ -3,9 +3,10 @@ PostgreSQL for a platform's backend.
 
 The sync daemon writes a row per VM (phase, PID, revision, conditions, last reconcile and its timing) and
 an event per action; ``infinization status`` and ``infinization events`` read them, also while the
-daemon runs (SQLite in WAL mode: readers never block the writer). The PostgreSQL mirror receives the same
-rows from a background thread (``_Mirror``), so a slow or unreachable server never holds up a reconcile:
-writes queue up and are sent in order once it answers (the local store is the source of truth).
+daemon runs (SQLite in WAL mode: readers never block the writer). The PostgreSQL mirror
+(``runtime.pgmirror``: schema versions, migrations, retention) receives the same rows from a background
+thread, so a slow or unreachable server never holds up a reconcile (the local store is the source of truth).
+Rows are keyed by this host's name (``--host``, else the hostname); events older than the retention go.
 The database and its -wal/-shm files are 0600: statuses and events are root's to read.
 """
 
@@ -14,23 +15,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
+import socket
 import sqlite3
 import stat
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from reconciler.runtime import pgmirror
+from reconciler.runtime.pgmirror import Mirror
 from reconciler.state.files import make_private_dirs
 
-log = structlog.get_logger("infinization.store")
-
-SCHEMA = [
+SCHEMA = [  # version 1 (PRAGMA user_version); later versions in _LOCAL_MIGRATIONS
     """CREATE TABLE IF NOT EXISTS events (
         id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, host TEXT NOT NULL, vm TEXT NOT NULL,
         kind TEXT NOT NULL, result TEXT NOT NULL, message TEXT NOT NULL, duration_ms REAL)""",
@@ -40,17 +38,6 @@ SCHEMA = [
         conditions TEXT NOT NULL, last_reconcile REAL, duration_ms REAL, result TEXT,
         PRIMARY KEY (host, vm))""",
 ]
-PG_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS infinization_events (
-        id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, host TEXT NOT NULL, vm TEXT NOT NULL,
-        kind TEXT NOT NULL, result TEXT NOT NULL, message TEXT NOT NULL, duration_ms DOUBLE PRECISION)""",
-    """CREATE TABLE IF NOT EXISTS infinization_vm_status (
-        host TEXT NOT NULL, vm TEXT NOT NULL, phase TEXT NOT NULL, pid INTEGER, revision TEXT,
-        conditions JSONB NOT NULL, last_reconcile DOUBLE PRECISION, duration_ms DOUBLE PRECISION, result TEXT,
-        PRIMARY KEY (host, vm))""",
-]
-
-
 @dataclass
 class VMStatus:
     vm: str
@@ -63,25 +50,63 @@ class VMStatus:
     result: str | None = None
 
 
+# Forward migrations of the local database: (user_version, statements; "?" is this host's name).
+_LOCAL_MIGRATIONS: list[tuple[int, list[str]]] = [
+    # Rows written before the host name defaulted to the machine's hostname had an empty host.
+    (2, ["UPDATE events SET host = ? WHERE host = ''", "UPDATE vm_status SET host = ? WHERE host = ''",
+         "CREATE INDEX IF NOT EXISTS events_ts ON events (ts)"]),
+]
+RETENTION_DAYS = 30  # events older than this are pruned (sync --event-retention-days; 0 keeps them)
+
+
+def store_host(host: str | None) -> str:
+    """The name rows are written under: ``--host``, else this machine's hostname (never empty, so hosts
+    sharing a PostgreSQL database never collide on a VM's name)."""
+    return host or socket.gethostname()
+
+
 class Store:
-    def __init__(self, path: Path, host: str = "", database_url: str | None = None) -> None:
+    def __init__(self, path: Path, host: str | None = None, database_url: str | None = None,
+                 retention_days: int = RETENTION_DAYS) -> None:
         self.path = path
-        self.host = host
+        self.host = store_host(host)
         self.database_url = database_url
+        self.retention_days = retention_days
         make_private_dirs(path.parent)
         _make_private(path)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._migrate()
+        self._pruned_at = 0.0
+        self._mirror = Mirror(database_url, self.host, retention_days) if database_url else None
+
+    def _migrate(self) -> None:
         for statement in SCHEMA:
             self._db.execute(statement)
-        self._mirror = _Mirror(database_url) if database_url else None
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        for target, statements in _LOCAL_MIGRATIONS:
+            if version >= target:
+                continue
+            self._db.execute("BEGIN IMMEDIATE")
+            for statement in statements:
+                self._db.execute(statement, (self.host,) if "?" in statement else ())
+            self._db.execute(f"PRAGMA user_version = {int(target)}")
+            self._db.execute("COMMIT")
+
+    def _prune(self, now: float) -> None:
+        """Drop this host's events past the retention, at most once an hour (the mirror prunes its own)."""
+        if self.retention_days > 0 and now - self._pruned_at > 3600:
+            self._db.execute("DELETE FROM events WHERE host = ? AND ts < ?",
+                             (self.host, now - self.retention_days * 86400))
+            self._pruned_at = now
 
     def event(self, vm: str, kind: str, result: str, message: str, duration_ms: float | None = None) -> None:
-        row = (time.time(), self.host, vm, kind, result, message, duration_ms)
+        now = time.time()
+        self._prune(now)
+        row = (now, self.host, vm, kind, result, message, duration_ms)
         self._db.execute("INSERT INTO events (ts, host, vm, kind, result, message, duration_ms) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
-        self._send("INSERT INTO infinization_events (ts, host, vm, kind, result, message, duration_ms) "
-                     "VALUES (%s, %s, %s, %s, %s, %s, %s)", row)
+        self._send(pgmirror.INSERT_EVENT, row)
 
     def set_status(self, status: VMStatus) -> None:
         conditions = json.dumps(status.conditions, sort_keys=True)
@@ -92,16 +117,11 @@ class Store:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, vm) DO UPDATE SET phase=excluded.phase, "
             "pid=excluded.pid, revision=excluded.revision, conditions=excluded.conditions, "
             "last_reconcile=excluded.last_reconcile, duration_ms=excluded.duration_ms, result=excluded.result", row)
-        self._send(
-            "INSERT INTO infinization_vm_status (host, vm, phase, pid, revision, conditions, last_reconcile, "
-            "duration_ms, result) VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s) ON CONFLICT (host, vm) DO "
-            "UPDATE SET phase=excluded.phase, pid=excluded.pid, revision=excluded.revision, "
-            "conditions=excluded.conditions, last_reconcile=excluded.last_reconcile, "
-            "duration_ms=excluded.duration_ms, result=excluded.result", row)
+        self._send(pgmirror.UPSERT_STATUS, row)
 
     def forget(self, vm: str) -> None:
         self._db.execute("DELETE FROM vm_status WHERE host = ? AND vm = ?", (self.host, vm))
-        self._send("DELETE FROM infinization_vm_status WHERE host = %s AND vm = %s", (self.host, vm))
+        self._send(pgmirror.DELETE_STATUS, (self.host, vm))
 
     def statuses(self) -> dict[str, VMStatus]:
         rows = self._db.execute("SELECT vm, phase, pid, revision, conditions, last_reconcile, duration_ms, result "
@@ -128,69 +148,6 @@ class Store:
             self._mirror.close()
 
 
-class _Mirror:
-    """Writes to PostgreSQL from its own thread, in order, reconnecting with backoff while it is down."""
-
-    LIMIT = 10_000  # queued writes kept while the server is down; past that the newest are dropped
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue(self.LIMIT)
-        self._dropped = 0
-        self._thread = threading.Thread(target=self._run, name="postgresql-mirror", daemon=True)
-        self._thread.start()
-
-    def send(self, sql: str, params: tuple[Any, ...]) -> None:
-        try:
-            self._queue.put_nowait((sql, params))
-        except queue.Full:
-            self._dropped += 1
-            if self._dropped % 1000 == 1:
-                log.warning("postgresql mirror is behind; dropping writes", dropped=self._dropped)
-
-    def close(self, flush_seconds: float = 5.0) -> None:
-        """Send what is queued (for a while at most), then stop."""
-        try:
-            self._queue.put(None, timeout=flush_seconds)
-        except queue.Full:
-            return
-        self._thread.join(flush_seconds)
-
-    def _connect(self) -> Any:
-        import psycopg
-
-        connection = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
-        for statement in PG_SCHEMA:
-            connection.execute(statement)
-        return connection
-
-    def _run(self) -> None:
-        import psycopg
-
-        connection: Any = None
-        delay = 0.5
-        item = self._queue.get()
-        while item is not None:
-            try:
-                if connection is None:
-                    connection = self._connect()
-                connection.execute(*item)
-            except psycopg.OperationalError as exc:  # the server or the link: retry the same write later
-                log.warning("postgresql mirror unavailable; retrying", error=str(exc), retry_seconds=delay)
-                if connection is not None:
-                    connection.close()
-                connection = None
-                time.sleep(delay)  # this thread's own wait: the daemon does not notice it
-                delay = min(30.0, delay * 2)
-                continue  # the same write again, so rows arrive in order
-            except psycopg.Error as exc:  # this write itself is wrong: retrying would never end
-                log.warning("postgresql mirror write refused", error=str(exc))
-            delay = 0.5
-            item = self._queue.get()
-        if connection is not None:
-            connection.close()
-
-
 def _make_private(path: Path) -> None:
     """The database and its WAL and shared-memory files: 0600 (SQLite gives new -wal/-shm files the
     database's mode), created so before SQLite opens it."""
@@ -201,7 +158,7 @@ def _make_private(path: Path) -> None:
                 os.chmod(file, 0o600)
 
 
-def open_readonly(path: Path, host: str = "") -> Store | None:
+def open_readonly(path: Path, host: str | None = None) -> Store | None:
     return Store(path, host) if path.exists() else None
 
 

@@ -1,0 +1,98 @@
+"""The PostgreSQL mirror against a real server: versioned schema, forward migrations (from the pre-version
+layout too), timestamptz times, the indexes a backend's queries use, per-host retention, hostname as host."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.runtime import pgmirror
+from reconciler.runtime.store import Store, VMStatus
+
+psycopg = pytest.importorskip("psycopg")
+
+LEGACY = [  # the layout before versioning: epoch seconds as doubles, no index, no version table
+    """CREATE TABLE infinization_events (id BIGSERIAL PRIMARY KEY, ts DOUBLE PRECISION NOT NULL,
+       host TEXT NOT NULL, vm TEXT NOT NULL, kind TEXT NOT NULL, result TEXT NOT NULL, message TEXT NOT NULL,
+       duration_ms DOUBLE PRECISION)""",
+    """CREATE TABLE infinization_vm_status (host TEXT NOT NULL, vm TEXT NOT NULL, phase TEXT NOT NULL, pid INTEGER,
+       revision TEXT, conditions JSONB NOT NULL, last_reconcile DOUBLE PRECISION, duration_ms DOUBLE PRECISION,
+       result TEXT, PRIMARY KEY (host, vm))""",
+]
+
+
+def _types(db: Any) -> dict[str, str]:
+    rows = db.execute("SELECT table_name || '.' || column_name, data_type FROM information_schema.columns "
+                      "WHERE column_name IN ('ts', 'last_reconcile')").fetchall()
+    return dict(rows)
+
+
+def test_a_legacy_database_is_migrated_forward_once(postgres: str) -> None:
+    with psycopg.connect(postgres, autocommit=True) as db:
+        for statement in LEGACY:
+            db.execute(statement)
+        db.execute("INSERT INTO infinization_events (ts, host, vm, kind, result, message) "
+                   "VALUES (1700000000.5, 'h', 'web', 'start', 'ok', '')")
+        assert pgmirror.migrate(db) == 0
+        assert _types(db) == {"infinization_events.ts": "timestamp with time zone",
+                              "infinization_vm_status.last_reconcile": "timestamp with time zone"}
+        (ts,) = db.execute("SELECT extract(epoch FROM ts) FROM infinization_events").fetchone()
+        assert float(ts) == 1700000000.5  # the old row kept its time
+        versions = [r[0] for r in db.execute("SELECT version FROM infinization_schema_version ORDER BY version")]
+        assert versions == [1, 2] == [v for v, _, _ in pgmirror.MIGRATIONS]
+        assert pgmirror.migrate(db) == 2  # a second host, or a restart: nothing to do
+        indexes = {r[0] for r in db.execute("SELECT indexname FROM pg_indexes WHERE tablename LIKE 'infinization%'")}
+        assert {"infinization_events_host_vm_ts", "infinization_events_ts", "infinization_vm_status_phase"} <= indexes
+
+
+def test_a_newer_schema_is_left_alone(postgres: str) -> None:
+    with psycopg.connect(postgres, autocommit=True) as db:
+        pgmirror.migrate(db)
+        db.execute("INSERT INTO infinization_schema_version (version, description) VALUES (99, 'from the future')")
+        with pytest.raises(pgmirror.SchemaTooNew, match="version 99, newer than this Infinization's 2"):
+            pgmirror.migrate(db)
+
+
+def test_the_per_vm_events_query_uses_its_index(postgres: str) -> None:
+    with psycopg.connect(postgres, autocommit=True) as db:
+        pgmirror.migrate(db)
+        db.execute("SET enable_seqscan = off")  # a tiny table would be scanned anyway: ask what could serve it
+        plan = "\n".join(r[0] for r in db.execute(
+            "EXPLAIN SELECT * FROM infinization_events WHERE host = 'h' AND vm = 'web' ORDER BY ts DESC LIMIT 50"))
+        assert "infinization_events_host_vm_ts" in plan
+
+
+def _wait_rows(postgres: str, sql: str, want: int) -> list[tuple[Any, ...]]:
+    deadline = time.monotonic() + 20
+    while True:
+        with psycopg.connect(postgres) as db:
+            rows = db.execute(sql).fetchall()
+        if len(rows) >= want or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def test_the_mirror_writes_timestamps_under_the_hostname_and_prunes_its_own_old_events(
+        postgres: str, tmp_path: Path) -> None:
+    with psycopg.connect(postgres, autocommit=True) as db:
+        pgmirror.migrate(db)
+        for host in (socket.gethostname(), "other-host"):  # 40 days old: past the 30-day retention
+            db.execute("INSERT INTO infinization_events (ts, host, vm, kind, result, message) "
+                       "VALUES (now() - interval '40 days', %s, 'old', 'start', 'ok', '')", (host,))
+    store = Store(tmp_path / "status.db", database_url=postgres)
+    before = time.time()
+    try:
+        store.event("web", "start", "ok", "started", 12.5)
+        store.set_status(VMStatus(vm="web", phase="Running", pid=42, last_reconcile=before))
+    finally:
+        store.close()
+    rows = _wait_rows(postgres, "SELECT host, vm, extract(epoch FROM ts) FROM infinization_events ORDER BY id", 2)
+    assert [(h, vm) for h, vm, _ in rows] == [("other-host", "old"), (socket.gethostname(), "web")]
+    assert abs(float(rows[-1][2]) - before) < 5
+    status = _wait_rows(postgres, "SELECT host, phase, extract(epoch FROM last_reconcile) FROM "
+                        "infinization_vm_status", 1)
+    assert status[0][:2] == (socket.gethostname(), "Running") and abs(float(status[0][2]) - before) < 1
