@@ -77,6 +77,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         raise CliError(f"{directory} is not a directory")
     metrics_address = None if args.metrics_address == "none" else args.metrics_address
+    if metrics_address is not None:
+        from reconciler.runtime.metrics import parse_address  # prometheus_client: only sync needs it
+
+        parse_address(metrics_address)  # a malformed address fails now, before any lock is taken
     return run_daemon(directory, layout, options, args.database, metrics_address,
                       retention_days=args.event_retention_days)
 

@@ -74,6 +74,16 @@ class Change(_Data):
     )
 
     @property
+    def drifted(self) -> bool:
+        """The host moved away from a manifest that did not (all) change: steps that repair a resource that
+        exists already, with a drifted field, or with no manifest change at all (a QEMU that died, a TAP
+        deleted by hand). The one definition (``plan --json``'s ``summary.drift`` and the daemon's
+        ``infinization_drift_detected_total`` use it)."""
+        if not self.steps or self.action in (Action.CREATE, Action.DELETE):
+            return False
+        return any(f.drift for f in self.fields) or all(f.drift for f in self.fields)
+
+    @property
     def in_sync(self) -> bool:
         """Nothing to do, nothing pending, nothing refused: this resource matches its manifest. The one
         definition of "in sync" (``status``, the daemon's Ready condition and ``Plan.empty`` use it)."""

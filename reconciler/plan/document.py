@@ -45,7 +45,7 @@ class Summary(_Doc):
     unchanged: int = Field(description="Resources that already match.")
     pending_restart: int = Field(description="VMs with changes that need a restart not allowed by this plan.")
     refused: int = Field(description="Resources whose change cannot be applied (see each refusal's code).")
-    drift: int = Field(description="Resources changed outside the reconciler (the manifest did not change).")
+    drift: int = Field(description="Resources whose steps repair changes made outside the reconciler.")
     steps: int = Field(description="Steps apply would run.")
     destructive_steps: int = Field(description="Steps that destroy data (deleting a disk, TPM or EFI state).")
 
@@ -181,7 +181,7 @@ def summary(plan: Plan) -> Summary:
         create=counts[Action.CREATE], update=counts[Action.UPDATE], restart=counts[Action.RESTART],
         delete=counts[Action.DELETE], unchanged=sum(1 for c in plan.changes if c.in_sync),
         pending_restart=len(plan.pending), refused=len(plan.refused),
-        drift=sum(1 for c in plan.changes if any(f.drift for f in c.fields)),
+        drift=sum(1 for c in plan.changes if c.drifted),
         steps=sum(len(c.steps) for c in plan.changes),
         destructive_steps=sum(1 for c in plan.changes for s in c.steps if s.destroys_data),
     )

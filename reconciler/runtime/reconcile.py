@@ -84,6 +84,7 @@ class Reconciler:
             retry = self._backoff(key)
             if key != HOST:  # the status must not go on saying Ready
                 self.store.set_status(status.crashed_status(key, message, self.cache.state.revision, time.time()))
+                metrics.vm_reported(key, "Unknown", ready=False)
         metrics.RECONCILE_SECONDS.labels("host" if key == HOST else "vm").observe(time.monotonic() - began)
         return retry
 
@@ -99,6 +100,7 @@ class Reconciler:
         if key == HOST:  # host records carry no stamp to wait on: keep retrying, slowly
             return self._backoff(key)
         self.store.set_status(status.crashed_status(key, message, self.cache.state.revision, time.time()))
+        metrics.vm_reported(key, "Unknown", ready=False)
         return self._park(key)
 
     def _park(self, key: str) -> Park:
@@ -167,7 +169,9 @@ class Reconciler:
     async def _act(self, key: str, work: list[Change], current: Plan) -> _Applied:
         if not work:
             return _Applied()
-        metrics.DRIFT.labels("host" if key == HOST else "vm").inc()
+        for change in work:
+            if change.drifted:
+                metrics.DRIFT.labels(change.resource).inc()
         if self.dry_run:
             for change in work:
                 self.store.event(change.name, f"would-{change.action.value}", "dry-run",
@@ -214,10 +218,13 @@ class Reconciler:
         state = self.cache.state
         if status.gone(name in state.vms, change, vm):
             self.store.forget(name)
+            metrics.vm_forgotten(name)
             return False
         outcome = status.Outcome(failure=failure, backoff=backoff, invalid=tuple(state.invalid.get(name, ())),
                                  revision=state.revision, seconds=seconds)
-        self.store.set_status(status.vm_status(name, change, vm, outcome, time.time()))
+        row = status.vm_status(name, change, vm, outcome, time.time())
+        self.store.set_status(row)
+        metrics.vm_reported(name, row.phase, "Ready" in row.conditions)
         if vm.process is not None:
             self.listeners.ensure(name, vm.process.pid)
         # No process seen: the listener is left alone (see runtime.listeners: one listener per QEMU, ever).

@@ -84,7 +84,10 @@ def test_counts_flags_and_destructive_steps() -> None:
 def test_drift_is_kept_apart_from_manifest_changes() -> None:
     _, drifted = _document("drift_bridge_deleted_and_rule_flushed_are_repaired")
     vm = next(c for c in drifted["changes"] if c["resource"] == "VirtualMachine")
-    assert vm["drift"] == ["networks[lan0].tap"] and drifted["summary"]["drift"] == 1
+    assert vm["drift"] == ["networks[lan0].tap"]
+    # The bridge deleted by hand (no field: the whole Network) drifted too; the firewall's rule diff cannot
+    # tell drift from rules new in some VM's manifest, so it is not counted.
+    assert drifted["summary"]["drift"] == 2
     _, edited = _document("cpus_and_memory_grow_live")  # the manifest asked for it: not drift
     assert edited["summary"]["drift"] == 0 and all(not c["drift"] for c in edited["changes"])
 
