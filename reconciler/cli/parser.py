@@ -18,6 +18,7 @@ from reconciler.cli.commands import (
     cmd_sync,
     cmd_validate,
 )
+from reconciler.cli.console import cmd_console
 from reconciler.cli.plan_apply import cmd_apply, cmd_plan
 from reconciler.cli.status import cmd_status
 
@@ -94,6 +95,12 @@ def _add_read_only(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("name")
     p.add_argument("--tail", type=int, default=0, help="only the last N lines")
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("console", parents=[common], help="print a VM's display URL (and open a viewer)")
+    p.add_argument("name")
+    p.add_argument("--manifests", dest="directory", help="manifest directory (default: the last applied)")
+    p.add_argument("--print-only", action="store_true", help="only print the URL, even on a terminal")
+    p.set_defaults(func=cmd_console)
 
     p = sub.add_parser("validate", help="check manifests without touching the host")
     p.add_argument("directory")
