@@ -142,7 +142,8 @@ def _password(out: DisplayPlan, name: str, spec: VirtualMachineSpec, obs: Observ
     out.live.append(s.SetDisplayPassword(name=name, target="display", protocol=display.type,
                                          path=display.passwordFile, expires_after=display.passwordExpiresAfter,
                                          summary=f"{what}: set_password ({display.type}) from "
-                                         f"{display.passwordFile}"))
+                                         f"{display.passwordFile}" + (f", expire_password +{expiry}s" if (
+                                             expiry := display.passwordExpiresAfter) else "")))
     out.fields.append(FieldChange(path="display.password", before="set" if rotated else "not set",
                                   after="rotated" if rotated else "set", mode=Mode.LIVE, how="set_password over QMP"))
 
