@@ -83,6 +83,20 @@ def _assert_nowhere(host: Host, pid: int, texts: list[str], *passwords: str) -> 
             assert password not in text, f"the password is in the output:\n{text}"
 
 
+def _qmp(socket_path: Path, command: str, arguments: dict[str, object]) -> dict[str, object]:
+    """One command on QEMU's monitor, as someone else on the host could send it (behind our back)."""
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(str(socket_path))
+        stream = conn.makefile("rw")
+        stream.readline()  # greeting
+        for message in ({"execute": "qmp_capabilities"}, {"execute": command, "arguments": arguments}):
+            stream.write(json.dumps(message) + "\n")
+            stream.flush()
+            while "return" not in (answer := json.loads(stream.readline())) and "error" not in answer:
+                pass  # an event
+        return answer
+
+
 def _refused(check: object) -> bool:
     try:
         check()  # type: ignore[operator]
@@ -149,6 +163,20 @@ def test_a_restarted_qemu_gets_the_password_again_and_keeps_its_port(host: Host)
         conn.recv(12)
         conn.sendall(b"RFB 003.008\n")
         assert conn.recv(2) == b"\x01\x01", "security type None expected"
+
+    # Someone moves the VNC server over the monitor: query-vnc shows it, the plan calls it drift, and a
+    # restart puts it back where the manifest says (with the password set again).
+    answer = _qmp(host.state / "vms" / "vnc2" / "run" / "qmp.sock", "display-update",
+                  {"type": "vnc", "addresses": [{"type": "inet", "host": "127.0.0.2", "port": str(low + 1)}]})
+    assert "return" in answer, answer
+    assert _listening(second) == {("127.0.0.2", low + 1)}
+    drift = host.cli("plan", str(host.manifests))
+    assert f"display drift: QEMU's display server is vnc on 127.0.0.2:{low + 1}" in drift.stdout, drift.stdout
+    host.apply("--allow-restart")
+    third = host.qemu_pids("vnc2")[0]
+    assert third != second and _listening(third) == {("127.0.0.1", low + 1)}
+    assert vnc_frame("127.0.0.1", low + 1, password)[2] > 0
+    assert host.plan_exit() == 0
 
 
 def test_spice_accepts_its_ticket_and_refuses_another(host: Host) -> None:
