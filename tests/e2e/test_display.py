@@ -120,6 +120,11 @@ def test_vnc_password_is_set_over_qmp_and_rotated_live(host: Host) -> None:
     console = host.cli("console", "vnc1", check=True).stdout.strip()
     assert console == f"vnc://127.0.0.1:{low}"
 
+    # The guest sees the video card that fits VNC (virtio-vga) and the tablet's USB controller (qemu-xhci).
+    report = host.guest("vnc1").wait_report(lambda r: bool(r.pci), what="the PCI report")
+    assert {"0300:1af4:1050", "0c03:1b36:000d"} <= set(report.pci), report.pci
+    assert not any(device.startswith("0403:") for device in report.pci), "no sound card without audio"
+
     width, height, rectangles = vnc_frame("127.0.0.1", low, old)
     assert width > 0 and height > 0 and rectangles > 0
     assert _refused(lambda: vnc_frame("127.0.0.1", low, new))
@@ -194,8 +199,9 @@ def test_spice_accepts_its_ticket_and_refuses_another(host: Host) -> None:
     assert spice_link("127.0.0.1", low + 5, ticket) == 0
     assert spice_link("127.0.0.1", low + 5, ticket + "x") != 0
     assert spice_link("127.0.0.1", low + 5, "") != 0
+    # The guest sees the vdagent port, the QXL card and the ich9 HD Audio controller.
     report = host.guest("sp1").wait_report(lambda r: "com.redhat.spice.0" in r.ports, what="the vdagent port")
-    assert "com.redhat.spice.0" in report.ports
+    assert {"0300:1b36:0100", "0403:8086:293e", "0c03:1b36:000d"} <= set(report.pci), report.pci
     _assert_nowhere(host, pid, [applied.stdout, host.cli("status", "--json").stdout], ticket)
 
 
