@@ -139,11 +139,22 @@ def test_vnc_password_is_set_over_qmp_and_rotated_live(host: Host) -> None:
     assert vnc_frame("127.0.0.1", low, new)[2] > 0
     assert host.plan_exit() == 0, "in sync after the rotation"
 
+    # The sync daemon rotates it too (its periodic resync reads the file's hash), still with no restart.
+    third = secrets.token_hex(4)
+    daemon = host.start_sync()
+    try:
+        _secret(secret_dir, "vnc1.display", third)
+        host.wait_for(lambda: not _refused(lambda: vnc_frame("127.0.0.1", low, third)), "the daemon's rotation", 90)
+    finally:
+        assert host.stop_sync(daemon) == 0
+    assert host.qemu_pids("vnc1") == [pid] and _refused(lambda: vnc_frame("127.0.0.1", low, new))
+
     texts = [planned.stdout, planned.stderr, applied.stdout, applied.stderr, plan.stdout, rotated.stdout,
              host.cli("status", "--json").stdout, host.cli("status").stdout,
              host.cli("plan", str(host.manifests), "--json").stdout, host.cli("logs", "vnc1").stdout,
-             json.dumps(host.events())]
-    _assert_nowhere(host, pid, texts, old, new)
+             json.dumps(host.events()), (host.base / "sync.log").read_text()]
+    assert any("display password" in event["message"] for event in host.events()), host.events()
+    _assert_nowhere(host, pid, texts, old, new, third)
 
 
 def test_a_restarted_qemu_gets_the_password_again_and_keeps_its_port(host: Host) -> None:
