@@ -20,6 +20,7 @@
 #               efi=<0|1> sb=<0|1|-> tpm=<0|1> rng=<hw_random driver or -> cidata=<instance-id>:<sha256>|-
 #               ips=<if>:<addr>/<prefix>[,...] ro=<read-only disk>[,...] uuid=<SMBIOS product_uuid or ->
 #               ports=<virtio-serial port name>[,...]
+#               pci=<class>:<vendor>:<device>[,...] (display, audio and USB controllers only)
 #                                    (one line) whenever anything but seq changes; ping= only
 #                                    with infz.ping, ips= always (IPv4 on non-lo interfaces,
 #                                    empty when none)
@@ -538,11 +539,21 @@ while :; do
         ( while :; do echo "INFZ-PORT $pn" >"/dev/${d##*/}" 2>/dev/null; sleep 1; done ) &
     done
 
+    # Display, sound and USB controllers the guest sees on PCI (sysfs needs no driver): class:vendor:device.
+    pci=
+    for d in /sys/bus/pci/devices/*; do
+        [ -e "$d/class" ] || continue
+        c=; v=; dv=
+        { read c <"$d/class"; read v <"$d/vendor"; read dv <"$d/device"; } 2>/dev/null
+        c=${c#0x}; c=${c%??}
+        case $c in 0300|0380|0403|0c03) pci="${pci:+$pci,}$c:${v#0x}:${dv#0x}" ;; esac
+    done
+
     # IPv4 addresses actually configured on non-lo interfaces.
     ips=$(ip -4 -o addr show 2>/dev/null | awk '$3 == "inet" && $2 != "lo" { printf "%s%s:%s", s, $2, $4; s = "," }')
 
     cur="disks=$disks nics=$nics mem_kb=$mem cpus=$cpus cds=$cds$pings ips=$ips efi=$efi sb=${sb:--} tpm=$tpm"
-    cur="$cur rng=$rng cidata=$cidata ro=$ro uuid=${uuid:--} ports=$ports"
+    cur="$cur rng=$rng cidata=$cidata ro=$ro uuid=${uuid:--} ports=$ports pci=$pci"
     if [ "$cur" != "$prev" ]; then
         seq=$(( seq + 1 ))
         echo "INFZ-REPORT seq=$seq $cur"

@@ -60,6 +60,7 @@ CONFIG=/etc/infinization/config.yaml
 install -d -m 0755 /etc/infinization
 install -d -m 0755 /var/lib/infinization
 install -d -m 0755 /var/lib/infinization/images
+install -d -m 0700 /etc/infinization/secrets
 if [ ! -e "$CONFIG" ]; then
     log "writing the default host policy $CONFIG"
     umask 022
@@ -83,6 +84,14 @@ qemuBinary: /usr/bin/qemu-system-x86_64
 
 # Host ports a user-mode NIC's portForwards may bind (never below 1024).
 portForwardRange: "10000-20000"
+
+# Ports a VM's display (VNC, SPICE) may listen on: port: auto takes a free one, kept for the VM across
+# restarts; a fixed port must be in the range too. Not below 5900 (QEMU's VNC counts displays from 5900).
+displayPortRange: "5900-5999"
+
+# Where a display's passwordFile may be (after symlinks). The file must be root's, mode 0600 or 0400;
+# the reconciler reads it and sets the password over QMP (never on QEMU's command line).
+secretDirs: [/etc/infinization/secrets]
 YAML
     mv "$CONFIG.partial" "$CONFIG"
 fi

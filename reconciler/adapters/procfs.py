@@ -182,3 +182,22 @@ def find_dnsmasq(pidfile: Path) -> int | None:
         return None
     found = uids(pid)
     return pid if found is not None and set(found) <= _dnsmasq_uids() else None
+
+
+_LISTEN = "0A"
+
+
+def listening_ports() -> set[int]:
+    """TCP ports with a socket in LISTEN state on any address (/proc/net/tcp and tcp6)."""
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                lines = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == _LISTEN:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports

@@ -23,6 +23,7 @@ from typing import assert_never
 from reconciler.adapters import monitor, procfs
 from reconciler.adapters import paths as host_paths
 from reconciler.apply import disks, hostnet, hotplug, swtpm, vmprocess
+from reconciler.apply import display as display_apply
 from reconciler.errors import InfinizationError, Permanent, Refused, StepFailed
 from reconciler.plan import media, policy
 from reconciler.plan import steps as s
@@ -119,7 +120,8 @@ class Executor:
         """The one dispatch table: how each kind of step runs."""
         match step:
             case (s.WriteRecord() | s.CreateDisk() | s.GrowDiskLive() | s.GrowDiskOffline() | s.Stop() | s.Start()
-                  | s.DeleteDisk() | s.Forget() | s.StopTpm() | s.DeleteTpmState() | s.FinishInstall()):
+                  | s.DeleteDisk() | s.Forget() | s.StopTpm() | s.DeleteTpmState() | s.FinishInstall()
+                  | s.RecordDisplayPort() | s.SetDisplayPassword()):
                 return await self._vm_step(step)
             case (s.HotplugDisk() | s.UnplugDisk() | s.HotplugNic() | s.UnplugNic() | s.SetLink() | s.SetIoLimits()
                   | s.AddCpus() | s.AddMemory() | s.SetBalloon() | s.HotplugCdrom() | s.UnplugCdrom()
@@ -174,6 +176,12 @@ class Executor:
                 return self._efi_vars_step(paths, step)
             case s.FinishInstall():
                 return self._finish_install(paths, step)
+            case s.RecordDisplayPort():
+                files.record_display_port(paths, step.port)
+                return f"port {step.port} kept for the display"
+            case s.SetDisplayPassword():
+                vm = self._recorded_vm(paths)
+                return await display_apply.set_password(self.layout, paths, self.host, vm.name, vm.spec.display)
             case _:
                 assert_never(step)
 
@@ -218,6 +226,8 @@ class Executor:
         installing = self._began_installs(paths, vm)
         async with monitor.session(paths.qmp) as qmp:
             extra = await hotplug.after_start(qmp, paths, vm)
+        if vm.spec.display.passwordFile is not None:  # QEMU started locked (password=on, none set) until now
+            extra.append(await display_apply.set_password(self.layout, paths, self.host, vm.name, vm.spec.display))
         return ", ".join([started, *installing, *extra])
 
     def _as_started(self, paths: VMPaths, vm: VirtualMachine) -> VirtualMachine:
@@ -226,7 +236,7 @@ class Executor:
         spec = media.effective_spec(vm.name, vm.spec, record.installs if record else [], str(self.layout.root))
         if vm.spec.cloudInit is not None:
             _seed(paths, vm)
-        return vm.model_copy(update={"spec": spec})
+        return display_apply.as_started(paths, vm.model_copy(update={"spec": spec}))
 
     @staticmethod
     def _began_installs(paths: VMPaths, vm: VirtualMachine) -> list[str]:

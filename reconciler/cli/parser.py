@@ -20,6 +20,7 @@ from reconciler.cli.commands import (
     cmd_sync,
     cmd_validate,
 )
+from reconciler.cli.console import cmd_console
 from reconciler.cli.plan_apply import cmd_apply, cmd_plan
 from reconciler.cli.status import cmd_status
 
@@ -168,6 +169,16 @@ def _add_read_only(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="the VM's name (metadata.name)")
     p.add_argument("--tail", type=int, default=0, help="only the last N lines")
     p.set_defaults(func=cmd_logs)
+
+    p = _sub(sub, "console", "print a VM's display URL (and open a viewer)",
+             "Prints the VNC or SPICE URL of the VM's display (spec.display); on a terminal, opens it with\n"
+             "remote-viewer when one is installed. The password is never printed: it is in the file the\n"
+             "manifest's passwordFile names.",
+             "  infinization console desk1\n  infinization console desk1 --print-only", [common])
+    p.add_argument("name", help="the VM's name (metadata.name)")
+    p.add_argument("--manifests", dest="directory", help="manifest directory (default: the last applied)")
+    p.add_argument("--print-only", action="store_true", help="only print the URL, even on a terminal")
+    p.set_defaults(func=cmd_console)
 
     p = _sub(sub, "validate", "check manifests without touching the host",
              "Loads every manifest strictly and prints every error as file:line:col and field.",

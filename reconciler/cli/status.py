@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from reconciler.cli.common import CliError, View, config_of, layout_of, out, read_view
+from reconciler.cli.console import display_url
 from reconciler.plan.actions import Change
 from reconciler.plan.observed import ObservedVM
 from reconciler.runtime.store import VMStatus, conditions_text, open_readonly
@@ -92,6 +93,7 @@ def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str
         "disks": {n: d.virtual_size for n, d in vm.disks.items() if d.exists},
         "uuid": smbios_uuid(name),
         "channels": _channels(view, name),
+        "display": display_url(view, name, _spec(view, name)),
         "agent": _agent(vm),  # the SMBIOS system UUID QEMU gives the guest (-uuid)
         "manifest": loaded.source.file if loaded else None,
         "revision": view.records[name].revision if name in view.records else None,
@@ -146,6 +148,7 @@ def _notes(row: dict[str, Any]) -> str:
     notes += [f"unplug pending: {why}" for why in row["unplugPending"]]
     notes += [f"unverified: {row['unverified']}"] if row["unverified"] else []
     notes += _agent_notes(row["agent"])
+    notes += [f"display: {row['display']}"] if row["display"] else []
     notes += [c for c in conditions_text(row["conditions"]) if c != "Ready" and not c.startswith(_SHOWN_FROM_PLAN)]
     return escape("\n".join(notes))
 

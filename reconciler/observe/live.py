@@ -2,11 +2,11 @@
 
 Called by the snapshot builder for every running VM. Like pyinfra's facts, a query and its parser are
 kept apart: ``query_live`` only asks QEMU (``qom-list``, ``query-block``, ``query-named-block-nodes``,
-``query-pci``, ``query-cpus-fast``, ``query-memory-size-summary``, ``query-memory-devices``, ``info
-network``, ``qom-get`` of each NIC's MAC) and ``parse_live`` turns the answers into ``LiveState`` without
-I/O (unit-tested on recorded answers). QEMU 7.2 cannot report a NIC's link state or a balloon target back,
-so those come from ``live.json`` (``LiveRecord``), which the executor writes and which is only trusted for
-the process it names.
+``query-pci``, ``query-vnc``, ``query-spice``, ``query-cpus-fast``, ``query-memory-size-summary``,
+``query-memory-devices``, ``info network``, ``qom-get`` of each NIC's MAC) and ``parse_live`` turns the
+answers into ``LiveState`` without I/O (unit-tested on recorded answers). QEMU 7.2 cannot report a NIC's
+link state or a balloon target back, so those come from ``live.json`` (``LiveRecord``), which the executor
+writes and which is only trusted for the process it names.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.adapters.monitor import Monitor, block_nodes, free_spare_ports, peripheral_ids
-from reconciler.plan.observed import LiveCdrom, LiveDisk, LiveNic, LiveState
+from reconciler.errors import MonitorError
+from reconciler.plan.observed import LiveCdrom, LiveDisk, LiveDisplay, LiveNic, LiveState
 from reconciler.spec.models import VirtualMachineSpec
 from reconciler.state.models import LiveRecord
 
@@ -37,6 +38,8 @@ class LiveAnswers:
     memory_devices: list[dict[str, Any]]
     pci: list[dict[str, Any]]
     fdsets: list[dict[str, Any]] = field(default_factory=list)  # query-fdsets: media are handed over as fds
+    vnc: dict[str, Any] | None = None  # query-vnc
+    spice: dict[str, Any] | None = None  # query-spice
 
 
 def _strip(prefix: str, name: str) -> str | None:
@@ -56,7 +59,28 @@ async def query_live(qmp: Monitor) -> LiveAnswers:
         memory_summary=await qmp.execute("query-memory-size-summary"),
         memory_devices=await qmp.execute("query-memory-devices"), pci=await qmp.execute("query-pci"),
         fdsets=await qmp.execute("query-fdsets"),
+        vnc=await _optional(qmp, "query-vnc"), spice=await _optional(qmp, "query-spice"),
     )
+
+
+async def _optional(qmp: Monitor, command: str) -> dict[str, Any] | None:
+    """A display query: None when this QEMU cannot answer it (SPICE's module is loaded only with -spice)."""
+    try:
+        answer = await qmp.execute(command)
+    except MonitorError:
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _display(answers: LiveAnswers) -> LiveDisplay | None:
+    """The display server QEMU runs, as query-vnc / query-spice report it (where it listens, its auth)."""
+    for protocol, answer, port_key in (("vnc", answers.vnc, "service"), ("spice", answers.spice, "port")):
+        if answer and answer.get("enabled"):
+            port = str(answer.get(port_key, ""))
+            return LiveDisplay.model_validate({"protocol": protocol, "host": answer.get("host"),
+                                               "port": int(port) if port.isdigit() else None,
+                                               "auth": answer.get("auth")})
+    return None
 
 
 def _opened_path(answers: LiveAnswers, filename: str | None) -> str | None:
@@ -124,6 +148,7 @@ def parse_live(answers: LiveAnswers, launched: VirtualMachineSpec | None, record
         dimms=len([d for d in answers.memory_devices if d.get("type") == "dimm"]),
         balloon_target=record.balloon_target, free_slots=_free_slots(answers, launched),
         pending_unplugs=sorted(device for device in record.unplugs if device in answers.devices),
+        display=_display(answers),
     )
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 
 from reconciler.adapters import agent, monitor, procfs, qemu_img
 from reconciler.errors import MonitorError
+from reconciler.observe import display
 from reconciler.observe.hostnet import observe_host_network
 from reconciler.observe.live import observe_live
 from reconciler.observe.paths import observe_paths
@@ -106,7 +107,9 @@ async def observe(
         for disk in (disk for vm in specs for disk in vm.spec.disks):
             if disk.image and disk.image not in backing:
                 backing[disk.image] = qemu_img.inspect_image(disk.image)
-        vms[name] = await observe_vm(layout, name, {disk.name for vm in specs for disk in vm.spec.disks}, ask_agent)
+        vms[name] = display.with_display(layout, await observe_vm(
+            layout, name, {disk.name for vm in specs for disk in vm.spec.disks}, ask_agent), desired.get(name),
+            host or HostConfig())
     network_records = files.read_network_records(layout)
     recorded = {name: record.network for name, record in network_records.items()}
     links = _interesting_links([*desired.values(), *(r.vm for r in records.values())], networks, recorded)
@@ -115,4 +118,5 @@ async def observe(
     host_network = await observe_host_network(links, dhcp, layout.root, config.qemuUser)
     paths = observe_paths(seen, config, str(layout.root))
     return ObservedState(state_dir=str(layout.root), vms=vms, images=backing, host=host_network,
-                         network_records=network_records, paths=paths)
+                         network_records=network_records, paths=paths,
+                         listening=display.listening(desired, config), display_ports=files.read_display_ports(layout))

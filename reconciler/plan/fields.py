@@ -98,6 +98,24 @@ TABLE: tuple[FieldRule, ...] = (
               "Takes effect on the next boot; cloud-init runs it only for a new instance-id (from the VM name "
               "and the user-data). Plans, logs and status show a hash, never the user-data."),
     FieldRule(("metadata", "labels"), Mode.LIVE, "recorded"),
+    FieldRule(("display",), Mode.RESTART, "the VNC/SPICE server and its video device are set up when QEMU starts",
+              "vnc: virtio-vga; spice: qxl-vga and (spice.agent) the vdagent port com.redhat.spice.0. port auto: "
+              "a free port of the host's displayPortRange, kept for the VM (display.json) and never given to "
+              "two VMs; a fixed port another VM or process holds is refused at plan time. Beyond loopback "
+              "without a passwordFile: refused."),
+    FieldRule(("display", "passwordFile"), Mode.LIVE, "set_password over QMP (a changed file: "
+              "\"display password rotated\", no restart)",
+              "Read by the reconciler only (under the host's secretDirs, root's, not group/world-readable), never "
+              "on QEMU's command line, in plans, logs or status; the plan compares a keyed hash. Adding or "
+              "removing a password is a restart (QEMU starts locked: VNC password=on, SPICE ticketing). VNC: "
+              "at most 8 characters."),
+    FieldRule(("display", "passwordExpiresAfter"), Mode.LIVE, "expire_password over QMP (set again with the "
+              "password)"),
+    FieldRule(("input",), Mode.RESTART, "the USB tablet is plugged when QEMU starts",
+              "Default: on with a display (an absolute pointer, so the cursor follows the viewer's)."),
+    FieldRule(("audio",), Mode.RESTART, "the sound card and its audio backend are created when QEMU starts",
+              "ich9-intel-hda + hda-duplex; its sound goes through SPICE's playback channel or VNC's audio "
+              "extension (-vnc audiodev=). Needs a display."),
     FieldRule(("tpm",), Mode.RESTART,
               "swtpm and tpm-crb are attached when QEMU starts; turned off, the TPM state is kept",
               "Its state (tpm/NAME/) survives restarts; it is deleted only with the VM, when all its disks have "

@@ -67,6 +67,15 @@ class LiveCdrom(_Fact):
     image: str | None = None
 
 
+class LiveDisplay(_Fact):
+    """The display server a running QEMU has (query-vnc / query-spice)."""
+
+    protocol: Literal["vnc", "spice"]
+    host: str | None = None
+    port: int | None = None
+    auth: str | None = Field(default=None, description="vnc: none, vnc...; spice: none or spice (ticketing).")
+
+
 class LiveState(_Fact):
     """What a running QEMU has right now, read over QMP (link state and balloon target from live.json)."""
 
@@ -79,6 +88,7 @@ class LiveState(_Fact):
     balloon_target: int | None = Field(default=None, description="Last balloon target we set; None: full.")
     free_slots: int = Field(description="Spare hot-plug slots with nothing plugged in.")
     pending_unplugs: list[str] = Field(default_factory=list, description="Device ids whose unplug is pending.")
+    display: LiveDisplay | None = Field(default=None, description="The VNC or SPICE server, if enabled.")
 
 
 class ObservedAgent(_Fact):
@@ -104,6 +114,17 @@ class ObservedProcess(_Fact):
                                         "the running QEMU has its port.")
 
 
+class ObservedSecret(_Fact):
+    """A display's passwordFile as the observer found it: a keyed hash of its password (never the password),
+    or why it cannot be used."""
+
+    path: str
+    digest: str | None = Field(default=None, description="HMAC of the VM, expiry and password under the host's "
+                               "display.key ('' while there is no key yet); None with a problem.")
+    length: int | None = Field(default=None, description="The password's length (VNC takes at most 8).")
+    problem: str | None = None
+
+
 class ObservedVM(_Fact):
     name: str
     process: ObservedProcess | None = None
@@ -117,6 +138,9 @@ class ObservedVM(_Fact):
         "it is not adopted: the VM counts as not running.")
     tpm_pid: int | None = Field(default=None, description="The VM's swtpm, when one of ours runs (verified).")
     tpm_state: bool = Field(default=False, description="The VM's TPM state directory (tpm/NAME/) exists.")
+    display_password: str | None = Field(default=None, description="The keyed hash of the password set on "
+                                         "the running QEMU (display.json, for that process only).")
+    secret: ObservedSecret | None = Field(default=None, description="The desired display's passwordFile.")
 
 
 class ObservedLink(_Fact):
@@ -166,6 +190,9 @@ class ObservedState(_Fact):
         default_factory=dict,
         description="Manifest paths, storage roots and the state directory, resolved (the host policy's facts).",
     )
+    listening: list[int] = Field(default_factory=list, description="TCP ports some socket on the host listens "
+                                 "on, among the display port range and the fixed display ports wanted.")
+    display_ports: dict[str, int] = Field(default_factory=dict, description="Every VM's recorded display port.")
 
     def digest(self) -> str:
         """What plans depend on (DHCP leases renew all the time, and the guest agent's answers change with the

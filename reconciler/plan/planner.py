@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.plan import drift, firmware, media, policy
+from reconciler.plan import display, drift, firmware, media, policy
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan
 from reconciler.plan.fields import rule_for
@@ -107,6 +107,7 @@ class _VMPlan:
     live_grows: list[s.Step] = field(default_factory=list)  # need the running QEMU (also before a restart)
     repairs: list[s.Step] = field(default_factory=list)  # TAPs re-attached to their bridge
     live: LivePlan | None = None  # hot-plug, unplug and settings, when QEMU runs and answers
+    display: list[s.Step] = field(default_factory=list)  # the display's password, set on the running QEMU
 
 
 def plan(
@@ -131,10 +132,11 @@ def plan(
     net = plan_networks(networks, desired, observed)
     names = sorted(set(desired) | set(last_applied) | {n for n, vm in observed.vms.items() if vm.process or vm.tpm_pid})
     changes = list(net.first)
+    ports = display.assign_ports(desired, observed, host)
     for name in names:
         vm = desired.get(name)
         record = last_applied.get(name)
-        change = _plan_vm(name, vm, observed, record, options, networks, host) if vm else _plan_delete(
+        change = _plan_vm(name, vm, observed, record, options, networks, host, ports.get(name)) if vm else _plan_delete(
             name, observed.vm(name), record, observed.state_dir)
         if change is not None and change.steps and name in net.blocked:
             change = change.model_copy(update={"steps": [], "opens": [], "refusals": [net.blocked[name]]})
@@ -152,7 +154,8 @@ def plan(
 
 
 def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, record: AppliedRecord | None,
-             options: PlanOptions, networks: Mapping[str, Network], host: HostConfig) -> Change:
+             options: PlanOptions, networks: Mapping[str, Network], host: HostConfig,
+             port: int | str | None = None) -> Change:
     """One desired VM. The host policy first: a path or port it refuses refuses the whole change. Past it,
     the VM is compared with its paths resolved (what QEMU was, or will be, given); the record keeps the
     manifest as written."""
@@ -163,7 +166,7 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
     desired = manifest.model_copy(update={"spec": verdict.spec})
     obs = observed.vm(name)
     work = _VMPlan(name)
-    desired = _media(work, desired, obs, record, observed.state_dir)
+    desired = _display(work, _media(work, desired, obs, record, observed.state_dir), obs, observed, port)
     live = obs.process.live if obs.process else None
     _gather(work, desired, obs, record, observed, networks, host)
     # The record is rewritten when something else happens, or when a field that is only recorded
@@ -247,6 +250,20 @@ def _media(work: _VMPlan, desired: VirtualMachine, obs: ObservedVM, record: Appl
     return desired.model_copy(update={"spec": media.effective_spec(work.name, desired.spec, installs, state_dir)})
 
 
+def _display(work: _VMPlan, desired: VirtualMachine, obs: ObservedVM, observed: ObservedState,
+             port: int | str | None) -> VirtualMachine:
+    """The display's port (the VM as QEMU gets it has it resolved), its password, refusals and restart causes."""
+    spec = display.with_port(desired.spec, port) if isinstance(port, int) else desired.spec
+    planned = display.plan_display(work.name, spec, obs, observed, port)
+    work.refusals += planned.refusals
+    work.restart_causes += planned.restart_causes
+    work.reasons += planned.reasons
+    work.fields += planned.fields
+    work.offline += planned.steps
+    work.display += planned.live
+    return desired.model_copy(update={"spec": spec})
+
+
 def _cloud_init_change(work: _VMPlan, record: AppliedRecord | None, manifest: VirtualMachine) -> int:
     """A changed cloud-init seed, shown by hash (user-data may hold passwords): 1 when it changed."""
     before, after = (record.vm.spec.cloudInit if record else None), manifest.spec.cloudInit
@@ -302,7 +319,8 @@ def _choose(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, known: boo
         return [*work.live_grows, *work.offline, stop, start], Action.RESTART, []
     live_steps = work.live.steps if work.live else []
     work.fields += work.live.fields if work.live else []
-    return [*work.offline, *work.live_grows, *work.repairs, *live_steps], Action.NOOP, list(work.restart_causes)
+    steps = [*work.offline, *work.live_grows, *work.repairs, *work.display, *live_steps]
+    return steps, Action.NOOP, list(work.restart_causes)
 
 
 def _start_reason(strategy: str, known: bool, last_exit: str | None) -> str | None:

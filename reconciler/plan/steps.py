@@ -56,6 +56,8 @@ class StepKind(StrEnum):
     CREATE_EFI_VARS = "create-efi-vars"
     DELETE_EFI_VARS = "delete-efi-vars"
     FINISH_INSTALL = "finish-install"
+    RECORD_DISPLAY_PORT = "record-display-port"
+    SET_DISPLAY_PASSWORD = "set-display-password"
 
 
 class Phase:
@@ -291,6 +293,28 @@ class RepairTap(_StepBase):
     bridge: str | None
 
 
+# -- the display ------------------------------------------------------------------------------------------
+
+
+class RecordDisplayPort(_StepBase):
+    """Keep ``port`` for the VM's display (display.json): stable across restarts, never another VM's."""
+
+    kind: Literal[StepKind.RECORD_DISPLAY_PORT] = StepKind.RECORD_DISPLAY_PORT
+    phase = Phase.RECORD
+    port: int
+
+
+class SetDisplayPassword(_StepBase):
+    """Read the passwordFile (re-checked against the host policy) and set it on the running QEMU over QMP
+    (``set_password``, then ``expire_password``). The step carries the file's path, never the password."""
+
+    kind: Literal[StepKind.SET_DISPLAY_PASSWORD] = StepKind.SET_DISPLAY_PASSWORD
+    phase = Phase.SETTING
+    protocol: Literal["vnc", "spice"]
+    path: str
+    expires_after: int | None = None
+
+
 # -- host networking ------------------------------------------------------------------------------------
 
 
@@ -341,7 +365,8 @@ class StopDhcp(_StepBase):
 
 
 VMStep = (WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget
-          | StopTpm | DeleteTpmState | CreateEfiVars | DeleteEfiVars | FinishInstall)
+          | StopTpm | DeleteTpmState | CreateEfiVars | DeleteEfiVars | FinishInstall | RecordDisplayPort
+          | SetDisplayPassword)
 """Steps on a VM's record, disk files and process."""
 LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
             | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia)

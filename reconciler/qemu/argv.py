@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.errors import UnsafeValue
+from reconciler.qemu.display import display_argv, has_vdagent, vdagent_argv
 from reconciler.spec.models import (
     AGENT_PORT,
     DiskSpec,
@@ -157,6 +158,7 @@ def build_argv(
         *_balloon(spec),
         *_rng(spec),
         *_tpm(spec, paths),
+        *display_argv(spec),
         *_serial_ports(spec, paths),
         "-pidfile", str(paths.pidfile),
     ]
@@ -325,14 +327,17 @@ def _tpm(spec: VirtualMachineSpec, paths: VMPaths) -> list[str]:
 
 
 def _serial_ports(spec: VirtualMachineSpec, paths: VMPaths) -> list[str]:
-    """One virtio-serial controller, and a ``virtserialport`` per channel (and for the guest agent), each on a
+    """One virtio-serial controller, SPICE's agent channel, and a ``virtserialport`` per channel (and for the
+    guest agent), each on a
     unix socket QEMU listens on in its ``run/`` (``-chardev`` has no JSON syntax in 7.2: ``_kv`` checks)."""
     ports = [(AGENT_PORT, AGENT_CHARDEV, AGENT_DEVICE, paths.agent_socket)] if spec.guestAgent.enabled else []
     ports += [(channel.name, channel_chardev(channel.name), channel_device(channel.name),
                paths.channel_socket(channel_key(channel.name))) for channel in spec.channels]
-    if not ports:
+    if not ports and not has_vdagent(spec):
         return []
     argv = ["-device", _json({"driver": "virtio-serial-pci", "id": SERIAL_CONTROLLER})]
+    if has_vdagent(spec):
+        argv += vdagent_argv(SERIAL_CONTROLLER)
     for port_name, chardev, device, socket in ports:
         argv += ["-chardev", _kv("socket", id=chardev, path=socket, server="on", wait="off"),
                  "-device", _json({"driver": "virtserialport", "bus": f"{SERIAL_CONTROLLER}.0", "chardev": chardev,

@@ -3,7 +3,8 @@
 Manifests come from whoever can commit to the manifests' git repository; this file comes from the host
 (``/etc/infinization/config.yaml``, or ``--config FILE`` / ``$INFINIZATION_CONFIG``), and bounds what a
 manifest may ask for: which host paths a VM may open (``storageRoots``, ``firmwareDirs``), which user QEMU
-runs as (``qemuUser``) and which host ports a user-mode NIC may bind (``portForwardRange``). Loaded by
+runs as (``qemuUser``), which host ports a user-mode NIC may bind (``portForwardRange``), which ports
+a display may listen on (``displayPortRange``) and where display passwords may be read from (``secretDirs``). Loaded by
 ``spec.loader.load_host_config``; the CLI and the sync daemon hand it to the planner and the executor.
 Defaults keep the bundled demo working and name no system directory.
 """
@@ -14,7 +15,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from reconciler.spec.models import AbsolutePath
+from reconciler.spec.models import VNC_BASE_PORT, AbsolutePath
 
 DEFAULT_CONFIG = "/etc/infinization/config.yaml"
 CONFIG_ENV = "INFINIZATION_CONFIG"
@@ -33,6 +34,10 @@ def _default_roots() -> list[str]:
 
 def _default_firmware() -> list[str]:
     return ["/usr/share/OVMF", "/usr/share/qemu", "/usr/share/seabios", "/usr/share/edk2/ovmf"]
+
+
+def _default_secrets() -> list[str]:
+    return ["/etc/infinization/secrets"]
 
 
 class HostConfig(BaseModel):
@@ -58,9 +63,27 @@ class HostConfig(BaseModel):
         default="10000-20000", description="Host ports a user-mode NIC's portForwards may bind."
     )
 
+    displayPortRange: Annotated[str, AfterValidator(_port_range)] = Field(
+        default="5900-5999", description="Ports a display with port: auto is given (each VM keeps its own); a "
+        "fixed display port must be in it too. Not below 5900 (QEMU's VNC counts displays from 5900).")
+    secretDirs: list[AbsolutePath] = Field(
+        default_factory=_default_secrets, description="Directories a display's passwordFile may be in (after "
+        "symlinks); the file must be root's and not readable by group or others.")
+
+    @model_validator(mode="after")
+    def _display_ports_fit_vnc(self) -> HostConfig:
+        if self.display_port_range[0] < VNC_BASE_PORT:
+            raise ValueError(f"displayPortRange must start at {VNC_BASE_PORT} or above (VNC's display 0)")
+        return self
+
+    @property
+    def display_port_range(self) -> tuple[int, int]:
+        low, high = self.displayPortRange.split("-")
+        return int(low), int(high)
+
     @model_validator(mode="after")
     def _roots_are_not_the_whole_system(self) -> HostConfig:
-        for root in (*self.storageRoots, *self.firmwareDirs):
+        for root in (*self.storageRoots, *self.firmwareDirs, *self.secretDirs):
             if root == "/":
                 raise ValueError("a storage root or firmware directory cannot be '/'")
         return self

@@ -421,6 +421,83 @@ class TpmSpec(_Frozen):
     enabled: bool = Field(default=False, description="A TPM 2.0 (tpm-crb), emulated by swtpm; its state is kept.")
 
 
+def _listen(value: str) -> str:
+    address = _ip(value)
+    if ipaddress.ip_address(address).is_multicast:
+        raise ValueError(f"{value!r} is a multicast address")
+    return address
+
+
+def is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback
+
+
+class SpiceOptions(_Frozen):
+    agent: bool = Field(default=True, description="The SPICE agent channel (vdagent: copy and paste, resize, "
+                        "client mouse mode).")
+    imageCompression: Literal["auto_glz", "auto_lz", "quic", "glz", "lz", "off"] = Field(
+        default="auto_glz", description="SPICE image compression (-spice image-compression=).")
+    streamingVideo: Literal["off", "all", "filter"] = Field(
+        default="filter", description="Video stream detection (-spice streaming-video=).")
+
+
+VNC_BASE_PORT = 5900
+"""QEMU's -vnc takes a display number: the port is 5900 + it, so a VNC port is never below 5900."""
+
+
+class DisplaySpec(_Frozen):
+    """A remote display: VNC or SPICE on ``listen``:``port``; its password (``passwordFile``) is read by the
+    reconciler and set over QMP, never given to QEMU's command line, plans, logs or status."""
+
+    type: Literal["none", "vnc", "spice"] = Field(default="none", description="none: no display device.")
+    listen: Annotated[str, AfterValidator(_listen)] = Field(
+        default="127.0.0.1", description="The host address the display listens on (beyond loopback: a "
+        "passwordFile is required).")
+    port: Literal["auto"] | Annotated[int, Field(ge=VNC_BASE_PORT, le=65535)] = Field(
+        default="auto", description="auto: a port from the host's displayPortRange, kept for the VM; or a number.")
+    passwordFile: AbsolutePath | None = Field(
+        default=None, description="A file under the host's secretDirs (root's, not group/world-readable) whose "
+        "first line is the password (VNC: at most 8 characters).")
+    passwordExpiresAfter: Annotated[int, Field(ge=1, le=10 * 365 * 86400)] | None = Field(
+        default=None, description="Seconds after it is set that the password stops working (expire_password); "
+        "none: never.")
+    spice: SpiceOptions | None = Field(default=None, description="type spice: SPICE options.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DisplaySpec:
+        if self.type == "none":
+            if self.passwordFile is not None or self.spice is not None or self.port != "auto" \
+                    or self.passwordExpiresAfter is not None:
+                raise ValueError("port, passwordFile, passwordExpiresAfter and spice need type vnc or spice")
+            return self
+        if self.spice is not None and self.type != "spice":
+            raise ValueError("spice options need type: spice")
+        if not is_loopback(self.listen) and self.passwordFile is None:
+            raise ValueError(f"listen {self.listen} is beyond loopback: a passwordFile is required "
+                             "(a display open to the network without a password is refused)")
+        if self.passwordExpiresAfter is not None and self.passwordFile is None:
+            raise ValueError("passwordExpiresAfter needs a passwordFile")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.type != "none"
+
+    @property
+    def spice_options(self) -> SpiceOptions:
+        return self.spice or SpiceOptions()
+
+
+class InputSpec(_Frozen):
+    tablet: bool | None = Field(default=None, description="A USB tablet (absolute pointer); default: on with a "
+                                "display.")
+
+
+class AudioSpec(_Frozen):
+    enabled: bool = Field(default=False, description="An ich9 HD Audio controller whose sound goes through the "
+                          "display (SPICE's playback channel, VNC's audio extension).")
+
+
 class VirtualMachineSpec(_Frozen):
     runStrategy: Literal["Always", "RerunOnFailure", "Manual", "Halted"] = Field(
         default="Always",
@@ -478,6 +555,20 @@ class VirtualMachineSpec(_Frozen):
             raise ValueError("bootOrder names a device twice")
         return value
     cloudInit: CloudInitSpec | None = Field(default=None, description="A NoCloud seed CD (label cidata).")
+    display: DisplaySpec = Field(default_factory=DisplaySpec)
+    input: InputSpec = Field(default_factory=InputSpec)
+    audio: AudioSpec = Field(default_factory=AudioSpec)
+
+    @model_validator(mode="after")
+    def _audio_needs_display(self) -> VirtualMachineSpec:
+        if self.audio.enabled and not self.display.enabled:
+            raise ValueError("audio.enabled needs a display (display.type vnc or spice): the sound goes through it")
+        return self
+
+    @property
+    def tablet(self) -> bool:
+        """The USB tablet: as ``input.tablet`` says, else on exactly when there is a display."""
+        return self.input.tablet if self.input.tablet is not None else self.display.enabled
 
     @model_validator(mode="after")
     def _unique_device_names(self) -> VirtualMachineSpec:

@@ -68,6 +68,17 @@ RNG_DEVICE = "rng0"
 SERIAL_CONTROLLER = "vserial0"
 AGENT_CHARDEV = "chr-qga0"
 AGENT_DEVICE = "qga0"
+# The display's devices (one each per VM).
+VIDEO_DEVICE = "video0"
+USB_CONTROLLER = "usb0"
+TABLET_DEVICE = "tablet0"
+AUDIO_BACKEND = "snd0"
+SOUND_DEVICE = "sound0"
+SOUND_CODEC = "sound0-codec"
+VDAGENT_CHARDEV = "chr-vdagent"
+VDAGENT_DEVICE = "vdagent0"
+VDAGENT_PORT = "com.redhat.spice.0"
+"""The virtio-serial port spice-vdagent opens in the guest."""
 
 
 def channel_key(channel_name: str) -> str:

@@ -11,6 +11,9 @@ are atomic (temporary file, fsync, rename) and private to their owner (0600). Wh
 - ``exit.json``: ``write_exit`` by ``apply.vmprocess`` (a stop by us), ``record_exit`` by the sync daemon's
   QMP listener (a shutdown, crash or panic), ``clear_exit`` when a new QEMU starts; read by the observers.
 - ``restarts.json``: the sync daemon's crash-loop history.
+- ``display.json``: ``record_display_port`` / ``record_display_password`` by the executor (its display steps
+  and a start); read by the observers. ``display.key`` (``display_key``): the host's key for password hashes,
+  created by the executor the first time it sets a password; read by the observers.
 - ``source.json``: the CLI's ``apply``; read by ``status``, ``start`` and ``stop``.
 - ``networks/NAME.json``: the executor's network steps; read by the observers and the executor.
 - ``swtpm.json``: ``write_tpm_launch`` / ``record_tpm_launched`` by ``apply.vmprocess``; ``tpm/NAME/`` (the
@@ -48,6 +51,8 @@ from reconciler.state.models import (
     STOPPED,
     AppliedRecord,
     DhcpLease,
+    DisplayPassword,
+    DisplayRecord,
     ExitRecord,
     InstallRecord,
     LaunchRecord,
@@ -273,6 +278,60 @@ def update_live(paths: VMPaths, pid: int, start_time: int, **changes: Any) -> Li
     record = LiveRecord.model_validate(merged)
     write_atomic(paths.live, _dump(record))
     return record
+
+
+# -- display.json, display.key -------------------------------------------------------------------------
+
+
+def read_display(paths: VMPaths) -> DisplayRecord:
+    """The VM's display record (an empty one when there is none or it cannot be read)."""
+    try:
+        return DisplayRecord.model_validate_json(paths.display.read_text())
+    except (FileNotFoundError, ValidationError, json.JSONDecodeError):
+        return DisplayRecord()
+
+
+def read_display_ports(layout: StateLayout) -> dict[str, int]:
+    """Every VM's recorded display port: ports that no other VM may be given."""
+    ports = {}
+    for name in known_vm_names(layout):
+        if (port := read_display(layout.vm(name)).port) is not None:
+            ports[name] = port
+    return ports
+
+
+def record_display_port(paths: VMPaths, port: int) -> None:
+    make_private_dirs(paths.dir)
+    write_atomic(paths.display, _dump(read_display(paths).model_copy(update={"port": port})))
+
+
+def record_display_password(paths: VMPaths, digest: str, pid: int, start_time: int) -> None:
+    """The keyed hash of the password just set on QEMU ``pid`` (never the password)."""
+    password = DisplayPassword(digest=digest, pid=pid, start_time=start_time)
+    write_atomic(paths.display, _dump(read_display(paths).model_copy(update={"password": password})))
+
+
+def read_display_key(layout: StateLayout) -> bytes | None:
+    try:
+        key = _read_no_follow(layout.display_key, 4096)
+    except FileNotFoundError:
+        return None
+    return key if len(key) == 32 else None
+
+
+def display_key(layout: StateLayout) -> bytes:
+    """The host's 32-byte key for display password hashes, created (root's 0600) the first time."""
+    if (key := read_display_key(layout)) is not None:
+        return key
+    make_private_dirs(layout.root)
+    with contextlib.suppress(FileNotFoundError):
+        layout.display_key.unlink()  # the wrong size: replaced (every recorded hash just no longer matches)
+    fd = os.open(layout.display_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(os.urandom(32))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return _read_no_follow(layout.display_key, 4096)
 
 
 # -- exit.json, restarts.json --------------------------------------------------------------------------

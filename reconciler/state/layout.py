@@ -9,6 +9,9 @@
     STATE/vms/NAME/exit.json           how its last QEMU ended (guest-shutdown, crash, stopped by us...)
     STATE/vms/NAME/restarts.json       the sync daemon's restarts after failures (crash-loop history)
     STATE/vms/NAME/live.json           what QMP cannot report back (link state, balloon target, unplugs)
+    STATE/vms/NAME/display.json        the display's port (kept across restarts) and a keyed hash of the password
+                                       set on the running QEMU (never the password)
+    STATE/display.key                  the host's random key for those hashes (root's 0600)
     STATE/vms/NAME/cidata-HASH.iso     the cloud-init NoCloud seed (root's 0600; QEMU gets an fd)
     STATE/vms/NAME/qemu.log            QEMU's stderr (root's; QEMU writes to the fd it inherits)
     STATE/vms/NAME/run/                QEMU's own directory (owned by its user, 0700):
@@ -59,6 +62,11 @@ class StateLayout:
     @property
     def lock(self) -> Path:
         return self.root / "lock"
+
+    @property
+    def display_key(self) -> Path:
+        """The host's key for display password hashes (a record must not leak a short password's hash)."""
+        return self.root / "display.key"
 
     @property
     def daemon_lock(self) -> Path:
@@ -127,6 +135,11 @@ class VMPaths:
     @property
     def live(self) -> Path:
         return self.dir / "live.json"
+
+    @property
+    def display(self) -> Path:
+        """The display's port and the keyed hash of the password set on the running QEMU."""
+        return self.dir / "display.json"
 
     @property
     def qemu_log(self) -> Path:

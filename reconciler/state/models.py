@@ -94,6 +94,22 @@ class LiveRecord(_Record):
     unplugs: list[str] = Field(default_factory=list)
 
 
+class DisplayPassword(_Record):
+    """The password set on one QEMU: a keyed hash (HMAC-SHA256 under ``display.key``), never the secret."""
+
+    digest: str
+    pid: int
+    start_time: int
+
+
+class DisplayRecord(_Record):
+    """vms/NAME/display.json: the VM's display port (stable across restarts, never another VM's) and the
+    password set on its running QEMU (valid only for the process it names)."""
+
+    port: int | None = None
+    password: DisplayPassword | None = None
+
+
 class ExitRecord(_Record):
     """vms/NAME/exit.json: how the VM's last QEMU ended."""
 

@@ -136,6 +136,11 @@ TABLE_COVERAGE: dict[tuple[str, ...], tuple[str, str]] = {
     ("cdroms", "*", "ejectAfterInstall"): ("install_ended_is_recorded_done_not_drift",
                                            "record the install from install as done; eject install"),
     ("cloudInit",): ("cloud_init_user_data_changed_live", "takes effect on the next boot; cloud-init runs it only"),
+    ("display",): ("display_drift_and_input_audio_need_restart", "display.port changed (5900 -> 5901)"),
+    ("display", "passwordFile"): ("display_password_rotated_live", "display password rotated: set_password (vnc)"),
+    ("display", "passwordExpiresAfter"): ("display_password_rotated_live", "expire_password +3600s"),
+    ("input",): ("display_drift_and_input_audio_need_restart", "input.tablet changed (None -> False)"),
+    ("audio",): ("display_drift_and_input_audio_need_restart", "audio.enabled changed (False -> True)"),
 }
 
 
