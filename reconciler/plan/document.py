@@ -109,7 +109,13 @@ def refusal_code(change: Change, message: str) -> str:
     for field in change.fields:
         if field.mode is Mode.REFUSED and (field.path in message or (field.how and field.how in message)):
             return f"refused.{_code(field.path)}"
-    return _by_words(message, _REFUSAL_CODES, "refused")
+    code = _by_words(message, _REFUSAL_CODES, "refused")
+    if code == "refused" and (field := _SPEC_FIELD.match(message)):
+        return f"refused.{_code(field.group(1))}"  # "spec.display.port: ..." -> refused.display.port
+    return code
+
+
+_SPEC_FIELD = re.compile(r"^spec\.([A-Za-z0-9.\[\]-]+): ")
 
 
 def _by_words(message: str, table: tuple[tuple[tuple[str, ...], str], ...], default: str) -> str:
@@ -149,6 +155,7 @@ _RESTART_CODES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("memory", "maxsize"), "restart.memory.maxSize"),
     (("no launch record",), "restart.unknownLaunch"),
     (("tap", "is gone"), "restart.tapGone"),
+    (("display drift",), "restart.displayDrift"),
 )
 
 
