@@ -17,6 +17,7 @@ from typing import Any
 
 from reconciler.adapters.monitor import Monitor, block_nodes, free_spare_ports, peripheral_ids
 from reconciler.plan.observed import LiveCdrom, LiveDisk, LiveNic, LiveState
+from reconciler.qemu.hostdev import USB_CONTROLLER
 from reconciler.spec.models import VirtualMachineSpec
 from reconciler.state.models import LiveRecord
 
@@ -124,6 +125,8 @@ def parse_live(answers: LiveAnswers, launched: VirtualMachineSpec | None, record
         dimms=len([d for d in answers.memory_devices if d.get("type") == "dimm"]),
         balloon_target=record.balloon_target, free_slots=_free_slots(answers, launched),
         pending_unplugs=sorted(device for device in record.unplugs if device in answers.devices),
+        host_devices=sorted(n for d in answers.devices if (n := _strip("hostdev-", d))),
+        usb_controller=USB_CONTROLLER in answers.devices,
     )
 
 

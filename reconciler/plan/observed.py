@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.hostnet.nftables import HostCapabilities
+from reconciler.plan.hostdev_facts import ObservedHostDevices
 from reconciler.spec.models import VirtualMachineSpec
 from reconciler.state.models import DhcpLease, NetworkRecord
 
@@ -79,6 +80,9 @@ class LiveState(_Fact):
     balloon_target: int | None = Field(default=None, description="Last balloon target we set; None: full.")
     free_slots: int = Field(description="Spare hot-plug slots with nothing plugged in.")
     pending_unplugs: list[str] = Field(default_factory=list, description="Device ids whose unplug is pending.")
+    host_devices: list[str] = Field(default_factory=list, description="Names of the passed-through host devices "
+                                    "plugged (device ids hostdev-NAME).")
+    usb_controller: bool = Field(default=False, description="The xHCI controller for USB host devices exists.")
 
 
 class ObservedAgent(_Fact):
@@ -166,6 +170,8 @@ class ObservedState(_Fact):
         default_factory=dict,
         description="Manifest paths, storage roots and the state directory, resolved (the host policy's facts).",
     )
+    devices: ObservedHostDevices = Field(default_factory=ObservedHostDevices,
+                                         description="Host PCI/USB devices for spec.hostDevices (sysfs).")
 
     def digest(self) -> str:
         """What plans depend on (DHCP leases renew all the time, and the guest agent's answers change with the

@@ -54,6 +54,10 @@ class StepKind(StrEnum):
     CREATE_EFI_VARS = "create-efi-vars"
     DELETE_EFI_VARS = "delete-efi-vars"
     FINISH_INSTALL = "finish-install"
+    PREPARE_HOST_DEVICE = "prepare-host-device"
+    RELEASE_HOST_DEVICE = "release-host-device"
+    HOTPLUG_HOST_DEVICE = "hotplug-host-device"
+    UNPLUG_HOST_DEVICE = "unplug-host-device"
 
 
 class Phase:
@@ -204,6 +208,28 @@ class FinishInstall(_StepBase):
     ejected: list[str]
 
 
+class PrepareHostDevice(_StepBase):
+    """Take a host device for the VM: a PCI function's IOMMU group bound to vfio-pci (each member's driver
+    recorded first) and /dev/vfio/GROUP given to QEMU's user; or a USB device's node given to QEMU's user."""
+
+    kind: Literal[StepKind.PREPARE_HOST_DEVICE] = StepKind.PREPARE_HOST_DEVICE
+    phase = Phase.CREATE
+    bus: Literal["pci", "usb"]
+    address: str = Field(description="PCI: the function asked for; USB: its key usb:BUS-PORT.")
+    members: list[str] = Field(default_factory=list, description="PCI: the group's members to bind (no bridges).")
+    group: str | None = None
+    node: str | None = Field(default=None, description="USB: its device node.")
+
+
+class ReleaseHostDevice(_StepBase):
+    """Give host devices back: each PCI member unbound from vfio-pci and re-probed to its recorded driver,
+    each device node's owner and mode restored, the claims dropped. Never while the VM's QEMU has them."""
+
+    kind: Literal[StepKind.RELEASE_HOST_DEVICE] = StepKind.RELEASE_HOST_DEVICE
+    phase = Phase.DELETE
+    keys: list[str]
+
+
 # -- a running VM, over QMP -----------------------------------------------------------------------------
 
 
@@ -278,6 +304,18 @@ class ChangeMedia(_StepBase):
     image: str | None
 
 
+class HotplugHostDevice(_StepBase):
+    """device_add a passed-through device: usb-host on the xHCI controller, or vfio-pci on a spare root port."""
+
+    kind: Literal[StepKind.HOTPLUG_HOST_DEVICE] = StepKind.HOTPLUG_HOST_DEVICE
+    phase = Phase.PLUG
+
+
+class UnplugHostDevice(_StepBase):
+    kind: Literal[StepKind.UNPLUG_HOST_DEVICE] = StepKind.UNPLUG_HOST_DEVICE
+    phase = Phase.UNPLUG
+
+
 class RepairTap(_StepBase):
     kind: Literal[StepKind.REPAIR_TAP] = StepKind.REPAIR_TAP
     phase = Phase.REPAIR
@@ -335,10 +373,11 @@ class StopDhcp(_StepBase):
 
 
 VMStep = (WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget
-          | StopTpm | DeleteTpmState | CreateEfiVars | DeleteEfiVars | FinishInstall)
+          | StopTpm | DeleteTpmState | CreateEfiVars | DeleteEfiVars | FinishInstall | PrepareHostDevice
+          | ReleaseHostDevice)
 """Steps on a VM's record, disk files and process."""
 LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
-            | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia)
+            | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia | HotplugHostDevice | UnplugHostDevice)
 """Steps on a running VM, over its QMP monitor."""
 HostStep = WriteNetworkRecord | EnsureBridge | DeleteBridge | ForgetNetwork | ApplyFirewall | RepairTap | EnsureDhcp \
     | StopDhcp

@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from reconciler.spec.hostdev import HostDeviceSpec, unique_host_devices
 from reconciler.spec.units import Size
 
 API_VERSION = "infinization.io/v1alpha1"
@@ -476,6 +477,15 @@ class VirtualMachineSpec(_Frozen):
             raise ValueError("bootOrder names a device twice")
         return value
     cloudInit: CloudInitSpec | None = Field(default=None, description="A NoCloud seed CD (label cidata).")
+    hostDevices: list[HostDeviceSpec] = Field(default_factory=list, description="Host PCI and USB devices passed "
+                                              "through (PCI: vfio-pci, its IOMMU group bound while the VM has it).")
+
+    @model_validator(mode="after")
+    def _host_devices(self) -> VirtualMachineSpec:
+        unique_host_devices(self.hostDevices)
+        if any(device.pci for device in self.hostDevices) and self.machine.type != "q35":
+            raise ValueError("PCI hostDevices need machine type q35 (each sits on its own PCIe root port)")
+        return self
 
     @model_validator(mode="after")
     def _unique_device_names(self) -> VirtualMachineSpec:
