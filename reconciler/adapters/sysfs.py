@@ -44,7 +44,8 @@ def driver_of(root: str, address: str) -> str | None:
 
 def iommu_on(root: str) -> bool:
     try:
-        return any(os.scandir(Path(root) / "kernel/iommu_groups"))
+        with os.scandir(Path(root) / "kernel/iommu_groups") as entries:
+            return any(entries)
     except OSError:
         return False
 
@@ -55,7 +56,8 @@ def vfio_loaded(root: str) -> bool:
 
 def group_members(root: str, group: str) -> list[str]:
     try:
-        return sorted(entry.name for entry in os.scandir(Path(root) / "kernel/iommu_groups" / group / "devices"))
+        with os.scandir(Path(root) / "kernel/iommu_groups" / group / "devices") as entries:
+            return sorted(entry.name for entry in entries)
     except OSError:
         return []
 
@@ -103,7 +105,8 @@ def usb_devices(root: str, dev_root: str) -> list[UsbDevice]:
     """Every USB device (not interface) sysfs lists, with its node under ``dev_root``."""
     found = []
     try:
-        entries = sorted(os.scandir(Path(root) / "bus/usb/devices"), key=lambda entry: entry.name)
+        with os.scandir(Path(root) / "bus/usb/devices") as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
     except OSError:
         return []
     for entry in entries:

@@ -36,7 +36,7 @@ DEADLINE = 5.0  # seconds for sysfs to show a bind or unbind (the kernel does it
 
 def _write(path: Path, value: str) -> None:
     """Write one sysfs attribute (never create one: a missing attribute is an error)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW)  # O_TRUNC: sysfs ignores it
     try:
         os.write(fd, value.encode())
     finally:

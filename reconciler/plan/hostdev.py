@@ -71,13 +71,23 @@ class Check:
     elsewhere: dict[str, str]
     refusals: list[str] = field(default_factory=list)
 
-    def conflict(self, label: str, key: str, what: str) -> None:
-        claim = self.facts.claims.get(key)
-        if claim is not None and claim.vm != self.name:
-            self.refusals.append(f"{label}: {what} is held by VM {claim.vm} (its hostDevices[{claim.device}]); "
-                                 "it is given back when that VM stops or no longer asks for it")
-        elif key in self.elsewhere:
-            self.refusals.append(f"{label}: {what} is also asked for by {self.elsewhere[key]}")
+    def conflicts(self, label: str, named: dict[str, str]) -> None:
+        """One refusal per other VM holding (or, when nobody holds them, asking for) any of ``named``
+        (key -> how to name it). What this VM holds is its own: another manifest asking for it is refused,
+        never the holder."""
+        found: dict[str, list[str]] = {}
+        for key, what in named.items():
+            claim = self.facts.claims.get(key)
+            if claim is not None and claim.vm != self.name:
+                who = (f"held by VM {claim.vm} (its hostDevices[{claim.device}]); it is given back when that VM "
+                       "stops or no longer asks for it")
+            elif claim is None and key in self.elsewhere:
+                who = f"also asked for by {self.elsewhere[key]}"
+            else:
+                continue
+            found.setdefault(who, []).append(what)
+        for who, whats in found.items():
+            self.refusals.append(f"{label}: {' and '.join(whats)} {'is' if len(whats) == 1 else 'are'} {who}")
 
 
 def member_refusal(check: Check, label: str, member: str) -> str | None:
@@ -122,7 +132,8 @@ def _check_pci(check: Check, device: HostDeviceSpec, address: str, observed: Obs
         for member in facts.members(address):
             if reason := member_refusal(check, label, member):
                 check.refusals.append(reason)
-            check.conflict(label, member, f"IOMMU group member {member}" if member != address else "the device")
+        check.conflicts(label, {member: f"IOMMU group member {member}" if member != address else "the device"
+                                for member in facts.members(address)})
 
 
 def _check_usb(check: Check, device: HostDeviceSpec, selector: UsbSelector) -> None:
@@ -140,7 +151,7 @@ def _check_usb(check: Check, device: HostDeviceSpec, selector: UsbSelector) -> N
     if ids not in check.host.usbPassthrough:
         check.refusals.append(f"{label}: {ids} is not in the host policy's usbPassthrough "
                               f"({', '.join(check.host.usbPassthrough) or 'empty'})")
-    check.conflict(label, found.key, f"the USB device at bus {found.bus} port {found.port}")
+    check.conflicts(label, {found.key: f"the USB device at bus {found.bus} port {found.port}"})
 
 
 def refusals(name: str, spec: VirtualMachineSpec, observed: ObservedState, host: HostConfig,
@@ -205,7 +216,6 @@ def steps(name: str, devices: list[HostDeviceSpec], keep: set[str], observed: Ob
             found.append(_prepare(name, device, facts))
             taking |= keys
     wanted = {key for device in devices for key in device_keys(device, facts)}
-    keep = keep | {device.name for device in devices}
     held: dict[str, list[str]] = {}
     for key, claim in sorted(facts.claims.items()):
         if claim.vm == name and key not in wanted and claim.device not in keep:

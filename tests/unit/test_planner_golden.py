@@ -136,6 +136,16 @@ TABLE_COVERAGE: dict[tuple[str, ...], tuple[str, str]] = {
     ("cdroms", "*", "ejectAfterInstall"): ("install_ended_is_recorded_done_not_drift",
                                            "record the install from install as done; eject install"),
     ("cloudInit",): ("cloud_init_user_data_changed_live", "takes effect on the next boot; cloud-init runs it only"),
+    ("hostDevices", "*"): ("host_devices_hotplugged_and_given_back_live",
+                           "host device mouse: hot-plug on the xHCI controller (device_add)"),
+    ("hostDevices", "*", "pci"): ("host_device_options_change_needs_restart",
+                                  "hostDevices[stick].pci changed (0000:07:00.0 -> 0000:08:00.0)"),
+    ("hostDevices", "*", "usb"): ("host_device_options_change_needs_restart",
+                                  "hostDevices[token].usb.vendor changed (0x1050 -> 0x046d)"),
+    ("hostDevices", "*", "romFile"): ("host_device_options_change_needs_restart",
+                                      "hostDevices[gpu].romFile changed (/usr/share/qemu/gpu.rom"),
+    ("hostDevices", "*", "multifunction"): ("host_device_options_change_needs_restart",
+                                            "hostDevices[gpu].multifunction changed (False -> True)"),
 }
 
 
