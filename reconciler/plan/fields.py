@@ -99,8 +99,8 @@ TABLE: tuple[FieldRule, ...] = (
               "and the user-data). Plans, logs and status show a hash, never the user-data."),
     FieldRule(("metadata", "labels"), Mode.LIVE, "recorded"),
     FieldRule(("hostDevices", "*"), Mode.LIVE,
-              "taken for the VM (vfio-pci), then hot-plugged: usb-host on the xHCI controller, vfio-pci on a spare "
-              "root port",
+              "taken for the VM (PCI: its IOMMU group bound to vfio-pci), then device_add: usb-host on the xHCI "
+              "controller, vfio-pci on a spare root port",
               "Checked at plan time (exists, IOMMU on, every IOMMU group member bindable and in the host's "
               "pciPassthrough/usbPassthrough, held by no other VM). USB is live once the VM has its xHCI "
               "controller (started with a USB device), else a restart; PCI needs a spare slot (hotplugSlots), else "

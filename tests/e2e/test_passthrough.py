@@ -117,3 +117,34 @@ def test_groups_checked_bound_to_vfio_and_given_back(host: Host, fake: tuple[Fak
     host.guest("desk").wait_report(lambda r: "vda" in r.disks, what="the VM boots without its host devices",
                                    timeout=180)
     assert host.plan_exit() == 0
+
+
+def test_usb_devices_hotplugged_and_unplugged_on_a_running_vm(host: Host, fake: tuple[FakeHost, Kernel]) -> None:
+    """The QEMU half of USB passthrough, on a real QEMU: started with a usb-host on its xHCI controller, a
+    second one is hot-plugged (device_add) and the first unplugged live, same PID, and the node of each goes to
+    QEMU's user and back. The guest sees no USB device: the host has none to give (the fake sysfs lists them,
+    /dev/bus/usb does not), so QEMU's usb-host waits for a device that never comes. Not a passthrough proof."""
+    hw, _ = fake
+    qemu_uid = pwd.getpwnam("infinization-qemu").pw_uid
+    mouse = hw.usb(1, "3", 5, "046d", "c52b")
+    host.config.write_text(host.config.read_text().replace("usbPassthrough: ['1050:0407']",
+                                                           "usbPassthrough: ['1050:0407', '046d:c52b']"))
+    token = '    - {name: token, usb: {vendor: "0x1050", product: "0x0407"}}\n'
+    second = '    - {name: mouse, usb: {bus: 1, port: "3"}}\n'
+    host.write("desk.yaml", vm_manifest("desk", extra="  hostDevices:\n" + token))
+    host.apply()
+    (pid,) = host.qemu_pids("desk")
+    host.guest("desk").wait_report(lambda r: "vda" in r.disks, what="boot", timeout=180)
+    assert _owner(hw.dev / "bus/usb/001/004") == (qemu_uid, 0o600)
+
+    host.write("desk.yaml", vm_manifest("desk", extra="  hostDevices:\n" + second))
+    plan = host.cli("plan", str(host.manifests))
+    assert "host device mouse: hot-plug on the xHCI controller (device_add)" in plan.stdout, plan.stdout
+    assert "host device token: unplug" in plan.stdout and "0 to restart" in plan.stdout, plan.stdout
+    assert "restart pending" not in plan.stdout, plan.stdout
+    done = host.apply()
+    assert host.qemu_pids("desk") == [pid], done.stdout
+    assert _owner(mouse) == (qemu_uid, 0o600) and _owner(hw.dev / "bus/usb/001/004") == (0, 0o664)
+    claims = json.loads((host.state / "hostdevs.json").read_text())["claims"]
+    assert list(claims) == ["usb:1-3"]
+    assert host.plan_exit() == 0  # the live QEMU has hostdev-mouse (read back over QMP), nothing left to do
