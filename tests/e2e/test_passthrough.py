@@ -89,6 +89,12 @@ def test_groups_checked_bound_to_vfio_and_given_back(host: Host, fake: tuple[Fak
     assert any(f'"host":"{GPU}"' in arg and '"multifunction":"on"' in arg and str(rom) in arg
                for arg in launch["argv"]), launch["argv"]
 
+    status = {row["name"]: row for row in json.loads(host.cli("status", "--json", check=True).stdout)["vms"]}
+    assert status["desk"]["hostDevices"] == {
+        GPU: {"device": "gpu", "originalDriver": "nouveau", "iommuGroup": "1"},
+        AUDIO: {"device": "gpu", "originalDriver": "snd_hda_intel", "iommuGroup": "1"},
+        "usb:1-2": {"device": "token", "originalDriver": None, "iommuGroup": None}}
+
     # Another VM asking for a member the desk holds is refused, naming the desk; the holder is not.
     host.write("thief.yaml", vm_manifest("thief", extra=f'  hostDevices: [{{name: audio, pci: "{AUDIO}"}}]\n'))
     plan = host.cli("plan", str(host.manifests))
