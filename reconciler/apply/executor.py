@@ -193,9 +193,9 @@ class Executor:
         account = vmprocess.qemu_account(self.host)
         if step.bus == "usb":
             return await asyncio.to_thread(vfio.take_usb, self.layout, self.host, step.name, step.target,
-                                           step.address, step.node, account)
-        return await asyncio.to_thread(vfio.take_pci, self.layout, self.host, step.name, step.target, step.members,
-                                       step.group, account)
+                                           step.address, account)
+        return await asyncio.to_thread(vfio.take_pci, self.layout, self.host, step.name, step.target, step.address,
+                                       step.members, step.group, account)
 
     def _efi_vars_step(self, paths: VMPaths, step: s.CreateEfiVars | s.DeleteEfiVars) -> str:
         """A UEFI VM's variable store: copied once from the template (re-checked in the firmware

@@ -103,12 +103,24 @@ def _restore_node(owner: NodeOwner) -> None:
         os.chmod(owner.path, owner.mode)
 
 
-def take_pci(layout: StateLayout, host: HostConfig, vm: str, device: str, members: list[str], group: str | None,
-             account: tuple[int, int]) -> str:
-    """Bind every member of the group to vfio-pci for ``vm`` and give /dev/vfio/GROUP to QEMU's user."""
+def _group_now(root: str, device: str, address: str, members: list[str], group: str | None) -> tuple[str, list[str]]:
+    """The function's IOMMU group and its non-bridge members as sysfs says now; the plan's, or StepFailed."""
+    function = sysfs.pci_function(root, address)
+    if not function.exists or function.iommu_group is None or function.iommu_group != group:
+        raise StepFailed(f"hostDevices[{device}]: {address} is no longer in IOMMU group {group}: re-plan")
+    now = [m for m in sysfs.group_members(root, group) if not sysfs.pci_function(root, m).bridge]
+    if sorted(now) != sorted(members):
+        raise StepFailed(f"hostDevices[{device}]: IOMMU group {group} is now {', '.join(now)}, not what was "
+                         "planned: re-plan")
+    return group, now
+
+
+def take_pci(layout: StateLayout, host: HostConfig, vm: str, device: str, address: str, planned: list[str],
+             group: str | None, account: tuple[int, int]) -> str:
+    """Bind every member of the group to vfio-pci for ``vm`` and give /dev/vfio/GROUP to QEMU's user. The
+    group and its members are read again from sysfs (a saved plan only says what was expected)."""
     root = host.sysfsRoot
-    if group is None:
-        raise Refused(f"hostDevices[{device}]: the device has no IOMMU group")
+    group, members = _group_now(root, device, address, planned, group)
     facts = sysfs.observe_devices(root, host.devRoot, set(members), with_usb=False)
     claims = files.read_host_device_claims(layout)
     check = hostdev.Check(vm, facts.model_copy(update={"claims": claims}), host, {})
@@ -137,10 +149,12 @@ def _take_node(layout: StateLayout, keys: list[str], node: str, account: tuple[i
     return f"{node} -> uid {account[0]}"
 
 
-def take_usb(layout: StateLayout, host: HostConfig, vm: str, device: str, key: str, node: str | None,
-             account: tuple[int, int]) -> str:
+def take_usb(layout: StateLayout, host: HostConfig, vm: str, device: str, key: str, account: tuple[int, int]) -> str:
+    """Give the USB device's node (found again in sysfs by its bus and port) to QEMU's user."""
+    found = [d for d in sysfs.usb_devices(host.sysfsRoot, host.devRoot) if d.key == key]
+    node = found[0].node if found else None
     if node is None or not os.path.exists(node):
-        raise StepFailed(f"hostDevices[{device}]: its device node {node} is gone (unplugged?)")
+        raise StepFailed(f"hostDevices[{device}]: the USB device {key} is gone (unplugged?): re-plan")
     claim = files.read_host_device_claims(layout).get(key)
     if claim is not None and claim.vm != vm:
         raise Refused(f"hostDevices[{device}]: {key} is held by VM {claim.vm}")

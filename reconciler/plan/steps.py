@@ -208,6 +208,10 @@ class FinishInstall(_StepBase):
     ejected: list[str]
 
 
+DeviceKey = Annotated[str, Field(pattern=r"^([0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]|usb:[1-9][0-9]*-[0-9.]+)$")]
+"""A host device's claim key: a PCI address, or usb:BUS-PORT (validated: the executor builds sysfs paths)."""
+
+
 class PrepareHostDevice(_StepBase):
     """Take a host device for the VM: a PCI function's IOMMU group bound to vfio-pci (each member's driver
     recorded first) and /dev/vfio/GROUP given to QEMU's user; or a USB device's node given to QEMU's user."""
@@ -215,10 +219,11 @@ class PrepareHostDevice(_StepBase):
     kind: Literal[StepKind.PREPARE_HOST_DEVICE] = StepKind.PREPARE_HOST_DEVICE
     phase = Phase.CREATE
     bus: Literal["pci", "usb"]
-    address: str = Field(description="PCI: the function asked for; USB: its key usb:BUS-PORT.")
-    members: list[str] = Field(default_factory=list, description="PCI: the group's members to bind (no bridges).")
-    group: str | None = None
-    node: str | None = Field(default=None, description="USB: its device node.")
+    address: DeviceKey = Field(description="PCI: the function asked for; USB: its key usb:BUS-PORT.")
+    members: list[DeviceKey] = Field(default_factory=list, description="PCI: the group's members to bind (no "
+                                     "bridges), as planned; the executor reads the group again.")
+    group: Annotated[str, Field(pattern=r"^[0-9]{1,6}$")] | None = None
+    node: str | None = Field(default=None, description="USB: its device node (shown; the executor finds it again).")
 
 
 class ReleaseHostDevice(_StepBase):
@@ -227,7 +232,7 @@ class ReleaseHostDevice(_StepBase):
 
     kind: Literal[StepKind.RELEASE_HOST_DEVICE] = StepKind.RELEASE_HOST_DEVICE
     phase = Phase.DELETE
-    keys: list[str]
+    keys: list[DeviceKey]
 
 
 # -- a running VM, over QMP -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 
 from reconciler.adapters import sysfs
 from reconciler.apply import vfio
-from reconciler.errors import Refused
+from reconciler.errors import Refused, StepFailed
 from reconciler.spec.host import HostConfig
 from reconciler.state import files
 from reconciler.state.layout import StateLayout
@@ -53,7 +53,7 @@ def test_facts_read_the_group_drivers_and_host_use(fake: tuple[FakeHost, HostCon
 
 def test_group_bound_to_vfio_and_given_back_to_its_drivers(fake: tuple[FakeHost, HostConfig, StateLayout]) -> None:
     host, config, layout = fake
-    done = vfio.take_pci(layout, config, "desk", "gpu", [GPU, AUDIO], "1", ACCOUNT)
+    done = vfio.take_pci(layout, config, "desk", "gpu", GPU, [GPU, AUDIO], "1", ACCOUNT)
     assert host.driver_of(GPU) == host.driver_of(AUDIO) == "vfio-pci"
     assert host.driver_of(BRIDGE) == "pcieport"  # bridges stay with the host
     node = os.stat(host.dev / "vfio/1")
@@ -61,7 +61,7 @@ def test_group_bound_to_vfio_and_given_back_to_its_drivers(fake: tuple[FakeHost,
     claims = files.read_host_device_claims(layout)
     assert {k: (c.vm, c.original_driver) for k, c in claims.items()} == {GPU: ("desk", None),
                                                                           AUDIO: ("desk", "snd_hda_intel")}
-    assert vfio.take_pci(layout, config, "desk", "gpu", [GPU, AUDIO], "1", ACCOUNT)  # idempotent
+    assert vfio.take_pci(layout, config, "desk", "gpu", GPU, [GPU, AUDIO], "1", ACCOUNT)  # idempotent
     assert files.read_host_device_claims(layout) == claims
 
     vfio.release(layout, config, "desk", [GPU, AUDIO])
@@ -77,7 +77,7 @@ def test_a_crash_between_claim_and_bind_is_finished_and_released_to_the_recorded
     # The claim was written, then the reconciler died before unbinding: the audio function is still on its driver.
     files.write_host_device_claim(layout, AUDIO, HostDeviceClaim(vm="desk", device="gpu",
                                                                  original_driver="snd_hda_intel", group="1"))
-    vfio.take_pci(layout, config, "desk", "gpu", [GPU, AUDIO], "1", ACCOUNT)
+    vfio.take_pci(layout, config, "desk", "gpu", GPU, [GPU, AUDIO], "1", ACCOUNT)
     assert host.driver_of(AUDIO) == "vfio-pci"
     assert files.read_host_device_claims(layout)[AUDIO].original_driver == "snd_hda_intel"  # not "vfio-pci"
     vfio.release(layout, config, "desk", [GPU, AUDIO])
@@ -88,16 +88,26 @@ def test_a_member_the_host_uses_is_refused_before_anything_changes(
         fake: tuple[FakeHost, HostConfig, StateLayout]) -> None:
     host, config, layout = fake
     with pytest.raises(Refused, match=r"0000:02:00.1 is bound to e1000e and in use by the host \(network interface"):
-        vfio.take_pci(layout, config, "desk", "nic", ["0000:02:00.0", "0000:02:00.1"], "2", ACCOUNT)
+        vfio.take_pci(layout, config, "desk", "nic", "0000:02:00.0", ["0000:02:00.0", "0000:02:00.1"], "2",
+                      ACCOUNT)
     assert host.driver_of("0000:02:00.1") == "e1000e"
     assert "0000:02:00.1" not in files.read_host_device_claims(layout)
 
 
+def test_a_group_that_changed_since_the_plan_is_not_touched(fake: tuple[FakeHost, HostConfig, StateLayout]) -> None:
+    host, config, layout = fake
+    with pytest.raises(StepFailed, match=r"IOMMU group 1 is now 0000:01:00.0, 0000:01:00.1, not what was planned"):
+        vfio.take_pci(layout, config, "desk", "gpu", GPU, [GPU], "1", ACCOUNT)  # a plan that missed the audio
+    with pytest.raises(StepFailed, match="no longer in IOMMU group 2"):
+        vfio.take_pci(layout, config, "desk", "gpu", GPU, [GPU, AUDIO], "2", ACCOUNT)
+    assert host.driver_of(AUDIO) == "snd_hda_intel" and files.read_host_device_claims(layout) == {}
+
+
 def test_a_device_held_by_another_vm_is_refused(fake: tuple[FakeHost, HostConfig, StateLayout]) -> None:
     _, config, layout = fake
-    vfio.take_pci(layout, config, "other", "gpu", [GPU, AUDIO], "1", ACCOUNT)
+    vfio.take_pci(layout, config, "other", "gpu", GPU, [GPU, AUDIO], "1", ACCOUNT)
     with pytest.raises(Refused, match="held by VM other"):
-        vfio.take_pci(layout, config, "desk", "gpu", [GPU, AUDIO], "1", ACCOUNT)
+        vfio.take_pci(layout, config, "desk", "gpu", GPU, [GPU, AUDIO], "1", ACCOUNT)
     assert {c.vm for c in files.read_host_device_claims(layout).values()} == {"other"}
 
 
@@ -106,7 +116,7 @@ def test_usb_node_given_to_qemu_and_restored(fake: tuple[FakeHost, HostConfig, S
     node = host.usb(1, "2", 4, "1050", "0407")
     found = sysfs.usb_devices(config.sysfsRoot, config.devRoot)
     assert [(d.key, d.vendor, d.product, d.node) for d in found] == [("usb:1-2", "0x1050", "0x0407", str(node))]
-    vfio.take_usb(layout, config, "desk", "token", "usb:1-2", str(node), ACCOUNT)
+    vfio.take_usb(layout, config, "desk", "token", "usb:1-2", ACCOUNT)
     assert (os.stat(node).st_uid, os.stat(node).st_mode & 0o777) == (ACCOUNT[0], 0o600)
     vfio.release(layout, config, "desk", ["usb:1-2"])
     assert (os.stat(node).st_uid, os.stat(node).st_mode & 0o777) == (0, 0o664)
