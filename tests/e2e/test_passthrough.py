@@ -154,3 +154,20 @@ def test_usb_devices_hotplugged_and_unplugged_on_a_running_vm(host: Host, fake: 
     claims = json.loads((host.state / "hostdevs.json").read_text())["claims"]
     assert list(claims) == ["usb:1-3"]
     assert host.plan_exit() == 0  # the live QEMU has hostdev-mouse (read back over QMP), nothing left to do
+
+    # A PCI function added live: taken (the group bound), then device_add vfio-pci on a spare root port reaches
+    # the real QEMU, which (no IOMMU group in the real /sys) refuses it in its own words; the VM runs on.
+    gpu = f'    - {{name: gpu, pci: "{GPU}"}}\n'
+    host.write("desk.yaml", vm_manifest("desk", extra="  hostDevices:\n" + second + gpu))
+    plan = host.cli("plan", str(host.manifests))
+    assert "host device gpu: hot-plug on a spare root port (device_add)" in plan.stdout, plan.stdout
+    done = host.apply(check=False)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and "vfio" in said and GPU in said and "hot-plug" in said, said
+    assert host.qemu_pids("desk") == [pid]
+    assert hw.driver_of(GPU) == hw.driver_of(AUDIO) == "vfio-pci"
+    # Dropped again: QEMU does not have it, so the group goes back to its drivers while the VM runs.
+    host.write("desk.yaml", vm_manifest("desk", extra="  hostDevices:\n" + second))
+    host.apply()
+    assert hw.driver_of(GPU) == "nouveau" and hw.driver_of(AUDIO) == "snd_hda_intel"
+    assert host.qemu_pids("desk") == [pid] and host.plan_exit() == 0
