@@ -112,7 +112,7 @@ def member_refusal(check: Check, label: str, member: str) -> str | None:
     return None
 
 
-def _check_pci(check: Check, device: HostDeviceSpec, address: str, observed: ObservedState) -> None:
+def _check_pci(check: Check, device: HostDeviceSpec, address: str) -> None:
     label, facts, host = device.label(), check.facts, check.host
     function = facts.pci.get(address)
     if address not in host.pciPassthrough:
@@ -162,7 +162,7 @@ def refusals(name: str, spec: VirtualMachineSpec, observed: ObservedState, host:
     check = Check(name, observed.devices, host, _wanted_elsewhere(name, desired, observed.devices))
     for device in spec.hostDevices:
         if device.pci is not None:
-            _check_pci(check, device, device.pci, observed)
+            _check_pci(check, device, device.pci)
         elif device.usb is not None:
             _check_usb(check, device, device.usb)
     return check.refusals
