@@ -92,6 +92,14 @@ displayPortRange: "5900-5999"
 # Where a display's passwordFile may be (after symlinks). The file must be root's, mode 0600 or 0400;
 # the reconciler reads it and sets the password over QMP (never on QEMU's command line).
 secretDirs: [/etc/infinization/secrets]
+# Host device passthrough (spec.hostDevices): none unless listed here. PCI functions by address (every member
+# of their IOMMU groups must be listed too: the whole group goes to the VM), USB devices by vendor:product.
+pciPassthrough: []            # e.g. ["0000:01:00.0", "0000:01:00.1"]
+usbPassthrough: []            # e.g. ["1050:0407"]
+# Drivers a passed-through function (or a member of its group) may be unbound from; bound to any other, or
+# backing a network interface or block device, it is refused as in use by the host.
+vfioUnbindDrivers: [snd_hda_intel, xhci_hcd, ehci-pci, ohci-pci, pci-stub]
+# sysfsRoot: /sys             # where sysfs is (tests point it at a fake tree); devRoot: /dev
 YAML
     mv "$CONFIG.partial" "$CONFIG"
 fi

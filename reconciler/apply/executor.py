@@ -22,7 +22,7 @@ from typing import assert_never
 
 from reconciler.adapters import monitor, procfs
 from reconciler.adapters import paths as host_paths
-from reconciler.apply import disks, hostnet, hotplug, swtpm, vmprocess
+from reconciler.apply import disks, hostdev_plug, hostnet, hotplug, swtpm, vfio, vmprocess
 from reconciler.apply import display as display_apply
 from reconciler.errors import InfinizationError, Permanent, Refused, StepFailed
 from reconciler.plan import media, policy
@@ -32,6 +32,7 @@ from reconciler.plan.steps import Step, StepKind
 from reconciler.spec.cloudinit import seed_digest, seed_files
 from reconciler.spec.host import HostConfig
 from reconciler.spec.models import CIDATA, REDACTED, Network, VirtualMachine, nic_bridge
+from reconciler.spec.naming import host_device
 from reconciler.state import files
 from reconciler.state.layout import StateLayout, VMPaths
 from reconciler.state.models import InstallRecord
@@ -125,9 +126,11 @@ class Executor:
                 return await self._vm_step(step)
             case (s.HotplugDisk() | s.UnplugDisk() | s.HotplugNic() | s.UnplugNic() | s.SetLink() | s.SetIoLimits()
                   | s.AddCpus() | s.AddMemory() | s.SetBalloon() | s.HotplugCdrom() | s.UnplugCdrom()
-                  | s.ChangeMedia()):
+                  | s.ChangeMedia() | s.HotplugHostDevice() | s.UnplugHostDevice()):
                 paths = self.layout.vm(step.name)
                 vm = self._recorded_vm(paths)
+                if isinstance(step, s.HotplugHostDevice):
+                    vm = self._resolved_vm(vm)  # a romFile re-checked and resolved, as at a start
                 step = self._media_checked(step)
                 async with monitor.session(paths.qmp) as qmp:
                     return await _live_step(qmp, paths, vm, step, self._bridges(vm))
@@ -135,7 +138,7 @@ class Executor:
                   | s.RepairTap() | s.EnsureDhcp() | s.StopDhcp()):
                 # pyroute2's sync IPRoute refuses to run in the event loop's thread.
                 return await asyncio.to_thread(self._host_step, step)
-            case s.CreateEfiVars() | s.DeleteEfiVars():
+            case s.CreateEfiVars() | s.DeleteEfiVars() | s.PrepareHostDevice() | s.ReleaseHostDevice():
                 return await self._vm_step(step)
             case _:
                 assert_never(step)
@@ -182,8 +185,25 @@ class Executor:
             case s.SetDisplayPassword():
                 vm = self._recorded_vm(paths)
                 return await display_apply.set_password(self.layout, paths, self.host, vm.name, vm.spec.display)
+            case s.PrepareHostDevice() | s.ReleaseHostDevice():
+                return await self._host_device_step(paths, step)
             case _:
                 assert_never(step)
+
+    async def _host_device_step(self, paths: VMPaths, step: s.PrepareHostDevice | s.ReleaseHostDevice) -> str:
+        """Take a host device for the VM (vfio-pci, node owners), or give it back once its QEMU lacks it."""
+        if isinstance(step, s.ReleaseHostDevice):
+            if procfs.find_qemu(paths) is not None:
+                async with monitor.session(paths.qmp) as qmp:
+                    if host_device(step.target) in await monitor.peripheral_ids(qmp):
+                        raise StepFailed(f"the VM's QEMU still has hostdev-{step.target}: not giving it back")
+            return await asyncio.to_thread(vfio.release, self.layout, self.host, step.name, step.keys)
+        account = vmprocess.qemu_account(self.host)
+        if step.bus == "usb":
+            return await asyncio.to_thread(vfio.take_usb, self.layout, self.host, step.name, step.target,
+                                           step.address, account)
+        return await asyncio.to_thread(vfio.take_pci, self.layout, self.host, step.name, step.target, step.address,
+                                       step.members, step.group, account)
 
     def _efi_vars_step(self, paths: VMPaths, step: s.CreateEfiVars | s.DeleteEfiVars) -> str:
         """A UEFI VM's variable store: copied once from the template (re-checked in the firmware
@@ -213,7 +233,9 @@ class Executor:
     def _resolved_vm(self, vm: VirtualMachine) -> VirtualMachine:
         """The VM as QEMU is to get it: every host path re-checked against the host policy and resolved
         (the planner compares the running QEMU with the same resolved spec)."""
-        resolved = {path: self._require(field_name, path) for field_name, path in policy.manifest_paths(vm.spec)}
+        resolved = {path: host_paths.require(field_name, path, self.host, str(self.layout.root),
+                                             roots=policy.roots_for(field_name, self.host))
+                    for field_name, path in policy.manifest_paths(vm.spec)}
         return vm.model_copy(update={"spec": policy.resolve_spec(vm.spec, resolved.__getitem__)})
 
     async def _start(self, paths: VMPaths) -> str:
@@ -360,6 +382,10 @@ async def _live_step(qmp: monitor.Monitor, paths: VMPaths, vm: VirtualMachine, s
             return await hotplug.unplug_cdrom(qmp, paths, target)
         case s.ChangeMedia():
             return await hotplug.change_media(qmp, target, step.image)
+        case s.HotplugHostDevice():
+            return await hostdev_plug.hotplug_host_device(qmp, vm, target)
+        case s.UnplugHostDevice():
+            return await hostdev_plug.unplug_host_device(qmp, paths, target)
         case _:
             assert_never(step)
 

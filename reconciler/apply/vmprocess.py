@@ -46,6 +46,7 @@ READY_TIMEOUT = 30.0
 POLL = 0.02
 REPRESS = 2.0
 SETPRIV = "/usr/bin/setpriv"
+PRLIMIT = "/usr/bin/prlimit"
 VHOST_NET = Path("/dev/vhost-net")
 # Background QEMU (under setpriv), print its pid, exit: QEMU is re-parented to PID 1.
 LAUNCHER = 'umask 077; "$@" </dev/null >/dev/null & echo "$!"'
@@ -127,10 +128,21 @@ def _boot_copy(paths: VMPaths, what: str, source: str, uid: int, gid: int) -> st
     return str(paths.boot_copy(what))
 
 
-def _launch(paths: VMPaths, argv: list[str], uid: int, gid: int, fds: list[int], what: str = "QEMU") -> int:
+def memlock_limit(vm: VirtualMachine) -> int | None:
+    """The locked-memory limit QEMU needs: with a PCI device passed through, VFIO pins all guest memory for
+    DMA, so (libvirt's rule) the guest's maximum memory plus 1 GiB; None: the user's default."""
+    if not any(device.pci for device in vm.spec.hostDevices):
+        return None
+    return (vm.spec.memory.maxSize or vm.spec.memory.size) + 1024**3
+
+
+def _launch(paths: VMPaths, argv: list[str], uid: int, gid: int, fds: list[int], what: str = "QEMU",
+            memlock: int | None = None) -> int:
     """Run QEMU (or, ``what`` = "swtpm", the VM's swtpm) detached as ``uid``:``gid`` with no privileges; its pid."""
+    # prlimit as root, before setpriv drops privileges: an unprivileged process cannot raise its hard limit.
+    limits = [PRLIMIT, f"--memlock={memlock}:{memlock}", "--"] if memlock is not None else []
     # --init-groups: the user's groups from the host's database only (e.g. kvm, for /dev/kvm), never ours.
-    setpriv = [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--no-new-privs",
+    setpriv = [*limits, SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--no-new-privs",
                "--inh-caps=-all", "--bounding-set=-all", "--"]
     log = files.open_qemu_log(paths) if what == "QEMU" else files.open_swtpm_log(paths)
     try:
@@ -249,7 +261,8 @@ async def _start_qemu(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, b
         # Whatever the pidfile names is not our QEMU (we checked): QEMU writes its own. A QEMU of ours we
         # could not verify still holds its disks' locks, so a second one fails to start rather than share them.
         files.remove_pidfile(paths.pidfile)
-        pid = await asyncio.to_thread(_launch, paths, argv, uid, gid, _inherited(taps, opened))
+        pid = await asyncio.to_thread(_launch, paths, argv, uid, gid, _inherited(taps, opened), "QEMU",
+                                      memlock_limit(vm))
     finally:
         hostnet.close_all(_inherited(taps, opened))
     began = procfs.start_time(pid)

@@ -66,6 +66,13 @@ def _channels(view: View, name: str) -> dict[str, str]:
     return {c.name: str(paths.channel_socket(channel_key(c.name))) for c in spec.channels} if spec else {}
 
 
+def _host_devices(view: View, name: str) -> dict[str, dict[str, Any]]:
+    """The host devices held for the VM (hostdevs.json): each key (PCI address or usb:BUS-PORT) with the
+    device that took it, and the driver it goes back to."""
+    return {key: {"device": claim.device, "originalDriver": claim.original_driver, "iommuGroup": claim.group}
+            for key, claim in sorted(view.observed.devices.claims.items()) if claim.vm == name}
+
+
 def _agent(vm: ObservedVM) -> dict[str, Any] | None:
     """The guest agent's answer: None when not asked (the VM is not running, or has no agent port)."""
     found = vm.process.agent if vm.process else None
@@ -94,6 +101,7 @@ def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str
         "uuid": smbios_uuid(name),
         "channels": _channels(view, name),
         "display": display_url(view, name, _spec(view, name)),
+        "hostDevices": _host_devices(view, name),
         "agent": _agent(vm),  # the SMBIOS system UUID QEMU gives the guest (-uuid)
         "manifest": loaded.source.file if loaded else None,
         "revision": view.records[name].revision if name in view.records else None,

@@ -18,6 +18,7 @@ from typing import Any
 from reconciler.adapters.monitor import Monitor, block_nodes, free_spare_ports, peripheral_ids
 from reconciler.errors import MonitorError
 from reconciler.plan.observed import LiveCdrom, LiveDisk, LiveDisplay, LiveNic, LiveState
+from reconciler.qemu.hostdev import USB_CONTROLLER
 from reconciler.spec.models import VirtualMachineSpec
 from reconciler.state.models import LiveRecord
 
@@ -149,6 +150,8 @@ def parse_live(answers: LiveAnswers, launched: VirtualMachineSpec | None, record
         balloon_target=record.balloon_target, free_slots=_free_slots(answers, launched),
         pending_unplugs=sorted(device for device in record.unplugs if device in answers.devices),
         display=_display(answers),
+        host_devices=sorted(n for d in answers.devices if (n := _strip("hostdev-", d))),
+        usb_controller=USB_CONTROLLER in answers.devices,
     )
 
 

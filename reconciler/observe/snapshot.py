@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from reconciler.adapters import agent, monitor, procfs, qemu_img
 from reconciler.errors import MonitorError
 from reconciler.observe import display
+from reconciler.observe.hostdev import observe_host_devices
 from reconciler.observe.hostnet import observe_host_network
 from reconciler.observe.live import observe_live
 from reconciler.observe.paths import observe_paths
@@ -119,4 +120,5 @@ async def observe(
     paths = observe_paths(seen, config, str(layout.root))
     return ObservedState(state_dir=str(layout.root), vms=vms, images=backing, host=host_network,
                          network_records=network_records, paths=paths,
-                         listening=display.listening(desired, config), display_ports=files.read_display_ports(layout))
+                         listening=display.listening(desired, config), display_ports=files.read_display_ports(layout),
+                         devices=observe_host_devices(layout, seen, config))

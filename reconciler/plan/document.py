@@ -110,8 +110,8 @@ def refusal_code(change: Change, message: str) -> str:
         if field.mode is Mode.REFUSED and (field.path in message or (field.how and field.how in message)):
             return f"refused.{_code(field.path)}"
     code = _by_words(message, _REFUSAL_CODES, "refused")
-    if code == "refused" and (field := _SPEC_FIELD.match(message)):
-        return f"refused.{_code(field.group(1))}"  # "spec.display.port: ..." -> refused.display.port
+    if code == "refused" and (named := _SPEC_FIELD.match(message)):
+        return f"refused.{_code(named.group(1))}"  # "spec.display.port: ..." -> refused.display.port
     return code
 
 
@@ -127,6 +127,13 @@ def _by_words(message: str, table: tuple[tuple[tuple[str, ...], str], ...], defa
 # tests/unit/test_plan_document.py fails on any golden case's reason left with the bare default, so a new
 # kind of refusal or restart cause gets its code here the day it is added.
 _REFUSAL_CODES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("hostdevices", "in use by the host"), "refused.hostDevice.inUse"),
+    (("hostdevices", "does not let us unbind"), "refused.hostDevice.driver"),
+    (("hostdevices", "held by vm"), "refused.hostDevice.held"),
+    (("hostdevices", "also asked for by vm"), "refused.hostDevice.contended"),
+    (("hostdevices", "no such"), "refused.hostDevice.missing"),
+    (("hostdevices", "iommu"), "refused.hostDevice.iommu"),
+    (("not in the host policy",), "refused.hostPolicy"),
     (("shrink",), "refused.diskShrink"),
     (("backing image",), "refused.backingImage"),
     (("in the state directory",), "refused.hostPolicy"),

@@ -116,6 +116,19 @@ TABLE: tuple[FieldRule, ...] = (
     FieldRule(("audio",), Mode.RESTART, "the sound card and its audio backend are created when QEMU starts",
               "ich9-intel-hda + hda-duplex; its sound goes through SPICE's playback channel or VNC's audio "
               "extension (-vnc audiodev=). Needs a display."),
+    FieldRule(("hostDevices", "*"), Mode.LIVE,
+              "taken for the VM (PCI: its IOMMU group bound to vfio-pci), then device_add: usb-host on the xHCI "
+              "controller, vfio-pci on a spare root port",
+              "Checked at plan time (exists, IOMMU on, every IOMMU group member bindable and in the host's "
+              "pciPassthrough/usbPassthrough, held by no other VM). USB is live once the VM has its xHCI "
+              "controller (started with a USB device), else a restart; PCI needs a spare slot (hotplugSlots), else "
+              "a restart. Removal: device_del, wait for DEVICE_DELETED, then the group goes back to its drivers."),
+    FieldRule(("hostDevices", "*", "pci"), Mode.RESTART, "a host device is chosen when it is plugged",
+              "Changing the address unplugs nothing live: a restart gives the old group back and takes the new one."),
+    FieldRule(("hostDevices", "*", "usb"), Mode.RESTART, "a host device is chosen when it is plugged"),
+    FieldRule(("hostDevices", "*", "romFile"), Mode.RESTART, "the option ROM is loaded when the device is plugged"),
+    FieldRule(("hostDevices", "*", "multifunction"), Mode.RESTART,
+              "multifunction is set when the device is plugged"),
     FieldRule(("tpm",), Mode.RESTART,
               "swtpm and tpm-crb are attached when QEMU starts; turned off, the TPM state is kept",
               "Its state (tpm/NAME/) survives restarts; it is deleted only with the VM, when all its disks have "

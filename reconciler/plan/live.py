@@ -16,10 +16,10 @@ from reconciler.plan.actions import FieldChange, Mode
 from reconciler.plan.fields import rule_for
 from reconciler.plan.observed import LiveState
 from reconciler.spec.models import VirtualMachineSpec, nic_mac
-from reconciler.spec.naming import cdrom_device, disk_node, nic_device
+from reconciler.spec.naming import cdrom_device, disk_node, host_device, nic_device
 from reconciler.spec.units import format_size
 
-_Unplug = type[s.UnplugDisk | s.UnplugNic | s.UnplugCdrom]
+_Unplug = type[s.UnplugDisk | s.UnplugNic | s.UnplugCdrom | s.UnplugHostDevice]
 
 
 @dataclass
@@ -46,7 +46,30 @@ def plan_live(name: str, spec: VirtualMachineSpec, launched: VirtualMachineSpec,
     _cdroms(work, spec, live)
     _cpus(work, spec, launched, live)
     _memory(work, spec, launched, live)
+    _host_devices(work, spec, live)
     return work
+
+
+def _host_devices(work: LivePlan, spec: VirtualMachineSpec, live: LiveState) -> None:
+    """USB devices plug onto the xHCI controller (when the VM was started with one), PCI functions onto a
+    spare root port; an unplugged one is given back to the host by a release step (plan/hostdev.py)."""
+    _unplug_removed(work, live, live.host_devices, {d.name for d in spec.hostDevices}, device=host_device,
+                    kind=s.UnplugHostDevice, label="host device", how="device_del, wait for DEVICE_DELETED",
+                    field="hostDevices", how_field="unplug; then given back to the host")
+    for device in spec.hostDevices:
+        if device.name in live.host_devices:
+            continue
+        if device.usb is not None and not live.usb_controller:
+            how = "the VM was started without an xHCI controller (added at start with the first USB device)"
+            work.restart_causes.append(f"hostDevices[{device.name}] added: {how}")
+            work.fields.append(FieldChange(path=f"hostDevices[{device.name}]", before=None, after="present",
+                                           mode=Mode.RESTART, how=how))
+            continue
+        work.slots_needed += device.pci is not None
+        where = "on the xHCI controller" if device.usb is not None else "on a spare root port"
+        work.step(s.HotplugHostDevice(name=work.name, target=device.name,
+                                      summary=f"host device {device.name}: hot-plug {where} (device_add)"))
+        work.changed(f"hostDevices[{device.name}]", None, "present", ("hostDevices", "*"))
 
 
 def _unplug_note(work: LivePlan, live: LiveState, device: str, what: str) -> str:

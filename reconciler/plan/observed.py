@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.hostnet.nftables import HostCapabilities
+from reconciler.plan.hostdev_facts import ObservedHostDevices
 from reconciler.spec.models import VirtualMachineSpec
 from reconciler.state.models import DhcpLease, NetworkRecord
 
@@ -89,6 +90,9 @@ class LiveState(_Fact):
     free_slots: int = Field(description="Spare hot-plug slots with nothing plugged in.")
     pending_unplugs: list[str] = Field(default_factory=list, description="Device ids whose unplug is pending.")
     display: LiveDisplay | None = Field(default=None, description="The VNC or SPICE server, if enabled.")
+    host_devices: list[str] = Field(default_factory=list, description="Names of the passed-through host devices "
+                                    "plugged (device ids hostdev-NAME).")
+    usb_controller: bool = Field(default=False, description="The xHCI controller for USB host devices exists.")
 
 
 class ObservedAgent(_Fact):
@@ -193,6 +197,8 @@ class ObservedState(_Fact):
     listening: list[int] = Field(default_factory=list, description="TCP ports some socket on the host listens "
                                  "on, among the display port range and the fixed display ports wanted.")
     display_ports: dict[str, int] = Field(default_factory=dict, description="Every VM's recorded display port.")
+    devices: ObservedHostDevices = Field(default_factory=ObservedHostDevices,
+                                         description="Host PCI/USB devices for spec.hostDevices (sysfs).")
 
     def digest(self) -> str:
         """What plans depend on (DHCP leases renew all the time, and the guest agent's answers change with the

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.plan import display, drift, firmware, media, policy
+from reconciler.plan import display, drift, firmware, hostdev, media, policy
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan
 from reconciler.plan.fields import rule_for
@@ -22,7 +22,7 @@ from reconciler.plan.networks import plan_networks, tap_repairs
 from reconciler.plan.observed import ObservedImage, ObservedProcess, ObservedState, ObservedVM
 from reconciler.spec.host import HostConfig
 from reconciler.spec.models import CIDATA, DiskSpec, Network, VirtualMachine, VirtualMachineSpec, secret_digest
-from reconciler.spec.naming import disk_node
+from reconciler.spec.naming import disk_node, host_device
 from reconciler.spec.units import format_size
 from reconciler.state import paths
 from reconciler.state.models import STOPPED, AppliedRecord
@@ -30,7 +30,7 @@ from reconciler.state.models import STOPPED, AppliedRecord
 Path_ = tuple[str, ...]
 
 
-_KEYED = ("disks", "networks", "cdroms", "channels")
+_KEYED = ("disks", "networks", "cdroms", "channels", "hostDevices")
 
 
 def flatten(spec: VirtualMachineSpec) -> dict[Path_, Any]:
@@ -130,14 +130,15 @@ def plan(
     host = host or HostConfig()
     networks = networks or {}
     net = plan_networks(networks, desired, observed)
-    names = sorted(set(desired) | set(last_applied) | {n for n, vm in observed.vms.items() if vm.process or vm.tpm_pid})
+    names = sorted(set(desired) | set(last_applied) | {n for n, vm in observed.vms.items() if vm.process or vm.tpm_pid}
+                   | {claim.vm for claim in observed.devices.claims.values()})
     changes = list(net.first)
     ports = display.assign_ports(desired, observed, host)
     for name in names:
         vm = desired.get(name)
         record = last_applied.get(name)
-        change = _plan_vm(name, vm, observed, record, options, networks, host, ports.get(name)) if vm else _plan_delete(
-            name, observed.vm(name), record, observed.state_dir)
+        change = _plan_vm(name, vm, observed, record, options, networks, host, desired, ports.get(name)) if vm \
+            else _plan_delete(name, observed.vm(name), record, observed)
         if change is not None and change.steps and name in net.blocked:
             change = change.model_copy(update={"steps": [], "opens": [], "refusals": [net.blocked[name]]})
         if change is not None:
@@ -155,12 +156,13 @@ def plan(
 
 def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, record: AppliedRecord | None,
              options: PlanOptions, networks: Mapping[str, Network], host: HostConfig,
-             port: int | str | None = None) -> Change:
+             others: Mapping[str, VirtualMachine], port: int | str | None = None) -> Change:
     """One desired VM. The host policy first: a path or port it refuses refuses the whole change. Past it,
     the VM is compared with its paths resolved (what QEMU was, or will be, given); the record keeps the
     manifest as written."""
     verdict = policy.check_vm(manifest.spec, observed.paths, host, observed.state_dir)
-    refusals = [*verdict.refusals, *firmware.refusals(manifest.spec, observed.paths, host, observed.state_dir)]
+    refusals = [*verdict.refusals, *firmware.refusals(manifest.spec, observed.paths, host, observed.state_dir),
+                *hostdev.refusals(name, manifest.spec, observed, host, others)]
     if verdict.spec is None or refusals:
         return Change(name=name, action=Action.NOOP, refusals=refusals)
     desired = manifest.model_copy(update={"spec": verdict.spec})
@@ -180,6 +182,7 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
         return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
     steps, action, pending = _choose(work, desired.spec, obs, record is not None, options, allowed)
     steps += _orphan_tpm(work.reasons, obs)
+    steps += _host_devices(work, desired.spec, obs, steps, observed)
     if (nothing := firmware.boot_refusal(desired.spec)) and any(isinstance(step, s.Start) for step in steps):
         return Change(name=name, action=Action.NOOP, reasons=work.reasons, refusals=[nothing])
     if steps or record is None or recorded_changes:
@@ -222,6 +225,28 @@ def _efi_vars(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, observed
         work.offline.append(s.CreateEfiVars(name=work.name, target="efivars", path=path, template=found.vars_template,
                                             summary=f"UEFI variables: copy {found.vars_template} to {path} (once; "
                                             "kept across restarts, deleted only with the VM and all its disks)"))
+
+
+def _host_devices(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, steps: list[s.Step],
+                  observed: ObservedState) -> list[s.Step]:
+    """Take the host devices the VM's QEMU will have once these steps ran; give back those it will not."""
+    keep: set[str] = set()
+    live = obs.process.live if obs.process else None
+    if any(isinstance(step, s.Start) for step in steps):
+        devices = list(spec.hostDevices)
+    elif any(isinstance(step, s.Stop) for step in steps) or obs.process is None:
+        devices = []
+    elif live is None:
+        devices = list((obs.process.launched or spec).hostDevices)
+    else:  # runs on: what it has (as it was plugged) and keeps, what is plugged now; a pending unplug keeps it
+        plugged = {step.target for step in steps if isinstance(step, s.HotplugHostDevice)}
+        had = {d.name: d for d in (obs.process.launched or spec).hostDevices}
+        devices = [had.get(d.name, d) if d.name in live.host_devices else d for d in spec.hostDevices
+                   if d.name in live.host_devices or d.name in plugged]
+        keep = {name for name in live.host_devices if host_device(name) in live.pending_unplugs}
+    found, reasons = hostdev.steps(work.name, devices, keep, observed)
+    work.reasons += reasons
+    return found
 
 
 def _firmware_opens(steps: list[s.Step], found: firmware.Firmware | str | None) -> list[str]:
@@ -500,14 +525,17 @@ def _delete_tpm(name: str, obs: ObservedVM, record: AppliedRecord, state_dir: st
     return [], "the TPM state"
 
 
-def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, state_dir: str = "") -> Change | None:
+def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, observed: ObservedState) -> Change | None:
     if record is None:
         # A QEMU that is ours (its cmdline names our pidfile) but that we have no record of can only come
         # from a crash before the record was written; stop it, there is nothing else of ours to remove.
+        released = hostdev.steps(name, [], set(), observed)[0]
         if obs.process is None and obs.tpm_pid is None:
-            return None
+            # host devices held for a VM nobody knows any more (a crash before its record): give them back
+            return Change(name=name, action=Action.DELETE, reasons=["holds host devices but is in no manifest"],
+                          steps=released) if released else None
         return Change(name=name, action=Action.DELETE, reasons=["running but not in any manifest"],
-                      steps=[_stop_step(name, VirtualMachineSpec().terminationGracePeriodSeconds),
+                      steps=[_stop_step(name, VirtualMachineSpec().terminationGracePeriodSeconds), *released,
                              s.Forget(name=name, summary="forget the VM (disks are kept)")])
     steps: list[s.Step] = _orphan_tpm([], obs)
     if obs.process is not None:
@@ -520,8 +548,10 @@ def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, state
                                       summary=f"disk {disk.name}: delete {image.path} (deletePolicy: Delete)"))
         elif image and image.exists:
             kept.append(disk.name)
+    state_dir = observed.state_dir
     tpm_steps, tpm_kept = _delete_tpm(name, obs, record, state_dir)
     steps += tpm_steps
+    steps += hostdev.steps(name, [], set(), observed)[0]
     if obs.efi_vars and not kept:
         steps.append(s.DeleteEfiVars(name=name, target="efivars", path=obs.efi_vars, summary=f"UEFI variables: "
                                      f"delete {obs.efi_vars} (no disk is kept: all have deletePolicy: Delete)"))

@@ -40,7 +40,16 @@ def manifest_paths(spec: VirtualMachineSpec) -> list[tuple[str, str]]:
             named.append(("spec.boot.initrd", spec.boot.initrd))
     named += [(f"spec.disks[{disk.name}].image", disk.image) for disk in spec.disks if disk.image]
     named += [(f"spec.cdroms[{cdrom.name}].image", cdrom.image) for cdrom in spec.cdroms if cdrom.image]
+    named += [(f"spec.hostDevices[{dev.name}].romFile", dev.romFile) for dev in spec.hostDevices if dev.romFile]
     return named
+
+
+def roots_for(field_name: str, host: HostConfig) -> list[str]:
+    """Where a field's path may come from: a PCI option ROM from the firmware directories or the storage
+    roots (ROMs ship under /usr/share), everything else from the storage roots."""
+    if field_name.endswith(".romFile"):
+        return [*host.firmwareDirs, *host.storageRoots]
+    return list(host.storageRoots)
 
 
 def under(path: str, root: str) -> bool:
@@ -123,7 +132,7 @@ def check_vm(spec: VirtualMachineSpec, facts: Facts, host: HostConfig, state_dir
     """Judge every path and port of ``spec``; when all pass, the spec QEMU and qemu-img are to get (its
     paths resolved, so they open what was checked and the running QEMU is compared with that)."""
     refusals = [reason for name, path in manifest_paths(spec)
-                if (reason := path_refusal(name, path, facts, host.storageRoots, state_dir))]
+                if (reason := path_refusal(name, path, facts, roots_for(name, host), state_dir))]
     refusals += port_refusals(spec, host)
     if refusals:
         return Verdict(refusals=refusals)
@@ -138,7 +147,9 @@ def resolve_spec(spec: VirtualMachineSpec, resolve: Callable[[str], str]) -> Vir
                                        "initrd": resolve(boot.initrd) if boot.initrd else None})
     disks = [disk.model_copy(update={"image": resolve(disk.image)}) if disk.image else disk for disk in spec.disks]
     cdroms = [cd.model_copy(update={"image": resolve(cd.image)}) if cd.image else cd for cd in spec.cdroms]
-    return spec.model_copy(update={"boot": boot, "disks": disks, "cdroms": cdroms})
+    devices = [dev.model_copy(update={"romFile": resolve(dev.romFile)}) if dev.romFile else dev
+               for dev in spec.hostDevices]
+    return spec.model_copy(update={"boot": boot, "disks": disks, "cdroms": cdroms, "hostDevices": devices})
 
 
 def _opened_fields(steps: Iterable[s.Step]) -> set[str] | None:
@@ -152,6 +163,8 @@ def _opened_fields(steps: Iterable[s.Step]) -> set[str] | None:
                 fields.add(f"spec.disks[{step.target}].image")
             case s.HotplugCdrom() | s.ChangeMedia():
                 fields.add(f"spec.cdroms[{step.target}].image")
+            case s.HotplugHostDevice():
+                fields.add(f"spec.hostDevices[{step.target}].romFile")
     return fields
 
 

@@ -58,6 +58,10 @@ class StepKind(StrEnum):
     FINISH_INSTALL = "finish-install"
     RECORD_DISPLAY_PORT = "record-display-port"
     SET_DISPLAY_PASSWORD = "set-display-password"
+    PREPARE_HOST_DEVICE = "prepare-host-device"
+    RELEASE_HOST_DEVICE = "release-host-device"
+    HOTPLUG_HOST_DEVICE = "hotplug-host-device"
+    UNPLUG_HOST_DEVICE = "unplug-host-device"
 
 
 class Phase:
@@ -212,6 +216,33 @@ class FinishInstall(_StepBase):
     ejected: list[str]
 
 
+DeviceKey = Annotated[str, Field(pattern=r"^([0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]|usb:[1-9][0-9]*-[0-9.]+)$")]
+"""A host device's claim key: a PCI address, or usb:BUS-PORT (validated: the executor builds sysfs paths)."""
+
+
+class PrepareHostDevice(_StepBase):
+    """Take a host device for the VM: a PCI function's IOMMU group bound to vfio-pci (each member's driver
+    recorded first) and /dev/vfio/GROUP given to QEMU's user; or a USB device's node given to QEMU's user."""
+
+    kind: Literal[StepKind.PREPARE_HOST_DEVICE] = StepKind.PREPARE_HOST_DEVICE
+    phase = Phase.CREATE
+    bus: Literal["pci", "usb"]
+    address: DeviceKey = Field(description="PCI: the function asked for; USB: its key usb:BUS-PORT.")
+    members: list[DeviceKey] = Field(default_factory=list, description="PCI: the group's members to bind (no "
+                                     "bridges), as planned; the executor reads the group again.")
+    group: Annotated[str, Field(pattern=r"^[0-9]{1,6}$")] | None = None
+    node: str | None = Field(default=None, description="USB: its device node (shown; the executor finds it again).")
+
+
+class ReleaseHostDevice(_StepBase):
+    """Give host devices back: each PCI member unbound from vfio-pci and re-probed to its recorded driver,
+    each device node's owner and mode restored, the claims dropped. Never while the VM's QEMU has them."""
+
+    kind: Literal[StepKind.RELEASE_HOST_DEVICE] = StepKind.RELEASE_HOST_DEVICE
+    phase = Phase.DELETE
+    keys: list[DeviceKey]
+
+
 # -- a running VM, over QMP -----------------------------------------------------------------------------
 
 
@@ -284,6 +315,18 @@ class ChangeMedia(_StepBase):
     kind: Literal[StepKind.CHANGE_MEDIA] = StepKind.CHANGE_MEDIA
     phase = Phase.SETTING
     image: str | None
+
+
+class HotplugHostDevice(_StepBase):
+    """device_add a passed-through device: usb-host on the xHCI controller, or vfio-pci on a spare root port."""
+
+    kind: Literal[StepKind.HOTPLUG_HOST_DEVICE] = StepKind.HOTPLUG_HOST_DEVICE
+    phase = Phase.PLUG
+
+
+class UnplugHostDevice(_StepBase):
+    kind: Literal[StepKind.UNPLUG_HOST_DEVICE] = StepKind.UNPLUG_HOST_DEVICE
+    phase = Phase.UNPLUG
 
 
 class RepairTap(_StepBase):
@@ -366,10 +409,10 @@ class StopDhcp(_StepBase):
 
 VMStep = (WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget
           | StopTpm | DeleteTpmState | CreateEfiVars | DeleteEfiVars | FinishInstall | RecordDisplayPort
-          | SetDisplayPassword)
+          | SetDisplayPassword | PrepareHostDevice | ReleaseHostDevice)
 """Steps on a VM's record, disk files and process."""
 LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
-            | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia)
+            | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia | HotplugHostDevice | UnplugHostDevice)
 """Steps on a running VM, over its QMP monitor."""
 HostStep = WriteNetworkRecord | EnsureBridge | DeleteBridge | ForgetNetwork | ApplyFirewall | RepairTap | EnsureDhcp \
     | StopDhcp

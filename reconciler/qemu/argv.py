@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.errors import UnsafeValue
+from reconciler.qemu import hostdev
 from reconciler.qemu.display import display_argv, has_vdagent, vdagent_argv
+from reconciler.spec.hostdev import HostDeviceSpec
 from reconciler.spec.models import (
     AGENT_PORT,
     DiskSpec,
@@ -53,6 +55,7 @@ from reconciler.spec.naming import (
     disk_node,
     firmware_file_node,
     firmware_node,
+    host_device,
     nic_device,
     nic_netdev,
     root_port,
@@ -147,6 +150,8 @@ def build_argv(
           for arg in _bootindex(_disk(disk, paths, pcie, next(chassis), opened, spec), order.get(f"disk:{disk.name}"))),
         *(arg for nic in spec.networks
           for arg in _nic(name, nic, taps or {}, vhost, pcie, next(chassis), opened.vhost.get(nic.name))),
+        *(arg for device in spec.hostDevices if device.pci
+          for arg in _host_pci(device, pcie, next(chassis))),
         *_spare_ports(spec, pcie, chassis),
         "-device", _json({"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER}),
         *(arg for disk in spec.disks if disk.bus == "scsi"
@@ -160,8 +165,26 @@ def build_argv(
         *_tpm(spec, paths),
         *display_argv(spec),
         *_serial_ports(spec, paths),
+        *_host_usb(spec),
         "-pidfile", str(paths.pidfile),
     ]
+
+
+def _host_pci(device: HostDeviceSpec, pcie: bool, chassis: int) -> list[str]:
+    """A passed-through PCI function on its own root port (so it can be unplugged live)."""
+    port = host_device(device.name)
+    return [*_port(pcie, port, chassis), "-device", _json(hostdev.vfio_pci_args(device, root_port(port)))]
+
+
+def _host_usb(spec: VirtualMachineSpec) -> list[str]:
+    """The xHCI controller and each passed-through USB device on it."""
+    if not hostdev.needs_xhci(spec):
+        return []
+    argv = ["-device", _json(hostdev.xhci_args())]
+    for device in spec.hostDevices:
+        if device.usb is not None:
+            argv += ["-device", _json(hostdev.usb_host_args(device))]
+    return argv
 
 
 def _machine(binary: str, name: str, spec: VirtualMachineSpec) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from reconciler.spec.hostdev import PciAddress
 from reconciler.spec.models import VNC_BASE_PORT, AbsolutePath
 
 DEFAULT_CONFIG = "/etc/infinization/config.yaml"
@@ -30,6 +31,20 @@ def _port_range(value: str) -> str:
 
 def _default_roots() -> list[str]:
     return ["/var/lib/infinization/images", "/var/cache/infinization"]
+
+
+def _usb_ids(value: str) -> str:
+    vendor, sep, product = value.lower().partition(":")
+    hexdigits = set("0123456789abcdef")
+    if not sep or len(vendor) != 4 or len(product) != 4 or not set(vendor + product) <= hexdigits:
+        raise ValueError(f"{value!r}: expected USB ids like 1050:0407 (vendor:product, hex)")
+    return f"{vendor}:{product}"
+
+
+def _default_unbind() -> list[str]:
+    # Drivers of devices a host does not depend on for its own storage, network or console: a GPU's
+    # audio function, a spare USB controller. A GPU driver is not here on purpose (it may be the console).
+    return ["snd_hda_intel", "xhci_hcd", "ehci-pci", "ohci-pci", "pci-stub"]
 
 
 def _default_firmware() -> list[str]:
@@ -80,6 +95,20 @@ class HostConfig(BaseModel):
     def display_port_range(self) -> tuple[int, int]:
         low, high = self.displayPortRange.split("-")
         return int(low), int(high)
+    sysfsRoot: AbsolutePath = Field(
+        default="/sys", description="Where sysfs is mounted (tests point it at a fake tree): PCI and USB devices, "
+        "IOMMU groups, driver binding.")
+    devRoot: AbsolutePath = Field(
+        default="/dev", description="Where device nodes are (/dev/vfio/GROUP, /dev/bus/usb/BUS/DEV).")
+    pciPassthrough: list[PciAddress] = Field(
+        default_factory=list, description="PCI functions a manifest may pass through (every member of their IOMMU "
+        "groups too); none by default.")
+    usbPassthrough: list[Annotated[str, AfterValidator(_usb_ids)]] = Field(
+        default_factory=list, description="USB devices (vendor:product, hex) a manifest may pass through; none by "
+        "default.")
+    vfioUnbindDrivers: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]] = Field(
+        default_factory=_default_unbind, description="Host drivers a passed-through PCI function (or a member of "
+        "its IOMMU group) may be unbound from; bound to any other driver it is refused as in use by the host.")
 
     @model_validator(mode="after")
     def _roots_are_not_the_whole_system(self) -> HostConfig:

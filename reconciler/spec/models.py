@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from reconciler.spec.hostdev import HostDeviceSpec, unique_host_devices
 from reconciler.spec.units import Size
 
 API_VERSION = "infinization.io/v1alpha1"
@@ -569,6 +570,15 @@ class VirtualMachineSpec(_Frozen):
     def tablet(self) -> bool:
         """The USB tablet: as ``input.tablet`` says, else on exactly when there is a display."""
         return self.input.tablet if self.input.tablet is not None else self.display.enabled
+    hostDevices: list[HostDeviceSpec] = Field(default_factory=list, description="Host PCI and USB devices passed "
+                                              "through (PCI: vfio-pci, its IOMMU group bound while the VM has it).")
+
+    @model_validator(mode="after")
+    def _host_devices(self) -> VirtualMachineSpec:
+        unique_host_devices(self.hostDevices)
+        if any(device.pci for device in self.hostDevices) and self.machine.type != "q35":
+            raise ValueError("PCI hostDevices need machine type q35 (each sits on its own PCIe root port)")
+        return self
 
     @model_validator(mode="after")
     def _unique_device_names(self) -> VirtualMachineSpec:

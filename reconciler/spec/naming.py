@@ -48,6 +48,11 @@ def cdrom_file_node(cdrom_name: str) -> str:
     return f"cdfile-{cdrom_name}"
 
 
+def host_device(name: str) -> str:
+    """A passed-through host device's QEMU id (vfio-pci or usb-host)."""
+    return f"hostdev-{name}"
+
+
 def root_port(device_id: str) -> str:
     """The PCIe root port a cold-plugged device sits on (q35), so it can be unplugged live too."""
     return f"rp-{device_id}"

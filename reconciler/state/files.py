@@ -54,6 +54,8 @@ from reconciler.state.models import (
     DisplayPassword,
     DisplayRecord,
     ExitRecord,
+    HostDeviceClaim,
+    HostDeviceClaims,
     InstallRecord,
     LaunchRecord,
     LiveRecord,
@@ -428,6 +430,36 @@ def read_dhcp_leases(leases: Path) -> list[DhcpLease]:
                 found.append(DhcpLease(expires=int(parts[0]), mac=parts[1], ip=parts[2],
                                        hostname=None if parts[3] == "*" else parts[3]))
     return found
+
+
+# -- hostdevs.json -------------------------------------------------------------------------------------
+
+
+def read_host_device_claims(layout: StateLayout) -> dict[str, HostDeviceClaim]:
+    """The host devices we hold for VMs, by key (PCI address or usb:BUS-PORT); missing file: none.
+
+    :raise CorruptRecord: When it cannot be read."""
+    try:
+        text = layout.host_devices.read_text()
+    except FileNotFoundError:
+        return {}
+    try:
+        return dict(HostDeviceClaims.model_validate_json(text).claims)
+    except ValidationError as exc:
+        raise CorruptRecord(f"{layout.host_devices}: {_why(exc)}; fix or remove it by hand") from exc
+
+
+def write_host_device_claim(layout: StateLayout, key: str, claim: HostDeviceClaim | None) -> None:
+    """Set (or with None, drop) one claim; the file goes when the last claim does."""
+    claims = read_host_device_claims(layout)
+    if claim is None:
+        claims.pop(key, None)
+    else:
+        claims[key] = claim
+    if claims:
+        write_atomic(layout.host_devices, _dump(HostDeviceClaims(claims=dict(sorted(claims.items())))))
+    else:
+        layout.host_devices.unlink(missing_ok=True)
 
 
 # -- written by QEMU and dnsmasq: read only ------------------------------------------------------------

@@ -81,6 +81,11 @@ class StateLayout:
         return self.root / "infinization.db"
 
     @property
+    def host_devices(self) -> Path:
+        """hostdevs.json: host PCI/USB devices we took for VMs, and what to give back."""
+        return self.root / "hostdevs.json"
+
+    @property
     def vms(self) -> Path:
         return self.root / "vms"
 

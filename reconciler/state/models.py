@@ -118,6 +118,36 @@ class ExitRecord(_Record):
     how: str | None = Field(default=None, description="For a stop by us: power button, quit or SIGKILL.")
 
 
+class NodeOwner(_Record):
+    """A device node's owner and mode before we gave it to QEMU's user (restored when released)."""
+
+    path: str
+    uid: int
+    gid: int
+    mode: int
+
+
+class HostDeviceClaim(_Record):
+    """One host device we took for a VM (hostdevs.json): written *before* the host is changed, so a crash
+    in between leaves a claim the next plan finishes or releases, with the driver to give the device back.
+
+    Keyed by the PCI address (every member of a passed-through function's IOMMU group has its own claim) or
+    by ``usb:BUS-PORT`` for a USB device."""
+
+    vm: str
+    device: str = Field(description="The name in the VM's spec.hostDevices that made us take it.")
+    original_driver: str | None = Field(default=None, description="PCI: the driver it had before (None: none).")
+    group: str | None = Field(default=None, description="PCI: its IOMMU group.")
+    node: NodeOwner | None = Field(default=None, description="The device node given to QEMU's user (/dev/vfio/N, "
+                                   "/dev/bus/usb/B/D) and its owner and mode before.")
+
+
+class HostDeviceClaims(_Record):
+    """hostdevs.json: every host device we hold for a VM, by key."""
+
+    claims: dict[str, HostDeviceClaim] = Field(default_factory=dict)
+
+
 class SourceRecord(_Record):
     """source.json: the manifest directory last applied (``status`` and ``start``/``stop`` default to it)."""
 

@@ -141,6 +141,16 @@ TABLE_COVERAGE: dict[tuple[str, ...], tuple[str, str]] = {
     ("display", "passwordExpiresAfter"): ("display_password_rotated_live", "expire_password +3600s"),
     ("input",): ("display_drift_and_input_audio_need_restart", "input.tablet changed (None -> False)"),
     ("audio",): ("display_drift_and_input_audio_need_restart", "audio.enabled changed (False -> True)"),
+    ("hostDevices", "*"): ("host_devices_hotplugged_and_given_back_live",
+                           "host device mouse: hot-plug on the xHCI controller (device_add)"),
+    ("hostDevices", "*", "pci"): ("host_device_options_change_needs_restart",
+                                  "hostDevices[stick].pci changed (0000:07:00.0 -> 0000:08:00.0)"),
+    ("hostDevices", "*", "usb"): ("host_device_options_change_needs_restart",
+                                  "hostDevices[token].usb.vendor changed (0x1050 -> 0x046d)"),
+    ("hostDevices", "*", "romFile"): ("host_device_options_change_needs_restart",
+                                      "hostDevices[gpu].romFile changed (/usr/share/qemu/gpu.rom"),
+    ("hostDevices", "*", "multifunction"): ("host_device_options_change_needs_restart",
+                                            "hostDevices[gpu].multifunction changed (False -> True)"),
 }
 
 
