@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.hostnet.nftables import HostCapabilities
+from reconciler.plan.hostfacts import ObservedCpuHost, ObservedPlacement
 from reconciler.spec.models import VirtualMachineSpec
 from reconciler.state.models import DhcpLease, NetworkRecord
 
@@ -79,6 +80,8 @@ class LiveState(_Fact):
     balloon_target: int | None = Field(default=None, description="Last balloon target we set; None: full.")
     free_slots: int = Field(description="Spare hot-plug slots with nothing plugged in.")
     pending_unplugs: list[str] = Field(default_factory=list, description="Device ids whose unplug is pending.")
+    vcpu_threads: dict[int, int] = Field(default_factory=dict, description="vCPU index -> its host thread id "
+                                         "(query-cpus-fast).")
 
 
 class ObservedAgent(_Fact):
@@ -102,6 +105,7 @@ class ObservedProcess(_Fact):
     live: LiveState | None = Field(default=None, description="Devices, vCPUs and memory now; None: no QMP.")
     agent: ObservedAgent | None = Field(default=None, description="The guest agent, when asked (status) and "
                                         "the running QEMU has its port.")
+    placement: ObservedPlacement | None = Field(default=None, description="Its threads' CPUs and cpuset cgroup.")
 
 
 class ObservedVM(_Fact):
@@ -159,6 +163,7 @@ class ObservedHostNetwork(_Fact):
 class ObservedState(_Fact):
     state_dir: str
     host: ObservedHostNetwork = Field(default_factory=ObservedHostNetwork)
+    cpu_host: ObservedCpuHost = Field(default_factory=ObservedCpuHost, description="CPUs, NUMA, hugepages, cpuset.")
     network_records: dict[str, NetworkRecord] = Field(default_factory=dict)
     vms: dict[str, ObservedVM] = Field(default_factory=dict)
     images: dict[str, ObservedImage] = Field(default_factory=dict, description="Backing images, by path.")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.plan import firmware, media, policy
+from reconciler.plan import firmware, media, placement, policy
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan
 from reconciler.plan.fields import rule_for
@@ -131,11 +131,14 @@ def plan(
     net = plan_networks(networks, desired, observed)
     names = sorted(set(desired) | set(last_applied) | {n for n, vm in observed.vms.items() if vm.process or vm.tpm_pid})
     changes = list(net.first)
+    chosen = placement.choose_all(desired, last_applied, observed.cpu_host)
     for name in names:
         vm = desired.get(name)
         record = last_applied.get(name)
-        change = _plan_vm(name, vm, observed, record, options, networks, host) if vm else _plan_delete(
-            name, observed.vm(name), record, observed.state_dir)
+        if vm:
+            change: Change | None = _plan_vm(name, vm, observed, record, options, networks, host, chosen.get(name))
+        else:
+            change = _plan_delete(name, observed.vm(name), record, observed.state_dir)
         if change is not None and change.steps and name in net.blocked:
             change = change.model_copy(update={"steps": [], "opens": [], "refusals": [net.blocked[name]]})
         if change is not None:
@@ -152,7 +155,8 @@ def plan(
 
 
 def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, record: AppliedRecord | None,
-             options: PlanOptions, networks: Mapping[str, Network], host: HostConfig) -> Change:
+             options: PlanOptions, networks: Mapping[str, Network], host: HostConfig,
+             chosen: list[int] | str | None = None) -> Change:
     """One desired VM. The host policy first: a path or port it refuses refuses the whole change. Past it,
     the VM is compared with its paths resolved (what QEMU was, or will be, given); the record keeps the
     manifest as written."""
@@ -178,6 +182,9 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
     steps += _orphan_tpm(work.reasons, obs)
     if (nothing := firmware.boot_refusal(desired.spec)) and any(isinstance(step, s.Start) for step in steps):
         return Change(name=name, action=Action.NOOP, reasons=work.reasons, refusals=[nothing])
+    steps, refused = _placement(work, desired.spec, obs, record, chosen, observed, host, steps)
+    if refused:
+        return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=refused)
     if steps or record is None or recorded_changes:
         steps = [s.WriteRecord(name=name, summary="record the desired spec as last applied", vm=manifest), *steps]
     if action is Action.NOOP and steps:
@@ -187,6 +194,33 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
                   pending_restart=pending, refusals=[], unplug_pending=unplug_pending,
                   opens=media.shown_opens([*policy.opens(manifest.spec, steps, observed.paths), *_firmware_opens(
                       steps, firmware.select(desired.spec, observed.paths, host, observed.state_dir))], desired.spec))
+
+
+def _placement(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, record: AppliedRecord | None,
+               chosen: list[int] | str | None, observed: ObservedState, host: HostConfig,
+               steps: list[s.Step]) -> tuple[list[s.Step], list[str]]:
+    """CPU placement and hugepages for one VM's steps: the host prerequisites (refusals), enough free hugepages
+    for a start or a DIMM, DIMMs on hugepages when the base memory is, and the set-placement step."""
+    process = obs.process
+    launched = process.launched if process else None
+    starting = any(isinstance(step, s.Start) for step in steps)
+    running = None
+    if process is not None and process.live is not None and process.placement is not None and not starting:
+        running = (process.placement, process.live.vcpu_threads)
+    placed = placement.plan_vm(work.name, spec, record, chosen, observed.cpu_host, host, running, starting, launched,
+                               any(isinstance(step, s.AddCpus) for step in steps))
+    refusal = placement.hugepage_refusal(spec.memory, spec.memory.size, observed.cpu_host, "the guest's memory") \
+        if starting and spec.memory.hugepages else None
+    placed.refusals += [refusal] if refusal else []
+    backed = launched.memory if launched is not None and launched.memory.hugepages and not starting else None
+    for index, step in enumerate(steps):
+        if isinstance(step, s.AddMemory) and backed is not None:
+            steps[index] = step.model_copy(update={"hugepages": placement.hugepage_dir(host, backed)})
+            if refusal := placement.hugepage_refusal(backed, step.size, observed.cpu_host, "a DIMM added live"):
+                placed.refusals.append(refusal)
+    work.reasons += placed.reasons
+    work.fields += placed.fields
+    return [*steps, *placed.steps], placed.refusals
 
 
 def _gather(work: _VMPlan, desired: VirtualMachine, obs: ObservedVM, record: AppliedRecord | None,

@@ -54,6 +54,7 @@ class StepKind(StrEnum):
     CREATE_EFI_VARS = "create-efi-vars"
     DELETE_EFI_VARS = "delete-efi-vars"
     FINISH_INSTALL = "finish-install"
+    SET_PLACEMENT = "set-placement"
 
 
 class Phase:
@@ -71,6 +72,7 @@ class Phase:
     PLUG = 80
     SETTING = 90
     START = 100
+    PLACE = 105  # after the start (the vCPU threads exist) and after vCPUs added live
     FORGET = 110
     HOST = 0  # Network and firewall steps: each change lists them in order already
 
@@ -253,6 +255,21 @@ class AddMemory(_StepBase):
     kind: Literal[StepKind.ADD_MEMORY] = StepKind.ADD_MEMORY
     phase = Phase.SETTING
     size: int
+    hugepages: str | None = None  # the hugetlbfs directory, when the base memory is on hugepages
+
+
+class SetPlacement(_StepBase):
+    """Pin the running QEMU's threads: each vCPU thread (by its index; its thread id is asked from QMP when the
+    step runs) to its CPUs, the other threads to ``emulator``, and QEMU into its cpuset cgroup
+    (``cgroup_cpus`` None: none)."""
+
+    kind: Literal[StepKind.SET_PLACEMENT] = StepKind.SET_PLACEMENT
+    phase = Phase.PLACE
+    vcpus: dict[int, str]
+    emulator: str
+    cgroup_cpus: str | None
+    cgroup_mems: str
+    chosen: list[int] = Field(default_factory=list, description="CPUs a strategy chose: recorded once pinned.")
 
 
 class SetBalloon(_StepBase):
@@ -338,7 +355,7 @@ VMStep = (WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Sta
           | StopTpm | DeleteTpmState | CreateEfiVars | DeleteEfiVars | FinishInstall)
 """Steps on a VM's record, disk files and process."""
 LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
-            | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia)
+            | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia | SetPlacement)
 """Steps on a running VM, over its QMP monitor."""
 HostStep = WriteNetworkRecord | EnsureBridge | DeleteBridge | ForgetNetwork | ApplyFirewall | RepairTap | EnsureDhcp \
     | StopDhcp
