@@ -63,6 +63,23 @@ def vm_cgroup(hierarchy: CpusetHierarchy, vm_dir: Path) -> Path | None:
     return Path(hierarchy.mount) / SLICE / scope_name(vm_dir) if hierarchy.version else None
 
 
+def transient_threads(pid: int) -> set[int]:
+    """QEMU's thread-pool workers (``-name debug-threads=on`` names them ``worker``): they come and go, and take
+    the CPUs of whichever thread made them (a vCPU thread too), so they are pinned but never judged as drift."""
+    found: set[int] = set()
+    try:
+        tasks = [entry for entry in Path(f"/proc/{pid}/task").iterdir() if entry.name.isdigit()]
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            if (task / "comm").read_text().strip() == "worker":
+                found.add(int(task.name))
+        except OSError:
+            continue
+    return found
+
+
 def thread_cpus(pid: int) -> dict[int, str]:
     """Thread id -> its allowed CPUs (``Cpus_allowed_list``, canonical), for every thread of ``pid`` still there."""
     found: dict[int, str] = {}

@@ -57,8 +57,9 @@ def _join(hierarchy: CpusetHierarchy, paths: VMPaths, pid: int, cpus: str, mems:
     for attempt in range(TRIES):  # another instance's sweep may remove an empty group between mkdir and join
         group.mkdir(mode=0o755, exist_ok=True)
         try:
-            # mems first: with v1, a cgroup whose mems is empty refuses tasks; widen cpus before narrowing mems
-            # is not needed as both are within the parent's.
+            # v1: a cgroup whose mems or cpus is empty refuses tasks, so both are written before the join.
+            if hierarchy.version == "v1":  # move QEMU's memory to the new nodes too (v2 always does)
+                (group / "cpuset.memory_migrate").write_text("1\n")
             (group / "cpuset.mems").write_text(f"{mems}\n")
             (group / "cpuset.cpus").write_text(f"{cpus}\n")
             (group / "cgroup.procs").write_text(f"{pid}\n")

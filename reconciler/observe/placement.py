@@ -36,7 +36,7 @@ def observe_placement(pid: int, vcpu_threads: dict[int, int], vm_dir: Path,
                       hierarchy: CpusetHierarchy) -> ObservedPlacement:
     threads = thread_cpus(pid)
     vcpus = {index: threads[tid] for index, tid in sorted(vcpu_threads.items()) if tid in threads}
-    vcpu_tids = set(vcpu_threads.values())
+    vcpu_tids = set(vcpu_threads.values()) | cgroups.transient_threads(pid)
     emulator = sorted({cpus for tid, cpus in threads.items() if tid not in vcpu_tids})
     group = cgroups.vm_cgroup(hierarchy, vm_dir)
     if group is None or not group.is_dir():

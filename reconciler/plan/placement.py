@@ -22,6 +22,7 @@ from reconciler.plan import steps as s
 from reconciler.plan.actions import FieldChange, Mode
 from reconciler.plan.fields import rule_for
 from reconciler.plan.hostfacts import ObservedCpuHost, ObservedPlacement
+from reconciler.plan.observed import ObservedState
 from reconciler.spec.host import HostConfig
 from reconciler.spec.models import MemorySpec, VirtualMachine, VirtualMachineSpec
 from reconciler.spec.placement import CpuPlacement, format_cpu_list, parse_cpu_list
@@ -51,6 +52,22 @@ def hugepage_refusal(memory: MemorySpec, size: int, cpu_host: ObservedCpuHost, w
         return (f"spec.memory.hugepages: {what} ({format_size(size)}) needs {need} free {label}, the host has "
                 f"{free} free of {pool.total}; {HUGEPAGE_HELP} or set hugepages: false")
     return None
+
+
+def after_hugepages(observed: ObservedState, steps: list[s.Step], spec: VirtualMachineSpec) -> ObservedState:
+    """``observed`` less the hugepages a VM's steps take (its start, DIMMs on hugepages), so VMs planned after
+    it in the same plan do not count the same free pages."""
+    pages = spec.memory.size // spec.memory.hugepage_bytes if spec.memory.hugepages and any(
+        isinstance(step, s.Start) for step in steps) else 0
+    pages += sum(step.size // spec.memory.hugepage_bytes for step in steps
+                 if isinstance(step, s.AddMemory) and step.hugepages is not None)
+    kib = spec.memory.hugepage_bytes // 1024
+    pool = observed.cpu_host.hugepages.get(kib)
+    if not pages or pool is None:
+        return observed
+    less = pool.model_copy(update={"free": max(0, pool.free - pages)})
+    cpu_host = observed.cpu_host.model_copy(update={"hugepages": {**observed.cpu_host.hugepages, kib: less}})
+    return observed.model_copy(update={"cpu_host": cpu_host})
 
 
 # -- choosing CPUs ----------------------------------------------------------------------------------------

@@ -132,11 +132,13 @@ def plan(
     names = sorted(set(desired) | set(last_applied) | {n for n, vm in observed.vms.items() if vm.process or vm.tpm_pid})
     changes = list(net.first)
     chosen = placement.choose_all(desired, last_applied, observed.cpu_host)
+    budget = observed  # hugepages taken by the VMs planned so far are not free for the next ones
     for name in names:
         vm = desired.get(name)
         record = last_applied.get(name)
         if vm:
-            change: Change | None = _plan_vm(name, vm, observed, record, options, networks, host, chosen.get(name))
+            change: Change | None = _plan_vm(name, vm, budget, record, options, networks, host, chosen.get(name))
+            budget = placement.after_hugepages(budget, change.steps if change else [], vm.spec)
         else:
             change = _plan_delete(name, observed.vm(name), record, observed.state_dir)
         if change is not None and change.steps and name in net.blocked:
