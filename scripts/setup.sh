@@ -83,6 +83,15 @@ qemuBinary: /usr/bin/qemu-system-x86_64
 
 # Host ports a user-mode NIC's portForwards may bind (never below 1024).
 portForwardRange: "10000-20000"
+
+# VMs with memory.hugepages: the executor mounts a private hugetlbfs per page size here (2M, 1G), owned by
+# qemuUser, mode 0700. The pages come from the host's pool: echo N > /proc/sys/vm/nr_hugepages (or hugepages=N
+# on the kernel command line); a VM that needs more than are free is refused at plan time.
+hugepagesDir: /run/infinization/hugepages
+
+# required: a pinned VM's QEMU gets a cpuset cgroup of its own, and a host without the cpuset controller
+# refuses pinned VMs at plan time. off: pin threads (sched_setaffinity) without a cgroup.
+cpusetCgroup: required
 YAML
     mv "$CONFIG.partial" "$CONFIG"
 fi
