@@ -166,7 +166,7 @@ class Executor:
             case s.Forget():
                 if procfs.find_qemu(paths) is not None or procfs.find_swtpm(paths) is not None:
                     raise StepFailed("the VM is still running: refusing to forget it (it is stopped first)")
-                placement.remove_cgroups(paths)  # a QEMU that died leaves its empty cgroups: none outlives the VM
+                await placement.remove_cgroups(paths)  # a QEMU that died leaves its empty cgroups: none outlives the VM
                 files.forget_vm(paths)
                 return "forgotten"
             case s.StopTpm() | s.DeleteTpmState():

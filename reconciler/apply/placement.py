@@ -11,9 +11,11 @@ they change with every start. What was set is read back from /proc and checked.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
+import time
 from pathlib import Path
 
 from reconciler.adapters import cgroups, procfs
@@ -26,6 +28,8 @@ from reconciler.state import files
 from reconciler.state.layout import VMPaths
 
 TRIES = 3
+REMOVE_WAIT = 5.0
+POLL = 0.02
 
 
 def _write(path: Path, value: str) -> None:
@@ -119,15 +123,34 @@ async def apply(qmp: Monitor, paths: VMPaths, step: s.SetPlacement) -> str:
     return f"{vcpus} vCPU thread(s) and {others} other thread(s) pinned; {where}"
 
 
-def remove_cgroups(paths: VMPaths) -> None:
-    """Remove the VM's cgroups (v2 and the cpuset one), once its QEMU is gone; empty ones of QEMUs that died
-    are swept too (the kernel refuses to remove a populated cgroup, so a running VM's stays)."""
-    for mount in {cgroups.cgroup2_mount(), _cpuset_mount()} - {None}:
-        assert mount is not None
-        with contextlib.suppress(OSError):
-            (mount / cgroups.SLICE / cgroups.scope_name(paths.dir)).rmdir()
-
-
-def _cpuset_mount() -> Path | None:
+def _mounts() -> list[Path]:
+    """The hierarchies a VM's cgroups may be in: cgroup v2 (grouping) and the cpuset one (v1 on hybrid hosts)."""
     hierarchy = cgroups.cpuset_hierarchy()
-    return Path(hierarchy.mount) if hierarchy.version else None
+    found = {cgroups.cgroup2_mount(), Path(hierarchy.mount) if hierarchy.version else None}
+    return sorted(mount for mount in found if mount is not None)
+
+
+async def remove_cgroups(paths: VMPaths, wait: float = REMOVE_WAIT) -> None:
+    """Remove the VM's cgroups once its QEMU is gone. A QEMU that just exited can keep its cgroup busy for a
+    moment (until its parent reaps it), so a busy one is retried within ``wait``."""
+    deadline = time.monotonic() + wait
+    for mount in _mounts():
+        group = mount / cgroups.SLICE / cgroups.scope_name(paths.dir)
+        while True:
+            try:
+                group.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                    break  # still populated: a QEMU runs in it (never ours to remove), or swept at a later start
+                await asyncio.sleep(POLL)
+
+
+def sweep_empty() -> None:
+    """Remove the empty VM cgroups of QEMUs that died or were killed (the kernel refuses populated ones)."""
+    for mount in _mounts():
+        for old in sorted((mount / cgroups.SLICE).glob("vm-*.scope")):
+            with contextlib.suppress(OSError):
+                old.rmdir()

@@ -158,9 +158,7 @@ def _own_cgroup(paths: VMPaths, pid: int) -> str:
     if mount is None:
         return "no cgroup v2"
     group = mount / cgroups.SLICE / cgroups.scope_name(paths.dir)
-    for old in (entry for entry in group.parent.glob("vm-*.scope") if entry.is_dir()) if group.parent.is_dir() else ():
-        with contextlib.suppress(OSError):  # empty cgroups of QEMUs that were killed: the kernel keeps populated ones
-            old.rmdir()
+    placement.sweep_empty()  # empty cgroups of QEMUs that were killed: the kernel keeps populated ones
     try:
         group.mkdir(parents=True, exist_ok=True)
         (group / "cgroup.procs").write_text(f"{pid}\n")
@@ -319,7 +317,7 @@ async def _stop_qemu(paths: VMPaths, grace: float) -> str:
     if process is None:
         return "not running"
     how = await _stop(paths, process, grace)
-    placement.remove_cgroups(paths)
+    await placement.remove_cgroups(paths)
     # The guest saw a power button and shut down cleanly, but it was our doing: RerunOnFailure must start
     # it again when asked to, as it would not after a shutdown the guest chose.
     files.write_exit(paths, ExitRecord(reason=STOPPED, how=how))
