@@ -153,6 +153,15 @@ def test_vcpu_threads_pinned_repinned_live_and_after_a_hand_made_taskset(host: H
     last = guest.reports()[-1]
     assert last.cpus == 2, "the guest still runs with all its vCPUs"
 
+    # Placement removed: every thread may use every CPU again (and the cgroup's cpuset is widened), live.
+    host.write("placed.yaml", manifest("placed", "{cores: 2}"))
+    assert "(unpin)" in host.apply().stdout
+    assert host.qemu_pids("placed") == [pid]
+    assert placement_of(pid) == ({0: "0-1", 1: "0-1"}, {"0-1"})
+    if group is not None:
+        assert (group / "cpuset.cpus").read_text().strip() == "0-1"
+    assert host.plan_exit() == 0
+
     # Deleted: its cgroups are gone with it.
     (host.manifests / "placed.yaml").unlink()
     host.apply("--allow-empty")

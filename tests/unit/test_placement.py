@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.adapters import cgroups
+from reconciler.apply import placement as apply_placement
 from reconciler.plan import placement
 from reconciler.plan.hostfacts import CpusetHierarchy, HugepagePool, ObservedCpuHost, ObservedPlacement
 from reconciler.qemu.argv import OpenedFiles, UnsafeOptionValue, build_argv
@@ -158,3 +160,32 @@ def test_missing_prerequisites_are_refusals_not_downgrades() -> None:
     assert placement.refusals(spec, None, ObservedCpuHost(), HostConfig())[0].endswith("were not observed "
                                                                                        "(an offline recording "
                                                                                        "without them)")
+
+
+def _fake_hierarchy(root: Path, version: str) -> CpusetHierarchy:
+    """A cgroup mount as plain files: what the kernel would refuse is not checked, only what we write and where."""
+    root.mkdir()
+    for name, value in (("cpuset.cpus", "0-7"), ("cpuset.mems", "0-1"), ("cgroup.subtree_control", "")):
+        (root / name).write_text(value)
+    slice_dir = root / "infinization.slice"
+    slice_dir.mkdir()
+    for name in ("cpuset.cpus", "cpuset.mems", "cgroup.subtree_control"):
+        (slice_dir / name).write_text("")
+    return CpusetHierarchy(version=version, mount=str(root))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_vm_cgroup_gets_its_cpuset_before_qemu_joins(tmp_path: Path, version: str) -> None:
+    hierarchy = _fake_hierarchy(tmp_path / "cg", version)
+    paths = StateLayout(tmp_path / "st").vm("web")
+    group = apply_placement._join(hierarchy, paths, 4242, "2-3", "0")
+    assert group == tmp_path / "cg" / "infinization.slice" / cgroups.scope_name(paths.dir)
+    assert [(group / name).read_text() for name in ("cpuset.cpus", "cpuset.mems", "cgroup.procs")] == [
+        "2-3\n", "0\n", "4242\n"]
+    slice_dir = tmp_path / "cg" / "infinization.slice"
+    if version == "v2":  # the controller is enabled down to the slice, whose children hold it
+        assert (tmp_path / "cg" / "cgroup.subtree_control").read_text() == "+cpuset\n"
+        assert (slice_dir / "cgroup.subtree_control").read_text() == "+cpuset\n"
+    else:  # a v1 child starts with an empty cpuset: the slice gets its parent's before any VM joins
+        assert (slice_dir / "cpuset.cpus").read_text() == "0-7\n" and (slice_dir / "cpuset.mems").read_text() == "0-1\n"
+        assert (group / "cpuset.memory_migrate").read_text() == "1\n"
