@@ -22,7 +22,7 @@ from reconciler.plan import steps as s
 from reconciler.plan.actions import FieldChange, Mode
 from reconciler.plan.fields import rule_for
 from reconciler.plan.hostfacts import ObservedCpuHost, ObservedPlacement
-from reconciler.plan.observed import ObservedState
+from reconciler.plan.observed import ObservedProcess, ObservedState
 from reconciler.spec.host import HostConfig
 from reconciler.spec.models import MemorySpec, VirtualMachine, VirtualMachineSpec
 from reconciler.spec.placement import CpuPlacement, format_cpu_list, parse_cpu_list
@@ -37,8 +37,10 @@ def hugepage_dir(host: HostConfig, memory: MemorySpec) -> str:
     return f"{host.hugepagesDir}/{'1G' if memory.hugepageSize == '1Gi' else '2M'}"
 
 
-def hugepage_refusal(memory: MemorySpec, size: int, cpu_host: ObservedCpuHost, what: str) -> str | None:
-    """Too few free hugepages for ``size`` bytes of the VM's memory: the refusal, naming what to do."""
+def hugepage_refusal(memory: MemorySpec, size: int, cpu_host: ObservedCpuHost, what: str,
+                     released: int = 0) -> str | None:
+    """Too few free hugepages for ``size`` bytes of the VM's memory: the refusal, naming what to do.
+    ``released``: pages of this size the plan frees first (a restart: the running QEMU's own)."""
     kib = memory.hugepage_bytes // 1024
     pool = cpu_host.hugepages.get(kib)
     label = f"{format_size(memory.hugepage_bytes)} hugepages"
@@ -47,23 +49,55 @@ def hugepage_refusal(memory: MemorySpec, size: int, cpu_host: ObservedCpuHost, w
     if pool is None or pool.total == 0:
         return (f"spec.memory.hugepages: the host has no {label} configured "
                 f"(/sys/kernel/mm/hugepages/hugepages-{kib}kB); {HUGEPAGE_HELP}")
-    need, free = size // memory.hugepage_bytes, pool.free - pool.reserved
+    need, free = size // memory.hugepage_bytes, pool.free - pool.reserved + released
     if need > free:
         return (f"spec.memory.hugepages: {what} ({format_size(size)}) needs {need} free {label}, the host has "
                 f"{free} free of {pool.total}; {HUGEPAGE_HELP} or set hugepages: false")
     return None
 
 
-def after_hugepages(observed: ObservedState, steps: list[s.Step], spec: VirtualMachineSpec) -> ObservedState:
-    """``observed`` less the hugepages a VM's steps take (its start, DIMMs on hugepages), so VMs planned after
-    it in the same plan do not count the same free pages."""
-    pages = spec.memory.size // spec.memory.hugepage_bytes if spec.memory.hugepages and any(
-        isinstance(step, s.Start) for step in steps) else 0
-    pages += sum(step.size // spec.memory.hugepage_bytes for step in steps
+def hugepages(spec: VirtualMachineSpec, process: ObservedProcess | None, steps: list[s.Step],
+              cpu_host: ObservedCpuHost, host: HostConfig) -> tuple[list[s.Step], list[str]]:
+    """A VM's steps with DIMMs on hugepages when its running QEMU's base memory is, and the refusals when a start
+    or a DIMM needs more free hugepages than the host has."""
+    launched = process.launched if process is not None else None
+    held = launched.memory if launched is not None and launched.memory.hugepages else None
+    live_memory = process.live.memory if process is not None and process.live is not None else 0
+    refusals = []
+    if any(isinstance(step, s.Start) for step in steps):
+        # A restart frees the running QEMU's own hugepages (of the same size) before the new one takes them.
+        released = live_memory // held.hugepage_bytes if held and held.hugepageSize == spec.memory.hugepageSize else 0
+        if spec.memory.hugepages and (refusal := hugepage_refusal(spec.memory, spec.memory.size, cpu_host,
+                                                                  "the guest's memory", released)):
+            refusals.append(refusal)
+        return steps, refusals
+    out: list[s.Step] = []
+    for step in steps:
+        if isinstance(step, s.AddMemory) and held is not None:
+            step = step.model_copy(update={"hugepages": hugepage_dir(host, held)})
+            if refusal := hugepage_refusal(held, step.size, cpu_host, "a DIMM added live"):
+                refusals.append(refusal)
+        out.append(step)
+    return out, refusals
+
+
+def after_hugepages(observed: ObservedState, name: str, steps: list[s.Step], spec: VirtualMachineSpec) -> ObservedState:
+    """``observed`` less the hugepages a VM's steps take (its start, DIMMs on hugepages; a restart only what it
+    takes beyond what its running QEMU held), so VMs planned after it in the same plan do not count them free."""
+    memory = spec.memory
+    pages = 0
+    if memory.hugepages and any(isinstance(step, s.Start) for step in steps):
+        pages = memory.size // memory.hugepage_bytes
+        process = observed.vm(name).process
+        held = process.launched.memory if process is not None and process.launched is not None else None
+        if held is not None and held.hugepages and held.hugepageSize == memory.hugepageSize and process is not None \
+                and process.live is not None:
+            pages -= process.live.memory // memory.hugepage_bytes
+    pages += sum(step.size // memory.hugepage_bytes for step in steps
                  if isinstance(step, s.AddMemory) and step.hugepages is not None)
-    kib = spec.memory.hugepage_bytes // 1024
+    kib = memory.hugepage_bytes // 1024
     pool = observed.cpu_host.hugepages.get(kib)
-    if not pages or pool is None:
+    if pages <= 0 or pool is None:
         return observed
     less = pool.model_copy(update={"free": max(0, pool.free - pages)})
     cpu_host = observed.cpu_host.model_copy(update={"hugepages": {**observed.cpu_host.hugepages, kib: less}})

@@ -138,7 +138,7 @@ def plan(
         record = last_applied.get(name)
         if vm:
             change: Change | None = _plan_vm(name, vm, budget, record, options, networks, host, chosen.get(name))
-            budget = placement.after_hugepages(budget, change.steps if change else [], vm.spec)
+            budget = placement.after_hugepages(budget, name, change.steps if change else [], vm.spec)
         else:
             change = _plan_delete(name, observed.vm(name), record, observed.state_dir)
         if change is not None and change.steps and name in net.blocked:
@@ -211,15 +211,8 @@ def _placement(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, record:
         running = (process.placement, process.live.vcpu_threads)
     placed = placement.plan_vm(work.name, spec, record, chosen, observed.cpu_host, host, running, starting, launched,
                                any(isinstance(step, s.AddCpus) for step in steps))
-    refusal = placement.hugepage_refusal(spec.memory, spec.memory.size, observed.cpu_host, "the guest's memory") \
-        if starting and spec.memory.hugepages else None
-    placed.refusals += [refusal] if refusal else []
-    backed = launched.memory if launched is not None and launched.memory.hugepages and not starting else None
-    for index, step in enumerate(steps):
-        if isinstance(step, s.AddMemory) and backed is not None:
-            steps[index] = step.model_copy(update={"hugepages": placement.hugepage_dir(host, backed)})
-            if refusal := placement.hugepage_refusal(backed, step.size, observed.cpu_host, "a DIMM added live"):
-                placed.refusals.append(refusal)
+    steps, refusals = placement.hugepages(spec, process, steps, observed.cpu_host, host)
+    placed.refusals += refusals
     work.reasons += placed.reasons
     work.fields += placed.fields
     return [*steps, *placed.steps], placed.refusals
