@@ -8,7 +8,8 @@ the CPUs chosen to record), ``hugepage_refusal`` before a start or a DIMM on hug
 A strategy picks one host CPU per vCPU when ``cpuSet`` is absent. The choice is recorded
 (``AppliedRecord.placement_cpus``) and kept while it is still valid, so it is stable across plans, restarts
 and other VMs coming and going; new choices avoid every CPU another pinned VM has (its cpuSet or its
-recorded choice) unless the VM says ``shareCpus: true``. VMs are chosen for in name order, those with a
+recorded choice) unless the VM says ``shareCpus: true``. ``basic`` is NUMA-local and sequential; ``spread``
+goes round-robin over the NUMA nodes in a seeded order. VMs are chosen for in name order, those with a
 valid recorded choice first, so the result depends only on the inputs.
 """
 
@@ -115,7 +116,15 @@ def _strategy_of(spec: VirtualMachineSpec) -> CpuPlacement | None:
 def _order(name: str, placement: CpuPlacement, free: list[int], cpu_host: ObservedCpuHost, need: int) -> list[int]:
     """Free CPUs in the order the strategy takes them."""
     if placement.strategy == "spread":
-        return sorted(free, key=lambda cpu: hashlib.sha256(f"{placement.seed}:{name}:{cpu}".encode()).digest())
+        # Round-robin over the NUMA nodes, each node's free CPUs in an order seeded by the VM's name and seed:
+        # spread out across nodes, and two VMs with different names or seeds start from different CPUs.
+        def key(what: str) -> bytes:
+            return hashlib.sha256(f"{placement.seed}:{name}:{what}".encode()).digest()
+
+        nodes = sorted(cpu_host.nodes.items(), key=lambda item: key(f"node{item[0]}"))
+        queues = [sorted((cpu for cpu in cpus if cpu in free), key=lambda cpu: key(str(cpu))) for _, cpus in nodes]
+        spread = [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
+        return spread + sorted(set(free) - set(spread), key=lambda cpu: key(str(cpu)))
     # basic: NUMA-local when one node has enough free CPUs (the first such node), else node after node.
     by_node = [[cpu for cpu in cpus if cpu in free] for _, cpus in sorted(cpu_host.nodes.items())]
     local = next((cpus for cpus in by_node if len(cpus) >= need), None)

@@ -189,3 +189,17 @@ def test_the_vm_cgroup_gets_its_cpuset_before_qemu_joins(tmp_path: Path, version
     else:  # a v1 child starts with an empty cpuset: the slice gets its parent's before any VM joins
         assert (slice_dir / "cpuset.cpus").read_text() == "0-7\n" and (slice_dir / "cpuset.mems").read_text() == "0-1\n"
         assert (group / "cpuset.memory_migrate").read_text() == "1\n"
+
+
+def test_spread_goes_across_numa_nodes_and_depends_on_name_and_seed() -> None:
+    def chosen(name: str, seed: int) -> list[int]:
+        spec = vm(f"  cpu: {{cores: 2, placement: {{strategy: spread, seed: {seed}}}}}\n", name)
+        result = placement.choose_all({name: spec}, {}, HOST)[name]
+        assert isinstance(result, list)
+        return result
+
+    for name, seed in (("a", 0), ("b", 0), ("a", 5)):
+        picked = chosen(name, seed)
+        assert {cpu // 4 for cpu in picked} == {0, 1}, "one CPU on each node"
+        assert chosen(name, seed) == picked
+    assert len({tuple(chosen(n, s)) for n, s in (("a", 0), ("b", 0), ("a", 5), ("c", 1), ("d", 2))}) > 1
