@@ -23,9 +23,11 @@ from reconciler.adapters.monitor import Monitor
 from reconciler.errors import StepFailed
 from reconciler.plan import steps as s
 from reconciler.plan.hostfacts import CpusetHierarchy
+from reconciler.spec.models import VirtualMachineSpec
 from reconciler.spec.placement import format_cpu_list, parse_cpu_list
 from reconciler.state import files
 from reconciler.state.layout import VMPaths
+from reconciler.state.models import AppliedRecord
 
 TRIES = 3
 REMOVE_WAIT = 5.0
@@ -73,6 +75,20 @@ def _join(hierarchy: CpusetHierarchy, paths: VMPaths, pid: int, cpus: str, mems:
                 raise StepFailed(f"cannot put QEMU pid {pid} into {group} (cpus {cpus}, mems {mems}): "
                                  f"{exc.strerror or exc}") from exc
     raise AssertionError("unreachable")
+
+
+def launch_cpus(spec: VirtualMachineSpec, record: AppliedRecord | None) -> str | None:
+    """The CPUs a pinned VM's QEMU may start on, when they are known before it runs (a cpuSet, or a strategy's
+    recorded choice, with the emulator's CPUs), among those we may use ourselves: so it never runs on another
+    VM's CPUs, not even before its set-placement step. None: unpinned, or a first start by a strategy."""
+    placement = spec.cpu.placement
+    if placement is None:
+        return None
+    pool = set(placement.cpus) if placement.cpus is not None else set(record.placement_cpus if record else ())
+    if not pool:
+        return None
+    cpus = (pool | set(parse_cpu_list(placement.emulatorCpuSet or ""))) & os.sched_getaffinity(0)
+    return format_cpu_list(cpus) if cpus else None
 
 
 def _pin_threads(pid: int, vcpu_threads: dict[int, int], step: s.SetPlacement) -> tuple[int, int]:

@@ -48,6 +48,7 @@ READY_TIMEOUT = 30.0
 POLL = 0.02
 REPRESS = 2.0
 SETPRIV = "/usr/bin/setpriv"
+TASKSET = "/usr/bin/taskset"
 VHOST_NET = Path("/dev/vhost-net")
 # Background QEMU (under setpriv), print its pid, exit: QEMU is re-parented to PID 1.
 LAUNCHER = 'umask 077; "$@" </dev/null >/dev/null & echo "$!"'
@@ -130,11 +131,13 @@ def _boot_copy(paths: VMPaths, what: str, source: str, uid: int, gid: int) -> st
     return str(paths.boot_copy(what))
 
 
-def _launch(paths: VMPaths, argv: list[str], uid: int, gid: int, fds: list[int], what: str = "QEMU") -> int:
-    """Run QEMU (or, ``what`` = "swtpm", the VM's swtpm) detached as ``uid``:``gid`` with no privileges; its pid."""
+def _launch(paths: VMPaths, argv: list[str], uid: int, gid: int, fds: list[int], what: str = "QEMU",
+            cpus: str | None = None) -> int:
+    """Run QEMU (or, ``what`` = "swtpm", the VM's swtpm) detached as ``uid``:``gid`` with no privileges; its pid.
+    ``cpus``: the CPUs it may run on from its first instruction (taskset execs setpriv, which execs QEMU)."""
     # --init-groups: the user's groups from the host's database only (e.g. kvm, for /dev/kvm), never ours.
-    setpriv = [SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--no-new-privs",
-               "--inh-caps=-all", "--bounding-set=-all", "--"]
+    setpriv = [*([TASKSET, "-c", cpus] if cpus else []), SETPRIV, f"--reuid={uid}", f"--regid={gid}",
+               "--init-groups", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]
     log = files.open_qemu_log(paths) if what == "QEMU" else files.open_swtpm_log(paths)
     try:
         done = subprocess.run(["/bin/sh", "-c", LAUNCHER, "infinization-launch", *setpriv, *argv],
@@ -151,7 +154,7 @@ def _launch(paths: VMPaths, argv: list[str], uid: int, gid: int, fds: list[int],
     return int(pid)
 
 
-def _own_cgroup(paths: VMPaths, pid: int) -> str:
+def _own_cgroup(paths: VMPaths, pid: int, cpus: str | None = None) -> str:
     """Move QEMU into a cgroup v2 of its own (``infinization.slice/vm-NAME-HASH.scope``), where the host mounts
     one; what was done (best effort: grouping and accounting; a pinned VM's cpuset is set by set-placement)."""
     mount = cgroups.cgroup2_mount()
@@ -161,6 +164,8 @@ def _own_cgroup(paths: VMPaths, pid: int) -> str:
     placement.sweep_empty()  # empty cgroups of QEMUs that were killed: the kernel keeps populated ones
     try:
         group.mkdir(parents=True, exist_ok=True)
+        if cpus and (group / "cpuset.cpus").exists():  # v2 with cpuset: joining would reset QEMU's affinity
+            (group / "cpuset.cpus").write_text(f"{cpus}\n")
         (group / "cgroup.procs").write_text(f"{pid}\n")
     except OSError as exc:
         return f"cgroup v2 not used ({exc.strerror or exc})"
@@ -234,14 +239,15 @@ async def _start_qemu(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, b
         # Whatever the pidfile names is not our QEMU (we checked): QEMU writes its own. A QEMU of ours we
         # could not verify still holds its disks' locks, so a second one fails to start rather than share them.
         files.remove_pidfile(paths.pidfile)
-        pid = await asyncio.to_thread(_launch, paths, argv, uid, gid, _inherited(taps, opened))
+        cpus = placement.launch_cpus(vm.spec, files.read_record(paths))
+        pid = await asyncio.to_thread(_launch, paths, argv, uid, gid, _inherited(taps, opened), "QEMU", cpus)
     finally:
         hostnet.close_all(_inherited(taps, opened))
     began = procfs.start_time(pid)
     if began is not None:
         files.record_launched(paths, pid, began)
     files.clear_exit(paths)  # a new run: how the previous one ended no longer matters
-    cgroup = _own_cgroup(paths, pid)
+    cgroup = _own_cgroup(paths, pid, cpus)
     await _wait_running(paths, pid)
     examined = procfs.examine(paths)
     if examined.process is None or examined.process.pid != pid:

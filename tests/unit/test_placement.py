@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,16 @@ def test_spread_goes_across_numa_nodes_and_depends_on_name_and_seed() -> None:
         assert {cpu // 4 for cpu in picked} == {0, 1}, "one CPU on each node"
         assert chosen(name, seed) == picked
     assert len({tuple(chosen(n, s)) for n, s in (("a", 0), ("b", 0), ("a", 5), ("c", 1), ("d", 2))}) > 1
+
+
+def test_qemu_starts_on_its_cpus_when_they_are_known_before_it_runs() -> None:
+    ours = os.sched_getaffinity(0)
+    explicit = vm(f'  cpu: {{cores: 1, placement: {{cpuSet: "{min(ours)}", emulatorCpuSet: "{max(ours)}"}}}}\n').spec
+    assert apply_placement.launch_cpus(explicit, None) == format_cpu_list({min(ours), max(ours)})
+    strategy = vm("  cpu: {cores: 1, placement: {strategy: basic}}\n")
+    assert apply_placement.launch_cpus(strategy.spec, None) is None, "a first start: set-placement pins it"
+    recorded = AppliedRecord(vm=strategy, placement_cpus=[max(ours)])
+    assert apply_placement.launch_cpus(strategy.spec, recorded) == str(max(ours))
+    assert apply_placement.launch_cpus(vm("  cpu: {cores: 1}\n").spec, recorded) is None
+    offline = vm('  cpu: {cores: 1, placement: {cpuSet: "4000"}}\n').spec
+    assert apply_placement.launch_cpus(offline, None) is None, "never a CPU we cannot use ourselves"
