@@ -100,6 +100,14 @@ usbPassthrough: []            # e.g. ["1050:0407"]
 # backing a network interface or block device, it is refused as in use by the host.
 vfioUnbindDrivers: [snd_hda_intel, xhci_hcd, ehci-pci, ohci-pci, pci-stub]
 # sysfsRoot: /sys             # where sysfs is (tests point it at a fake tree); devRoot: /dev
+# VMs with memory.hugepages: the executor mounts a private hugetlbfs per page size here (2M, 1G), owned by
+# qemuUser, mode 0700. The pages come from the host's pool: echo N > /proc/sys/vm/nr_hugepages (or hugepages=N
+# on the kernel command line); a VM that needs more than are free is refused at plan time.
+hugepagesDir: /run/infinization/hugepages
+
+# required: a pinned VM's QEMU gets a cpuset cgroup of its own, and a host without the cpuset controller
+# refuses pinned VMs at plan time. off: pin threads (sched_setaffinity) without a cgroup.
+cpusetCgroup: required
 YAML
     mv "$CONFIG.partial" "$CONFIG"
 fi

@@ -22,7 +22,7 @@ from typing import assert_never
 
 from reconciler.adapters import monitor, procfs
 from reconciler.adapters import paths as host_paths
-from reconciler.apply import disks, hostdev_plug, hostnet, hotplug, swtpm, vfio, vmprocess
+from reconciler.apply import disks, hostdev_plug, hostnet, hotplug, placement, swtpm, vfio, vmprocess
 from reconciler.apply import display as display_apply
 from reconciler.errors import InfinizationError, Permanent, Refused, StepFailed
 from reconciler.plan import media, policy
@@ -126,7 +126,7 @@ class Executor:
                 return await self._vm_step(step)
             case (s.HotplugDisk() | s.UnplugDisk() | s.HotplugNic() | s.UnplugNic() | s.SetLink() | s.SetIoLimits()
                   | s.AddCpus() | s.AddMemory() | s.SetBalloon() | s.HotplugCdrom() | s.UnplugCdrom()
-                  | s.ChangeMedia() | s.HotplugHostDevice() | s.UnplugHostDevice()):
+                  | s.ChangeMedia() | s.HotplugHostDevice() | s.UnplugHostDevice() | s.SetPlacement()):
                 paths = self.layout.vm(step.name)
                 vm = self._recorded_vm(paths)
                 if isinstance(step, s.HotplugHostDevice):
@@ -171,6 +171,7 @@ class Executor:
             case s.Forget():
                 if procfs.find_qemu(paths) is not None or procfs.find_swtpm(paths) is not None:
                     raise StepFailed("the VM is still running: refusing to forget it (it is stopped first)")
+                await placement.remove_cgroups(paths)  # a QEMU that died leaves its empty cgroups: none outlives the VM
                 files.forget_vm(paths)
                 return "forgotten"
             case s.StopTpm() | s.DeleteTpmState():
@@ -372,8 +373,10 @@ async def _live_step(qmp: monitor.Monitor, paths: VMPaths, vm: VirtualMachine, s
             return await hotplug.set_io_limits(qmp, target, step.iops, step.bps)
         case s.AddCpus():
             return await hotplug.add_cpus(qmp, step.count)
+        case s.SetPlacement():
+            return await placement.apply(qmp, paths, step)
         case s.AddMemory():
-            return await hotplug.add_memory(qmp, step.size)
+            return await hotplug.add_memory(qmp, step.size, step.hugepages)
         case s.SetBalloon():
             return await hotplug.set_balloon(qmp, paths, step.size)
         case s.HotplugCdrom():

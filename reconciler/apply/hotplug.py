@@ -32,6 +32,7 @@ from reconciler.qemu.argv import (
     disk_format_blockdev,
     fdset_path,
     host_forwards,
+    hugepage_backend,
     nic_device_args,
 )
 from reconciler.spec.models import NetworkInterfaceSpec, VirtualMachine, nic_mac, tap_name
@@ -319,16 +320,19 @@ async def add_cpus(qmp: Monitor, count: int) -> str:
     return f"{have} -> {now} vCPUs"
 
 
-async def add_memory(qmp: Monitor, size: int) -> str:
+async def add_memory(qmp: Monitor, size: int, hugepages: str | None = None) -> str:
+    """A pc-dimm of ``size``; on hugepages (``hugepages``: the hugetlbfs directory) when the base memory is."""
     devices = await peripheral_ids(qmp)
     index = next(i for i in range(64) if f"dimm-{i}" not in devices)
     backend = f"mem-dimm-{index}"
+    memory = (hugepage_backend(backend, size, hugepages) if hugepages is not None
+              else {"qom-type": "memory-backend-ram", "id": backend, "size": size})
     with contextlib.suppress(MonitorError):  # left over by an interrupted earlier attempt: reuse it
-        await qmp.execute("object-add", {"qom-type": "memory-backend-ram", "id": backend, "size": size})
+        await qmp.execute("object-add", memory)
     await qmp.execute("device_add", {"driver": "pc-dimm", "id": f"dimm-{index}", "memdev": backend},
                       timeout=DEVICE_TIMEOUT)
     await _confirm_present(qmp, f"dimm-{index}")
-    return f"dimm-{index} of {size // 1024**2} MiB"
+    return f"dimm-{index} of {size // 1024**2} MiB" + (" on hugepages" if hugepages else "")
 
 
 async def set_balloon(qmp: Monitor, paths: VMPaths, size: int) -> str:

@@ -10,7 +10,8 @@ under its seccomp sandbox (QEMU 7.2 kills a ``-daemonize``d QEMU under ``spawn=d
 re-parented to PID 1 once the launcher exits. Its stderr goes to ``qemu.log`` (root's); the pid and start
 time go to ``launch.json``. Then wait until the monitor says the guest runs, or until QEMU is gone: then
 report the log's last lines (QEMU's own message). Where the host has a cgroup v2 hierarchy, QEMU is moved
-into a cgroup of its own (``infinization/<VM id>``).
+into a cgroup of its own (``infinization.slice/vm-NAME-HASH.scope``); its cgroups go when it stops. A VM
+with ``memory.hugepages`` gets a private hugetlbfs (``apply/hugetlb.py``) for QEMU's memory backend.
 Stop: the guest agent's ``guest-shutdown`` when the VM has the agent's port and the agent answers, then
 ``system_powerdown``, each waiting within the grace period, then ``quit``, then SIGKILL, each only to the
 PID we verified (and re-verify right before signalling, the SIGKILL through a pidfd opened before that
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import dataclasses
 import itertools
 import os
 import pwd
@@ -30,10 +31,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from reconciler.adapters import agent, monitor, procfs
-from reconciler.apply import disks, hostnet, swtpm
+from reconciler.adapters import agent, cgroups, monitor, procfs
+from reconciler.apply import disks, hostnet, hugetlb, placement, swtpm
 from reconciler.errors import MonitorError, Refused, StepFailed
 from reconciler.plan.firmware import Firmware
+from reconciler.plan.placement import hugepage_dir
 from reconciler.qemu.argv import OpenedFiles, build_argv, swtpm_argv
 from reconciler.spec.host import HostConfig
 from reconciler.spec.models import VirtualMachine, nic_mac, tap_name
@@ -47,6 +49,7 @@ POLL = 0.02
 REPRESS = 2.0
 SETPRIV = "/usr/bin/setpriv"
 PRLIMIT = "/usr/bin/prlimit"
+TASKSET = "/usr/bin/taskset"
 VHOST_NET = Path("/dev/vhost-net")
 # Background QEMU (under setpriv), print its pid, exit: QEMU is re-parented to PID 1.
 LAUNCHER = 'umask 077; "$@" </dev/null >/dev/null & echo "$!"'
@@ -103,7 +106,8 @@ def _open_files(paths: VMPaths, vm: VirtualMachine, uid: int, gid: int,
     except BaseException:
         hostnet.close_all([*fds.values(), *(fd for opened in vhost.values() for fd in opened)])
         raise
-    return OpenedFiles(fds=fds, names=names, vhost=vhost, kernel=kernel, initrd=initrd, **chosen)
+    return OpenedFiles(fds=fds, names=names, vhost=vhost, kernel=kernel, initrd=initrd, disks=chosen["disks"],
+                       backing=chosen["backing"], cdroms=chosen["cdroms"], firmware=chosen["firmware"])
 
 
 def _open_vhost() -> int:
@@ -137,13 +141,14 @@ def memlock_limit(vm: VirtualMachine) -> int | None:
 
 
 def _launch(paths: VMPaths, argv: list[str], uid: int, gid: int, fds: list[int], what: str = "QEMU",
-            memlock: int | None = None) -> int:
-    """Run QEMU (or, ``what`` = "swtpm", the VM's swtpm) detached as ``uid``:``gid`` with no privileges; its pid."""
+            memlock: int | None = None, cpus: str | None = None) -> int:
+    """Run QEMU (or, ``what`` = "swtpm", the VM's swtpm) detached as ``uid``:``gid`` with no privileges; its pid.
+    ``cpus``: the CPUs it may run on from its first instruction (taskset execs setpriv, which execs QEMU)."""
     # prlimit as root, before setpriv drops privileges: an unprivileged process cannot raise its hard limit.
     limits = [PRLIMIT, f"--memlock={memlock}:{memlock}", "--"] if memlock is not None else []
     # --init-groups: the user's groups from the host's database only (e.g. kvm, for /dev/kvm), never ours.
-    setpriv = [*limits, SETPRIV, f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--no-new-privs",
-               "--inh-caps=-all", "--bounding-set=-all", "--"]
+    setpriv = [*limits, *([TASKSET, "-c", cpus] if cpus else []), SETPRIV, f"--reuid={uid}", f"--regid={gid}",
+               "--init-groups", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]
     log = files.open_qemu_log(paths) if what == "QEMU" else files.open_swtpm_log(paths)
     try:
         done = subprocess.run(["/bin/sh", "-c", LAUNCHER, "infinization-launch", *setpriv, *argv],
@@ -160,38 +165,18 @@ def _launch(paths: VMPaths, argv: list[str], uid: int, gid: int, fds: list[int],
     return int(pid)
 
 
-def _cgroup2_mount() -> Path | None:
-    for line in Path("/proc/mounts").read_text().splitlines():
-        fields = line.split()
-        if fields[2:3] == ["cgroup2"]:
-            return Path(fields[1])
-    return None
-
-
-def _cgroup(mount: Path, paths: VMPaths) -> Path:
-    """The VM's cgroup: its name and a hash of its folder (two state directories may hold the same name)."""
-    return mount / "infinization" / f"{paths.dir.name[:40]}-{hashlib.sha256(str(paths.dir).encode()).hexdigest()[:12]}"
-
-
-def _drop_cgroup(paths: VMPaths) -> None:
-    """Remove the VM's cgroup once its QEMU is gone (the kernel refuses while a process is in it)."""
-    mount = _cgroup2_mount()
-    if mount is not None:
-        with contextlib.suppress(OSError):
-            _cgroup(mount, paths).rmdir()
-
-
-def _own_cgroup(paths: VMPaths, pid: int) -> str:
-    """Move QEMU into a cgroup v2 of its own, where the host mounts one; what was done (best effort)."""
-    mount = _cgroup2_mount()
+def _own_cgroup(paths: VMPaths, pid: int, cpus: str | None = None) -> str:
+    """Move QEMU into a cgroup v2 of its own (``infinization.slice/vm-NAME-HASH.scope``), where the host mounts
+    one; what was done (best effort: grouping and accounting; a pinned VM's cpuset is set by set-placement)."""
+    mount = cgroups.cgroup2_mount()
     if mount is None:
         return "no cgroup v2"
-    group = _cgroup(mount, paths)
-    for old in (entry for entry in group.parent.glob("*-*") if entry.is_dir()) if group.parent.is_dir() else ():
-        with contextlib.suppress(OSError):  # empty cgroups of QEMUs that were killed: the kernel keeps populated ones
-            old.rmdir()
+    group = mount / cgroups.SLICE / cgroups.scope_name(paths.dir)
+    placement.sweep_empty()  # empty cgroups of QEMUs that were killed: the kernel keeps populated ones
     try:
         group.mkdir(parents=True, exist_ok=True)
+        if cpus and (group / "cpuset.cpus").exists():  # v2 with cpuset: joining would reset QEMU's affinity
+            (group / "cpuset.cpus").write_text(f"{cpus}\n")
         (group / "cgroup.procs").write_text(f"{pid}\n")
     except OSError as exc:
         return f"cgroup v2 not used ({exc.strerror or exc})"
@@ -256,20 +241,25 @@ async def _start_qemu(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, b
                 taps[nic.name] = await asyncio.to_thread(
                     hostnet.open_tap, tap_name(vm.name, nic.name), bridges[nic.name], nic.queues, nic_mac(vm.name, nic))
         opened = await asyncio.to_thread(_open_files, paths, vm, uid, gid, firmware)
+        if vm.spec.memory.hugepages:
+            size = "1G" if vm.spec.memory.hugepageSize == "1Gi" else "2M"
+            opened = dataclasses.replace(opened, hugepages=hugetlb.ensure(
+                hugepage_dir(host, vm.spec.memory), size, uid, gid))
         argv = build_argv(vm.name, vm.spec, paths, binary=host.qemuBinary, taps=taps, files=opened)
         files.write_launch(paths, argv, vm, uid=uid, binary=host.qemuBinary)
         # Whatever the pidfile names is not our QEMU (we checked): QEMU writes its own. A QEMU of ours we
         # could not verify still holds its disks' locks, so a second one fails to start rather than share them.
         files.remove_pidfile(paths.pidfile)
+        cpus = placement.launch_cpus(vm.spec, files.read_record(paths))
         pid = await asyncio.to_thread(_launch, paths, argv, uid, gid, _inherited(taps, opened), "QEMU",
-                                      memlock_limit(vm))
+                                      memlock_limit(vm), cpus)
     finally:
         hostnet.close_all(_inherited(taps, opened))
     began = procfs.start_time(pid)
     if began is not None:
         files.record_launched(paths, pid, began)
     files.clear_exit(paths)  # a new run: how the previous one ended no longer matters
-    cgroup = _own_cgroup(paths, pid)
+    cgroup = _own_cgroup(paths, pid, cpus)
     await _wait_running(paths, pid)
     examined = procfs.examine(paths)
     if examined.process is None or examined.process.pid != pid:
@@ -345,7 +335,7 @@ async def _stop_qemu(paths: VMPaths, grace: float) -> str:
     if process is None:
         return "not running"
     how = await _stop(paths, process, grace)
-    _drop_cgroup(paths)
+    await placement.remove_cgroups(paths)
     # The guest saw a power button and shut down cleanly, but it was our doing: RerunOnFailure must start
     # it again when asked to, as it would not after a shutdown the guest chose.
     files.write_exit(paths, ExitRecord(reason=STOPPED, how=how))

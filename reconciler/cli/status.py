@@ -103,6 +103,8 @@ def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str
         "display": display_url(view, name, _spec(view, name)),
         "hostDevices": _host_devices(view, name),
         "agent": _agent(vm),  # the SMBIOS system UUID QEMU gives the guest (-uuid)
+        # where its threads may run now (vCPU index -> CPUs, the other threads' CPUs) and its cpuset cgroup
+        "placement": vm.process.placement.model_dump(mode="json") if vm.process and vm.process.placement else None,
         "manifest": loaded.source.file if loaded else None,
         "revision": view.records[name].revision if name in view.records else None,
         "conditions": status.conditions if status is not None else {},

@@ -41,6 +41,7 @@ class LiveAnswers:
     fdsets: list[dict[str, Any]] = field(default_factory=list)  # query-fdsets: media are handed over as fds
     vnc: dict[str, Any] | None = None  # query-vnc
     spice: dict[str, Any] | None = None  # query-spice
+    vcpu_threads: dict[int, int] = field(default_factory=dict)  # query-cpus-fast: cpu-index -> thread-id
 
 
 def _strip(prefix: str, name: str) -> str | None:
@@ -51,12 +52,13 @@ async def query_live(qmp: Monitor) -> LiveAnswers:
     """Ask QEMU everything ``parse_live`` needs. :raise MonitorError: When a query fails."""
     devices = await peripheral_ids(qmp)
     macs = {}
+    cpus = await qmp.execute("query-cpus-fast")
     for device in sorted(d for d in devices if d.startswith("nic-")):
         macs[device] = await qmp.execute("qom-get", {"path": f"/machine/peripheral/{device}", "property": "mac"})
     return LiveAnswers(
         devices=devices, nodes=await block_nodes(qmp), block=await qmp.execute("query-block"),
         network_info=await qmp.execute("human-monitor-command", {"command-line": "info network"}),
-        macs=macs, cpus=len(await qmp.execute("query-cpus-fast")),
+        macs=macs, cpus=len(cpus), vcpu_threads=vcpu_threads(cpus),
         memory_summary=await qmp.execute("query-memory-size-summary"),
         memory_devices=await qmp.execute("query-memory-devices"), pci=await qmp.execute("query-pci"),
         fdsets=await qmp.execute("query-fdsets"),
@@ -139,6 +141,11 @@ def _free_slots(answers: LiveAnswers, launched: VirtualMachineSpec | None) -> in
     return max(0, launched.hotplugSlots - len(added))
 
 
+def vcpu_threads(cpus: list[dict[str, Any]]) -> dict[int, int]:
+    """``query-cpus-fast``'s answer -> vCPU index -> host thread id."""
+    return {int(cpu["cpu-index"]): int(cpu["thread-id"]) for cpu in cpus if "thread-id" in cpu}
+
+
 def parse_live(answers: LiveAnswers, launched: VirtualMachineSpec | None, record: LiveRecord) -> LiveState:
     """Everything that can change on a running VM without a restart, from QEMU's answers (pure)."""
     limits, cdroms = _block(answers)
@@ -152,6 +159,7 @@ def parse_live(answers: LiveAnswers, launched: VirtualMachineSpec | None, record
         display=_display(answers),
         host_devices=sorted(n for d in answers.devices if (n := _strip("hostdev-", d))),
         usb_controller=USB_CONTROLLER in answers.devices,
+        vcpu_threads=answers.vcpu_threads,
     )
 
 

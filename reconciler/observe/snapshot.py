@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from reconciler.adapters import agent, monitor, procfs, qemu_img
+from reconciler.adapters import agent, cgroups, monitor, procfs, qemu_img
 from reconciler.errors import MonitorError
 from reconciler.observe import display
 from reconciler.observe.hostdev import observe_host_devices
 from reconciler.observe.hostnet import observe_host_network
 from reconciler.observe.live import observe_live
 from reconciler.observe.paths import observe_paths
+from reconciler.observe.placement import observe_placement
+from reconciler.plan.hostfacts import CpusetHierarchy
 from reconciler.plan.observed import LiveState, ObservedImage, ObservedProcess, ObservedState, ObservedVM
 from reconciler.spec.host import HostConfig
 from reconciler.spec.models import Network, VirtualMachine, VirtualMachineSpec, nic_bridge, tap_name
@@ -24,7 +26,7 @@ from reconciler.state.models import AppliedRecord, LiveRecord
 
 
 async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str],
-                     ask_agent: bool = False) -> ObservedVM:
+                     ask_agent: bool = False, cpuset: CpusetHierarchy | None = None) -> ObservedVM:
     paths = layout.vm(name)
     examined = procfs.examine(paths)
     process = examined.process
@@ -35,8 +37,10 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str],
         status, live = await query_running(paths, launched, files.read_live(paths, process.pid, process.start_time))
         asked = ask_agent and launched is not None and launched.guestAgent.enabled
         guest = await agent.query(paths.agent_socket) if asked else None
+        placement = observe_placement(process.pid, live.vcpu_threads if live else {}, paths.dir,
+                                      cpuset or cgroups.cpuset_hierarchy())
         observed_process = ObservedProcess(pid=process.pid, start_time=process.start_time, status=status,
-                                           launched=launched, live=live, agent=guest)
+                                           launched=launched, live=live, agent=guest, placement=placement)
     disks = {disk: qemu_img.inspect_image(paths.disk(disk)) for disk in sorted(set(disk_names))}
     last_exit = None
     if observed_process is None and (ended := files.read_exit(paths)) is not None:
@@ -100,6 +104,7 @@ async def observe(
     VM's guest agent, within ``agent.DEADLINE`` each."""
     networks = networks or {}
     vms = {}
+    cpu_host = cgroups.read_cpu_host()
     backing: dict[str, ObservedImage] = {}
     seen: list[VirtualMachine] = []
     for name in _vm_names(layout, desired, records, only):
@@ -109,8 +114,8 @@ async def observe(
             if disk.image and disk.image not in backing:
                 backing[disk.image] = qemu_img.inspect_image(disk.image)
         vms[name] = display.with_display(layout, await observe_vm(
-            layout, name, {disk.name for vm in specs for disk in vm.spec.disks}, ask_agent), desired.get(name),
-            host or HostConfig())
+            layout, name, {disk.name for vm in specs for disk in vm.spec.disks}, ask_agent, cpu_host.cpuset),
+            desired.get(name), host or HostConfig())
     network_records = files.read_network_records(layout)
     recorded = {name: record.network for name, record in network_records.items()}
     links = _interesting_links([*desired.values(), *(r.vm for r in records.values())], networks, recorded)
@@ -119,6 +124,6 @@ async def observe(
     host_network = await observe_host_network(links, dhcp, layout.root, config.qemuUser)
     paths = observe_paths(seen, config, str(layout.root))
     return ObservedState(state_dir=str(layout.root), vms=vms, images=backing, host=host_network,
-                         network_records=network_records, paths=paths,
+                         network_records=network_records, paths=paths, cpu_host=cpu_host,
                          listening=display.listening(desired, config), display_ports=files.read_display_ports(layout),
                          devices=observe_host_devices(layout, seen, config))

@@ -31,9 +31,19 @@ TABLE: tuple[FieldRule, ...] = (
     FieldRule(("cpu", "cores"), Mode.LIVE, "device_add vCPUs",
               "Up to cpu.maxCpus. Fewer vCPUs need a restart (QEMU 7.2 refuses vCPU unplug)."),
     FieldRule(("cpu", "maxCpus"), Mode.RESTART, "vCPU slots are declared when QEMU starts"),
+    FieldRule(("cpu", "placement"), Mode.LIVE, "threads re-pinned (sched_setaffinity) and the cpuset cgroup rewritten",
+              "vCPU threads (ids from query-cpus-fast) to cpuSet or vcpuPins, the others to emulatorCpuSet; QEMU in "
+              "infinization.slice/vm-NAME-HASH.scope with cpuset.cpus and cpuset.mems (NUMA nodes of those CPUs). "
+              "Without cpuSet a strategy (basic, spread) picks one free CPU per vCPU, recorded and kept; it never "
+              "takes another pinned VM's CPUs unless shareCpus. A thread moved by hand is drift, repaired. No "
+              "cpuset controller (and cpusetCgroup: required) or CPUs offline: refused at plan time."),
     FieldRule(("memory",), Mode.RESTART, "memory layout is fixed when QEMU starts"),
     FieldRule(("memory", "size"), Mode.LIVE, "pc-dimm hot-plug up; balloon down",
               "Up to memory.maxSize by DIMMs; down only with memory.balloon: true; else a restart."),
+    FieldRule(("memory", "hugepages"), Mode.RESTART, "the memory backend is created when QEMU starts",
+              "memory-backend-file on a private hugetlbfs (hugepagesDir, QEMU's user's), prealloc=on; DIMMs added "
+              "live are backed the same way. Too few free hugepages of that size: refused at plan time."),
+    FieldRule(("memory", "hugepageSize"), Mode.RESTART, "the memory backend is created when QEMU starts"),
     FieldRule(("boot",), Mode.RESTART, "kernel, initrd and cmdline are read when the VM boots"),
     FieldRule(("firmware",), Mode.RESTART, "OVMF (pflash0, pflash1) is set when QEMU starts",
               "uefi: OVMF from the host's firmwareDirs (none: refused at plan, naming the package `ovmf`); "

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from reconciler.hostnet.nftables import HostCapabilities
 from reconciler.plan.hostdev_facts import ObservedHostDevices
+from reconciler.plan.hostfacts import ObservedCpuHost, ObservedPlacement
 from reconciler.spec.models import VirtualMachineSpec
 from reconciler.state.models import DhcpLease, NetworkRecord
 
@@ -93,6 +94,8 @@ class LiveState(_Fact):
     host_devices: list[str] = Field(default_factory=list, description="Names of the passed-through host devices "
                                     "plugged (device ids hostdev-NAME).")
     usb_controller: bool = Field(default=False, description="The xHCI controller for USB host devices exists.")
+    vcpu_threads: dict[int, int] = Field(default_factory=dict, description="vCPU index -> its host thread id "
+                                         "(query-cpus-fast).")
 
 
 class ObservedAgent(_Fact):
@@ -116,6 +119,7 @@ class ObservedProcess(_Fact):
     live: LiveState | None = Field(default=None, description="Devices, vCPUs and memory now; None: no QMP.")
     agent: ObservedAgent | None = Field(default=None, description="The guest agent, when asked (status) and "
                                         "the running QEMU has its port.")
+    placement: ObservedPlacement | None = Field(default=None, description="Its threads' CPUs and cpuset cgroup.")
 
 
 class ObservedSecret(_Fact):
@@ -187,6 +191,7 @@ class ObservedHostNetwork(_Fact):
 class ObservedState(_Fact):
     state_dir: str
     host: ObservedHostNetwork = Field(default_factory=ObservedHostNetwork)
+    cpu_host: ObservedCpuHost = Field(default_factory=ObservedCpuHost, description="CPUs, NUMA, hugepages, cpuset.")
     network_records: dict[str, NetworkRecord] = Field(default_factory=dict)
     vms: dict[str, ObservedVM] = Field(default_factory=dict)
     images: dict[str, ObservedImage] = Field(default_factory=dict, description="Backing images, by path.")

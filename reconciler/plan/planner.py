@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.plan import display, drift, firmware, hostdev, media, policy
+from reconciler.plan import display, drift, firmware, hostdev, media, placement, policy
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan
 from reconciler.plan.fields import rule_for
@@ -134,11 +134,17 @@ def plan(
                    | {claim.vm for claim in observed.devices.claims.values()})
     changes = list(net.first)
     ports = display.assign_ports(desired, observed, host)
+    chosen = placement.choose_all(desired, last_applied, observed.cpu_host)
+    budget = observed  # hugepages taken by the VMs planned so far are not free for the next ones
     for name in names:
         vm = desired.get(name)
         record = last_applied.get(name)
-        change = _plan_vm(name, vm, observed, record, options, networks, host, desired, ports.get(name)) if vm \
-            else _plan_delete(name, observed.vm(name), record, observed)
+        if vm:
+            change: Change | None = _plan_vm(name, vm, budget, record, options, networks, host, desired,
+                                             ports.get(name), chosen.get(name))
+            budget = placement.after_hugepages(budget, name, change.steps if change else [], vm.spec)
+        else:
+            change = _plan_delete(name, observed.vm(name), record, observed)
         if change is not None and change.steps and name in net.blocked:
             change = change.model_copy(update={"steps": [], "opens": [], "refusals": [net.blocked[name]]})
         if change is not None:
@@ -156,7 +162,8 @@ def plan(
 
 def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, record: AppliedRecord | None,
              options: PlanOptions, networks: Mapping[str, Network], host: HostConfig,
-             others: Mapping[str, VirtualMachine], port: int | str | None = None) -> Change:
+             others: Mapping[str, VirtualMachine], port: int | str | None = None,
+             chosen: list[int] | str | None = None) -> Change:
     """One desired VM. The host policy first: a path or port it refuses refuses the whole change. Past it,
     the VM is compared with its paths resolved (what QEMU was, or will be, given); the record keeps the
     manifest as written."""
@@ -185,11 +192,15 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
     steps += _host_devices(work, desired.spec, obs, steps, observed)
     if (nothing := firmware.boot_refusal(desired.spec)) and any(isinstance(step, s.Start) for step in steps):
         return Change(name=name, action=Action.NOOP, reasons=work.reasons, refusals=[nothing])
+    steps, refused = _placement(work, desired.spec, obs, record, chosen, observed, host, steps)
+    if refused:
+        return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=refused)
     if steps or record is None or recorded_changes:
         steps = [s.WriteRecord(name=name, summary="record the desired spec as last applied", vm=manifest), *steps]
     if action is Action.NOOP and steps:
         action = Action.CREATE if record is None else Action.UPDATE
     unplug_pending = work.live.unplug_pending if work.live and action is not Action.RESTART else []
+    work.fields = drift.mark(work.fields, _manifest_changes(record, manifest))  # placement's fields too
     return Change(name=name, action=action, reasons=work.reasons, fields=work.fields, steps=s.in_order(steps),
                   pending_restart=pending, refusals=[], unplug_pending=unplug_pending,
                   opens=media.shown_opens([*policy.opens(manifest.spec, steps, observed.paths), *_firmware_opens(
@@ -201,7 +212,29 @@ def _manifest_changes(record: AppliedRecord | None, manifest: VirtualMachine) ->
     if record is None:
         return None
     changed = [_dotted(path) for path, _, _ in field_diff(record.vm.spec, manifest.spec)]
+    if any(path.startswith("cloudInit") for path in changed):
+        changed.append(f"cdroms[{CIDATA}]")  # the seed CD-ROM is made from cloudInit
     return changed + (["metadata.labels"] if record.vm.metadata.labels != manifest.metadata.labels else [])
+
+
+def _placement(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, record: AppliedRecord | None,
+               chosen: list[int] | str | None, observed: ObservedState, host: HostConfig,
+               steps: list[s.Step]) -> tuple[list[s.Step], list[str]]:
+    """CPU placement and hugepages for one VM's steps: the host prerequisites (refusals), enough free hugepages
+    for a start or a DIMM, DIMMs on hugepages when the base memory is, and the set-placement step."""
+    process = obs.process
+    launched = process.launched if process else None
+    starting = any(isinstance(step, s.Start) for step in steps)
+    running = None
+    if process is not None and process.live is not None and process.placement is not None and not starting:
+        running = (process.placement, process.live.vcpu_threads)
+    placed = placement.plan_vm(work.name, spec, record, chosen, observed.cpu_host, host, running, starting, launched,
+                               any(isinstance(step, s.AddCpus) for step in steps))
+    steps, refusals = placement.hugepages(spec, process, steps, observed.cpu_host, host)
+    placed.refusals += refusals
+    work.reasons += placed.reasons
+    work.fields += placed.fields
+    return [*steps, *placed.steps], placed.refusals
 
 
 def _gather(work: _VMPlan, desired: VirtualMachine, obs: ObservedVM, record: AppliedRecord | None,

@@ -62,6 +62,7 @@ class StepKind(StrEnum):
     RELEASE_HOST_DEVICE = "release-host-device"
     HOTPLUG_HOST_DEVICE = "hotplug-host-device"
     UNPLUG_HOST_DEVICE = "unplug-host-device"
+    SET_PLACEMENT = "set-placement"
 
 
 class Phase:
@@ -79,6 +80,7 @@ class Phase:
     PLUG = 80
     SETTING = 90
     START = 100
+    PLACE = 105  # after the start (the vCPU threads exist) and after vCPUs added live
     FORGET = 110
     HOST = 0  # Network and firewall steps: each change lists them in order already
 
@@ -292,6 +294,21 @@ class AddMemory(_StepBase):
     kind: Literal[StepKind.ADD_MEMORY] = StepKind.ADD_MEMORY
     phase = Phase.SETTING
     size: int
+    hugepages: str | None = None  # the hugetlbfs directory, when the base memory is on hugepages
+
+
+class SetPlacement(_StepBase):
+    """Pin the running QEMU's threads: each vCPU thread (by its index; its thread id is asked from QMP when the
+    step runs) to its CPUs, the other threads to ``emulator``, and QEMU into its cpuset cgroup
+    (``cgroup_cpus`` None: none)."""
+
+    kind: Literal[StepKind.SET_PLACEMENT] = StepKind.SET_PLACEMENT
+    phase = Phase.PLACE
+    vcpus: dict[int, str]
+    emulator: str
+    cgroup_cpus: str | None
+    cgroup_mems: str
+    chosen: list[int] = Field(default_factory=list, description="CPUs a strategy chose: recorded once pinned.")
 
 
 class SetBalloon(_StepBase):
@@ -412,7 +429,8 @@ VMStep = (WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Sta
           | SetDisplayPassword | PrepareHostDevice | ReleaseHostDevice)
 """Steps on a VM's record, disk files and process."""
 LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
-            | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia | HotplugHostDevice | UnplugHostDevice)
+            | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia | HotplugHostDevice | UnplugHostDevice
+            | SetPlacement)
 """Steps on a running VM, over its QMP monitor."""
 HostStep = WriteNetworkRecord | EnsureBridge | DeleteBridge | ForgetNetwork | ApplyFirewall | RepairTap | EnsureDhcp \
     | StopDhcp

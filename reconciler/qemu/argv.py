@@ -92,6 +92,10 @@ class OpenedFiles:
     kernel: str | None = None
     initrd: str | None = None
     firmware: Mapping[str, int] = field(default_factory=dict)  # UEFI: fd set id of "code" and of "vars"
+    hugepages: str | None = None  # the private hugetlbfs directory the guest's memory is backed by
+
+
+MEMORY_BACKEND = "mem-base"
 
 
 class UnsafeOptionValue(UnsafeValue):
@@ -140,6 +144,7 @@ def build_argv(
         *_machine(binary, name, spec),
         "-sandbox", SANDBOX,
         *_cpu_and_memory(spec),
+        *_memory_backend(spec, opened),
         "-display", "none", "-vga", "none",
         *_monitors_and_serial(paths),
         *(arg for fdset, fd in sorted(opened.fds.items())
@@ -193,7 +198,7 @@ def _machine(binary: str, name: str, spec: VirtualMachineSpec) -> list[str]:
         "-name", _kv("", guest=name, debug_threads="on"),
         "-nodefaults",
         "-no-user-config",
-        "-machine", _kv(spec.machine.type),
+        "-machine", _kv(spec.machine.type, **({"memory_backend": MEMORY_BACKEND} if spec.memory.hugepages else {})),
         "-uuid", _safe(smbios_uuid(name)),
     ]
     for accel in spec.machine.accel:
@@ -388,6 +393,22 @@ def _cpu_and_memory(spec: VirtualMachineSpec) -> list[str]:
     if memory.maxSize is not None and memory.maxSize > memory.size:
         mem.update(slots=str(memory.slots), maxmem=f"{memory.maxSize // 1024**2}M")
     return ["-smp", smp, "-m", _kv("", **mem)]
+
+
+def hugepage_backend(backend_id: str, size: int, mem_path: str) -> dict[str, Any]:
+    """A ``memory-backend-file`` on hugetlbfs, preallocated (at start, or when a DIMM is added live): the
+    pages are taken up front, so too few makes QEMU fail there and then, never a guest fault later."""
+    return {"qom-type": "memory-backend-file", "id": _safe(backend_id), "size": size, "mem-path": _safe(mem_path),
+            "prealloc": True, "share": False}
+
+
+def _memory_backend(spec: VirtualMachineSpec, opened: OpenedFiles) -> list[str]:
+    """The base memory's backend (``-machine memory-backend=``), when hugepages back it."""
+    if not spec.memory.hugepages:
+        return []
+    if opened.hugepages is None:
+        raise UnsafeOptionValue("memory.hugepages needs the hugetlbfs directory prepared for QEMU")
+    return ["-object", _json(hugepage_backend(MEMORY_BACKEND, spec.memory.size, opened.hugepages))]
 
 
 def _port(pcie: bool, device_id: str, chassis: int) -> list[str]:

@@ -11,7 +11,7 @@ Defaults keep the bundled demo working and name no system directory.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -77,6 +77,12 @@ class HostConfig(BaseModel):
     portForwardRange: Annotated[str, AfterValidator(_port_range)] = Field(
         default="10000-20000", description="Host ports a user-mode NIC's portForwards may bind."
     )
+    hugepagesDir: AbsolutePath = Field(
+        default="/run/infinization/hugepages", description="Where the executor mounts a private hugetlbfs per page "
+        "size (2M, 1G) for QEMU's user (mode 0700), for VMs with memory.hugepages.")
+    cpusetCgroup: Literal["required", "off"] = Field(
+        default="required", description="required: a pinned VM's QEMU goes into a cpuset cgroup of its own, and a "
+        "host without the cpuset controller refuses pinned VMs at plan time. off: thread affinity only.")
 
     displayPortRange: Annotated[str, AfterValidator(_port_range)] = Field(
         default="5900-5999", description="Ports a display with port: auto is given (each VM keeps its own); a "

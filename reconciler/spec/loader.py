@@ -171,7 +171,9 @@ def _construct(node: yaml.Node, loc: Loc, marks: _Marks, active: frozenset[int] 
     if isinstance(node, yaml.MappingNode):
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+            # Integer keys are kept as their text (``vcpuPins: {0: 2}``); the model says where numbers fit.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in ("tag:yaml.org,2002:str",
+                                                                                  "tag:yaml.org,2002:int"):
                 raise _YamlProblem(key_node, "mapping keys must be plain strings")
             key = key_node.value
             if key in result:

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from reconciler.spec.hostdev import HostDeviceSpec, unique_host_devices
+from reconciler.spec.placement import CpuPlacement
 from reconciler.spec.units import Size
 
 API_VERSION = "infinization.io/v1alpha1"
@@ -121,6 +122,9 @@ class CpuSpec(_Frozen):
         default=None,
         description="Most vCPUs the VM may have; cores can be added live up to it. Default: no hot-plug.",
     )
+    placement: CpuPlacement | None = Field(
+        default=None, description="Pin QEMU's threads to host CPUs (applied and repaired live). Default: unpinned."
+    )
 
     @property
     def count(self) -> int:
@@ -137,6 +141,10 @@ class CpuSpec(_Frozen):
                 raise ValueError(f"maxCpus ({self.maxCpus}) is below sockets*cores*threads ({self.count})")
             if self.maxCpus % (self.sockets * self.threads):
                 raise ValueError("maxCpus must be a multiple of sockets*threads (vCPUs are added as cores)")
+        pins = self.placement.vcpuPins if self.placement else {}
+        if beyond := sorted(vcpu for vcpu in pins if vcpu >= self.max_count):
+            raise ValueError(f"placement.vcpuPins: vCPU {beyond[0]} does not exist (the VM has at most "
+                             f"{self.max_count} vCPUs)")
         return self
 
 
@@ -147,6 +155,9 @@ class MemorySpec(_Frozen):
     )
     balloon: bool = Field(default=False, description="A virtio balloon, so memory can also shrink live.")
     slots: Annotated[int, Field(ge=1, le=32)] = Field(default=8, description="DIMM slots (with maxSize).")
+    hugepages: bool = Field(default=False, description="Back the guest's memory (and DIMMs added live) with the "
+                            "host's hugepages (hugetlbfs, preallocated); too few free is refused at plan time.")
+    hugepageSize: Literal["2Mi", "1Gi"] = Field(default="2Mi", description="The hugepage size (with hugepages).")
 
     @model_validator(mode="after")
     def _whole_mebibytes(self) -> MemorySpec:
@@ -155,7 +166,15 @@ class MemorySpec(_Frozen):
                 raise ValueError(f"memory {label} must be a whole number of MiB, at least 16Mi")
         if self.maxSize is not None and self.maxSize < self.size:
             raise ValueError("memory maxSize is below size")
+        if self.hugepages:
+            for label, value in (("size", self.size), ("maxSize", self.maxSize)):
+                if value is not None and value % self.hugepage_bytes:
+                    raise ValueError(f"memory {label} must be a multiple of hugepageSize ({self.hugepageSize})")
         return self
+
+    @property
+    def hugepage_bytes(self) -> int:
+        return 1024**3 if self.hugepageSize == "1Gi" else 2 * 1024**2
 
 
 class BootSpec(_Frozen):

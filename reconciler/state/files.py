@@ -159,13 +159,21 @@ def read_records(layout: StateLayout, corrupt: dict[str, str] | None = None) -> 
 
 
 def write_record(paths: VMPaths, vm: VirtualMachine, source: str | None, revision: str | None = None) -> AppliedRecord:
-    """Record ``vm`` as last applied, keeping the list of disks we created."""
+    """Record ``vm`` as last applied, keeping the list of disks we created and the CPUs a strategy chose."""
     current = read_record(paths)
     owned = current.owned_disks if current else []
     installs = current.installs if current else []
-    record = AppliedRecord(vm=vm, owned_disks=owned, installs=installs, source=source, revision=revision)
+    record = AppliedRecord(vm=vm, owned_disks=owned, installs=installs, source=source, revision=revision,
+                           placement_cpus=current.placement_cpus if current else [])
     write_atomic(paths.record, _dump(record))
     return record
+
+
+def record_placement(paths: VMPaths, cpus: list[int]) -> None:
+    """Note in the record the host CPUs a placement strategy chose (kept by later record writes)."""
+    current = read_record(paths)
+    if current is not None and current.placement_cpus != cpus:
+        write_atomic(paths.record, _dump(current.model_copy(update={"placement_cpus": list(cpus)})))
 
 
 def claim_disk(paths: VMPaths, disk: str) -> None:

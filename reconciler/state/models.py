@@ -46,6 +46,8 @@ class AppliedRecord(_Record):
     installs: list[InstallRecord] = Field(default_factory=list, description="Installs from bootOnce CD-ROMs.")
     source: str | None = None
     revision: str | None = Field(default=None, description="The manifests' git revision when last applied.")
+    placement_cpus: list[int] = Field(default_factory=list, description="The host CPUs a placement strategy chose "
+                                      "(one per vCPU), kept so the choice stays stable.")
 
 
 class NetworkRecord(_Record):

@@ -52,7 +52,8 @@ def test_duplicate_keys_are_rejected_with_both_lines() -> None:
 def test_unknown_field_names_the_allowed_ones() -> None:
     errors = errors_of(HEAD + "metadata: {name: a}\nspec:\n  memory: {size: 1Gi, sizee: 2}\n")
     assert errors == [
-        "f.yaml:5:23: spec.memory.sizee: unknown field 'sizee' (expected one of: balloon, maxSize, size, slots)"
+        "f.yaml:5:23: spec.memory.sizee: unknown field 'sizee' (expected one of: balloon, hugepageSize, hugepages, "
+            "maxSize, size, slots)"
     ]
 
 

@@ -27,7 +27,7 @@ from tests.unit.test_planner_golden import CASES, _case_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL = sorted(p.name for p in CASES.iterdir() if p.is_dir())
-CAMEL = re.compile(r"^[a-z][a-zA-Z0-9]*$")
+CAMEL = re.compile(r"^([a-z][a-zA-Z0-9]*|[0-9]+)$")  # numbers: keys of maps by index (vCPU pins)
 
 
 def _document(case: str) -> tuple[Plan, dict[str, Any]]:

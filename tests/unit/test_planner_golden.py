@@ -75,6 +75,9 @@ def test_deterministic_and_round_trips(case: str) -> None:
 
 # Every row of the field table, and a golden case whose plan shows that row at work.
 TABLE_COVERAGE: dict[tuple[str, ...], tuple[str, str]] = {
+    ("cpu", "placement"): ("placement_changed_is_repinned_live", "~ cpu.placement: {\"cpuSet\":\"2-3\"} -> "),
+    ("memory", "hugepages"): ("hugepages_checked_at_plan_time", "memory.hugepages changed (False -> True)"),
+    ("memory", "hugepageSize"): ("hugepages_checked_at_plan_time", "memory.hugepageSize changed (2Mi -> 1Gi)"),
     ("runStrategy",): ("halted_stops_running_vm", "runStrategy is Halted"),
     ("restartPolicy",): ("restart_policy_auto_with_live_grow", "restartPolicy: Manual -> Auto"),
     ("terminationGracePeriodSeconds",): ("fixed_at_start_fields_and_recorded_ones",
