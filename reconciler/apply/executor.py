@@ -150,8 +150,13 @@ class Executor:
                     return "already exists (kept as it is)"
                 image = self._require(f"spec.disks[{step.target}].image", step.image) if step.image else None
                 files.claim_disk(paths, step.target)
-                return disks.create(Path(step.path), step.size, image, step.image_format,
-                                    owner=vmprocess.qemu_account(self.host), preallocation=step.preallocation)
+                try:
+                    return disks.create(Path(step.path), step.size, image, step.image_format,
+                                        owner=vmprocess.qemu_account(self.host), preallocation=step.preallocation)
+                except BaseException:
+                    if not Path(step.path).exists():  # rolled back: the record claims no disk that is not there
+                        files.unclaim_disk(paths, step.target)
+                    raise
             case s.GrowDiskLive():
                 return await disks.grow_live(paths.qmp, step.node, Path(step.path), step.size)
             case s.GrowDiskOffline():
@@ -215,9 +220,13 @@ class Executor:
         vm = self._as_started(paths, vm)
         fw = host_paths.require_firmware(vm.spec, self.host, str(self.layout.root))
         started = await vmprocess.start(self.layout, paths, vm, self._bridges(vm), self.host, firmware=fw)
+        try:  # atomic: a QEMU that runs without the links or I/O limits its manifest asks is not left running
+            async with monitor.session(paths.qmp) as qmp:
+                extra = await hotplug.after_start(qmp, paths, vm)
+        except (InfinizationError, OSError) as exc:
+            cleaned = await asyncio.shield(vmprocess.abort_started(paths))
+            raise StepFailed(f"{exc}; {cleaned}") from exc
         installing = self._began_installs(paths, vm)
-        async with monitor.session(paths.qmp) as qmp:
-            extra = await hotplug.after_start(qmp, paths, vm)
         return ", ".join([started, *installing, *extra])
 
     def _as_started(self, paths: VMPaths, vm: VirtualMachine) -> VirtualMachine:
