@@ -75,11 +75,13 @@ class Store:
         for statement in SCHEMA:
             self._db.execute(statement)
         self._mirror = _Mirror(database_url) if database_url else None
+        self._write_error: str | None = None
 
     def event(self, vm: str, kind: str, result: str, message: str, duration_ms: float | None = None) -> None:
         row = (time.time(), self.host, vm, kind, result, message, duration_ms)
-        self._db.execute("INSERT INTO events (ts, host, vm, kind, result, message, duration_ms) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+        if not self._write("INSERT INTO events (ts, host, vm, kind, result, message, duration_ms) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", row):  # not lost: the daemon's log has it
+            log.warning("event not stored", vm=vm, kind=kind, result=result, message=message)
         self._send("INSERT INTO infinization_events (ts, host, vm, kind, result, message, duration_ms) "
                      "VALUES (%s, %s, %s, %s, %s, %s, %s)", row)
 
@@ -87,7 +89,7 @@ class Store:
         conditions = json.dumps(status.conditions, sort_keys=True)
         row = (self.host, status.vm, status.phase, status.pid, status.revision, conditions,
                status.last_reconcile, status.duration_ms, status.result)
-        self._db.execute(
+        self._write(
             "INSERT INTO vm_status (host, vm, phase, pid, revision, conditions, last_reconcile, duration_ms, result) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, vm) DO UPDATE SET phase=excluded.phase, "
             "pid=excluded.pid, revision=excluded.revision, conditions=excluded.conditions, "
@@ -100,8 +102,23 @@ class Store:
             "duration_ms=excluded.duration_ms, result=excluded.result", row)
 
     def forget(self, vm: str) -> None:
-        self._db.execute("DELETE FROM vm_status WHERE host = ? AND vm = ?", (self.host, vm))
+        self._write("DELETE FROM vm_status WHERE host = ? AND vm = ?", (self.host, vm))
         self._send("DELETE FROM infinization_vm_status WHERE host = %s AND vm = %s", (self.host, vm))
+
+    def _write(self, sql: str, params: tuple[Any, ...]) -> bool:
+        """One write to the local store. A failed write (the state directory's file system is full, the disk
+        fails) must not stop a reconcile: it is logged, with its error, once until writes work again."""
+        try:
+            self._db.execute(sql, params)
+        except sqlite3.Error as exc:
+            if self._write_error != str(exc):
+                log.error("status store write failed", error=str(exc), database=str(self.path))
+                self._write_error = str(exc)
+            return False
+        if self._write_error is not None:
+            log.info("status store writes work again", database=str(self.path))
+            self._write_error = None
+        return True
 
     def statuses(self) -> dict[str, VMStatus]:
         rows = self._db.execute("SELECT vm, phase, pid, revision, conditions, last_reconcile, duration_ms, result "

@@ -433,6 +433,16 @@ def read_pidfile(pidfile: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def launched_pid_if_no_pidfile(paths: VMPaths) -> int | None:
+    """The pid launch.json (root's) recorded, when QEMU's pidfile is gone (deleted by hand or by a cleaner):
+    the process is still checked against every other record before it is adopted. None while a pidfile
+    exists, even an unreadable one or a link (that is not a missing file: nothing is adopted then)."""
+    if os.path.lexists(paths.pidfile):
+        return None
+    launch = read_launch(paths)
+    return launch.pid if launch is not None else None
+
+
 def remove_pidfile(pidfile: Path) -> None:
     pidfile.unlink(missing_ok=True)
 
