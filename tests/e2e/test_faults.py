@@ -151,3 +151,23 @@ def test_a_full_state_file_system_rolls_back_the_disk_create(host: Host) -> None
             wait_gone(pid)
         subprocess.run(["umount", "-l", str(host.state)], check=False)
 
+
+
+def test_a_start_qemu_refuses_for_a_host_limit_leaves_nothing_behind(host: Host) -> None:
+    # More memory than the host can give: where validate checks it against the host, it is refused there;
+    # otherwise QEMU refuses at start, and nothing of that start is left (no process, pidfile or socket).
+    host.write("big.yaml", vm_manifest("big", memory="1Ti"))
+    validated = host.cli("validate", str(host.manifests))
+    if validated.returncode != 0:
+        assert "memory" in validated.stdout + validated.stderr
+        return
+    failed = host.apply(check=False)
+    assert failed.returncode != 0
+    said = failed.stdout + failed.stderr
+    assert "QEMU refused to start" in said and "memory" in said, said
+    assert host.qemu_pids("big") == [] and _run_files(host, "big") == []
+    assert "start" in host.cli("plan", str(host.manifests)).stdout  # how to go on: fix it, apply again
+    host.write("big.yaml", vm_manifest("big"))
+    host.apply()
+    host.guest("big").wait_report(lambda r: "vda" in r.disks, what="boot with a sane memory size")
+    assert host.plan_exit() == 0
