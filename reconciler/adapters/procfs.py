@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from reconciler.state.files import read_launch, read_pidfile, read_tpm_launch
+from reconciler.state.files import launched_pid_if_no_pidfile, read_launch, read_pidfile, read_tpm_launch
 from reconciler.state.layout import VMPaths
 from reconciler.state.models import LaunchRecord, TpmLaunchRecord
 
@@ -119,7 +119,7 @@ def mismatch(pid: int, launch: LaunchRecord | TpmLaunchRecord | None) -> str | N
 
 def examine(paths: VMPaths) -> Examined:
     """The VM's QEMU if the pidfile names a live process that passes every check (``mismatch``)."""
-    pid = read_pidfile(paths.pidfile)
+    pid = read_pidfile(paths.pidfile) or launched_pid_if_no_pidfile(paths)
     if pid is None or not is_alive(pid):
         return Examined()
     why = mismatch(pid, read_launch(paths))

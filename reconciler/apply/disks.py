@@ -83,15 +83,17 @@ def create(path: Path, size: int | None, image: str | None, image_format: str,
     argv.append(str(partial))
     if size is not None:
         argv.append(str(size))
-    _run(argv)
-    os.chmod(partial, 0o600)
-    if owner is not None:
-        os.chown(partial, *owner)
     try:
+        _run(argv)
+        os.chmod(partial, 0o600)
+        if owner is not None:
+            os.chown(partial, *owner)
         os.link(partial, path)  # fails if the real name appeared meanwhile: never overwrite
     except FileExistsError:
         return "already exists (kept as it is)"
-    finally:
+    except OSError as exc:  # e.g. a full file system: nothing half-written stays under either name
+        raise StepFailed(f"cannot create {path}: {exc.strerror or exc}") from exc
+    finally:  # whatever happened (qemu-img failed half-way, ENOSPC...), the temporary image goes
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
     return "created"

@@ -151,12 +151,7 @@ class Executor:
                 files.write_record(paths, step.vm, self.sources.get(step.name), self.revision)
                 return "recorded"
             case s.CreateDisk():
-                if Path(step.path).exists():
-                    return "already exists (kept as it is)"
-                image = self._require(f"spec.disks[{step.target}].image", step.image) if step.image else None
-                files.claim_disk(paths, step.target)
-                return disks.create(Path(step.path), step.size, image, step.image_format,
-                                    owner=vmprocess.qemu_account(self.host), preallocation=step.preallocation)
+                return self._create_disk(paths, step)
             case s.GrowDiskLive():
                 return await disks.grow_live(paths.qmp, step.node, Path(step.path), step.size)
             case s.GrowDiskOffline():
@@ -169,11 +164,7 @@ class Executor:
             case s.DeleteDisk():
                 return self._delete_disk(paths, step)
             case s.Forget():
-                if procfs.find_qemu(paths) is not None or procfs.find_swtpm(paths) is not None:
-                    raise StepFailed("the VM is still running: refusing to forget it (it is stopped first)")
-                await placement.remove_cgroups(paths)  # a QEMU that died leaves its empty cgroups: none outlives the VM
-                files.forget_vm(paths)
-                return "forgotten"
+                return await self._forget(paths)
             case s.StopTpm() | s.DeleteTpmState():
                 return await _tpm_step(paths, step)
             case s.CreateEfiVars() | s.DeleteEfiVars():
@@ -190,6 +181,27 @@ class Executor:
                 return await self._host_device_step(paths, step)
             case _:
                 assert_never(step)
+
+    def _create_disk(self, paths: VMPaths, step: s.CreateDisk) -> str:
+        if Path(step.path).exists():
+            return "already exists (kept as it is)"
+        image = self._require(f"spec.disks[{step.target}].image", step.image) if step.image else None
+        files.claim_disk(paths, step.target)
+        try:
+            return disks.create(Path(step.path), step.size, image, step.image_format,
+                                owner=vmprocess.qemu_account(self.host), preallocation=step.preallocation)
+        except BaseException:
+            if not Path(step.path).exists():  # rolled back: the record claims no disk that is not there
+                files.unclaim_disk(paths, step.target)
+            raise
+
+    @staticmethod
+    async def _forget(paths: VMPaths) -> str:
+        if procfs.find_qemu(paths) is not None or procfs.find_swtpm(paths) is not None:
+            raise StepFailed("the VM is still running: refusing to forget it (it is stopped first)")
+        await placement.remove_cgroups(paths)  # a QEMU that died leaves its empty cgroups: none outlives the VM
+        files.forget_vm(paths)
+        return "forgotten"
 
     async def _host_device_step(self, paths: VMPaths, step: s.PrepareHostDevice | s.ReleaseHostDevice) -> str:
         """Take a host device for the VM (vfio-pci, node owners), or give it back once its QEMU lacks it."""
@@ -246,11 +258,16 @@ class Executor:
         vm = self._as_started(paths, vm)
         fw = host_paths.require_firmware(vm.spec, self.host, str(self.layout.root))
         started = await vmprocess.start(self.layout, paths, vm, self._bridges(vm), self.host, firmware=fw)
+        try:  # atomic: a QEMU that runs without the links or I/O limits its manifest asks is not left running
+            async with monitor.session(paths.qmp) as qmp:
+                extra = await hotplug.after_start(qmp, paths, vm)
+            if vm.spec.display.passwordFile is not None:  # QEMU started locked (password=on, none set) until now
+                extra.append(await display_apply.set_password(self.layout, paths, self.host, vm.name,
+                                                              vm.spec.display))
+        except (InfinizationError, OSError) as exc:
+            cleaned = await asyncio.shield(vmprocess.abort_started(paths))
+            raise StepFailed(f"{exc}; {cleaned}") from exc
         installing = self._began_installs(paths, vm)
-        async with monitor.session(paths.qmp) as qmp:
-            extra = await hotplug.after_start(qmp, paths, vm)
-        if vm.spec.display.passwordFile is not None:  # QEMU started locked (password=on, none set) until now
-            extra.append(await display_apply.set_password(self.layout, paths, self.host, vm.name, vm.spec.display))
         return ", ".join([started, *installing, *extra])
 
     def _as_started(self, paths: VMPaths, vm: VirtualMachine) -> VirtualMachine:

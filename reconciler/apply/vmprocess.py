@@ -255,22 +255,71 @@ async def _start_qemu(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, b
                                       memlock_limit(vm), cpus)
     finally:
         hostnet.close_all(_inherited(taps, opened))
+    return await _until_running(paths, pid, uid, host.startTimeout, cpus)
+
+
+async def _until_running(paths: VMPaths, pid: int, uid: int, timeout: float, cpus: str | None = None) -> str:
+    """Record the QEMU just launched and wait for its guest to run. Atomic: if anything fails on the way
+    (it does not run within ``timeout``, it is not verified, we are cancelled), the QEMU we launched is
+    killed through a pidfd opened right after launch (the very process, whatever happens to its pid) and
+    its pidfile, sockets and cgroup removed, so a failed start never leaves a QEMU half-started."""
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        pidfd = None  # already gone: _wait_running reports QEMU's own words
     began = procfs.start_time(pid)
-    if began is not None:
-        files.record_launched(paths, pid, began)
-    files.clear_exit(paths)  # a new run: how the previous one ended no longer matters
-    cgroup = _own_cgroup(paths, pid, cpus)
-    await _wait_running(paths, pid)
-    examined = procfs.examine(paths)
-    if examined.process is None or examined.process.pid != pid:
-        raise StepFailed(f"QEMU pid {pid} runs but is not verified: {examined.unverified or 'no pidfile'}")
+    try:
+        if began is not None:
+            files.record_launched(paths, pid, began)
+        files.clear_exit(paths)  # a new run: how the previous one ended no longer matters
+        cgroup = _own_cgroup(paths, pid, cpus)
+        await _wait_running(paths, pid, timeout)
+        examined = procfs.examine(paths)
+        if examined.process is None or examined.process.pid != pid:
+            raise StepFailed(f"QEMU pid {pid} runs but is not verified: {examined.unverified or 'no pidfile'}")
+    except BaseException as exc:
+        cleaned = await asyncio.shield(_abort_start(paths, pid, pidfd, began))
+        if isinstance(exc, StepFailed):
+            raise StepFailed(f"{exc}; {cleaned}") from exc
+        raise
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     return f"started, pid {pid} as uid {uid}, {cgroup}"
 
 
-async def _wait_running(paths: VMPaths, pid: int) -> None:
+async def _abort_start(paths: VMPaths, pid: int, pidfd: int | None, began: int | None) -> str:
+    """Kill the QEMU this start launched (through its pidfd, and only while its start time is the one
+    recorded at launch), then remove its pidfile, sockets and cgroup; what was done, in a few words."""
+    done = []
+    if pidfd is not None and began is not None and procfs.start_time(pid) == began and procfs.is_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        gone = await procfs.wait_dead(pid, QUIT_TIMEOUT)
+        done.append(f"the QEMU it launched (pid {pid}) was killed" if gone else f"QEMU pid {pid} survived SIGKILL")
+    await placement.remove_cgroups(paths)
+    if removed := files.remove_qemu_sockets(paths):
+        done.append(f"removed {', '.join(removed)}")
+    return "; ".join(done) or "nothing was left running"
+
+
+async def abort_started(paths: VMPaths) -> str:
+    """A start whose set-up after boot failed (e.g. an I/O limit QEMU rejects): kill the verified QEMU it
+    started and remove what it left, so the VM is not left running without what its manifest asks."""
+    process = procfs.find_qemu(paths)
+    if process is None:
+        return "its QEMU is gone"
+    _kill(process, paths)
+    gone = await procfs.wait_dead(process.pid, QUIT_TIMEOUT)
+    await placement.remove_cgroups(paths)
+    files.remove_qemu_sockets(paths)
+    return f"the QEMU it started (pid {process.pid}) was killed" if gone else f"QEMU pid {process.pid} survived SIGKILL"
+
+
+async def _wait_running(paths: VMPaths, pid: int, timeout: float = READY_TIMEOUT) -> None:
     """Wait for the guest to run; fail at once if its QEMU dies meanwhile (a start error, or killed or
     crashed while loading), with QEMU's last words from its stderr log."""
-    deadline = time.monotonic() + READY_TIMEOUT
+    deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         if not procfs.is_alive(pid):
@@ -286,7 +335,7 @@ async def _wait_running(paths: VMPaths, pid: int) -> None:
         except MonitorError as exc:
             last = str(exc)
         await asyncio.sleep(POLL)
-    raise StepFailed(f"the VM did not reach 'running' within {READY_TIMEOUT:g}s ({last})")
+    raise StepFailed(f"the VM did not reach 'running' within {timeout:g}s ({last})")
 
 
 async def _press_power_button(paths: VMPaths, pid: int, grace: float) -> bool:

@@ -22,7 +22,7 @@ from reconciler.spec.host import HostConfig
 from reconciler.spec.models import Network, VirtualMachine, VirtualMachineSpec, nic_bridge, tap_name
 from reconciler.state import files
 from reconciler.state.layout import StateLayout, VMPaths
-from reconciler.state.models import AppliedRecord, LiveRecord
+from reconciler.state.models import AppliedRecord, ExitRecord, LiveRecord
 
 
 async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str],
@@ -43,13 +43,23 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str],
                                            launched=launched, live=live, agent=guest, placement=placement)
     disks = {disk: qemu_img.inspect_image(paths.disk(disk)) for disk in sorted(set(disk_names))}
     last_exit = None
-    if observed_process is None and (ended := files.read_exit(paths)) is not None:
+    if observed_process is None and (ended := files.read_exit(paths) or _exit_from_log(paths)) is not None:
         last_exit = ended.reason
     tpm = procfs.find_swtpm(paths)
     return ObservedVM(name=name, process=observed_process, disks=disks, last_exit=last_exit,
                       unverified=examined.unverified, tpm_pid=tpm.pid if tpm else None,
                       tpm_state=files.tpm_state_exists(paths),
                       efi_vars=str(paths.efi_vars) if files.efi_vars_exists(paths) else None)
+
+
+def _exit_from_log(paths: VMPaths) -> ExitRecord | None:
+    """No daemon recorded how the last QEMU ended: its own log says, once the QEMU launch.json names is gone."""
+    launch = files.read_launch(paths)
+    if launch is None or launch.pid is None:
+        return None
+    if procfs.is_alive(launch.pid) and procfs.start_time(launch.pid) == launch.start_time:
+        return None  # still running (not verified, or starting): it has not ended
+    return files.exit_from_log(paths)
 
 
 async def query_running(

@@ -163,6 +163,7 @@ _RESTART_CODES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("no launch record",), "restart.unknownLaunch"),
     (("tap", "is gone"), "restart.tapGone"),
     (("display drift",), "restart.displayDrift"),
+    (("monitor does not answer",), "restart.monitorUnreachable"),
 )
 
 

@@ -403,8 +403,10 @@ def _running_vm(work: _VMPlan, desired: VirtualMachine, process: ObservedProcess
     if process.launched is None:
         work.restart_causes.append("the running QEMU has no launch record to compare with")
     elif process.live is None:
-        work.refusals.append(f"its QMP monitor does not answer (status: {process.status}); "
-                             "nothing can be changed live until it does")
+        # A stuck QEMU (stopped, hung, its monitor gone): nothing can be changed live, but a restart (which
+        # kills the verified process when it does not quit) recovers it; it waits for --allow-restart.
+        work.restart_causes.append(f"its QMP monitor does not answer (status: {process.status}): nothing can be "
+                                   "changed live; a restart kills its verified QEMU and starts it again")
     else:
         _restart_causes(work, spec, process.launched)
         work.live = plan_live(work.name, spec, process.launched, process.live)

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.errors import UnsafeValue
+from reconciler.errors import Refused, UnsafeValue
 from reconciler.qemu import hostdev
 from reconciler.qemu.display import display_argv, has_vdagent, vdagent_argv
 from reconciler.spec.hostdev import HostDeviceSpec
@@ -63,6 +63,7 @@ from reconciler.spec.naming import (
     spare_port,
 )
 from reconciler.state.layout import VMPaths
+from reconciler.state.models import SHUTDOWN_TRACE
 
 QEMU_BINARY = "qemu-system-x86_64"
 _UNSAFE = re.compile(r"[,=\x00-\x1f\x7f]")
@@ -138,11 +139,14 @@ def build_argv(
     opened = files or OpenedFiles()
     pcie = spec.machine.type == "q35"
     # One chassis number per PCIe root port, in argv order: disks, then NICs, then the spare ports.
-    chassis = iter(range(1, 256))
+    chassis = _chassis_numbers()
     order = boot_indices(spec)
     return [
         *_machine(binary, name, spec),
         "-sandbox", SANDBOX,
+        # QEMU writes why it shuts down to its stderr log: a later apply tells a clean power-off from a
+        # crash without the sync daemon having watched (state.files.exit_from_log).
+        "-trace", f"enable={SHUTDOWN_TRACE}",
         *_cpu_and_memory(spec),
         *_memory_backend(spec, opened),
         "-display", "none", "-vga", "none",
@@ -301,6 +305,15 @@ def _netdev(nic: NetworkInterfaceSpec, taps: Mapping[str, list[int]], vhost: boo
     forwards = [f"hostfwd={_safe(forward)}" for forward in host_forwards(nic)]
     restrict = ["restrict=on"] if nic.restrict else []
     return ",".join([_kv("user", id=nic_netdev(nic.name)), *restrict, *forwards])
+
+
+def _chassis_numbers() -> Iterator[int]:
+    """PCIe root port chassis numbers 1..255 (8 bits), then a refusal: a bare ``next()`` past the end would
+    raise StopIteration, which inside the executor's coroutine became an uncaught ``RuntimeError: coroutine
+    raised StopIteration`` (256 disks) instead of a failed step."""
+    yield from range(1, 256)
+    raise Refused("more than 255 PCIe root ports (disks, NICs and spare ports): a q35 machine has no more "
+                  "chassis numbers; use fewer disks or put them on bus: scsi")
 
 
 def _spare_ports(spec: VirtualMachineSpec, pcie: bool, chassis: Iterator[int]) -> list[str]:

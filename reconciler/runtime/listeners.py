@@ -62,7 +62,11 @@ class ExitTracker:
         self.shutdown: dict[str, Any] | None = None
 
     def _record(self, reason: dict[str, Any]) -> None:
-        files.record_exit(self.paths, self.pid, ExitRecord(**reason))
+        try:
+            files.record_exit(self.paths, self.pid, ExitRecord(**reason))
+        except OSError as exc:  # a full state file system: say so, and still report and trigger the exit
+            log.error("exit not recorded", vm=self.name, pid=self.pid, reason=reason.get("reason"),
+                      error=exc.strerror or str(exc))
 
     def handle(self, event: dict[str, Any]) -> None:
         kind = str(event["event"])

@@ -78,8 +78,8 @@ class Reconciler:
         except Permanent as exc:
             retry = self._failed_for_good(key, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # one broken VM must never stop the daemon
-            log.exception("reconcile crashed", vm=key)
             message = f"{type(exc).__name__}: {exc}"
+            log.exception("reconcile crashed", vm=key, error=message)
             self.store.event(key, "reconcile", "error", message)
             retry = self._backoff(key)
             if key != HOST:  # the status must not go on saying Ready

@@ -24,9 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from reconciler.runtime import pgmirror
 from reconciler.runtime.pgmirror import Mirror
 from reconciler.state.files import make_private_dirs
+
+log = structlog.get_logger("infinization.store")
 
 SCHEMA = [  # version 1 (PRAGMA user_version); later versions in _LOCAL_MIGRATIONS
     """CREATE TABLE IF NOT EXISTS events (
@@ -78,6 +82,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._migrate()
         self._pruned_at = 0.0
+        self._write_error: str | None = None
         self._mirror = Mirror(database_url, self.host, retention_days) if database_url else None
 
     def _migrate(self) -> None:
@@ -96,23 +101,23 @@ class Store:
     def _prune(self, now: float) -> None:
         """Drop this host's events past the retention, at most once an hour (the mirror prunes its own)."""
         if self.retention_days > 0 and now - self._pruned_at > 3600:
-            self._db.execute("DELETE FROM events WHERE host = ? AND ts < ?",
-                             (self.host, now - self.retention_days * 86400))
+            self._write("DELETE FROM events WHERE host = ? AND ts < ?", (self.host, now - self.retention_days * 86400))
             self._pruned_at = now
 
     def event(self, vm: str, kind: str, result: str, message: str, duration_ms: float | None = None) -> None:
         now = time.time()
         self._prune(now)
         row = (now, self.host, vm, kind, result, message, duration_ms)
-        self._db.execute("INSERT INTO events (ts, host, vm, kind, result, message, duration_ms) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+        if not self._write("INSERT INTO events (ts, host, vm, kind, result, message, duration_ms) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", row):  # not lost: the daemon's log has it
+            log.warning("event not stored", vm=vm, kind=kind, result=result, message=message)
         self._send(pgmirror.INSERT_EVENT, row)
 
     def set_status(self, status: VMStatus) -> None:
         conditions = json.dumps(status.conditions, sort_keys=True)
         row = (self.host, status.vm, status.phase, status.pid, status.revision, conditions,
                status.last_reconcile, status.duration_ms, status.result)
-        self._db.execute(
+        self._write(
             "INSERT INTO vm_status (host, vm, phase, pid, revision, conditions, last_reconcile, duration_ms, result) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, vm) DO UPDATE SET phase=excluded.phase, "
             "pid=excluded.pid, revision=excluded.revision, conditions=excluded.conditions, "
@@ -120,8 +125,23 @@ class Store:
         self._send(pgmirror.UPSERT_STATUS, row)
 
     def forget(self, vm: str) -> None:
-        self._db.execute("DELETE FROM vm_status WHERE host = ? AND vm = ?", (self.host, vm))
+        self._write("DELETE FROM vm_status WHERE host = ? AND vm = ?", (self.host, vm))
         self._send(pgmirror.DELETE_STATUS, (self.host, vm))
+
+    def _write(self, sql: str, params: tuple[Any, ...]) -> bool:
+        """One write to the local store. A failed write (the state directory's file system is full, the disk
+        fails) must not stop a reconcile: it is logged, with its error, once until writes work again."""
+        try:
+            self._db.execute(sql, params)
+        except sqlite3.Error as exc:
+            if self._write_error != str(exc):
+                log.error("status store write failed", error=str(exc), database=str(self.path))
+                self._write_error = str(exc)
+            return False
+        if self._write_error is not None:
+            log.info("status store writes work again", database=str(self.path))
+            self._write_error = None
+        return True
 
     def statuses(self) -> dict[str, VMStatus]:
         rows = self._db.execute("SELECT vm, phase, pid, revision, conditions, last_reconcile, duration_ms, result "

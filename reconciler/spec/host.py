@@ -74,6 +74,10 @@ class HostConfig(BaseModel):
     swtpmBinary: AbsolutePath = Field(
         default="/usr/bin/swtpm", description="The swtpm a VM's TPM process must be (its /proc exe)."
     )
+    startTimeout: int = Field(
+        default=30, ge=1, le=600,
+        description="Seconds a started QEMU has to report its guest running; then the QEMU we launched is killed.",
+    )
     portForwardRange: Annotated[str, AfterValidator(_port_range)] = Field(
         default="10000-20000", description="Host ports a user-mode NIC's portForwards may bind."
     )

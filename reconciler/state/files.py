@@ -48,6 +48,11 @@ from reconciler.errors import CorruptRecord, Refused
 from reconciler.spec.models import Network, VirtualMachine
 from reconciler.state.layout import StateLayout, VMPaths
 from reconciler.state.models import (
+    CRASH,
+    GUEST_SHUTDOWN,
+    PANICKED,
+    SHUTDOWN_CAUSES,
+    SHUTDOWN_TRACE,
     STOPPED,
     AppliedRecord,
     DhcpLease,
@@ -186,6 +191,14 @@ def claim_disk(paths: VMPaths, disk: str) -> None:
         raise Refused(f"no record for {paths.dir.name}: the record step must run first (re-run apply)")
     if disk not in current.owned_disks:
         updated = current.model_copy(update={"owned_disks": sorted([*current.owned_disks, disk])})
+        write_atomic(paths.record, _dump(updated))
+
+
+def unclaim_disk(paths: VMPaths, disk: str) -> None:
+    """Take back a claim whose create failed before the disk existed (the record says what is there)."""
+    current = read_record(paths)
+    if current is not None and disk in current.owned_disks:
+        updated = current.model_copy(update={"owned_disks": [d for d in current.owned_disks if d != disk]})
         write_atomic(paths.record, _dump(updated))
 
 
@@ -355,6 +368,32 @@ def read_exit(paths: VMPaths) -> ExitRecord | None:
         return None
 
 
+def exit_from_log(paths: VMPaths, tail: int = 1 << 16) -> ExitRecord | None:
+    """How the VM's last QEMU ended, from its stderr log: the last ``qemu_system_shutdown_request`` trace
+    line QEMU wrote (a clean power-off, a quit, a signal...), or a crash when it wrote none. None when that
+    QEMU was not launched with the trace (nothing can be said) or never ran. The caller checks that the
+    QEMU the launch record names is gone; the log is truncated at each launch, so it is that QEMU's."""
+    launch = read_launch(paths)
+    if launch is None or launch.pid is None or f"enable={SHUTDOWN_TRACE}" not in launch.argv:
+        return None
+    try:
+        fd = os.open(paths.qemu_log, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        size = os.fstat(fd).st_size
+        handle.seek(max(0, size - tail))  # only the end: QEMU may have written much before it
+        text = handle.read(tail).decode(errors="replace")
+    causes = [line.split("reason=", 1)[1].strip() for line in text.splitlines()
+              if line.startswith(f"{SHUTDOWN_TRACE} reason=")]
+    if not causes:
+        return ExitRecord(reason=CRASH, how="no shutdown in QEMU's log (killed or crashed)")
+    number = int(causes[-1]) if causes[-1].isdigit() else -1
+    reason = SHUTDOWN_CAUSES[number] if 0 <= number < len(SHUTDOWN_CAUSES) else f"cause {causes[-1][:20]}"
+    return ExitRecord(reason=reason, guest=reason in (GUEST_SHUTDOWN, "guest-reset", PANICKED),
+                      how="from QEMU's log (no daemon watched)")
+
+
 def write_exit(paths: VMPaths, record: ExitRecord) -> None:
     write_atomic(paths.exit, _dump(record))
 
@@ -493,8 +532,29 @@ def read_pidfile(pidfile: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def launched_pid_if_no_pidfile(paths: VMPaths) -> int | None:
+    """The pid launch.json (root's) recorded, when QEMU's pidfile is gone (deleted by hand or by a cleaner):
+    the process is still checked against every other record before it is adopted. None while a pidfile
+    exists, even an unreadable one or a link (that is not a missing file: nothing is adopted then)."""
+    if os.path.lexists(paths.pidfile):
+        return None
+    launch = read_launch(paths)
+    return launch.pid if launch is not None else None
+
+
 def remove_pidfile(pidfile: Path) -> None:
     pidfile.unlink(missing_ok=True)
+
+
+def remove_qemu_sockets(paths: VMPaths) -> list[str]:
+    """After our QEMU was killed: its pidfile and the sockets it listened on (it removes none of them when
+    killed), so nothing names a dead process. The names removed."""
+    removed = []
+    for path in (paths.pidfile, paths.qmp, paths.events, paths.agent_socket, *paths.run.glob("ch-*.sock")):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 def read_serial(paths: VMPaths) -> bytes | None:

@@ -20,6 +20,11 @@ GUEST_SHUTDOWN = "guest-shutdown"  # the guest powered itself off cleanly
 CRASH = "crash"  # QEMU exited without a SHUTDOWN event
 PANICKED = "guest-panicked"
 FAILURES = frozenset({CRASH, PANICKED})
+SHUTDOWN_TRACE = "qemu_system_shutdown_request"
+# QEMU 7.2's ShutdownCause, in its order: the number its ``qemu_system_shutdown_request`` trace event
+# prints (QEMU writes it to its stderr log when launched with ``-trace``; see ``state.files.exit_from_log``).
+SHUTDOWN_CAUSES = ("none", "host-error", "host-qmp-quit", "host-qmp-system-reset", "host-signal", "host-ui",
+                   GUEST_SHUTDOWN, "guest-reset", PANICKED, "subsystem-reset", "snapshot-load")
 
 
 class _Record(BaseModel):

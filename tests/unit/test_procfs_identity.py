@@ -85,6 +85,18 @@ def test_without_a_completed_launch_record_nothing_is_adopted(
     assert procfs.examine(paths).process is None
 
 
+def test_a_deleted_pidfile_falls_back_to_launch_json_with_every_other_check(
+        running: tuple[VMPaths, subprocess.Popen[bytes]]) -> None:
+    paths, child = running
+    _launched(paths, child.pid)
+    paths.pidfile.unlink()  # deleted by hand: the QEMU still runs, launch.json (root's) still names it
+    examined = procfs.examine(paths)
+    assert examined.process is not None and examined.process.pid == child.pid
+    _launched(paths, child.pid, argv=[SLEEP, "61"])
+    paths.pidfile.unlink()
+    assert procfs.examine(paths).process is None, "the other checks still apply"
+
+
 def test_a_pidfile_that_is_a_symlink_is_not_followed(running: tuple[VMPaths, subprocess.Popen[bytes]],
                                                      tmp_path: Path) -> None:
     paths, child = running
