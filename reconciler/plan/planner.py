@@ -84,7 +84,7 @@ def _dotted(path: Path_) -> str:
     if head in _KEYED and rest:
         name, *tail = rest
         return f"{head}[{name}]" + "".join(f".{part}" for part in tail)
-    return ".".join(path)
+    return ".".join(str(part) for part in path)  # map keys may be numbers (cpu.placement.vcpuPins)
 
 
 @dataclass(frozen=True)

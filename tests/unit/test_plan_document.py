@@ -140,3 +140,10 @@ def test_the_command_prints_the_published_schema() -> None:
                              check=True, cwd=ROOT).stdout
     assert json.loads(printed) == json.loads((ROOT / "docs" / "schema" / "plan.schema.json").read_text()), (
         "docs/schema/plan.schema.json is stale: python -m reconciler schema plan > docs/schema/plan.schema.json")
+
+
+def test_drift_paths_with_numeric_map_keys() -> None:
+    """vCPU pins are a map keyed by numbers: the manifest-change paths of such a spec must not crash."""
+    from reconciler.plan.planner import _dotted
+
+    assert _dotted(("cpu", "placement", "vcpuPins", 0)) == "cpu.placement.vcpuPins.0"  # type: ignore[arg-type]
