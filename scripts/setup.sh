@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything Infinization needs on a Debian 12 host, as root, idempotently:
 # QEMU and tools from Debian, a virtualenv with the package (editable, with test tools),
-# the `infinization` command on PATH, and the cached test/demo guest.
+# the `infinization` command on PATH, the cached test/demo guest and the Debian root filesystem of the
+# slow guest-agent tests (scripts/build-rootfs.sh).
 #
 #   INFZ_VENV   where the virtualenv goes   (default /opt/infinization/venv)
 #   PYTHON      the Python >= 3.11 to use   (default python3)
@@ -11,7 +12,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${INFZ_VENV:-/opt/infinization/venv}
 PYTHON=${PYTHON:-python3}
 PACKAGES=(qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static cpio nftables iproute2 dnsmasq-base postgresql git
-          iputils-ping util-linux xz-utils zsh prometheus
+          iputils-ping util-linux xz-utils zsh prometheus mmdebstrap e2fsprogs debian-archive-keyring
           python3 python3-venv python3-pip ca-certificates)
 
 log() { echo "setup: $*" >&2; }
@@ -114,4 +115,6 @@ fi
 
 log "building the guest (cached)"
 bash "$ROOT/scripts/build-guest.sh" /var/cache/infinization/guest
+log "building the Debian 12 root filesystem of the guest-agent tests (cached; ~1.5 min cold)"
+bash "$ROOT/scripts/build-rootfs.sh" /var/cache/infinization/rootfs
 log "done: $("$VENV/bin/infinization" --version)"

@@ -8,7 +8,9 @@ client at a time; a second one waits, and so times out here too.
 The protocol is QMP-like JSON, one object per line, without a greeting. A previous client may have left a
 half-read answer in the pipe, so each session starts with ``guest-sync`` and a random id and skips every line
 until the answer that echoes that id. ``guest-shutdown`` sends no answer when it works (the guest goes away).
-The observer uses ``query`` (status), the executor ``shutdown`` (the first try of a graceful stop).
+The observer uses ``query`` (status), the executor ``shutdown`` (the first try of a graceful stop);
+``freeze`` / ``thaw`` / ``fsfreeze_status`` and the ``frozen`` context manager are for snapshots (the
+filesystems frozen while the disks are copied).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class _Session:
         self.writer.write(json.dumps(message).encode() + b"\n")
         await self.writer.drain()
 
-    async def answer(self, command: str) -> Any:
-        """The next answer (``return`` value) that is JSON; ``AgentError`` for an ``error`` answer."""
+    async def answer(self, command: str, skip_errors: bool = False) -> Any:
+        """The next answer (``return`` value) that is JSON; ``AgentError`` for an ``error`` answer (or skip it)."""
         while True:
             line = await self.reader.readline()
             if not line:
@@ -54,7 +56,7 @@ class _Session:
                 message = json.loads(line.strip(_RESET + b" \r\n"))
             except ValueError:
                 continue  # noise: a reset byte, a stale half line
-            if isinstance(message, dict) and "error" in message:
+            if isinstance(message, dict) and "error" in message and not skip_errors:
                 raise AgentError(f"{command}: {message['error'].get('desc', message['error'])}")
             if isinstance(message, dict) and "return" in message:
                 return message["return"]
@@ -64,11 +66,13 @@ class _Session:
         return await self.answer(command)
 
     async def sync(self) -> None:
-        """Skip whatever an earlier client left unread: wait for the answer that echoes our random id."""
+        """Skip whatever an earlier client left unread: wait for the answer that echoes our random id.
+        Errors before it are skipped too: a real qemu-ga answers the reset byte itself with a parse error
+        ("JSON parse error, stray '\\xff'") before it answers the guest-sync."""
         token = random.randint(1, 2**31 - 1)
         self.writer.write(_RESET)
         await self.send("guest-sync", {"id": token})
-        while await self.answer("guest-sync") != token:
+        while await self.answer("guest-sync", skip_errors=True) != token:
             pass
 
 
@@ -108,10 +112,19 @@ def os_name(info: Any) -> str | None:
     return str(name) if name else None
 
 
+FROZEN = "the guest's filesystems are frozen (fsfreeze): no addresses or OS until they are thawed"
+
+
 async def _ask(socket: Path) -> ObservedAgent:
     async with _session(socket) as agent:
         await agent.execute("guest-ping")
-        interfaces = await agent.execute("guest-network-get-interfaces")
+        try:
+            interfaces = await agent.execute("guest-network-get-interfaces")
+        except AgentError:
+            # A frozen agent refuses every command but a few (ping, sync, fsfreeze-*): it answers, and says why.
+            if await agent.execute("guest-fsfreeze-status") == "frozen":
+                return ObservedAgent(answering=True, detail=FROZEN)
+            raise
         try:
             info = await agent.execute("guest-get-osinfo")
         except AgentError:  # an old agent, or one that may not read /etc/os-release
@@ -145,3 +158,59 @@ async def shutdown(socket: Path, deadline: float = DEADLINE) -> str | None:
     except AgentError as exc:
         return str(exc)
     return None
+
+
+# Freezing and thawing the guest's filesystems (for consistent snapshots). qemu-ga's fsfreeze-freeze syncs
+# every filesystem before freezing it, so it gets a longer deadline than a ping. A frozen guest stays frozen
+# until someone thaws it (qemu-ga has no timeout of its own on Linux): a freeze whose answer is lost may still
+# have frozen the guest, so every failed freeze is followed by a thaw, and ``frozen`` thaws on every exit.
+FREEZE_DEADLINE = 20.0
+
+
+async def _one(socket: Path, command: str, arguments: dict[str, Any] | None) -> Any:
+    async with _session(socket) as agent:
+        return await agent.execute(command, arguments)
+
+
+async def call(socket: Path, command: str, arguments: dict[str, Any] | None = None,
+               deadline: float = DEADLINE) -> Any:
+    """One command in its own session, bounded by ``deadline``: its ``return`` value; ``AgentError`` on
+    timeout or an error answer. (Not for guest-shutdown, which never answers.)"""
+    try:
+        return await asyncio.wait_for(_one(socket, command, arguments), deadline)
+    except TimeoutError as exc:
+        raise AgentError(f"{command}: no answer within {deadline:g}s") from exc
+
+
+async def fsfreeze_status(socket: Path, deadline: float = DEADLINE) -> str:
+    """``"frozen"`` or ``"thawed"``, as the agent says."""
+    return str(await call(socket, "guest-fsfreeze-status", deadline=deadline))
+
+
+async def thaw(socket: Path, deadline: float = DEADLINE) -> int:
+    """Thaw the guest's filesystems; return how many were thawed (0: none was frozen)."""
+    return int(await call(socket, "guest-fsfreeze-thaw", deadline=deadline))
+
+
+async def freeze(socket: Path, deadline: float = FREEZE_DEADLINE) -> int:
+    """Freeze the guest's filesystems; return how many. On any failure a thaw is attempted (the freeze may
+    have happened even though its answer did not come back) and ``AgentError`` says both outcomes."""
+    try:
+        return int(await call(socket, "guest-fsfreeze-freeze", deadline=deadline))
+    except AgentError as exc:
+        try:
+            thawed = await thaw(socket)
+        except AgentError as thaw_error:
+            raise AgentError(f"{exc}; and the thaw after it failed: {thaw_error}") from exc
+        raise AgentError(f"{exc} (thawed {thawed} filesystem(s) after it)") from exc
+
+
+@contextlib.asynccontextmanager
+async def frozen(socket: Path, deadline: float = FREEZE_DEADLINE) -> AsyncIterator[int]:
+    """``async with frozen(socket) as count:`` the guest's filesystems stay frozen inside the block (take the
+    disk snapshot there) and are thawed on every way out; a thaw that fails raises ``AgentError``."""
+    count = await freeze(socket, deadline)
+    try:
+        yield count
+    finally:
+        await thaw(socket)

@@ -148,7 +148,8 @@ def _agent_notes(found: dict[str, Any] | None) -> list[str]:
         return []
     if not found["answering"]:
         return [f"agent: not answering ({found['detail']})"]
-    return [f"agent: {found['os'] or 'answering'}; ips: {', '.join(found['addresses']) or '-'}"]
+    detail = f" ({found['detail']})" if found["detail"] else ""
+    return [f"agent: {found['os'] or 'answering'}; ips: {', '.join(found['addresses']) or '-'}{detail}"]
 
 
 def _notes(row: dict[str, Any]) -> str:

@@ -104,7 +104,7 @@ class ObservedAgent(_Fact):
     answering: bool
     addresses: list[str] = Field(default_factory=list, description="The guest's addresses (address/prefix), no lo.")
     os: str | None = Field(default=None, description="guest-get-osinfo's pretty name.")
-    detail: str = Field(default="", description="Why it is not answering.")
+    detail: str = Field(default="", description="Why it is not answering, or what limits its answer (frozen).")
 
 
 class ObservedProcess(_Fact):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import GUEST_DIR, ROOT, Host
+from tests.e2e.harness import GUEST_DIR, ROOT, ROOTFS_DIR, ROOTFS_FILES, Host
 
 
 def missing_prerequisites() -> list[str]:
@@ -32,16 +32,35 @@ def missing_prerequisites() -> list[str]:
     return missing
 
 
+def missing_rootfs() -> list[str]:
+    """What the real-OS guest tests (fixture ``rootfs``) lack: the image of scripts/build-rootfs.sh."""
+    return [f"no Debian root filesystem {ROOTFS_DIR / name} (scripts/build-rootfs.sh builds it)"
+            for name in ROOTFS_FILES if not (ROOTFS_DIR / name).is_file()]
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     e2e = [item for item in items if "/e2e/" in str(item.fspath)]
     missing = missing_prerequisites() if e2e else []
-    if missing and os.environ.get("INFZ_REQUIRE_E2E") == "1":
-        raise pytest.UsageError(f"INFZ_REQUIRE_E2E=1 but the end-to-end tests cannot run: {'; '.join(missing)}")
+    real_os = [item for item in e2e if "rootfs" in getattr(item, "fixturenames", ())]
+    missing_os = missing_rootfs() if real_os else []
+    if (missing or missing_os) and os.environ.get("INFZ_REQUIRE_E2E") == "1":
+        raise pytest.UsageError("INFZ_REQUIRE_E2E=1 but the end-to-end tests cannot run: "
+                                f"{'; '.join(missing + missing_os)}")
     skip = pytest.mark.skip(reason=f"end-to-end: {'; '.join(missing)} (run scripts/setup.sh as root)")
+    skip_os = pytest.mark.skip(reason=f"end-to-end, real OS: {'; '.join(missing_os)} (run scripts/setup.sh)")
     for item in e2e:
         item.add_marker(pytest.mark.e2e)
         if missing:
             item.add_marker(skip)
+        elif missing_os and item in real_os:
+            item.add_marker(skip_os)
+
+
+@pytest.fixture(scope="session")
+def rootfs() -> Path:
+    """The Debian 12 guest of scripts/build-rootfs.sh (built by setup.sh, not here: a cold build downloads
+    ~100 MB and takes minutes; collection skips the tests that need it when it is missing)."""
+    return ROOTFS_DIR
 
 
 @pytest.fixture(scope="session")

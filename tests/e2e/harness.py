@@ -23,6 +23,9 @@ from reconciler.hostnet.nftables import firewall_table
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(os.environ.get("INFZ_GUEST_DIR", "/var/cache/infinization/guest"))
+# The real-OS guest (Debian 12 with systemd and qemu-guest-agent) of scripts/build-rootfs.sh.
+ROOTFS_DIR = Path(os.environ.get("INFZ_ROOTFS_DIR", "/var/cache/infinization/rootfs"))
+ROOTFS_FILES = ("rootfs.qcow2", "vmlinuz", "initrd.img")
 REPORT_RE = re.compile(r"INFZ-REPORT seq=(\d+) disks=(\S*) nics=(\S*) mem_kb=(\d+) cpus=(\d+)(?: cds=(\S*))?"
                        r"(?: ping=(\S*))?(?: ips=(\S*))?"
                        r"(?: efi=(\d) sb=(\S+) tpm=(\d) rng=(\S+) cidata=(\S+))?(?: ro=(\S*) uuid=(\S+))?"

@@ -24,8 +24,10 @@ OSINFO = {"id": "debian", "name": "Debian GNU/Linux", "pretty-name": "Debian GNU
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def _qga(seen: list[str], stale: bytes = b"", osinfo: bool = True) -> Handler:
-    """A fake agent: answers guest-sync, guest-ping and the two queries, records what it was asked."""
+def _qga(seen: list[str], stale: bytes = b"", osinfo: bool = True, hang_on: str = "") -> Handler:
+    """A fake agent: answers guest-sync, guest-ping, the two queries and fsfreeze (keeping a frozen state),
+    records what it was asked; never answers ``hang_on``."""
+    state = {"frozen": False}
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -36,6 +38,8 @@ def _qga(seen: list[str], stale: bytes = b"", osinfo: bool = True) -> Handler:
     async def answer_all(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(stale)  # what an earlier client left unread
         while line := await reader.readline():
+            if line.startswith(b"\xff"):  # qemu-ga's parser reset answers the byte itself with an error
+                writer.write(b'{"error": {"class": "GenericError", "desc": "JSON parse error, stray \\u00ff"}}\n')
             request = json.loads(line.strip(b"\xff \n"))
             seen.append(request["execute"])
             answer: dict[str, Any] = {
@@ -47,10 +51,25 @@ def _qga(seen: list[str], stale: bytes = b"", osinfo: bool = True) -> Handler:
             }.get(request["execute"], {})
             if request["execute"] == "guest-shutdown":
                 return
+            if state["frozen"] and request["execute"] not in ("guest-sync", "guest-ping") \
+                    and not request["execute"].startswith("guest-fsfreeze"):
+                answer = {"error": {"class": "GenericError", "desc": f"Command {request['execute']} has been "
+                                    "disabled: the agent is in frozen state"}}
+            if request["execute"].startswith("guest-fsfreeze"):
+                answer = {"return": _fsfreeze(state, request["execute"])}
+                if request["execute"] == hang_on:
+                    continue  # the command happened, its answer is lost
             writer.write(json.dumps(answer).encode() + b"\n")
             await writer.drain()
 
     return serve
+
+
+def _fsfreeze(state: dict[str, bool], command: str) -> object:
+    if command == "guest-fsfreeze-status":
+        return "frozen" if state["frozen"] else "thawed"
+    was, state["frozen"] = state["frozen"], command == "guest-fsfreeze-freeze"
+    return 2 if state["frozen"] or was else 0
 
 
 async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -104,3 +123,65 @@ def test_shutdown_pings_then_asks_for_a_powerdown(tmp_path: Path) -> None:
     assert seen == ["guest-sync", "guest-ping", "guest-shutdown"]
     refused = _with(tmp_path, _silent, lambda path: agent.shutdown(path, deadline=0.3))
     assert refused == "the guest agent did not answer within 0.3s"
+
+
+def test_freeze_thaw_and_status(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    async def steps(path: Path) -> list[object]:
+        frozen = await agent.freeze(path)
+        during = await agent.fsfreeze_status(path)
+        thawed = await agent.thaw(path)
+        return [frozen, during, thawed, await agent.fsfreeze_status(path)]
+
+    assert _with(tmp_path, _qga(seen), steps) == [2, "frozen", 2, "thawed"]
+    assert [c for c in seen if c != "guest-sync"] == ["guest-fsfreeze-freeze", "guest-fsfreeze-status",
+                                                      "guest-fsfreeze-thaw", "guest-fsfreeze-status"]
+
+
+def test_a_freeze_without_answer_is_thawed_and_reported(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    async def steps(path: Path) -> tuple[str, str]:
+        try:
+            await agent.freeze(path, deadline=0.3)
+        except agent.AgentError as exc:
+            return str(exc), await agent.fsfreeze_status(path)
+        raise AssertionError("the freeze did not fail")
+
+    error, after = _with(tmp_path, _qga(seen, hang_on="guest-fsfreeze-freeze"), steps)
+    assert "no answer within 0.3s" in error and "thawed 2 filesystem(s)" in error
+    assert after == "thawed" and "guest-fsfreeze-thaw" in seen
+
+
+def test_frozen_thaws_when_the_block_fails(tmp_path: Path) -> None:
+    async def steps(path: Path) -> str:
+        try:
+            async with agent.frozen(path) as count:
+                assert count == 2 and await agent.fsfreeze_status(path) == "frozen"
+                raise RuntimeError("the snapshot failed")
+        except RuntimeError:
+            return await agent.fsfreeze_status(path)
+
+    assert _with(tmp_path, _qga([]), steps) == "thawed"
+
+
+def test_freeze_of_a_silent_agent_fails_within_its_deadlines(tmp_path: Path) -> None:
+    async def steps(path: Path) -> str:
+        try:
+            await agent.freeze(path, deadline=0.3)
+        except agent.AgentError as exc:
+            return str(exc)
+        return "no error"
+
+    error = _with(tmp_path, _silent, steps)
+    assert "no answer within 0.3s" in error and "the thaw after it failed" in error
+
+
+def test_a_frozen_agent_answers_and_says_it_is_frozen(tmp_path: Path) -> None:
+    async def steps(path: Path) -> object:
+        async with agent.frozen(path):
+            return await agent.query(path)
+
+    found = _with(tmp_path, _qga([]), steps)
+    assert found.answering is True and found.detail == agent.FROZEN and found.addresses == []
