@@ -11,7 +11,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${INFZ_VENV:-/opt/infinization/venv}
 PYTHON=${PYTHON:-python3}
 PACKAGES=(qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static cpio nftables iproute2 dnsmasq-base postgresql git
-          iputils-ping util-linux xz-utils zsh prometheus
+          iputils-ping util-linux xz-utils zsh prometheus systemd systemd-container
           python3 python3-venv python3-pip ca-certificates)
 
 log() { echo "setup: $*" >&2; }
@@ -89,4 +89,18 @@ fi
 
 log "building the guest (cached)"
 bash "$ROOT/scripts/build-guest.sh" /var/cache/infinization/guest
+
+# The service: the unit (replaced at each setup; settings go in /etc/default/infinization-sync or a
+# drop-in) and the manifests it manages, the bundled demo, copied once (then they are the operator's).
+MANIFESTS=/opt/infinization/manifests
+if [ ! -d "$MANIFESTS" ]; then
+    log "installing the demo manifests into $MANIFESTS (managed by infinization-sync.service)"
+    install -d -m 0755 "$MANIFESTS"
+    install -m 0644 "$ROOT/manifests/demo.yaml" "$MANIFESTS/demo.yaml"
+fi
+if [ -d /etc/systemd/system ]; then
+    install -m 0644 "$ROOT/examples/08-systemd-unit/infinization-sync.service" /etc/systemd/system/
+    if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+    log "installed infinization-sync.service (not enabled: systemctl enable --now infinization-sync)"
+fi
 log "done: $("$VENV/bin/infinization" --version)"

@@ -25,7 +25,7 @@ def manager(tmp_path: Path) -> Iterator[socket.socket]:
 
 
 def _drain(sock: socket.socket) -> list[dict[str, str]]:
-    messages = []
+    messages: list[dict[str, str]] = []
     while True:
         try:
             data = sock.recv(4096)
