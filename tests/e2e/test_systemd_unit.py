@@ -2,9 +2,10 @@
 
 This machine need not run systemd as PID 1: the test boots one in a throwaway container
 (``systemd-nspawn --volatile=yes``: the host's /usr and /etc read-only, everything else fresh, its own
-network namespace), installs the unit and the demo manifests as scripts/setup.sh does, and runs the
-worktree's code (a drop-in sets PYTHONPATH, as the harness runs ``python -m reconciler`` from it). With every
-hardening option of the unit in force, it checks what systemd and the guest see:
+network namespace, a pure cgroup v2 hierarchy), installs the unit and the demo manifests as
+scripts/setup.sh does, and runs the worktree's code (a drop-in sets PYTHONPATH, as the harness runs
+``python -m reconciler`` from it). With every hardening option of the unit in force, it checks what
+systemd and the guest see:
 
 - ``systemctl start`` returns once the daemon is ready, and then the demo VM runs (READY=1 after the first
   pass); its guest boots and reports; the status line counts it.
@@ -52,7 +53,9 @@ class Container:
             self.nspawn = subprocess.Popen(
                 ["systemd-nspawn", "--register=no", "--keep-unit", "-M", self.name, "-D", "/", "--volatile=yes",
                  "--private-network", *binds, "-b", "--", "systemd.firstboot=off"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                # A pure cgroup v2 hierarchy inside, as on a Debian 12 host, even where this host is hybrid.
+                env=dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1"))
         self.init = self._wait_init()
 
     def _wait_init(self) -> int:
@@ -138,6 +141,7 @@ def _install(box: Container) -> None:
 
 def test_the_unit_runs_the_demo_hardened_and_keeps_it_across_restarts_and_watchdog(container: Container) -> None:
     box = container
+    assert box.run("stat", "-fc", "%T", "/sys/fs/cgroup").stdout.strip() == "cgroup2fs"
     _install(box)
     box.run("systemctl", "start", "infinization-sync")  # Type=notify: returns on READY=1
     # Ready means the first pass is over: the demo's QEMU already runs.
