@@ -13,6 +13,7 @@ VENV=${INFZ_VENV:-/opt/infinization/venv}
 PYTHON=${PYTHON:-python3}
 PACKAGES=(qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static cpio nftables iproute2 dnsmasq-base postgresql git
           iputils-ping util-linux xz-utils zsh prometheus mmdebstrap e2fsprogs debian-archive-keyring
+          systemd systemd-container
           python3 python3-venv python3-pip ca-certificates)
 
 log() { echo "setup: $*" >&2; }
@@ -117,4 +118,23 @@ log "building the guest (cached)"
 bash "$ROOT/scripts/build-guest.sh" /var/cache/infinization/guest
 log "building the Debian 12 root filesystem of the guest-agent tests (cached; ~1.5 min cold)"
 bash "$ROOT/scripts/build-rootfs.sh" /var/cache/infinization/rootfs
+
+# The service: the unit (replaced at each setup; settings go in /etc/default/infinization-sync or a
+# drop-in) and the manifests it manages, the bundled demo, copied once (then they are the operator's).
+MANIFESTS=/opt/infinization/manifests
+if [ ! -d "$MANIFESTS" ]; then
+    log "installing the demo manifests into $MANIFESTS (managed by infinization-sync.service)"
+    install -d -m 0755 "$MANIFESTS"
+    # The editor modeline points at the schema installed beside it (the relative one is the repository's).
+    install -d -m 0755 /opt/infinization/schema
+    install -m 0644 "$ROOT/docs/schema/manifest.schema.json" /opt/infinization/schema/
+    sed 's#\$schema=\.\./docs/schema/#$schema=/opt/infinization/schema/#' "$ROOT/manifests/demo.yaml" \
+        >"$MANIFESTS/demo.yaml"
+    chmod 0644 "$MANIFESTS/demo.yaml"
+fi
+if [ -d /etc/systemd/system ]; then
+    install -m 0644 "$ROOT/examples/08-systemd-unit/infinization-sync.service" /etc/systemd/system/
+    if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+    log "installed infinization-sync.service (not enabled: systemctl enable --now infinization-sync)"
+fi
 log "done: $("$VENV/bin/infinization" --version)"

@@ -9,7 +9,8 @@ is called by the CLI (``infinization sync``):
 - ``runtime.listeners``: triggers: QMP events and process exit of every VM (one listener each), netlink
   link events, manifest changes (watchfiles); plus a periodic full resync here, as a safety net;
 - ``runtime.queue``: one reconcile per key at a time, keys in parallel, backoff, parking;
-- ``runtime.reconcile``: one reconcile (with ``runtime.crashloop`` and ``runtime.status``).
+- ``runtime.reconcile``: one reconcile (with ``runtime.crashloop`` and ``runtime.status``);
+- ``runtime.service``: readiness, status and watchdog for systemd (``Type=notify``).
 
 SIGTERM/SIGINT stop the daemon and leave every VM running.
 """
@@ -28,8 +29,10 @@ from reconciler.apply.lock import StateLock
 from reconciler.runtime import metrics
 from reconciler.runtime.cache import HOST, DesiredCache
 from reconciler.runtime.listeners import QMPListeners, watch_files, watch_netlink
-from reconciler.runtime.queue import WorkQueue
+from reconciler.runtime.queue import Park, WorkQueue
 from reconciler.runtime.reconcile import Reconciler
+from reconciler.runtime.sdnotify import Notifier
+from reconciler.runtime.service import ServiceNotifier
 from reconciler.runtime.store import RETENTION_DAYS, Store
 from reconciler.spec.host import HostConfig
 from reconciler.state import files
@@ -59,15 +62,29 @@ class SyncDaemon:
         self.reconciler = Reconciler(self.cache, layout, store, self.listeners, dry_run=options.dry_run,
                                      config=options.config,
                                      allow_restart=options.allow_restart)
-        self.queue = WorkQueue(self.reconciler, parallel=options.parallel)
+        self.queue = WorkQueue(self._reconcile, parallel=options.parallel)
+        # Read (and removed from the environment) before any child process is started.
+        self.service = ServiceNotifier(Notifier.from_environment(),
+                                       queued=lambda: len(set(self.queue.pending()) | set(self.queue.held())))
 
-    def enqueue_all(self) -> None:
+    async def _reconcile(self, key: str) -> float | Park | None:
+        try:
+            return await self.reconciler(key)
+        finally:
+            self.service.reconciled(key)
+
+    def enqueue_all(self) -> list[str]:
         """Every key: the host, every desired VM and every VM we have a folder for (even a corrupt one)."""
-        self.queue.add(HOST)
         corrupt: dict[str, str] = {}
-        names = set(self.cache.state.vms) | set(self.cache.records(corrupt)) | set(corrupt)
-        for name in sorted(names):
-            self.queue.add(name)
+        keys = [HOST, *sorted(set(self.cache.state.vms) | set(self.cache.records(corrupt)) | set(corrupt))]
+        for key in keys:
+            self.queue.add(key)
+        return keys
+
+    def _stop(self) -> None:
+        if not self.stopping.is_set():
+            self.service.stopping()
+        self.stopping.set()
 
     async def _on_files_changed(self) -> None:
         await self.cache.wait_for_git(self.stopping)
@@ -87,15 +104,16 @@ class SyncDaemon:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+            loop.add_signal_handler(sig, self._stop)
+        watchdog = asyncio.create_task(self.service.watchdog(self.stopping))  # from the start: systemd's is on
         await self.cache.wait_for_git(self.stopping)
         self.cache.reload()
         log.info("sync started", manifests=str(self.cache.directory), state=str(self.cache.layout.root),
                  host=self.options.host, dry_run=self.options.dry_run, revision=self.cache.state.revision)
         self.store.event("-", "daemon", "started", f"watching {self.cache.directory}")
-        self.enqueue_all()
+        self.service.first_pass(self.enqueue_all())
         files = watch_files(self.cache.directory, self.options.debounce_ms, self.stopping, self._on_files_changed)
-        tasks = [asyncio.create_task(coro) for coro in (self.queue.run(), files, self._resync())]
+        tasks = [watchdog, *(asyncio.create_task(coro) for coro in (self.queue.run(), files, self._resync()))]
         watch_netlink(self.stopping, self.enqueue_all)
         await self.stopping.wait()
         log.info("sync stopping; VMs keep running")

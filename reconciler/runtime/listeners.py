@@ -196,7 +196,7 @@ async def watch_files(directory: Path, debounce_ms: int, stopping: asyncio.Event
         await on_change()
 
 
-def watch_netlink(stopping: asyncio.Event, on_link_change: Callable[[], None]) -> threading.Thread:
+def watch_netlink(stopping: asyncio.Event, on_link_change: Callable[[], object]) -> threading.Thread:
     """Link changes (a bridge deleted, a TAP detached or down) call ``on_link_change`` in the running event
     loop. pyroute2's socket blocks: it runs in its own thread."""
     from pyroute2 import IPRoute

@@ -49,11 +49,13 @@ MANIFEST_ERRORS = Gauge("infinization_manifest_errors", "Errors in the manifests
 
 _PHASES = ("Running", "Stopped", "Paused", "Unknown")
 _phase_of: dict[str, str] = {}
+_ready_of: dict[str, bool] = {}
 
 
 def vm_reported(name: str, phase: str, ready: bool) -> None:
     """The VM's row was written: keep the phase counts and its readiness in step with the store."""
     _phase_of[name] = phase
+    _ready_of[name] = ready
     VM_READY.labels(name).set(1 if ready else 0)
     _count_phases()
 
@@ -61,9 +63,18 @@ def vm_reported(name: str, phase: str, ready: bool) -> None:
 def vm_forgotten(name: str) -> None:
     """The VM is no longer ours to report (deleted): its series go."""
     _phase_of.pop(name, None)
+    _ready_of.pop(name, None)
     with contextlib.suppress(KeyError):  # a VM never reported has no series
         VM_READY.remove(name)
     _count_phases()
+
+
+def summary() -> tuple[dict[str, int], int]:
+    """VMs by phase, and how many are not Ready, as last reported (the service's STATUS= line)."""
+    counts: dict[str, int] = {}
+    for phase in _phase_of.values():
+        counts[phase] = counts.get(phase, 0) + 1
+    return counts, sum(1 for ready in _ready_of.values() if not ready)
 
 
 def _count_phases() -> None:
