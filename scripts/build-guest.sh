@@ -19,11 +19,13 @@
 #               cds=<srN>:<ISO volume label or ->[,...] [ping=<target>:<ok|fail>[,...]] ips=<if>:<cidr>[,...]
 #               efi=<0|1> sb=<0|1|-> tpm=<0|1> rng=<hw_random driver or -> cidata=<instance-id>:<sha256>|-
 #               ips=<if>:<addr>/<prefix>[,...] ro=<read-only disk>[,...] uuid=<SMBIOS product_uuid or ->
-#               ports=<virtio-serial port name>[,...]
+#               ports=<virtio-serial port name>[,...] boot=<infz.boot's value or ->
 #                                    (one line) whenever anything but seq changes; ping= only
 #                                    with infz.ping, ips= always (IPv4 on non-lo interfaces,
 #                                    empty when none)
 #   INFZ-POWEROFF                    when the ACPI power button was pressed
+#   INFZ-INSTALLED <disk> <bytes>    infz.install: the image was written to the disk (then power off)
+#   INFZ-INSTALL-FAILED <why>        infz.install: no CD with the image, no disk, or dd failed
 # On each named virtio-serial port except the guest agent's, it writes "INFZ-PORT <name>" every second
 # (a write blocks until the host side connects, so a host that connects reads it).
 # It onlines hot-plugged CPUs and memory blocks, brings NICs up, and powers
@@ -40,6 +42,13 @@
 #   infz.ping=<addr>[+<addr>...]
 #                  ping each IPv4 target once per loop (busybox ping -c 1 -W 1,
 #                  all targets in parallel, so ~1 s at most) and report ping=
+#   infz.boot=<word>
+#                  reported as boot=<word>: a boot loader's marker of where the kernel
+#                  came from (the install proof's CD says cd, its disk says disk)
+#   infz.install=<file>
+#                  an "installer": after the first report, copy <file> from the first
+#                  ISO 9660 CD-ROM that has it onto the first virtio disk (dd, fsync),
+#                  print INFZ-INSTALLED and power off (once per boot)
 #   infz.dhcp=<if>[+<if>...]
 #                  once the interface exists and is up, run busybox udhcpc on it
 #                  in the background (-f -t 5 -T 1 -A 2: 5 discovers 1 s apart,
@@ -302,7 +311,7 @@ start_acpid() {
 }
 
 # infz.* kernel parameters ("+"-separated lists; see build-guest.sh).
-CFG_IP= CFG_GW= CFG_MAC= CFG_PING= CFG_DHCP=
+CFG_IP= CFG_GW= CFG_MAC= CFG_PING= CFG_DHCP= CFG_BOOT= CFG_INSTALL=
 for w in $(cat /proc/cmdline 2>/dev/null); do
     case $w in
         infz.ip=*)   CFG_IP=$(echo "${w#*=}" | tr + ' ') ;;
@@ -310,6 +319,8 @@ for w in $(cat /proc/cmdline 2>/dev/null); do
         infz.mac=*)  CFG_MAC=$(echo "${w#*=}" | tr + ' ') ;;
         infz.ping=*) CFG_PING=$(echo "${w#*=}" | tr + ' ') ;;
         infz.dhcp=*) CFG_DHCP=$(echo "${w#*=}" | tr + ' ') ;;
+        infz.boot=*) CFG_BOOT=${w#*=} ;;
+        infz.install=*) CFG_INSTALL=${w#*=} ;;
     esac
 done
 PENDING_IP=$CFG_IP PENDING_GW=$CFG_GW
@@ -410,6 +421,37 @@ read_cidata() {
         return
     done
     echo -
+}
+
+# infz.install: the test's "installer". Copies the image from the install CD onto the first virtio disk,
+# then powers off as an OS installer does at its end (once per boot; a failure is printed, not retried).
+install_disk() {
+    [ -n "$CFG_INSTALL" ] && [ ! -e /run/infz-installed ] || return 0
+    : >/run/infz-installed
+    target=
+    for d in /sys/block/vd*; do
+        [ -e "$d" ] && { target=/dev/${d##*/}; break; }
+    done
+    [ -n "$target" ] || { echo "INFZ-INSTALL-FAILED no-disk"; return 0; }
+    mkdir -p /run/install
+    for d in /sys/block/sr*; do
+        [ -e "$d" ] || continue
+        mount -t iso9660 -o ro "/dev/${d##*/}" /run/install 2>/dev/null || continue
+        if [ -f "/run/install/$CFG_INSTALL" ]; then
+            size=$(wc -c <"/run/install/$CFG_INSTALL")
+            if dd if="/run/install/$CFG_INSTALL" of="$target" bs=1M conv=fsync 2>/dev/null; then
+                umount /run/install 2>/dev/null
+                sync
+                echo "INFZ-INSTALLED $target $size"
+                poweroff -f
+            fi
+            umount /run/install 2>/dev/null
+            echo "INFZ-INSTALL-FAILED dd"
+            return 0
+        fi
+        umount /run/install 2>/dev/null
+    done
+    echo "INFZ-INSTALL-FAILED no-image"
 }
 
 if [ ! -e /run/infz-setup-done ]; then
@@ -542,13 +584,14 @@ while :; do
     ips=$(ip -4 -o addr show 2>/dev/null | awk '$3 == "inet" && $2 != "lo" { printf "%s%s:%s", s, $2, $4; s = "," }')
 
     cur="disks=$disks nics=$nics mem_kb=$mem cpus=$cpus cds=$cds$pings ips=$ips efi=$efi sb=${sb:--} tpm=$tpm"
-    cur="$cur rng=$rng cidata=$cidata ro=$ro uuid=${uuid:--} ports=$ports"
+    cur="$cur rng=$rng cidata=$cidata ro=$ro uuid=${uuid:--} ports=$ports boot=${CFG_BOOT:--}"
     if [ "$cur" != "$prev" ]; then
         seq=$(( seq + 1 ))
         echo "INFZ-REPORT seq=$seq $cur"
         prev=$cur
         { echo "$seq" >/run/infz-seq; echo "$cur" >/run/infz-prev; } 2>/dev/null
     fi
+    install_disk
     usleep 300000 2>/dev/null || sleep 1
 done
 EOF

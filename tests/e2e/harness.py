@@ -26,7 +26,7 @@ GUEST_DIR = Path(os.environ.get("INFZ_GUEST_DIR", "/var/cache/infinization/guest
 REPORT_RE = re.compile(r"INFZ-REPORT seq=(\d+) disks=(\S*) nics=(\S*) mem_kb=(\d+) cpus=(\d+)(?: cds=(\S*))?"
                        r"(?: ping=(\S*))?(?: ips=(\S*))?"
                        r"(?: efi=(\d) sb=(\S+) tpm=(\d) rng=(\S+) cidata=(\S+))?(?: ro=(\S*) uuid=(\S+))?"
-                       r"(?: ports=(\S*))?")
+                       r"(?: ports=(\S*))?(?: boot=(\S+))?")
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,14 @@ class Report:
     read_only: tuple[str, ...] = ()  # block devices whose /sys/block/X/ro is 1
     uuid: str | None = None  # /sys/class/dmi/id/product_uuid (the SMBIOS system UUID)
     ports: tuple[str, ...] = ()  # names of the virtio-serial ports (/sys/class/virtio-ports/*/name)
+    boot: str | None = None  # the kernel command line's infz.boot= (a boot loader's "cd" / "disk" marker)
 
 
 def parse_report(line: str) -> Report | None:
     match = REPORT_RE.search(line)
     if not match:
         return None
-    seq, disks, nics, mem, cpus, cds, ping, ips, efi, sb, tpm, rng, cidata, ro, uuid, ports = match.groups()
+    seq, disks, nics, mem, cpus, cds, ping, ips, efi, sb, tpm, rng, cidata, ro, uuid, ports, boot = match.groups()
     disk_map = {n: int(s) for n, s in (item.split(":") for item in disks.split(",") if item)}
     nic_map = {}
     for item in filter(None, nics.split(",")):
@@ -71,7 +72,7 @@ def parse_report(line: str) -> Report | None:
                   efi=efi == "1", secure_boot=None if sb in (None, "-") else sb == "1", tpm=tpm == "1",
                   rng=None if rng in (None, "-") else rng, cidata=seed,  # type: ignore[arg-type]
                   read_only=tuple(filter(None, (ro or "").split(","))), uuid=None if uuid in (None, "-") else uuid,
-                  ports=tuple(filter(None, (ports or "").split(","))))
+                  ports=tuple(filter(None, (ports or "").split(","))), boot=None if boot in (None, "-") else boot)
 
 
 def vm_manifest(name: str, *, disks: str = "", run_strategy: str = "Always", extra: str = "",
