@@ -552,16 +552,34 @@ def efi_vars_exists(paths: VMPaths) -> bool:
     return paths.efi_vars.exists() or paths.efi_vars.is_symlink()
 
 
-def install_efi_vars(template: str, paths: VMPaths, uid: int, gid: int) -> bool:
+def _efi_vars_origin_file(paths: VMPaths) -> Path:
+    return paths.efi_vars.with_name(paths.efi_vars.name + ".origin.json")
+
+
+def efi_vars_origin(paths: VMPaths) -> bool | None:
+    """Whether the VM's variable store was copied from a Secure Boot (Microsoft-keys) template; None when
+    unknown (a store made before the origin was written, or an unreadable origin)."""
+    try:
+        value = json.loads(_read_no_follow(_efi_vars_origin_file(paths), 4096)).get("secureBoot")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, bool) else None
+
+
+def install_efi_vars(template: str, paths: VMPaths, uid: int, gid: int, secure_boot: bool | None = None) -> bool:
     """Copy OVMF's VARS ``template`` to the VM's store, QEMU's user's 0600, unless it exists (never
-    replaced: it holds the guest's boot entries and keys). Built under a temporary name and linked into
-    place, so a crash leaves no half copy; temporary files of an earlier crash are removed. True if copied."""
+    replaced here: it holds the guest's boot entries and keys). Built under a temporary name and linked into
+    place, so a crash leaves no half copy; temporary files of an earlier crash are removed. The template's
+    kind (``secure_boot``) goes to ``efivars.fd.origin.json`` *before* the store appears, so a store always
+    has its own origin beside it. True if copied."""
     dest = paths.efi_vars
     make_private_dirs(dest.parent)
     for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
         stale.unlink(missing_ok=True)
     if efi_vars_exists(paths):
         return False
+    if secure_boot is not None:
+        write_atomic(_efi_vars_origin_file(paths), json.dumps({"template": template, "secureBoot": secure_boot}))
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out, open(template, "rb") as src:
@@ -577,6 +595,30 @@ def install_efi_vars(template: str, paths: VMPaths, uid: int, gid: int) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def reset_efi_vars(template: str, paths: VMPaths, uid: int, gid: int, secure_boot: bool, stamp: str) -> str:
+    """Replace the VM's variable store by a fresh copy of ``template`` (Secure Boot turned on or off): the
+    old store is renamed to ``efivars.fd.STAMP.bak`` beside it first (kept: it holds the guest's boot
+    entries and any keys it enrolled). Crash-safe: after the rename the store is simply missing, and the
+    copy (here, or the next plan's create-efi-vars) makes it from the template. What was done."""
+    if efi_vars_exists(paths) and efi_vars_origin(paths) is secure_boot:
+        return "already copied from a template of this kind (kept as it is)"
+    backup = None
+    if efi_vars_exists(paths):
+        backup = paths.efi_vars.with_name(f"{paths.efi_vars.name}.{stamp}.bak")
+        for n in range(1, 100):  # two resets within one second keep both backups
+            if not backup.exists():
+                break
+            backup = paths.efi_vars.with_name(f"{paths.efi_vars.name}.{stamp}-{n}.bak")
+        os.rename(paths.efi_vars, backup)
+    install_efi_vars(template, paths, uid, gid, secure_boot)
+    return f"copied {template}" + (f"; the old store is kept as {backup}" if backup else "")
+
+
+def efi_vars_backups(paths: VMPaths) -> list[Path]:
+    """The dated backups ``reset_efi_vars`` kept, oldest first."""
+    return sorted(paths.efi_vars.parent.glob(f"{paths.efi_vars.name}.*.bak"))
 
 
 def open_efi_vars(paths: VMPaths) -> int:
@@ -603,6 +645,9 @@ def delete_efi_vars(paths: VMPaths) -> bool:
         paths.efi_vars.unlink()
     except FileNotFoundError:
         return False
+    # Its origin and the dated backups of Secure Boot toggles go with it (the VM and its disks are gone).
+    for extra in (_efi_vars_origin_file(paths), *efi_vars_backups(paths)):
+        extra.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         paths.efi_vars.parent.rmdir()  # only if empty
     return True
