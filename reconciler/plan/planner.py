@@ -200,6 +200,7 @@ def _gather(work: _VMPlan, desired: VirtualMachine, obs: ObservedVM, record: App
     _efi_vars(work, desired.spec, obs, observed, host)
     if obs.process is not None:
         _running_vm(work, desired, obs.process, record, observed, networks)
+        _lost_tpm(work, obs)
     _reset_efi_vars(work, desired.spec, obs, record, observed, host)  # after the restart causes it may repeat
 
 
@@ -213,6 +214,15 @@ def _efi_vars(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, observed
                                             secure_boot=found.secure_boot,
                                             summary=f"UEFI variables: copy {found.vars_template} to {path} (once; "
                                             "kept across restarts, deleted only with the VM and all its disks)"))
+
+
+def _lost_tpm(work: _VMPlan, obs: ObservedVM) -> None:
+    """QEMU started with a TPM whose swtpm is gone (it died or was killed): the guest's TPM fails every command
+    until QEMU restarts with a new swtpm on the same state (QEMU cannot reconnect a tpm-emulator backend)."""
+    launched = obs.process.launched if obs.process else None
+    if launched is not None and launched.tpm.enabled and obs.tpm_pid is None:
+        work.restart_causes.append("tpm: its swtpm (the TPM emulator) is gone while QEMU runs: the guest's TPM "
+                                   "fails until QEMU restarts with a new swtpm on the same TPM state")
 
 
 def _reset_efi_vars(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, record: AppliedRecord | None,
