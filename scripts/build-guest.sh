@@ -20,6 +20,7 @@
 #               efi=<0|1> sb=<0|1|-> tpm=<0|1> rng=<hw_random driver or -> cidata=<instance-id>:<sha256>|-
 #               ips=<if>:<addr>/<prefix>[,...] ro=<read-only disk>[,...] uuid=<SMBIOS product_uuid or ->
 #               ports=<virtio-serial port name>[,...] boot=<infz.boot's value or ->
+#               ekcert=<1: the TPM's RSA EK certificate NV index 0x01c00002 exists, 0: not, -: no TPM>
 #                                    (one line) whenever anything but seq changes; ping= only
 #                                    with infz.ping, ips= always (IPv4 on non-lo interfaces,
 #                                    empty when none)
@@ -454,6 +455,20 @@ install_disk() {
     echo "INFZ-INSTALL-FAILED no-image"
 }
 
+# The TPM's RSA EK certificate (NV index 0x01c00002, as swtpm_setup --create-ek-cert writes it): one raw
+# TPM2_NV_ReadPublic on /dev/tpm0 (no tpm2-tools here); response code 0 means the index exists. Asked once
+# per boot (/dev/tpm0 allows one opener) -> 1, 0, or - without a TPM.
+read_ekcert() {
+    if [ -r /run/infz-ekcert ]; then cat /run/infz-ekcert; return; fi
+    [ -c /dev/tpm0 ] || { echo -; return; }
+    rc=$( { exec 3<>/dev/tpm0 || exit 1
+            printf '\200\001\000\000\000\016\000\000\001\151\001\300\000\002' >&3
+            dd bs=4096 count=1 <&3 2>/dev/null | od -An -tx1 -v | tr -d ' \n' | cut -c13-20; } 2>/dev/null)
+    case $rc in 00000000) v=1 ;; ????????) v=0 ;; *) echo -; return ;; esac
+    echo "$v" >/run/infz-ekcert
+    echo "$v"
+}
+
 if [ ! -e /run/infz-setup-done ]; then
     : >/run/infz-setup-done
     for m in $(cat /lib/modules/infz/order); do
@@ -584,7 +599,8 @@ while :; do
     ips=$(ip -4 -o addr show 2>/dev/null | awk '$3 == "inet" && $2 != "lo" { printf "%s%s:%s", s, $2, $4; s = "," }')
 
     cur="disks=$disks nics=$nics mem_kb=$mem cpus=$cpus cds=$cds$pings ips=$ips efi=$efi sb=${sb:--} tpm=$tpm"
-    cur="$cur rng=$rng cidata=$cidata ro=$ro uuid=${uuid:--} ports=$ports boot=${CFG_BOOT:--}"
+    ekcert=-; [ "$tpm" = 1 ] && ekcert=$(read_ekcert)
+    cur="$cur rng=$rng cidata=$cidata ro=$ro uuid=${uuid:--} ports=$ports boot=${CFG_BOOT:--} ekcert=$ekcert"
     if [ "$cur" != "$prev" ]; then
         seq=$(( seq + 1 ))
         echo "INFZ-REPORT seq=$seq $cur"

@@ -103,8 +103,9 @@ TABLE: tuple[FieldRule, ...] = (
     FieldRule(("metadata", "labels"), Mode.LIVE, "recorded"),
     FieldRule(("tpm",), Mode.RESTART,
               "swtpm and tpm-crb are attached when QEMU starts; turned off, the TPM state is kept",
-              "Its state (tpm/NAME/) survives restarts; it is deleted only with the VM, when all its disks have "
-              "deletePolicy: Delete."),
+              "Its state (tpm/NAME/) is manufactured once by swtpm_setup (EK and platform certificates from the "
+              "installation's local CA, NVRAM locked), survives restarts, and is deleted only with the VM, when all "
+              "its disks have deletePolicy: Delete."),
 )
 
 

@@ -14,7 +14,9 @@ are atomic (temporary file, fsync, rename) and private to their owner (0600). Wh
 - ``source.json``: the CLI's ``apply``; read by ``status``, ``start`` and ``stop``.
 - ``networks/NAME.json``: the executor's network steps; read by the observers and the executor.
 - ``swtpm.json``: ``write_tpm_launch`` / ``record_tpm_launched`` by ``apply.vmprocess``; ``tpm/NAME/`` (the
-  TPM state, written by swtpm) is created by ``prepare_tpm_state`` and deleted by ``delete_tpm_state``.
+  TPM state, written by swtpm) is created by ``prepare_tpm_state`` and deleted by ``delete_tpm_state``;
+  ``tpm/NAME.setup.json`` records its manufacture (swtpm_setup: begun, done), ``tpm/.localca/`` is the local
+  CA that signs the EK and platform certificates (``prepare_tpm_ca``; QEMU's user's 0700).
 - ``disks/NAME/efivars.fd``: a UEFI VM's variables, copied once from OVMF's template by
   ``install_efi_vars`` (the executor's create-efi-vars step), opened for QEMU by ``open_efi_vars``,
   deleted by ``delete_efi_vars``; QEMU's user's, 0600.
@@ -524,6 +526,82 @@ def prepare_tpm_state(layout: StateLayout, paths: VMPaths, uid: int, gid: int) -
     _own(paths.tpm_state, uid, gid, 0o700)
 
 
+def _tpm_setup_record(paths: VMPaths) -> Path:
+    # Beside the state, in root's tpm/ (0710): QEMU's user, who owns the state itself, cannot forge it.
+    return paths.tpm_state.with_name(f"{paths.tpm_state.name}.setup.json")
+
+
+def read_tpm_setup(paths: VMPaths) -> dict[str, Any] | None:
+    """The TPM state's manufacture record (``{"state": "begun" | "done", ...}``), None when there is none."""
+    try:
+        value = json.loads(_read_no_follow(_tpm_setup_record(paths), 1 << 16))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_tpm_setup(paths: VMPaths, record: dict[str, Any]) -> None:
+    write_atomic(_tpm_setup_record(paths), json.dumps(record, sort_keys=True))
+
+
+def tpm_state_has_data(paths: VMPaths) -> bool:
+    """Whether swtpm has written a TPM state (its permanent-state file) in ``tpm/NAME/``."""
+    return any(entry.name.startswith("tpm2-") for entry in paths.tpm_state.iterdir()) \
+        if paths.tpm_state.is_dir() else False
+
+
+def clear_tpm_state(paths: VMPaths) -> int:
+    """Empty a half-made TPM state (a manufacture that did not finish); how many files went."""
+    removed = 0
+    for entry in list(paths.tpm_state.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed += 1
+    return removed
+
+
+def prepare_tpm_ca(layout: StateLayout, uid: int, gid: int, localca: str) -> Path:
+    """The installation's local CA for EK and platform certificates (``tpm/.localca/``, QEMU's user's 0700:
+    swtpm_setup runs as that user and its swtpm_localca keeps the CA key and serial there) with root's
+    configuration files for swtpm_setup and swtpm_localca in it. The path of swtpm_setup's configuration."""
+    ca = layout.tpm / ".localca"
+    make_private_dirs(ca)
+    _own(layout.tpm, 0, gid, 0o710)
+    _own(ca, uid, gid, 0o700)
+    configs = {
+        "swtpm_setup.conf": f"create_certs_tool = {localca}\ncreate_certs_tool_config = {ca}/swtpm-localca.conf\n"
+                            f"create_certs_tool_options = {ca}/swtpm-localca.options\nactive_pcr_banks = sha256\n",
+        "swtpm-localca.conf": f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\nissuercert = {ca}/issuercert.pem\n"
+                              f"certserial = {ca}/certserial\n",
+        "swtpm-localca.options": "--platform-manufacturer Infinization\n--platform-version 2.1\n"
+                                 "--platform-model QEMU\n",
+    }
+    for name, text in configs.items():
+        path = ca / name
+        try:
+            current = _read_no_follow(path).decode()
+        except OSError:
+            current = None
+        if current != text:
+            write_atomic(path, text)
+            os.chmod(path, 0o644)  # root's; QEMU's user reads them through its own 0700 folder
+    return ca / "swtpm_setup.conf"
+
+
+def open_tpm_setup_log(paths: VMPaths) -> int:
+    """swtpm_setup's output for this manufacture (truncated), root's 0600."""
+    return _open_log(paths.dir / "swtpm-setup.log")
+
+
+def tpm_setup_log(paths: VMPaths) -> str:
+    try:
+        return _read_no_follow(paths.dir / "swtpm-setup.log", 1 << 20).decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def tpm_state_exists(paths: VMPaths) -> bool:
     return paths.tpm_state.is_dir()
 
@@ -533,6 +611,7 @@ def delete_tpm_state(paths: VMPaths) -> bool:
     if not paths.tpm_state.is_dir() or paths.tpm_state.is_symlink():
         return False
     shutil.rmtree(paths.tpm_state)
+    _tpm_setup_record(paths).unlink(missing_ok=True)
     return True
 
 
