@@ -11,7 +11,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${INFZ_VENV:-/opt/infinization/venv}
 PYTHON=${PYTHON:-python3}
 PACKAGES=(qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static cpio nftables iproute2 dnsmasq-base postgresql git
-          iputils-ping util-linux xz-utils isolinux syslinux syslinux-common mtools dosfstools
+          iputils-ping util-linux xz-utils isolinux syslinux syslinux-common mtools dosfstools grub-efi-amd64-bin grub-common
           python3 python3-venv python3-pip ca-certificates)
 
 log() { echo "setup: $*" >&2; }
