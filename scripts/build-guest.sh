@@ -21,10 +21,14 @@
 #               ips=<if>:<addr>/<prefix>[,...] ro=<read-only disk>[,...] uuid=<SMBIOS product_uuid or ->
 #               ports=<virtio-serial port name>[,...]
 #               pci=<class>:<vendor>:<device>[,...] (display, audio and USB controllers only)
+#               boot=<infz.boot's value or ->
+#               ekcert=<1: the TPM's RSA EK certificate NV index 0x01c00002 exists, 0: not, -: no TPM>
 #                                    (one line) whenever anything but seq changes; ping= only
 #                                    with infz.ping, ips= always (IPv4 on non-lo interfaces,
 #                                    empty when none)
 #   INFZ-POWEROFF                    when the ACPI power button was pressed
+#   INFZ-INSTALLED <disk> <bytes>    infz.install: the image was written to the disk (then power off)
+#   INFZ-INSTALL-FAILED <why>        infz.install: no CD with the image, no disk, or dd failed
 # On each named virtio-serial port except the guest agent's, it writes "INFZ-PORT <name>" every second
 # (a write blocks until the host side connects, so a host that connects reads it).
 # It onlines hot-plugged CPUs and memory blocks, brings NICs up, and powers
@@ -41,6 +45,13 @@
 #   infz.ping=<addr>[+<addr>...]
 #                  ping each IPv4 target once per loop (busybox ping -c 1 -W 1,
 #                  all targets in parallel, so ~1 s at most) and report ping=
+#   infz.boot=<word>
+#                  reported as boot=<word>: a boot loader's marker of where the kernel
+#                  came from (the install proof's CD says cd, its disk says disk)
+#   infz.install=<file>
+#                  an "installer": after the first report, copy <file> from the first
+#                  ISO 9660 CD-ROM that has it onto the first virtio disk (dd, fsync),
+#                  print INFZ-INSTALLED and power off (once per boot)
 #   infz.dhcp=<if>[+<if>...]
 #                  once the interface exists and is up, run busybox udhcpc on it
 #                  in the background (-f -t 5 -T 1 -A 2: 5 discovers 1 s apart,
@@ -303,7 +314,7 @@ start_acpid() {
 }
 
 # infz.* kernel parameters ("+"-separated lists; see build-guest.sh).
-CFG_IP= CFG_GW= CFG_MAC= CFG_PING= CFG_DHCP=
+CFG_IP= CFG_GW= CFG_MAC= CFG_PING= CFG_DHCP= CFG_BOOT= CFG_INSTALL=
 for w in $(cat /proc/cmdline 2>/dev/null); do
     case $w in
         infz.ip=*)   CFG_IP=$(echo "${w#*=}" | tr + ' ') ;;
@@ -311,6 +322,8 @@ for w in $(cat /proc/cmdline 2>/dev/null); do
         infz.mac=*)  CFG_MAC=$(echo "${w#*=}" | tr + ' ') ;;
         infz.ping=*) CFG_PING=$(echo "${w#*=}" | tr + ' ') ;;
         infz.dhcp=*) CFG_DHCP=$(echo "${w#*=}" | tr + ' ') ;;
+        infz.boot=*) CFG_BOOT=${w#*=} ;;
+        infz.install=*) CFG_INSTALL=${w#*=} ;;
     esac
 done
 PENDING_IP=$CFG_IP PENDING_GW=$CFG_GW
@@ -411,6 +424,51 @@ read_cidata() {
         return
     done
     echo -
+}
+
+# infz.install: the test's "installer". Copies the image from the install CD onto the first virtio disk,
+# then powers off as an OS installer does at its end (once per boot; a failure is printed, not retried).
+install_disk() {
+    [ -n "$CFG_INSTALL" ] && [ ! -e /run/infz-installed ] || return 0
+    : >/run/infz-installed
+    target=
+    for d in /sys/block/vd*; do
+        [ -e "$d" ] && { target=/dev/${d##*/}; break; }
+    done
+    [ -n "$target" ] || { echo "INFZ-INSTALL-FAILED no-disk"; return 0; }
+    mkdir -p /run/install
+    for d in /sys/block/sr*; do
+        [ -e "$d" ] || continue
+        mount -t iso9660 -o ro "/dev/${d##*/}" /run/install 2>/dev/null || continue
+        if [ -f "/run/install/$CFG_INSTALL" ]; then
+            size=$(wc -c <"/run/install/$CFG_INSTALL")
+            if dd if="/run/install/$CFG_INSTALL" of="$target" bs=1M conv=fsync 2>/dev/null; then
+                umount /run/install 2>/dev/null
+                sync
+                echo "INFZ-INSTALLED $target $size"
+                poweroff -f
+            fi
+            umount /run/install 2>/dev/null
+            echo "INFZ-INSTALL-FAILED dd"
+            return 0
+        fi
+        umount /run/install 2>/dev/null
+    done
+    echo "INFZ-INSTALL-FAILED no-image"
+}
+
+# The TPM's RSA EK certificate (NV index 0x01c00002, as swtpm_setup --create-ek-cert writes it): one raw
+# TPM2_NV_ReadPublic on /dev/tpm0 (no tpm2-tools here); response code 0 means the index exists. Asked once
+# per boot (/dev/tpm0 allows one opener) -> 1, 0, or - without a TPM.
+read_ekcert() {
+    if [ -r /run/infz-ekcert ]; then cat /run/infz-ekcert; return; fi
+    [ -c /dev/tpm0 ] || { echo -; return; }
+    rc=$( { exec 3<>/dev/tpm0 || exit 1
+            printf '\200\001\000\000\000\016\000\000\001\151\001\300\000\002' >&3
+            dd bs=4096 count=1 <&3 2>/dev/null | od -An -tx1 -v | tr -d ' \n' | cut -c13-20; } 2>/dev/null)
+    case $rc in 00000000) v=1 ;; ????????) v=0 ;; *) echo -; return ;; esac
+    echo "$v" >/run/infz-ekcert
+    echo "$v"
 }
 
 if [ ! -e /run/infz-setup-done ]; then
@@ -553,13 +611,15 @@ while :; do
     ips=$(ip -4 -o addr show 2>/dev/null | awk '$3 == "inet" && $2 != "lo" { printf "%s%s:%s", s, $2, $4; s = "," }')
 
     cur="disks=$disks nics=$nics mem_kb=$mem cpus=$cpus cds=$cds$pings ips=$ips efi=$efi sb=${sb:--} tpm=$tpm"
-    cur="$cur rng=$rng cidata=$cidata ro=$ro uuid=${uuid:--} ports=$ports pci=$pci"
+    ekcert=-; [ "$tpm" = 1 ] && ekcert=$(read_ekcert)
+    cur="$cur rng=$rng cidata=$cidata ro=$ro uuid=${uuid:--} ports=$ports pci=$pci boot=${CFG_BOOT:--} ekcert=$ekcert"
     if [ "$cur" != "$prev" ]; then
         seq=$(( seq + 1 ))
         echo "INFZ-REPORT seq=$seq $cur"
         prev=$cur
         { echo "$seq" >/run/infz-seq; echo "$cur" >/run/infz-prev; } 2>/dev/null
     fi
+    install_disk
     usleep 300000 2>/dev/null || sleep 1
 done
 EOF

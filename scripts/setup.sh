@@ -14,6 +14,7 @@ PYTHON=${PYTHON:-python3}
 PACKAGES=(qemu-system-x86 qemu-utils ovmf swtpm swtpm-tools busybox-static cpio nftables iproute2 dnsmasq-base postgresql git
           iputils-ping util-linux xz-utils zsh prometheus mmdebstrap e2fsprogs debian-archive-keyring
           systemd systemd-container
+          isolinux syslinux syslinux-common mtools dosfstools grub-efi-amd64-bin grub-common
           python3 python3-venv python3-pip ca-certificates)
 
 log() { echo "setup: $*" >&2; }

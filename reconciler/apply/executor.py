@@ -138,7 +138,8 @@ class Executor:
                   | s.RepairTap() | s.EnsureDhcp() | s.StopDhcp()):
                 # pyroute2's sync IPRoute refuses to run in the event loop's thread.
                 return await asyncio.to_thread(self._host_step, step)
-            case s.CreateEfiVars() | s.DeleteEfiVars() | s.PrepareHostDevice() | s.ReleaseHostDevice():
+            case s.CreateEfiVars() | s.DeleteEfiVars() | s.ResetEfiVars() | s.PrepareHostDevice() \
+                    | s.ReleaseHostDevice():
                 return await self._vm_step(step)
             case _:
                 assert_never(step)
@@ -167,7 +168,7 @@ class Executor:
                 return await self._forget(paths)
             case s.StopTpm() | s.DeleteTpmState():
                 return await _tpm_step(paths, step)
-            case s.CreateEfiVars() | s.DeleteEfiVars():
+            case s.CreateEfiVars() | s.DeleteEfiVars() | s.ResetEfiVars():
                 return self._efi_vars_step(paths, step)
             case s.FinishInstall():
                 return self._finish_install(paths, step)
@@ -218,17 +219,22 @@ class Executor:
         return await asyncio.to_thread(vfio.take_pci, self.layout, self.host, step.name, step.target, step.address,
                                        step.members, step.group, account)
 
-    def _efi_vars_step(self, paths: VMPaths, step: s.CreateEfiVars | s.DeleteEfiVars) -> str:
+    def _efi_vars_step(self, paths: VMPaths, step: s.CreateEfiVars | s.DeleteEfiVars | s.ResetEfiVars) -> str:
         """A UEFI VM's variable store: copied once from the template (re-checked in the firmware
-        directories; an existing store is kept), or deleted once its QEMU is gone."""
-        if isinstance(step, s.CreateEfiVars):
-            template = host_paths.require("firmware VARS template", step.template, self.host, str(self.layout.root),
-                                          roots=self.host.firmwareDirs)
-            uid, gid = vmprocess.qemu_account(self.host)
-            return "copied" if files.install_efi_vars(template, paths, uid, gid) else "already exists (kept as it is)"
-        if procfs.find_qemu(paths) is not None:
-            raise StepFailed("the VM is still running: refusing to delete its UEFI variables")
-        return "deleted" if files.delete_efi_vars(paths) else "already gone"
+        directories; an existing store is kept), replaced from the other template (Secure Boot toggled;
+        the old one kept as a dated backup), or deleted, each of the last two only once its QEMU is gone."""
+        if isinstance(step, s.DeleteEfiVars | s.ResetEfiVars) and procfs.find_qemu(paths) is not None:
+            raise StepFailed("the VM is still running: refusing to replace or delete its UEFI variables")
+        if isinstance(step, s.DeleteEfiVars):
+            return "deleted" if files.delete_efi_vars(paths) else "already gone"
+        template = host_paths.require("firmware VARS template", step.template, self.host, str(self.layout.root),
+                                      roots=self.host.firmwareDirs)
+        uid, gid = vmprocess.qemu_account(self.host)
+        if isinstance(step, s.ResetEfiVars):
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            return files.reset_efi_vars(template, paths, uid, gid, step.secure_boot, stamp)
+        copied = files.install_efi_vars(template, paths, uid, gid, step.secure_boot)
+        return "copied" if copied else "already exists (kept as it is)"
 
     def _require(self, field_name: str, path: str) -> str:
         """The host policy's re-check right before a path is opened: the resolved path, or Refused."""

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from reconciler.adapters import agent, cgroups, monitor, procfs
-from reconciler.apply import disks, hostnet, hugetlb, placement, swtpm
+from reconciler.apply import disks, hostnet, hugetlb, placement, swtpm, tpm_setup
 from reconciler.errors import MonitorError, Refused, StepFailed
 from reconciler.plan.firmware import Firmware
 from reconciler.plan.placement import hugepage_dir
@@ -202,6 +202,7 @@ async def _start_swtpm(layout: StateLayout, paths: VMPaths, host: HostConfig) ->
     uid, gid = qemu_account(host)
     files.prepare_vm_dirs(layout, paths, uid, gid)
     files.prepare_tpm_state(layout, paths, uid, gid)
+    made = await tpm_setup.manufacture(layout, paths, host, uid, gid)
     argv = swtpm_argv(paths, host.swtpmBinary)
     files.write_tpm_launch(paths, argv, uid, host.swtpmBinary)
     files.remove_pidfile(paths.tpm_pidfile)
@@ -215,7 +216,7 @@ async def _start_swtpm(layout: StateLayout, paths: VMPaths, host: HostConfig) ->
             await swtpm.stop(paths)
             raise StepFailed(f"swtpm did not start: {said or f'pid {pid} gave no control socket'}")
         await asyncio.sleep(POLL)
-    return f"swtpm pid {pid}" + (f" ({stale} first)" if stale else "")
+    return f"swtpm pid {pid}" + (f" ({stale} first)" if stale else "") + (f"; {made}" if made else "")
 
 
 async def _start_qemu(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str],

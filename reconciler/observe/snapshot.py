@@ -49,7 +49,8 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str],
     return ObservedVM(name=name, process=observed_process, disks=disks, last_exit=last_exit,
                       unverified=examined.unverified, tpm_pid=tpm.pid if tpm else None,
                       tpm_state=files.tpm_state_exists(paths),
-                      efi_vars=str(paths.efi_vars) if files.efi_vars_exists(paths) else None)
+                      efi_vars=str(paths.efi_vars) if files.efi_vars_exists(paths) else None,
+                      efi_vars_secure_boot=files.efi_vars_origin(paths))
 
 
 def _exit_from_log(paths: VMPaths) -> ExitRecord | None:

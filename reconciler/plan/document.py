@@ -164,6 +164,7 @@ _RESTART_CODES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("tap", "is gone"), "restart.tapGone"),
     (("display drift",), "restart.displayDrift"),
     (("monitor does not answer",), "restart.monitorUnreachable"),
+    (("swtpm", "is gone"), "restart.tpmGone"),
 )
 
 

@@ -48,9 +48,12 @@ TABLE: tuple[FieldRule, ...] = (
     FieldRule(("firmware",), Mode.RESTART, "OVMF (pflash0, pflash1) is set when QEMU starts",
               "uefi: OVMF from the host's firmwareDirs (none: refused at plan, naming the package `ovmf`); "
               "the VM's variable store is copied once from its template and kept across restarts."),
-    FieldRule(("firmware", "secureBoot"), Mode.RESTART, "Secure Boot OVMF code with SMM, set when QEMU starts",
-              "The variable store is kept: turning it on for a VM whose store came from the plain template "
-              "enrolls no keys (the VARS template is only copied once)."),
+    FieldRule(("firmware", "secureBoot"), Mode.RESTART, "Secure Boot OVMF code with SMM, and a variable store "
+              "from the matching template (boot entries reset), set when QEMU starts",
+              "The keys live in the VM's variable store, so a toggle replaces the store from the new template "
+              "(Microsoft's keys, Secure Boot enabled; or none) while QEMU is stopped: the old store is kept "
+              "beside it as efivars.fd.<UTC time>.bak and the guest's boot entries are reset (the plan says "
+              "so)."),
     FieldRule(("bootOrder",), Mode.RESTART, "bootindex is set on the devices when QEMU starts",
               "Default: the disks in order. Neither boot.kernel nor a disk or a CD-ROM with a medium in it: "
               "starting the VM is refused."),
@@ -141,8 +144,9 @@ TABLE: tuple[FieldRule, ...] = (
               "multifunction is set when the device is plugged"),
     FieldRule(("tpm",), Mode.RESTART,
               "swtpm and tpm-crb are attached when QEMU starts; turned off, the TPM state is kept",
-              "Its state (tpm/NAME/) survives restarts; it is deleted only with the VM, when all its disks have "
-              "deletePolicy: Delete."),
+              "Its state (tpm/NAME/) is manufactured once by swtpm_setup (EK and platform certificates from the "
+              "installation's local CA, NVRAM locked), survives restarts, and is deleted only with the VM, when all "
+              "its disks have deletePolicy: Delete."),
 )
 
 

@@ -141,6 +141,8 @@ class ObservedVM(_Fact):
     )
     disks: dict[str, ObservedImage] = Field(default_factory=dict, description="Our disk files, by disk name.")
     efi_vars: str | None = Field(default=None, description="Its UEFI variable store's path, when it exists.")
+    efi_vars_secure_boot: bool | None = Field(
+        default=None, description="Whether that store was copied from a Secure Boot template (None: not known).")
     unverified: str | None = Field(
         default=None, description="A live process the pidfile names but that is not proven this VM's QEMU (why); "
         "it is not adopted: the VM counts as not running.")

@@ -104,6 +104,7 @@ class _VMPlan:
     refusals: list[str] = field(default_factory=list)
     restart_causes: list[str] = field(default_factory=list)
     offline: list[s.Step] = field(default_factory=list)  # safe whether QEMU runs or not: create, offline grow
+    stopped: list[s.Step] = field(default_factory=list)  # only once QEMU is gone: a new UEFI variable store
     live_grows: list[s.Step] = field(default_factory=list)  # need the running QEMU (also before a restart)
     repairs: list[s.Step] = field(default_factory=list)  # TAPs re-attached to their bridge
     live: LivePlan | None = None  # hot-plug, unplug and settings, when QEMU runs and answers
@@ -247,6 +248,8 @@ def _gather(work: _VMPlan, desired: VirtualMachine, obs: ObservedVM, record: App
     _efi_vars(work, desired.spec, obs, observed, host)
     if obs.process is not None:
         _running_vm(work, desired, obs.process, record, observed, networks)
+        _lost_tpm(work, obs)
+    _reset_efi_vars(work, desired.spec, obs, record, observed, host)  # after the restart causes it may repeat
 
 
 def _efi_vars(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, observed: ObservedState,
@@ -256,6 +259,7 @@ def _efi_vars(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, observed
     if isinstance(found, firmware.Firmware) and not obs.efi_vars:
         path = paths.efi_vars(observed.state_dir, work.name)
         work.offline.append(s.CreateEfiVars(name=work.name, target="efivars", path=path, template=found.vars_template,
+                                            secure_boot=found.secure_boot,
                                             summary=f"UEFI variables: copy {found.vars_template} to {path} (once; "
                                             "kept across restarts, deleted only with the VM and all its disks)"))
 
@@ -280,6 +284,42 @@ def _host_devices(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, step
     found, reasons = hostdev.steps(work.name, devices, keep, observed)
     work.reasons += reasons
     return found
+def _lost_tpm(work: _VMPlan, obs: ObservedVM) -> None:
+    """QEMU started with a TPM whose swtpm is gone (it died or was killed): the guest's TPM fails every command
+    until QEMU restarts with a new swtpm on the same state (QEMU cannot reconnect a tpm-emulator backend)."""
+    launched = obs.process.launched if obs.process else None
+    if launched is not None and launched.tpm.enabled and obs.tpm_pid is None:
+        work.restart_causes.append("tpm: its swtpm (the TPM emulator) is gone while QEMU runs: the guest's TPM "
+                                   "fails until QEMU restarts with a new swtpm on the same TPM state")
+
+
+def _reset_efi_vars(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, record: AppliedRecord | None,
+                    observed: ObservedState, host: HostConfig) -> None:
+    """Secure Boot turned on or off for a VM that has its variable store: the keys are in the store, so it
+    is replaced from the new template once QEMU is gone (the old one kept as a dated backup; the guest's
+    boot entries go with it). Its origin is on file; a store made before that is assumed to come from the
+    template the last applied spec asked for."""
+    found = firmware.select(spec, observed.paths, host, observed.state_dir)
+    if not isinstance(found, firmware.Firmware) or not obs.efi_vars:
+        return
+    origin = obs.efi_vars_secure_boot
+    if origin is None and record is not None and record.vm.spec.firmware.type == "uefi":
+        origin = record.vm.spec.firmware.secureBoot
+    if origin is None or origin == found.secure_boot:
+        return
+    why = (f"spec.firmware.secureBoot is {'on' if found.secure_boot else 'off'} but the UEFI variable store came "
+           f"from the template {'with' if origin else 'without'} Secure Boot keys: it is replaced from "
+           f"{found.vars_template} (the old store is kept as a dated backup; the guest's boot entries are reset)")
+    if obs.process is None:
+        work.reasons.append(why)
+    elif not any(cause.startswith("firmware.secureBoot changed") for cause in work.restart_causes):
+        work.restart_causes.append(why)  # QEMU runs with the desired code but the other keys
+    work.stopped.append(s.ResetEfiVars(
+        name=work.name, target="efivars", path=obs.efi_vars, template=found.vars_template,
+        secure_boot=found.secure_boot,
+        summary=f"UEFI variables: keep {obs.efi_vars} as {obs.efi_vars}.<UTC time>.bak and copy "
+                f"{found.vars_template} (Secure Boot {'on' if found.secure_boot else 'off'}: the guest's boot "
+                "entries are reset)"))
 
 
 def _firmware_opens(steps: list[s.Step], found: firmware.Firmware | str | None) -> list[str]:
@@ -287,7 +327,8 @@ def _firmware_opens(steps: list[s.Step], found: firmware.Firmware | str | None) 
     if not isinstance(found, firmware.Firmware):
         return []
     shown = [f"firmware: code {found.code}"] if any(isinstance(step, s.Start) for step in steps) else []
-    return shown + [f"firmware: VARS template {step.template}" for step in steps if isinstance(step, s.CreateEfiVars)]
+    return shown + [f"firmware: VARS template {step.template}" for step in steps
+                    if isinstance(step, s.CreateEfiVars | s.ResetEfiVars)]
 
 
 def _media(work: _VMPlan, desired: VirtualMachine, obs: ObservedVM, record: AppliedRecord | None,
@@ -361,20 +402,21 @@ def _choose(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, known: boo
     if obs.process is not None and (spec.runStrategy == "Halted" or name in options.stop):
         work.reasons.append("stopped by `infinization stop`" if name in options.stop else
                             "runStrategy is Halted and the VM is running")
-        return [stop, *work.offline], Action.NOOP, []
+        return [stop, *work.offline, *work.stopped], Action.NOOP, []
     if obs.process is None:
         why_start = "started by `infinization start`" if name in options.start else _start_reason(
             spec.runStrategy, known, obs.last_exit)
         if not why_start:
-            return list(work.offline), Action.NOOP, []
+            return [*work.offline, *work.stopped], Action.NOOP, []
         work.reasons.append(why_start)
-        return [*work.offline, s.Start(name=name, summary="start QEMU and wait for its monitor")], Action.NOOP, []
+        start = s.Start(name=name, summary="start QEMU and wait for its monitor")
+        return [*work.offline, *work.stopped, start], Action.NOOP, []
     if work.restart_causes and allowed:
         permission = "--allow-restart" if options.allow_restart else "restartPolicy: Auto"
         work.reasons.append(f"a restart is allowed ({permission}) and needed for:")
         work.reasons += [f"  {cause}" for cause in work.restart_causes]
         start = s.Start(name=name, summary="start QEMU and wait for its monitor")
-        return [*work.live_grows, *work.offline, stop, start], Action.RESTART, []
+        return [*work.live_grows, *work.offline, stop, *work.stopped, start], Action.RESTART, []
     live_steps = work.live.steps if work.live else []
     work.fields += work.live.fields if work.live else []
     steps = [*work.offline, *work.live_grows, *work.repairs, *work.display, *live_steps]

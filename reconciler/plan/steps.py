@@ -55,6 +55,7 @@ class StepKind(StrEnum):
     DELETE_TPM_STATE = "delete-tpm-state"
     CREATE_EFI_VARS = "create-efi-vars"
     DELETE_EFI_VARS = "delete-efi-vars"
+    RESET_EFI_VARS = "reset-efi-vars"
     FINISH_INSTALL = "finish-install"
     RECORD_DISPLAY_PORT = "record-display-port"
     SET_DISPLAY_PASSWORD = "set-display-password"
@@ -200,6 +201,7 @@ class CreateEfiVars(_StepBase):
     phase = Phase.CREATE
     path: str
     template: str
+    secure_boot: bool | None = None  # the template's kind, kept beside the store (None: a plan from before)
 
 
 class DeleteEfiVars(_StepBase):
@@ -207,6 +209,17 @@ class DeleteEfiVars(_StepBase):
     phase = Phase.DELETE
     destroys_data = True
     path: str
+
+
+class ResetEfiVars(_StepBase):
+    """Secure Boot toggled: keep the VM's variable store as a dated backup and copy the new template (only
+    while QEMU is stopped; a store already from a template of this kind is kept)."""
+
+    kind: Literal[StepKind.RESET_EFI_VARS] = StepKind.RESET_EFI_VARS
+    phase = Phase.OFFLINE
+    path: str
+    template: str
+    secure_boot: bool
 
 
 class FinishInstall(_StepBase):
@@ -425,8 +438,8 @@ class StopDhcp(_StepBase):
 
 
 VMStep = (WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget
-          | StopTpm | DeleteTpmState | CreateEfiVars | DeleteEfiVars | FinishInstall | RecordDisplayPort
-          | SetDisplayPassword | PrepareHostDevice | ReleaseHostDevice)
+          | StopTpm | DeleteTpmState | CreateEfiVars | DeleteEfiVars | ResetEfiVars | FinishInstall
+          | RecordDisplayPort | SetDisplayPassword | PrepareHostDevice | ReleaseHostDevice)
 """Steps on a VM's record, disk files and process."""
 LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
             | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia | HotplugHostDevice | UnplugHostDevice

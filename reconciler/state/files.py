@@ -17,7 +17,9 @@ are atomic (temporary file, fsync, rename) and private to their owner (0600). Wh
 - ``source.json``: the CLI's ``apply``; read by ``status``, ``start`` and ``stop``.
 - ``networks/NAME.json``: the executor's network steps; read by the observers and the executor.
 - ``swtpm.json``: ``write_tpm_launch`` / ``record_tpm_launched`` by ``apply.vmprocess``; ``tpm/NAME/`` (the
-  TPM state, written by swtpm) is created by ``prepare_tpm_state`` and deleted by ``delete_tpm_state``.
+  TPM state, written by swtpm) is created by ``prepare_tpm_state`` and deleted by ``delete_tpm_state``;
+  ``tpm/NAME.setup.json`` records its manufacture (swtpm_setup: begun, done), ``tpm/.localca/`` is the local
+  CA that signs the EK and platform certificates (``prepare_tpm_ca``; QEMU's user's 0700).
 - ``disks/NAME/efivars.fd``: a UEFI VM's variables, copied once from OVMF's template by
   ``install_efi_vars`` (the executor's create-efi-vars step), opened for QEMU by ``open_efi_vars``,
   deleted by ``delete_efi_vars``; QEMU's user's, 0600.
@@ -683,6 +685,82 @@ def prepare_tpm_state(layout: StateLayout, paths: VMPaths, uid: int, gid: int) -
     _own(paths.tpm_state, uid, gid, 0o700)
 
 
+def _tpm_setup_record(paths: VMPaths) -> Path:
+    # Beside the state, in root's tpm/ (0710): QEMU's user, who owns the state itself, cannot forge it.
+    return paths.tpm_state.with_name(f"{paths.tpm_state.name}.setup.json")
+
+
+def read_tpm_setup(paths: VMPaths) -> dict[str, Any] | None:
+    """The TPM state's manufacture record (``{"state": "begun" | "done", ...}``), None when there is none."""
+    try:
+        value = json.loads(_read_no_follow(_tpm_setup_record(paths), 1 << 16))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_tpm_setup(paths: VMPaths, record: dict[str, Any]) -> None:
+    write_atomic(_tpm_setup_record(paths), json.dumps(record, sort_keys=True))
+
+
+def tpm_state_has_data(paths: VMPaths) -> bool:
+    """Whether swtpm has written a TPM state (its permanent-state file) in ``tpm/NAME/``."""
+    return any(entry.name.startswith("tpm2-") for entry in paths.tpm_state.iterdir()) \
+        if paths.tpm_state.is_dir() else False
+
+
+def clear_tpm_state(paths: VMPaths) -> int:
+    """Empty a half-made TPM state (a manufacture that did not finish); how many files went."""
+    removed = 0
+    for entry in list(paths.tpm_state.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed += 1
+    return removed
+
+
+def prepare_tpm_ca(layout: StateLayout, uid: int, gid: int, localca: str) -> Path:
+    """The installation's local CA for EK and platform certificates (``tpm/.localca/``, QEMU's user's 0700:
+    swtpm_setup runs as that user and its swtpm_localca keeps the CA key and serial there) with root's
+    configuration files for swtpm_setup and swtpm_localca in it. The path of swtpm_setup's configuration."""
+    ca = layout.tpm / ".localca"
+    make_private_dirs(ca)
+    _own(layout.tpm, 0, gid, 0o710)
+    _own(ca, uid, gid, 0o700)
+    configs = {
+        "swtpm_setup.conf": f"create_certs_tool = {localca}\ncreate_certs_tool_config = {ca}/swtpm-localca.conf\n"
+                            f"create_certs_tool_options = {ca}/swtpm-localca.options\nactive_pcr_banks = sha256\n",
+        "swtpm-localca.conf": f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\nissuercert = {ca}/issuercert.pem\n"
+                              f"certserial = {ca}/certserial\n",
+        "swtpm-localca.options": "--platform-manufacturer Infinization\n--platform-version 2.1\n"
+                                 "--platform-model QEMU\n",
+    }
+    for name, text in configs.items():
+        path = ca / name
+        try:
+            current = _read_no_follow(path).decode()
+        except OSError:
+            current = None
+        if current != text:
+            write_atomic(path, text)
+            os.chmod(path, 0o644)  # root's; QEMU's user reads them through its own 0700 folder
+    return ca / "swtpm_setup.conf"
+
+
+def open_tpm_setup_log(paths: VMPaths) -> int:
+    """swtpm_setup's output for this manufacture (truncated), root's 0600."""
+    return _open_log(paths.dir / "swtpm-setup.log")
+
+
+def tpm_setup_log(paths: VMPaths) -> str:
+    try:
+        return _read_no_follow(paths.dir / "swtpm-setup.log", 1 << 20).decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def tpm_state_exists(paths: VMPaths) -> bool:
     return paths.tpm_state.is_dir()
 
@@ -692,6 +770,7 @@ def delete_tpm_state(paths: VMPaths) -> bool:
     if not paths.tpm_state.is_dir() or paths.tpm_state.is_symlink():
         return False
     shutil.rmtree(paths.tpm_state)
+    _tpm_setup_record(paths).unlink(missing_ok=True)
     return True
 
 
@@ -711,16 +790,34 @@ def efi_vars_exists(paths: VMPaths) -> bool:
     return paths.efi_vars.exists() or paths.efi_vars.is_symlink()
 
 
-def install_efi_vars(template: str, paths: VMPaths, uid: int, gid: int) -> bool:
+def _efi_vars_origin_file(paths: VMPaths) -> Path:
+    return paths.efi_vars.with_name(paths.efi_vars.name + ".origin.json")
+
+
+def efi_vars_origin(paths: VMPaths) -> bool | None:
+    """Whether the VM's variable store was copied from a Secure Boot (Microsoft-keys) template; None when
+    unknown (a store made before the origin was written, or an unreadable origin)."""
+    try:
+        value = json.loads(_read_no_follow(_efi_vars_origin_file(paths), 4096)).get("secureBoot")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, bool) else None
+
+
+def install_efi_vars(template: str, paths: VMPaths, uid: int, gid: int, secure_boot: bool | None = None) -> bool:
     """Copy OVMF's VARS ``template`` to the VM's store, QEMU's user's 0600, unless it exists (never
-    replaced: it holds the guest's boot entries and keys). Built under a temporary name and linked into
-    place, so a crash leaves no half copy; temporary files of an earlier crash are removed. True if copied."""
+    replaced here: it holds the guest's boot entries and keys). Built under a temporary name and linked into
+    place, so a crash leaves no half copy; temporary files of an earlier crash are removed. The template's
+    kind (``secure_boot``) goes to ``efivars.fd.origin.json`` *before* the store appears, so a store always
+    has its own origin beside it. True if copied."""
     dest = paths.efi_vars
     make_private_dirs(dest.parent)
     for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
         stale.unlink(missing_ok=True)
     if efi_vars_exists(paths):
         return False
+    if secure_boot is not None:
+        write_atomic(_efi_vars_origin_file(paths), json.dumps({"template": template, "secureBoot": secure_boot}))
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out, open(template, "rb") as src:
@@ -736,6 +833,30 @@ def install_efi_vars(template: str, paths: VMPaths, uid: int, gid: int) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def reset_efi_vars(template: str, paths: VMPaths, uid: int, gid: int, secure_boot: bool, stamp: str) -> str:
+    """Replace the VM's variable store by a fresh copy of ``template`` (Secure Boot turned on or off): the
+    old store is renamed to ``efivars.fd.STAMP.bak`` beside it first (kept: it holds the guest's boot
+    entries and any keys it enrolled). Crash-safe: after the rename the store is simply missing, and the
+    copy (here, or the next plan's create-efi-vars) makes it from the template. What was done."""
+    if efi_vars_exists(paths) and efi_vars_origin(paths) is secure_boot:
+        return "already copied from a template of this kind (kept as it is)"
+    backup = None
+    if efi_vars_exists(paths):
+        backup = paths.efi_vars.with_name(f"{paths.efi_vars.name}.{stamp}.bak")
+        for n in range(1, 100):  # two resets within one second keep both backups
+            if not backup.exists():
+                break
+            backup = paths.efi_vars.with_name(f"{paths.efi_vars.name}.{stamp}-{n}.bak")
+        os.rename(paths.efi_vars, backup)
+    install_efi_vars(template, paths, uid, gid, secure_boot)
+    return f"copied {template}" + (f"; the old store is kept as {backup}" if backup else "")
+
+
+def efi_vars_backups(paths: VMPaths) -> list[Path]:
+    """The dated backups ``reset_efi_vars`` kept, oldest first."""
+    return sorted(paths.efi_vars.parent.glob(f"{paths.efi_vars.name}.*.bak"))
 
 
 def open_efi_vars(paths: VMPaths) -> int:
@@ -762,6 +883,9 @@ def delete_efi_vars(paths: VMPaths) -> bool:
         paths.efi_vars.unlink()
     except FileNotFoundError:
         return False
+    # Its origin and the dated backups of Secure Boot toggles go with it (the VM and its disks are gone).
+    for extra in (_efi_vars_origin_file(paths), *efi_vars_backups(paths)):
+        extra.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         paths.efi_vars.parent.rmdir()  # only if empty
     return True

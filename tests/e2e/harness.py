@@ -29,7 +29,7 @@ ROOTFS_FILES = ("rootfs.qcow2", "vmlinuz", "initrd.img")
 REPORT_RE = re.compile(r"INFZ-REPORT seq=(\d+) disks=(\S*) nics=(\S*) mem_kb=(\d+) cpus=(\d+)(?: cds=(\S*))?"
                        r"(?: ping=(\S*))?(?: ips=(\S*))?"
                        r"(?: efi=(\d) sb=(\S+) tpm=(\d) rng=(\S+) cidata=(\S+))?(?: ro=(\S*) uuid=(\S+))?"
-                       r"(?: ports=(\S*))?(?: pci=(\S*))?")
+                       r"(?: ports=(\S*))?(?: pci=(\S*))?(?: boot=(\S+))?(?: ekcert=(\S+))?")
 
 
 @dataclass(frozen=True)
@@ -51,13 +51,16 @@ class Report:
     uuid: str | None = None  # /sys/class/dmi/id/product_uuid (the SMBIOS system UUID)
     ports: tuple[str, ...] = ()  # names of the virtio-serial ports (/sys/class/virtio-ports/*/name)
     pci: tuple[str, ...] = ()  # display, audio and USB controllers on PCI: "class:vendor:device"
+    boot: str | None = None  # the kernel command line's infz.boot= (a boot loader's "cd" / "disk" marker)
+    ek_cert: bool | None = None  # the TPM's RSA EK certificate NV index exists (None: no TPM, or not reported)
 
 
 def parse_report(line: str) -> Report | None:
     match = REPORT_RE.search(line)
     if not match:
         return None
-    seq, disks, nics, mem, cpus, cds, ping, ips, efi, sb, tpm, rng, cidata, ro, uuid, ports, pci = match.groups()
+    (seq, disks, nics, mem, cpus, cds, ping, ips, efi, sb, tpm, rng, cidata, ro, uuid, ports, pci, boot,
+     ekcert) = match.groups()
     disk_map = {n: int(s) for n, s in (item.split(":") for item in disks.split(",") if item)}
     nic_map = {}
     for item in filter(None, nics.split(",")):
@@ -75,7 +78,8 @@ def parse_report(line: str) -> Report | None:
                   efi=efi == "1", secure_boot=None if sb in (None, "-") else sb == "1", tpm=tpm == "1",
                   rng=None if rng in (None, "-") else rng, cidata=seed,  # type: ignore[arg-type]
                   read_only=tuple(filter(None, (ro or "").split(","))), uuid=None if uuid in (None, "-") else uuid,
-                  ports=tuple(filter(None, (ports or "").split(","))), pci=tuple(filter(None, (pci or "").split(","))))
+                  ports=tuple(filter(None, (ports or "").split(","))), pci=tuple(filter(None, (pci or "").split(","))),
+                  boot=None if boot in (None, "-") else boot, ek_cert=None if ekcert in (None, "-") else ekcert == "1")
 
 
 def vm_manifest(name: str, *, disks: str = "", run_strategy: str = "Always", extra: str = "",

@@ -81,7 +81,8 @@ def _assert_converged_running(host: Host) -> None:
     assert _left_behind(host) == sorted(f"{run}/{name}" for name in ("events.sock", "qemu.pid", "qmp.sock",
                                                                      "swtpm.pid", "swtpm.sock"))
     assert int(paths.pidfile.read_text()) == qemu.pid and int(paths.tpm_pidfile.read_text()) == tpm.pid
-    assert sorted(p.name for p in (host.state / "disks" / VM).iterdir()) == ["efivars.fd", "root.qcow2"]
+    assert sorted(p.name for p in (host.state / "disks" / VM).iterdir()) == ["efivars.fd", "efivars.fd.origin.json",
+                                                                            "root.qcow2"]
     assert len(list(paths.dir.glob("cidata-*.iso"))) == 1
 
 
