@@ -56,6 +56,8 @@ def _add_plan_apply_status(sub: _Subparsers, common: argparse.ArgumentParser) ->
     p.add_argument("--allow-restart", action="store_true", help="restart VMs whose changes need it")
     p.add_argument("--allow-empty", action="store_true",
                    help="allow an empty manifest directory to delete every VM")
+    p.add_argument("--jobs", "-j", type=int, default=None,
+                   help="how many VMs to change at once (default: $INFINIZATION_APPLY_JOBS or 8 per core)")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("status", parents=[common], help="list VMs, their phase and whether they match")

@@ -72,17 +72,18 @@ def cmd_apply(args: argparse.Namespace) -> int:
             out.print("Apply cancelled.")
             return 1
         out.print("")
-        result = _execute(view, layout)
+        result = _execute(view, layout, args.jobs)
         after = asyncio.run(read_view(directory, layout, allow_restart, args.host, config=config))
     return _report(view.plan, result, after.plan)
 
 
-def _execute(view: View, layout: StateLayout) -> ApplyResult:
+def _execute(view: View, layout: StateLayout, jobs: int | None = None) -> ApplyResult:
     files.write_source(layout, view.plan.manifest_dir)
     # Absolute: the sync daemon, started elsewhere, matches a record's file against the broken ones.
     sources = {name: str(Path(loaded.source.file).absolute()) for name, loaded in view.manifests.vms.items()}
     rev = revision(Path(view.plan.manifest_dir))
-    return asyncio.run(Executor(layout, print_step, sources, revision=rev, host=view.config).run(view.plan))
+    executor = Executor(layout, print_step, sources, revision=rev, host=view.config, jobs=jobs)
+    return asyncio.run(executor.run(view.plan))
 
 
 def _report(done_plan: Plan, result: ApplyResult, after: Plan) -> int:
