@@ -18,12 +18,11 @@ from rich.table import Table
 
 from reconciler.apply.executor import Executor
 from reconciler.apply.lock import StateLock
-from reconciler.cli.common import CliError, config_of, layout_of, load_manifests, out, print_step, read_view
+from reconciler.cli.common import CliError, config_of, layout_of, out, print_step, read_view
 from reconciler.plan.planner import PlanOptions
 from reconciler.plan.steps import StepKind
 from reconciler.runtime.daemon import Options, run_daemon
 from reconciler.runtime.store import open_readonly
-from reconciler.spec.models import VirtualMachine
 from reconciler.state import files
 
 
@@ -95,18 +94,4 @@ def cmd_events(args: argparse.Namespace) -> int:
         when = time.strftime("%H:%M:%S", time.localtime(event["ts"]))
         table.add_row(when, event["vm"], event["kind"], event["result"], escape(event["message"]))
     out.print(table)
-    return 0
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    manifests = load_manifests(args.directory)
-    out.print(f"{len(manifests.vms)} VirtualMachine(s) in {len(manifests.files)} file(s): valid.")
-    return 0
-
-
-def cmd_schema(args: argparse.Namespace) -> int:
-    schema = VirtualMachine.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "Infinization VirtualMachine (infinization.io/v1alpha1)"
-    print(json.dumps(schema, indent=2))
     return 0

@@ -7,21 +7,29 @@ Called by ``cli.main``. Each subcommand's ``func`` default is its handler in ``c
 from __future__ import annotations
 
 import argparse
+import importlib
+from collections.abc import Callable
 from typing import TypeAlias
 
 from reconciler import __version__
-from reconciler.cli.commands import (
-    cmd_events,
-    cmd_logs,
-    cmd_schema,
-    cmd_start_stop,
-    cmd_sync,
-    cmd_validate,
-)
-from reconciler.cli.plan_apply import cmd_apply, cmd_plan
-from reconciler.cli.status import cmd_status
 
 DESCRIPTION = "The ``infinization`` command line: plan, apply, status, logs, validate, schema."
+
+# Each subcommand's handler, as "module:function", imported only when that subcommand runs: `--version`
+# and `validate` do not pay for the executor, the observers, pyroute2 or the sync daemon.
+cmd_plan, cmd_apply = "plan_apply:cmd_plan", "plan_apply:cmd_apply"
+cmd_status = "status:cmd_status"
+cmd_events, cmd_logs, cmd_schema = "commands:cmd_events", "commands:cmd_logs", "manifests:cmd_schema"
+cmd_start_stop, cmd_sync, cmd_validate = "commands:cmd_start_stop", "commands:cmd_sync", "manifests:cmd_validate"
+
+
+def handler(name: str) -> Callable[[argparse.Namespace], int]:
+    """The handler a subcommand names ("module:function" in ``reconciler.cli``), imported now."""
+    module, function = name.split(":")
+    found: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(f"reconciler.cli.{module}"),
+                                                         function)
+    return found
+
 
 # argparse exposes no public name for it, and it is generic only to type checkers (hence the string).
 _Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"

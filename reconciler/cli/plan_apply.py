@@ -11,10 +11,10 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
-from reconciler.apply.executor import ApplyResult, Executor
 from reconciler.apply.lock import StateLock
 from reconciler.cli.common import CliError, View, config_of, err, layout_of, out, print_step, read_view
 from reconciler.errors import LockTimeout
@@ -24,6 +24,9 @@ from reconciler.runtime.gitrev import revision
 from reconciler.state import files
 from reconciler.state.files import write_atomic
 from reconciler.state.layout import StateLayout
+
+if TYPE_CHECKING:
+    from reconciler.apply.executor import ApplyResult
 
 # -- plan -------------------------------------------------------------------------------------------
 
@@ -78,6 +81,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _execute(view: View, layout: StateLayout, jobs: int | None = None) -> ApplyResult:
+    from reconciler.apply.executor import Executor  # only apply pays for the executor's imports (not plan)
+
     files.write_source(layout, view.plan.manifest_dir)
     # Absolute: the sync daemon, started elsewhere, matches a record's file against the broken ones.
     sources = {name: str(Path(loaded.source.file).absolute()) for name, loaded in view.manifests.vms.items()}

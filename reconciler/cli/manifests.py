@@ -1,0 +1,27 @@
+"""``infinization validate`` and ``infinization schema``: the manifests alone, without touching the host.
+
+Called by ``cli.parser`` (handlers). Kept apart from ``cli.commands`` so that these commands import only
+the spec layer: no executor, observers, netlink or sync daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from reconciler.cli.common import load_manifests, out
+from reconciler.spec.models import VirtualMachine
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    manifests = load_manifests(args.directory)
+    out.print(f"{len(manifests.vms)} VirtualMachine(s) in {len(manifests.files)} file(s): valid.")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    schema = VirtualMachine.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Infinization VirtualMachine (infinization.io/v1alpha1)"
+    print(json.dumps(schema, indent=2))
+    return 0
