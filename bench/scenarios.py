@@ -126,7 +126,12 @@ def idle_daemon(count: int, window: float, paused: bool) -> list[Row]:
     try:
         names = [f"i{i}" for i in range(count)]
         box.write_vms(names, extra="  paused: true\n" if paused else "")
+        if paused and box.cli("validate", str(box.manifests), check=False)[1]:
+            paused = False  # this tree has no spec.paused: hold them running (and booted) instead
+            box.write_vms(names)
         box.cli("apply", str(box.manifests), "--yes")
+        if not paused:
+            box.wait_booted(names)
         daemon = subprocess.Popen([PYTHON, "-m", "reconciler", "sync", str(box.manifests), "--metrics-address",
                                    "none"], cwd=ROOT, env=box.env(), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
