@@ -1,7 +1,8 @@
-"""Run a Plan: each VM's steps in order, VMs one after another, every step re-checking before it acts.
+"""Run a Plan: each VM's steps in order, VMs side by side (``apply.scheduler``), every step re-checking
+before it acts.
 
-A failing step stops that VM's remaining steps (they depended on it) and the run goes on with the next
-VM, so one broken VM never blocks the others. Dispatch is one exhaustive ``match`` over the ``Step``
+A failing step stops that VM's remaining steps (they depended on it); the other VMs go on, so one broken
+VM never blocks the others. Dispatch is one exhaustive ``match`` over the ``Step``
 union (``_run_step``): it says how each kind runs (on the VM's files and process, over its QMP monitor,
 or on host networking in a worker thread), and each of those has its own exhaustive ``match``; a step
 kind without a handler is a mypy error. ``INFINIZATION_CRASH_AT=before:KIND`` or ``after:KIND`` (KIND a
@@ -22,7 +23,7 @@ from typing import assert_never
 
 from reconciler.adapters import monitor, procfs
 from reconciler.adapters import paths as host_paths
-from reconciler.apply import disks, hostdev_plug, hostnet, hotplug, placement, swtpm, vfio, vmprocess
+from reconciler.apply import disks, hostdev_plug, hostnet, hotplug, placement, scheduler, swtpm, vfio, vmprocess
 from reconciler.apply import display as display_apply
 from reconciler.errors import InfinizationError, Permanent, Refused, StepFailed
 from reconciler.plan import media, policy
@@ -71,30 +72,32 @@ def _maybe_crash(moment: str, kind: StepKind) -> None:
 class Executor:
     def __init__(self, layout: StateLayout, report: Reporter | None = None,
                  sources: dict[str, str] | None = None, revision: str | None = None,
-                 host: HostConfig | None = None) -> None:
+                 host: HostConfig | None = None, jobs: int | None = None) -> None:
         self.layout = layout
+        self.jobs = jobs  # how many VMs' changes may run at once (None: scheduler.default_limit())
         self.host = host or HostConfig()  # the host's policy: QEMU's user and binary, storage roots
         self.report = report or (lambda result: None)
         self.sources = sources or {}
         self.revision = revision
 
     async def run(self, plan: Plan) -> ApplyResult:
-        """Run the plan's changes in order. Fail-closed: once a bridge or firewall change has failed, no VM
-        change runs after it (a VM started then could be on a bridge without its rules)."""
+        """Run the plan's changes: host-wide ones in plan order, VMs' side by side, each VM's steps in order
+        (``apply.scheduler`` decides when each runs). Fail-closed: once a bridge or firewall change has
+        failed, no VM change runs after it (a VM started then could be on a bridge without its rules)."""
         outcome = ApplyResult()
-        host_failed: str | None = None
-        for change in plan.changes:
-            if not change.steps or change.refusals:
-                continue
-            if host_failed and change.resource == "VirtualMachine":
-                skipped = StepResult(change.steps[0], False, f"skipped: {host_failed} failed first", 0.0)
-                outcome.results.append(skipped)
-                self.report(skipped)
-                outcome.failed_vms[change.name] = skipped.detail
-                continue
+
+        async def run_change(change: Change) -> bool:
             await self._run_change(change, outcome)
-            if change.resource != "VirtualMachine" and change.name in outcome.failed_vms:
-                host_failed = f"{change.resource} {change.name}"
+            return change.name not in outcome.failed_vms
+
+        def skip(change: Change, why: str) -> None:
+            skipped = StepResult(change.steps[0], False, why, 0.0)
+            outcome.results.append(skipped)
+            self.report(skipped)
+            outcome.failed_vms[change.name] = why
+
+        runnable = [change for change in plan.changes if change.steps and not change.refusals]
+        await scheduler.run_all(runnable, run_change, skip, self.jobs)
         return outcome
 
     async def _run_change(self, change: Change, outcome: ApplyResult) -> None:
@@ -149,15 +152,17 @@ class Executor:
         paths = self.layout.vm(step.name)
         match step:
             case s.WriteRecord():
-                files.write_record(paths, step.vm, self.sources.get(step.name), self.revision)
+                # Blocking file work (fsync) and qemu-img runs go to a worker thread: other VMs' steps go on.
+                await asyncio.to_thread(files.write_record, paths, step.vm, self.sources.get(step.name),
+                                        self.revision)
                 return "recorded"
             case s.CreateDisk():
-                return self._create_disk(paths, step)
+                return await asyncio.to_thread(self._create_disk, paths, step)
             case s.GrowDiskLive():
                 return await disks.grow_live(paths.qmp, step.node, Path(step.path), step.size)
             case s.GrowDiskOffline():
                 # qemu-img takes the image's write lock: it refuses an image a running QEMU has open.
-                return disks.grow_offline(Path(step.path), step.size)
+                return await asyncio.to_thread(disks.grow_offline, Path(step.path), step.size)
             case s.Start():
                 return await self._start(paths)
             case s.Stop():

@@ -15,19 +15,28 @@ import struct
 import subprocess
 import time
 from pathlib import Path
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING
 
 from reconciler.adapters import procfs
 from reconciler.errors import StepFailed
 from reconciler.state import files
 
 TUNSETIFF = 0x400454CA
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
+
+
+def _iproute() -> IPRoute:
+    """A netlink socket. pyroute2 is imported here, not at the top: it takes 0.3-0.6 s to import, which
+    every command would pay at start-up while only network steps use it."""
+    from pyroute2 import IPRoute
+
+    return IPRoute()
 
 
 def _index(ipr: IPRoute, name: str) -> int | None:
@@ -52,7 +61,7 @@ def ensure_bridge(bridge: str, address: str | None, remove_address: str | None, 
                   ipv6: bool = False) -> str:
     """Create or repair the bridge: present, its address, IPv6 autoconfiguration off unless ``ipv6``, up."""
     done = []
-    with IPRoute() as ipr:
+    with _iproute() as ipr:
         index = _index(ipr, bridge)
         if index is None:
             ipr.link("add", ifname=bridge, kind="bridge")
@@ -80,7 +89,7 @@ def ensure_bridge(bridge: str, address: str | None, remove_address: str | None, 
 
 
 def delete_bridge(bridge: str) -> str:
-    with IPRoute() as ipr:
+    with _iproute() as ipr:
         index = _index(ipr, bridge)
         if index is None:
             return "already gone"
@@ -96,7 +105,7 @@ def apply_firewall(script: str) -> str:
 
 
 def repair_tap(tap: str, bridge: str) -> str:
-    with IPRoute() as ipr:
+    with _iproute() as ipr:
         index, master = _index(ipr, tap), _index(ipr, bridge)
         if index is None:
             raise StepFailed(f"TAP {tap} is gone: the VM must be restarted to get it back")
@@ -111,6 +120,8 @@ def open_tap(name: str, bridge: str, queues: int, mac: str) -> list[int]:
 
     :raise StepFailed: When the TAP cannot be created or the bridge is missing.
     """
+    from pyroute2.netlink.exceptions import NetlinkError
+
     flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
     fds: list[int] = []
     try:
@@ -118,7 +129,7 @@ def open_tap(name: str, bridge: str, queues: int, mac: str) -> list[int]:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
             fds.append(fd)
             fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
-        with IPRoute() as ipr:
+        with _iproute() as ipr:
             index, master = _index(ipr, name), _index(ipr, bridge)
             if master is None:
                 raise StepFailed(f"bridge {bridge} does not exist")

@@ -17,8 +17,8 @@ import os
 
 from rich.markup import escape
 
-from reconciler.cli.common import err
-from reconciler.cli.parser import build_parser
+from reconciler.cli.console import err
+from reconciler.cli.parser import build_parser, handler
 from reconciler.errors import InfinizationError
 
 __all__ = ["build_parser", "main"]
@@ -36,7 +36,7 @@ def _debug() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        return int(handler(args.func)(args))
     except (InfinizationError, ValueError) as exc:
         err.print(f"[red]error:[/] {escape(_one_line(str(exc)))}")
         return 1

@@ -1,4 +1,4 @@
-"""The small ``infinization`` commands: start, stop, sync, events, logs, validate, schema.
+"""The small ``infinization`` commands: start, stop, sync, events, logs, completion.
 
 Called by ``cli.parser`` (each ``cmd_*`` is a subcommand's handler). Each only wires existing layers:
 ``start``/``stop`` plan one VM with ``PlanOptions`` and run that change; ``sync`` hands over to the daemon.
@@ -20,7 +20,7 @@ from rich.table import Table
 
 from reconciler.apply.executor import Executor
 from reconciler.apply.lock import StateLock
-from reconciler.cli.common import CliError, config_of, layout_of, load_manifests, out, print_step, read_view
+from reconciler.cli.common import CliError, config_of, layout_of, out, print_step, read_view
 from reconciler.cli.recording import record_run
 from reconciler.plan.planner import PlanOptions
 from reconciler.plan.steps import StepKind
@@ -112,24 +112,6 @@ def _event_json(event: dict[str, Any]) -> dict[str, Any]:
     when = datetime.datetime.fromtimestamp(event["ts"], datetime.UTC).isoformat(timespec="milliseconds")
     return {"time": when.replace("+00:00", "Z"), "ts": event["ts"], "vm": event["vm"], "kind": event["kind"],
             "result": event["result"], "message": event["message"], "durationMs": event["duration_ms"]}
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    manifests = load_manifests(args.directory)
-    out.print(f"{len(manifests.vms)} VirtualMachine(s) in {len(manifests.files)} file(s): valid.")
-    return 0
-
-
-def cmd_schema(args: argparse.Namespace) -> int:
-    if args.what == "plan":
-        from reconciler.plan.document import plan_document_schema
-
-        print(json.dumps(plan_document_schema(), indent=2))
-        return 0
-    from reconciler.spec.schema import manifest_schema
-
-    print(json.dumps(manifest_schema(), indent=2))
-    return 0
 
 
 def cmd_completion(args: argparse.Namespace) -> int:

@@ -10,25 +10,25 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.markup import escape
 
-from reconciler.apply.executor import StepResult
+from reconciler.cli.console import err, out
 from reconciler.errors import CorruptRecord, ManifestInvalid, Permanent
-from reconciler.observe.snapshot import observe
-from reconciler.plan.actions import Plan
-from reconciler.plan.observed import ObservedState
-from reconciler.plan.planner import PlanOptions, plan
-from reconciler.runtime.desired import from_records, keep_last_good
 from reconciler.spec.host import HostConfig
 from reconciler.spec.loader import ManifestSet, load_directory, load_host_config
 from reconciler.state import files
 from reconciler.state.layout import StateLayout, state_dir_from_env
-from reconciler.state.models import AppliedRecord
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+if TYPE_CHECKING:  # the layers behind plan and apply: imported where used, so validate and --version skip them
+    from reconciler.apply.executor import StepResult
+    from reconciler.plan.actions import Plan
+    from reconciler.plan.observed import ObservedState
+    from reconciler.plan.planner import PlanOptions
+    from reconciler.state.models import AppliedRecord
+
+__all__ = ["CliError", "View", "config_of", "err", "layout_of", "load_manifests", "out", "print_step", "read_view"]
 
 
 class CliError(Permanent):
@@ -86,6 +86,10 @@ def _load_warning(directory: str) -> ManifestSet:
 async def read_view(directory: str, layout: StateLayout, allow_restart: bool, host: str | None = None,
                     options: PlanOptions | None = None, tolerate_errors: bool = False, *,
                     config: HostConfig, ask_agent: bool = False) -> View:
+    from reconciler.observe.snapshot import observe
+    from reconciler.plan.planner import PlanOptions, plan
+    from reconciler.runtime.desired import from_records, keep_last_good
+
     manifests = _load_warning(directory) if tolerate_errors else load_manifests(directory)
     all_records = _read_records(layout)
     if manifests.errors:

@@ -1,28 +1,34 @@
 """The ``infinization`` argument parser: one function per group of subcommands.
 
-Called by ``cli.main``. Each subcommand's ``func`` default is its handler in ``cli.plan_apply``,
-``cli.status`` or ``cli.commands``.
+Called by ``cli.main``. Each subcommand's ``func`` default names its handler ("module:function" in
+``reconciler.cli``), which ``handler`` imports only when that subcommand runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
 from typing import NoReturn, TypeAlias
 
 from reconciler import __version__
-from reconciler.cli.commands import (
-    cmd_completion,
-    cmd_events,
-    cmd_logs,
-    cmd_schema,
-    cmd_start_stop,
-    cmd_sync,
-    cmd_validate,
-)
-from reconciler.cli.console import cmd_console
-from reconciler.cli.plan_apply import cmd_apply, cmd_plan
-from reconciler.cli.status import cmd_status
+
+# Each subcommand's handler, as "module:function", imported only when that subcommand runs: `--version`
+# and `validate` do not pay for the executor, the observers, pyroute2 or the sync daemon.
+cmd_plan, cmd_apply = "plan_apply:cmd_plan", "plan_apply:cmd_apply"
+cmd_status = "status:cmd_status"
+cmd_events, cmd_logs, cmd_schema = "commands:cmd_events", "commands:cmd_logs", "manifests:cmd_schema"
+cmd_start_stop, cmd_sync, cmd_validate = "commands:cmd_start_stop", "commands:cmd_sync", "manifests:cmd_validate"
+cmd_console, cmd_completion = "display:cmd_console", "commands:cmd_completion"
+
+
+def handler(name: str) -> Callable[[argparse.Namespace], int]:
+    """The handler a subcommand names ("module:function" in ``reconciler.cli``), imported now."""
+    module, function = name.split(":")
+    found: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(f"reconciler.cli.{module}"),
+                                                         function)
+    return found
 
 DESCRIPTION = """\
 Declarative QEMU virtual machines: the VMs of this host are YAML manifests in a directory (a git checkout).
@@ -108,6 +114,8 @@ def _add_plan_apply_status(sub: _Subparsers, common: argparse.ArgumentParser) ->
     p.add_argument("--allow-restart", action="store_true", help="restart VMs whose changes need it")
     p.add_argument("--allow-empty", action="store_true",
                    help="allow an empty manifest directory to delete every VM")
+    p.add_argument("--jobs", "-j", type=int, default=None,
+                   help="how many VMs to change at once (default: $INFINIZATION_APPLY_JOBS or 8 per core)")
     p.set_defaults(func=cmd_apply)
 
     p = _sub(sub, "status", "list VMs, their phase and whether they match their manifests",

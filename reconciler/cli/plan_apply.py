@@ -12,14 +12,13 @@ import datetime
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
 from reconciler import __version__
-from reconciler.apply.executor import ApplyResult, Executor
 from reconciler.apply.lock import StateLock
 from reconciler.cli.common import CliError, View, config_of, err, layout_of, out, print_step, read_view
-from reconciler.cli.recording import record_run
 from reconciler.errors import LockTimeout
 from reconciler.plan.actions import Action, Plan
 from reconciler.plan.document import Diagnostic, PlanFormatError, invalid_document, plan_document, plan_from_document
@@ -29,6 +28,9 @@ from reconciler.spec.loader import load_directory
 from reconciler.state import files
 from reconciler.state.files import write_atomic
 from reconciler.state.layout import StateLayout
+
+if TYPE_CHECKING:
+    from reconciler.apply.executor import ApplyResult
 
 # -- plan -------------------------------------------------------------------------------------------
 
@@ -94,18 +96,23 @@ def cmd_apply(args: argparse.Namespace) -> int:
             out.print("Apply cancelled.")
             return 1
         out.print("")
-        result = _execute(view, layout)
+        result = _execute(view, layout, args.jobs)
         after = asyncio.run(read_view(directory, layout, allow_restart, args.host, config=config))
+        from reconciler.cli.recording import record_run  # the status store: only apply writes it
+
         record_run(layout, args.host, result, view, after, revision(Path(view.plan.manifest_dir)))
     return _report(view.plan, result, after.plan)
 
 
-def _execute(view: View, layout: StateLayout) -> ApplyResult:
+def _execute(view: View, layout: StateLayout, jobs: int | None = None) -> ApplyResult:
+    from reconciler.apply.executor import Executor  # only apply pays for the executor's imports (not plan)
+
     files.write_source(layout, view.plan.manifest_dir)
     # Absolute: the sync daemon, started elsewhere, matches a record's file against the broken ones.
     sources = {name: str(Path(loaded.source.file).absolute()) for name, loaded in view.manifests.vms.items()}
     rev = revision(Path(view.plan.manifest_dir))
-    return asyncio.run(Executor(layout, print_step, sources, revision=rev, host=view.config).run(view.plan))
+    executor = Executor(layout, print_step, sources, revision=rev, host=view.config, jobs=jobs)
+    return asyncio.run(executor.run(view.plan))
 
 
 def _report(done_plan: Plan, result: ApplyResult, after: Plan) -> int:

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from reconciler.cli.common import CliError, View, config_of, layout_of, out, read_view
-from reconciler.cli.console import display_url
+from reconciler.cli.display import display_url
 from reconciler.plan.actions import Change
 from reconciler.plan.observed import ObservedVM
 from reconciler.runtime.store import VMStatus, conditions_text, open_readonly

@@ -14,8 +14,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute
-
 from reconciler.adapters import procfs
 from reconciler.hostnet.nftables import FAMILIES, LEGACY_TABLE, HostCapabilities, firewall_table
 from reconciler.plan.observed import ObservedDhcp, ObservedHostNetwork, ObservedLink
@@ -38,6 +36,8 @@ def _ipv6_slaac(name: str) -> bool | None:
 
 
 def _links() -> dict[str, ObservedLink]:
+    from pyroute2 import IPRoute  # 0.3-0.6 s to import: only when links are read
+
     with IPRoute() as ipr:
         raw = ipr.get_links()
         names = {link["index"]: link.get("IFLA_IFNAME") for link in raw}
@@ -113,7 +113,7 @@ def _uid(user: str | None) -> int | None:
 def _observe(names: set[str], dhcp: dict[str, tuple[Path, Path]], state_dir: Path,
              qemu_user: str | None) -> ObservedHostNetwork:
     # Only the links we care about: unrelated interfaces coming and going must not make plans stale.
-    links = {name: link for name, link in _links().items() if name in names}
+    links = {name: link for name, link in _links().items() if name in names} if names else {}
     table, tables = firewall_table(str(state_dir.resolve())), _tables()
     legacy = bool({("bridge", LEGACY_TABLE), ("ip", LEGACY_TABLE)} & tables)
     return ObservedHostNetwork(links=links, table=table, firewall=_firewall(table, tables), legacy_table=legacy,

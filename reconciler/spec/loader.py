@@ -9,6 +9,7 @@ the files it is given.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -320,6 +321,16 @@ def load_text(text: str, file: str) -> tuple[list[tuple[BaseModel, Source]], lis
     return objects, errors
 
 
+@functools.lru_cache(maxsize=4096)
+def _parsed(text: str, file: str) -> tuple[tuple[tuple[BaseModel, Source], ...], tuple[ManifestError, ...]]:
+    """``load_text``, remembered by the file's name and text: the sync daemon reloads the directory on
+    every edit, and an apply reads it before and after, but only files whose text changed are parsed and
+    validated again (parsing is the costly part; reading a file is not). Pure: same text, same result,
+    and the models are frozen."""
+    objects, errors = load_text(text, file)
+    return tuple(objects), tuple(errors)
+
+
 def load_directory(directory: str | Path) -> ManifestSet:
     """Load and cross-check every manifest under ``directory``."""
     root = Path(directory)
@@ -336,7 +347,7 @@ def load_directory(directory: str | Path) -> ManifestSet:
             result.errors.append(ManifestError(file, 1, 1, "", f"cannot read: {exc}"))
             result.failed_files.add(file)
             continue
-        objects, errors = load_text(text, file)
+        objects, errors = _parsed(text, file)
         if errors:
             result.errors.extend(errors)
             result.failed_files.add(file)

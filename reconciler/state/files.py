@@ -40,10 +40,10 @@ import os
 import shutil
 import stat
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
-import pycdlib
 from pydantic import BaseModel, ValidationError
 
 from reconciler.errors import CorruptRecord, Refused
@@ -87,7 +87,7 @@ def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file (0600), fsync and rename: a crash leaves the old or the new file, never
     half of one."""
     make_private_dirs(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
@@ -98,6 +98,18 @@ def write_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _drop_dead_writers_temps(path)
+
+
+def _drop_dead_writers_temps(path: Path) -> None:
+    """Remove temporary files of ``path`` left by a writer killed mid-write (its pid is in the name and no
+    longer runs): the executor writes several VMs' files at once, in threads, so a crash can land inside
+    one of these writes. A live writer's file (another thread's or process's) is left alone."""
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
 
 
 def _why(exc: ValidationError) -> str:
@@ -226,6 +238,8 @@ def write_seed(paths: VMPaths, digest: str, files_in_seed: dict[str, bytes]) -> 
     ``digest`` exists, remove the VM's other seeds, and return its path (root's 0600; QEMU gets an fd)."""
     target = paths.seed(digest)
     if not target.exists():
+        import pycdlib  # only a cloud-init seed needs it: kept off every command's start-up
+
         iso = pycdlib.PyCdlib()
         iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
         for index, (name, data) in enumerate(sorted(files_in_seed.items())):

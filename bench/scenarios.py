@@ -1,0 +1,152 @@
+"""The benchmark's scenarios: each returns table rows, ours next to the floor measured in the same run.
+
+Called by ``bench/__main__.py``. Every scenario drives the real CLI on a ``common.Sandbox`` and cleans up
+after itself (QEMUs killed, sandbox removed), whatever happens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from bench.common import PYTHON, ROOT, RawFleet, Row, Sandbox, wait_for
+
+TARGET_CREATE = "<= 1.5x floor"
+
+
+def create_and_stop(count: int, repeat: int = 1) -> list[Row]:
+    """``apply`` creating ``count`` VMs from nothing, against the raw fleet started the same way; then,
+    once every guest has booted, ``runStrategy: Halted`` for all of them against the raw fleet's
+    concurrent ACPI power-off."""
+    ours_create, raw_create, ours_stop, raw_stop = [], [], [], []
+    for _ in range(repeat):
+        box, raw = Sandbox(f"create{count}"), RawFleet(Path(), count)
+        raw.base = box.base / "raw"
+        try:
+            names = [f"b{i}" for i in range(count)]
+            # One at a time, each on a quiet machine: the raw fleet boots fully before ours starts.
+            raw_create.append(raw.start())
+            raw.wait_booted()
+            box.write_vms(names)
+            took, _ = box.cli("apply", str(box.manifests), "--yes")
+            ours_create.append(took)
+            box.wait_booted(names)
+            raw_stop.append(raw.power_off())
+            box.write_vms(names, run_strategy="Halted")
+            took, _ = box.cli("apply", str(box.manifests), "--yes")
+            ours_stop.append(took)
+        finally:
+            raw.kill()
+            box.close()
+    create, stop = statistics.median(ours_create), statistics.median(ours_stop)
+    return [Row(f"apply: create {count} VM(s) (to QMP running)", create, statistics.median(raw_create),
+                TARGET_CREATE),
+            Row(f"apply: runStrategy Halted for {count} booted VM(s)", stop, statistics.median(raw_stop),
+                "~ the longest single shutdown")]
+
+
+def plan_flat(few: int, many: int, rounds: int) -> list[Row]:
+    """A no-op ``plan`` with ``few`` running VMs against one with ``many`` (the floor here is the few)."""
+    times: dict[int, float] = {}
+    box = Sandbox("plan")
+    try:
+        for count in (few, many):
+            names = [f"p{i}" for i in range(count)]
+            box.write_vms(names)
+            box.cli("apply", str(box.manifests), "--yes")
+            box.wait_booted(names)  # quiet guests: measure the reconciler, not the boots around it
+            samples = [box.cli("plan", str(box.manifests), "--detailed-exitcode")[0] for _ in range(rounds)]
+            times[count] = statistics.median(samples)
+        return [Row(f"no-op plan, {many} running VMs (floor: {few} VM)", times[many], times[few], "<= 1.5x"),
+                Row(f"no-op plan, {few} running VM", times[few], None, "< 0.4 s on an idle machine")]
+    finally:
+        box.close()
+
+
+_IMPORT = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
+
+
+def _import_total(stderr: str) -> tuple[float, int]:
+    """The cumulative import time of top-level imports (microseconds to seconds) and how many modules."""
+    total, modules = 0, 0
+    for match in _IMPORT.finditer(stderr):
+        modules += 1
+        if len(match.group(3)) == 1:  # one space: a top-level import (nested ones are indented further)
+            total += int(match.group(2))
+    return total / 1e6, modules
+
+
+def startup(rounds: int) -> list[Row]:
+    """Each command's wall time against a bare ``python -c pass`` (the interpreter's own floor), and the
+    import time ``python -X importtime`` reports for it."""
+    box = Sandbox("startup")
+    rows = []
+    try:
+        box.write_vms(["s0"], run_strategy="Halted")
+        box.cli("apply", str(box.manifests), "--yes")
+        floor = statistics.median(_bare_python() for _ in range(rounds))
+        for args in (("--version",), ("validate", str(box.manifests)), ("status",),
+                     ("plan", str(box.manifests))):
+            wall = statistics.median(box.cli(*args)[0] for _ in range(rounds))
+            imports, modules = _import_total(box.cli(*args, python_flags=("-X", "importtime"))[1])
+            target = "< 0.4 s" if args[0] == "plan" else "imports only what it uses"
+            rows.append(Row(f"CLI {args[0]} (imports {imports:.2f} s, {modules} modules)", wall, floor, target))
+    finally:
+        box.close()
+    return rows
+
+
+def _bare_python() -> float:
+    began = time.monotonic()
+    subprocess.run([PYTHON, "-c", "pass"], check=True, cwd=ROOT)
+    return time.monotonic() - began
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def idle_daemon(count: int, window: float, paused: bool) -> list[Row]:
+    """The sync daemon's CPU and resident memory over ``window`` seconds while it holds ``count`` VMs
+    (paused when ``paused``: ``spec.paused``), after they have all converged."""
+    box = Sandbox("idle")
+    daemon = None
+    try:
+        names = [f"i{i}" for i in range(count)]
+        box.write_vms(names, extra="  paused: true\n" if paused else "")
+        if paused and box.cli("validate", str(box.manifests), check=False)[1]:
+            paused = False  # this tree has no spec.paused: hold them running (and booted) instead
+            box.write_vms(names)
+        box.cli("apply", str(box.manifests), "--yes")
+        if not paused:
+            box.wait_booted(names)
+        daemon = subprocess.Popen([PYTHON, "-m", "reconciler", "sync", str(box.manifests), "--metrics-address",
+                                   "none"], cwd=ROOT, env=box.env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        # Converged: a first full reconcile has passed (status written for every VM).
+        wait_for(lambda: (box.state / "infinization.db").exists(), timeout=120, step=0.1)
+        time.sleep(5.0)  # settle: the first resync and listeners' connects are not idle time
+        cpu0, began = _cpu_seconds(daemon.pid), time.monotonic()
+        time.sleep(window)
+        cpu = (_cpu_seconds(daemon.pid) - cpu0) / (time.monotonic() - began) * 100
+        rss = _rss_mb(daemon.pid)
+    finally:
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(timeout=60)
+        box.close()
+    what = f"{count} {'paused' if paused else 'running'} VMs"
+    return [Row(f"idle sync daemon CPU, {what}", cpu, None, "< 1 % of a core", unit="%"),
+            Row(f"idle sync daemon RSS, {what}", rss, 73.0, "< libvirtd+virtlogd (73 MB)", unit="MB")]
