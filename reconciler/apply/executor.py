@@ -62,6 +62,7 @@ class ApplyResult:
 
 
 Reporter = Callable[[StepResult], None]
+Starter = Callable[[Step], None]  # told when a step begins (a progress display shows it while it waits)
 
 
 def _maybe_crash(moment: str, kind: StepKind) -> None:
@@ -72,11 +73,12 @@ def _maybe_crash(moment: str, kind: StepKind) -> None:
 class Executor:
     def __init__(self, layout: StateLayout, report: Reporter | None = None,
                  sources: dict[str, str] | None = None, revision: str | None = None,
-                 host: HostConfig | None = None, jobs: int | None = None) -> None:
+                 host: HostConfig | None = None, jobs: int | None = None, started: Starter | None = None) -> None:
         self.layout = layout
         self.jobs = jobs  # how many VMs' changes may run at once (None: scheduler.default_limit())
         self.host = host or HostConfig()  # the host's policy: QEMU's user and binary, storage roots
         self.report = report or (lambda result: None)
+        self.started = started or (lambda step: None)
         self.sources = sources or {}
         self.revision = revision
 
@@ -104,6 +106,7 @@ class Executor:
         for step in change.steps:
             began = time.monotonic()
             _maybe_crash("before", step.kind)
+            self.started(step)
             permanent = False
             try:
                 detail = await self._run_step(step)

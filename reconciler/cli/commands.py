@@ -20,7 +20,8 @@ from rich.table import Table
 
 from reconciler.apply.executor import Executor
 from reconciler.apply.lock import StateLock
-from reconciler.cli.common import CliError, config_of, layout_of, out, print_step, read_view
+from reconciler.cli.common import CliError, config_of, layout_of, out, read_view
+from reconciler.cli.progress import StepProgress
 from reconciler.cli.recording import record_run
 from reconciler.plan.planner import PlanOptions
 from reconciler.plan.steps import StepKind
@@ -62,7 +63,9 @@ def cmd_start_stop(args: argparse.Namespace) -> int:
             out.print(f"{args.name} is already {'running' if args.command == 'start' else 'stopped'}.")
             return 0
         only = view.plan.model_copy(update={"changes": [change]})
-        result = asyncio.run(Executor(layout, print_step, {}, host=view.config).run(only))
+        with StepProgress(out) as progress:
+            executor = Executor(layout, progress.ended, {}, host=view.config, started=progress.started)
+            result = asyncio.run(executor.run(only))
         after = asyncio.run(read_view(directory, layout, False, args.host, config=view.config))
         record_run(layout, args.host, result, view, after)
     return 0 if result.ok else 1

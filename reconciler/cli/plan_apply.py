@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from reconciler import __version__
 from reconciler.apply.lock import StateLock
-from reconciler.cli.common import CliError, View, config_of, err, layout_of, out, print_step, read_view
+from reconciler.cli.common import CliError, View, config_of, err, layout_of, out, read_view
 from reconciler.errors import LockTimeout
 from reconciler.plan.actions import Action, Plan
 from reconciler.plan.document import Diagnostic, PlanFormatError, invalid_document, plan_document, plan_from_document
@@ -106,13 +106,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def _execute(view: View, layout: StateLayout, jobs: int | None = None) -> ApplyResult:
     from reconciler.apply.executor import Executor  # only apply pays for the executor's imports (not plan)
+    from reconciler.cli.progress import StepProgress
 
     files.write_source(layout, view.plan.manifest_dir)
     # Absolute: the sync daemon, started elsewhere, matches a record's file against the broken ones.
     sources = {name: str(Path(loaded.source.file).absolute()) for name, loaded in view.manifests.vms.items()}
     rev = revision(Path(view.plan.manifest_dir))
-    executor = Executor(layout, print_step, sources, revision=rev, host=view.config, jobs=jobs)
-    return asyncio.run(executor.run(view.plan))
+    with StepProgress(out) as progress:
+        executor = Executor(layout, progress.ended, sources, revision=rev, host=view.config, jobs=jobs,
+                            started=progress.started)
+        return asyncio.run(executor.run(view.plan))
 
 
 def _report(done_plan: Plan, result: ApplyResult, after: Plan) -> int:

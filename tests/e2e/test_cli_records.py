@@ -4,9 +4,12 @@ directory a running `sync` keeps the host converged with."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 from reconciler.runtime.store import VMStatus, open_readonly
-from tests.e2e.harness import Host, vm_manifest
+from tests.e2e.harness import ROOT, Host, vm_manifest
 
 
 def _row(host: Host, vm: str) -> VMStatus | None:
@@ -34,7 +37,12 @@ def test_cli_start_stop_and_apply_update_the_store(host: Host) -> None:
     assert row is not None and row.phase == "Running" and row.pid == int(host.pidfile("m").read_text())
     assert ("start", "ok") in _events(host, "m")
 
-    host.cli("stop", "m", check=True)
+    # On a terminal (script(1) gives it a pty) the step being waited on is shown with its wait so far.
+    shown = subprocess.run(["script", "-qec", " ".join([*host._prefix(), sys.executable, "-m", "reconciler", "stop",
+                                                        "m"]), "/dev/null"], capture_output=True, text=True,
+                           env=host.env(), cwd=ROOT, timeout=180)
+    assert shown.returncode == 0, shown.stdout
+    assert re.search(r"… m: stop gracefully.*\(\d+s\)", shown.stdout), shown.stdout
     row = _row(host, "m")
     assert row is not None and row.phase == "Stopped" and row.pid is None
     assert _events(host, "m")[-1] == ("stop", "ok")
