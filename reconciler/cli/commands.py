@@ -68,6 +68,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     layout = layout_of(args)
     files.check_private(layout)  # a state directory others can write would let them steer a root daemon
     options = Options(host=args.host, dry_run=args.dry_run, allow_restart=args.allow_restart,
+                      prune_other_sources=args.prune_other_sources,
                       debounce_ms=args.debounce_ms, resync_seconds=args.resync_interval, config=config_of(args))
     directory = Path(args.directory)
     if not directory.is_dir():

@@ -41,6 +41,11 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _prune_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prune-other-sources", action="store_true",
+                   help="also delete VMs last applied from another manifest directory (default: they are kept)")
+
+
 def _add_plan_apply_status(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("plan", parents=[common], help="show what apply would change")
     p.add_argument("directory")
@@ -48,6 +53,7 @@ def _add_plan_apply_status(sub: _Subparsers, common: argparse.ArgumentParser) ->
     p.add_argument("--out", help="save the plan to a file for `apply FILE`")
     p.add_argument("--detailed-exitcode", action="store_true", help="exit 0: no changes, 2: changes, 1: error")
     p.add_argument("--allow-restart", action="store_true", help="plan restarts for changes that need one")
+    _prune_option(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("apply", parents=[common], help="apply a manifest directory or a saved plan")
@@ -56,6 +62,7 @@ def _add_plan_apply_status(sub: _Subparsers, common: argparse.ArgumentParser) ->
     p.add_argument("--allow-restart", action="store_true", help="restart VMs whose changes need it")
     p.add_argument("--allow-empty", action="store_true",
                    help="allow an empty manifest directory to delete every VM")
+    _prune_option(p)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("status", parents=[common], help="list VMs, their phase and whether they match")
@@ -74,6 +81,7 @@ def _add_sync_start_stop(sub: _Subparsers, common: argparse.ArgumentParser) -> N
                    help="Prometheus metrics HOST:PORT, or 'none' (default 127.0.0.1:9464)")
     p.add_argument("--resync-interval", type=float, default=30.0, help="full resync period, seconds (default 30)")
     p.add_argument("--debounce-ms", type=int, default=50, help="manifest change debounce (default 50 ms)")
+    _prune_option(p)
     p.set_defaults(func=cmd_sync)
 
     for verb in ("start", "stop"):

@@ -19,6 +19,7 @@ from reconciler.apply.lock import StateLock
 from reconciler.cli.common import CliError, View, config_of, err, layout_of, out, print_step, read_view
 from reconciler.errors import LockTimeout
 from reconciler.plan.actions import FORMAT_VERSION, Action, Plan
+from reconciler.plan.planner import PlanOptions
 from reconciler.plan.render import render_plan, summary_line
 from reconciler.runtime.gitrev import revision
 from reconciler.state import files
@@ -31,7 +32,8 @@ from reconciler.state.layout import StateLayout
 def cmd_plan(args: argparse.Namespace) -> int:
     layout = layout_of(args)
     # Reading needs no lock: plan and status work while apply or the sync daemon runs.
-    view = asyncio.run(read_view(args.directory, layout, args.allow_restart, args.host,
+    options = PlanOptions(allow_restart=args.allow_restart, prune_other_sources=args.prune_other_sources)
+    view = asyncio.run(read_view(args.directory, layout, args.allow_restart, args.host, options,
                                 config=config_of(args)))
     if args.out:
         write_atomic(Path(args.out), view.plan.model_dump_json(indent=2) + "\n")
@@ -58,10 +60,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     # A saved plan carries its own manifest directory and --allow-restart: apply exactly what was shown.
     directory = saved.manifest_dir if saved else args.target
     allow_restart = saved.allow_restart if saved else args.allow_restart
+    prune = saved.prune_other_sources if saved else args.prune_other_sources
+    options = PlanOptions(allow_restart=allow_restart, prune_other_sources=prune)
     config = config_of(args)
     _refuse_if_daemon_runs(layout)
     with StateLock(layout.lock, exclusive=True, wait=args.lock_timeout):
-        view = asyncio.run(read_view(directory, layout, allow_restart, args.host, config=config))
+        view = asyncio.run(read_view(directory, layout, allow_restart, args.host, options, config=config))
         _refuse_empty_directory(view, args.allow_empty)
         if saved is not None:
             _check_fresh(saved, view.plan, layout)
@@ -73,7 +77,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             return 1
         out.print("")
         result = _execute(view, layout)
-        after = asyncio.run(read_view(directory, layout, allow_restart, args.host, config=config))
+        after = asyncio.run(read_view(directory, layout, allow_restart, args.host, options, config=config))
     return _report(view.plan, result, after.plan)
 
 

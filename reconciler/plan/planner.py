@@ -92,6 +92,9 @@ class PlanOptions:
     allow_restart: bool = False
     start: frozenset[str] = frozenset()  # `infinization start NAME`: start it whatever its runStrategy says
     stop: frozenset[str] = frozenset()  # `infinization stop NAME`
+    # A VM whose record says it came from another manifest directory is not deleted unless this is set:
+    # `apply DIR` on the wrong directory must not read as "every other VM's manifest was removed".
+    prune_other_sources: bool = False
 
 
 @dataclass
@@ -135,7 +138,7 @@ def plan(
         vm = desired.get(name)
         record = last_applied.get(name)
         change = _plan_vm(name, vm, observed, record, options, networks, host) if vm else _plan_delete(
-            name, observed.vm(name), record, observed.state_dir)
+            name, observed.vm(name), record, observed.state_dir, _foreign(record, manifest_dir, options))
         if change is not None and change.steps and name in net.blocked:
             change = change.model_copy(update={"steps": [], "opens": [], "refusals": [net.blocked[name]]})
         if change is not None:
@@ -147,6 +150,7 @@ def plan(
         desired_digest=desired_digest,
         observed_digest=observed.digest(),
         allow_restart=options.allow_restart,
+        prune_other_sources=options.prune_other_sources,
         changes=changes,
     )
 
@@ -473,7 +477,30 @@ def _delete_tpm(name: str, obs: ObservedVM, record: AppliedRecord, state_dir: st
     return [], "the TPM state"
 
 
-def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, state_dir: str = "") -> Change | None:
+def _foreign(record: AppliedRecord | None, manifest_dir: str, options: PlanOptions) -> str | None:
+    """Why a VM missing from the manifests is kept rather than deleted: it was applied from another
+    directory than the one planned (or from one we do not know); None when it may be deleted."""
+    if record is None or not manifest_dir or options.prune_other_sources:
+        return None
+    if record.source is None:
+        return "applied from an unknown directory (no source recorded); not pruned"
+    if record.source.startswith(manifest_dir.rstrip("/") + "/"):
+        return None
+    return f"applied from {_directory(record.source)}; not pruned"
+
+
+def _directory(source: str) -> str:
+    """The directory of a recorded manifest file (the planner does no I/O, not even pathlib's)."""
+    return source.rsplit("/", 1)[0] or "/"
+
+
+def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, state_dir: str = "",
+                 foreign: str | None = None) -> Change | None:
+    if foreign is not None:
+        # Nothing of it is touched (not its QEMU, not its disks, whatever their deletePolicy): another
+        # directory's apply, or `--prune-other-sources`, decides about it.
+        return Change(name=name, action=Action.NOOP, source=record.source if record else None,
+                      kept=f"{foreign} (`--prune-other-sources` deletes it)")
     if record is None:
         # A QEMU that is ours (its cmdline names our pidfile) but that we have no record of can only come
         # from a crash before the record was written; stop it, there is nothing else of ours to remove.
@@ -503,4 +530,5 @@ def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, state
     summary = "forget the VM" + (f" (keeping {'; '.join(keeping)})" if keeping else "")
     summary += f" (keeping {tpm_kept})" if tpm_kept else ""
     steps.append(s.Forget(name=name, summary=summary))
-    return Change(name=name, action=Action.DELETE, reasons=["its manifest was removed"], steps=steps)
+    reason = "its manifest was removed" + (f" (applied from {_directory(record.source)})" if record.source else "")
+    return Change(name=name, action=Action.DELETE, reasons=[reason], steps=steps, source=record.source)

@@ -42,6 +42,7 @@ class Options:
     host: str | None = None
     dry_run: bool = False
     allow_restart: bool = False
+    prune_other_sources: bool = False  # delete VMs last applied from another directory (default: kept)
     debounce_ms: int = 50
     resync_seconds: float = 30.0
     parallel: int = 4
@@ -57,7 +58,8 @@ class SyncDaemon:
         self.listeners = QMPListeners(layout, store, trigger=lambda key: self.queue.add(key))
         self.reconciler = Reconciler(self.cache, layout, store, self.listeners, dry_run=options.dry_run,
                                      config=options.config,
-                                     allow_restart=options.allow_restart)
+                                     allow_restart=options.allow_restart,
+                                     prune_other_sources=options.prune_other_sources)
         self.queue = WorkQueue(self.reconciler, parallel=options.parallel)
 
     def enqueue_all(self) -> None:

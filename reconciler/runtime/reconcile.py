@@ -62,9 +62,11 @@ def _vm_change(current: Plan, key: str) -> Change | None:
 
 class Reconciler:
     def __init__(self, cache: DesiredCache, layout: StateLayout, store: Store, listeners: QMPListeners, *,
-                 dry_run: bool = False, allow_restart: bool = False, config: HostConfig | None = None) -> None:
+                 dry_run: bool = False, allow_restart: bool = False, config: HostConfig | None = None,
+                 prune_other_sources: bool = False) -> None:
         self.cache, self.layout, self.store, self.listeners = cache, layout, store, listeners
         self.dry_run, self.allow_restart = dry_run, allow_restart
+        self.prune_other_sources = prune_other_sources
         self.config = config or HostConfig()  # the host's policy, for the planner and the executor
         self.crashloops = CrashLoops(layout)
         self.host_lock = asyncio.Lock()  # host changes (bridges, firewall) run one at a time
@@ -123,7 +125,8 @@ class Reconciler:
             raise CorruptRecord(f"{corrupt[mine[0]]} (fix or remove it by hand; the VM is left as it is)")
         observed = await observe(self.layout, desired, records, networks, only=only, host=self.config)
         result = plan(desired, observed, records, networks=networks, manifest_dir=str(self.cache.directory),
-                      options=PlanOptions(allow_restart=self.allow_restart), host=self.config)
+                      options=PlanOptions(allow_restart=self.allow_restart,
+                                          prune_other_sources=self.prune_other_sources), host=self.config)
         # Returned, never stored on self: reconciles of different keys run concurrently.
         return result, observed
 
