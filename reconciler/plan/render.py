@@ -65,7 +65,8 @@ def _render_change(change: Change) -> list[str]:
     elif change.pending_restart:
         lines.append(f"  [magenta]![/] {change.resource} [bold]{change.name}[/] has changes that need a restart")
     elif change.kept:
-        return [f"  [cyan]=[/] {change.resource} [bold]{change.name}[/] is kept", f"      [dim]# {_escape(change.kept)}[/]", ""]
+        return [f"  [cyan]=[/] {change.resource} [bold]{change.name}[/] is kept",
+                f"      [dim]# {_escape(change.kept)}[/]", ""]
     else:
         return []
     lines += [f"      [dim]# {_escape(reason)}[/]" for reason in change.reasons]
