@@ -137,7 +137,7 @@ def plan(
     for name in names:
         vm = desired.get(name)
         record = last_applied.get(name)
-        change = _plan_vm(name, vm, observed, record, options, networks, host) if vm else _plan_delete(
+        change = _plan_vm(name, vm, observed, record, options, networks, host) if vm else _plan_missing(
             name, observed.vm(name), record, observed.state_dir, _foreign(record, manifest_dir, options))
         if change is not None and change.steps and name in net.blocked:
             change = change.model_copy(update={"steps": [], "opens": [], "refusals": [net.blocked[name]]})
@@ -494,13 +494,18 @@ def _directory(source: str) -> str:
     return source.rsplit("/", 1)[0] or "/"
 
 
-def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, state_dir: str = "",
-                 foreign: str | None = None) -> Change | None:
-    if foreign is not None:
-        # Nothing of it is touched (not its QEMU, not its disks, whatever their deletePolicy): another
-        # directory's apply, or `--prune-other-sources`, decides about it.
-        return Change(name=name, action=Action.NOOP, source=record.source if record else None,
-                      kept=f"{foreign} (`--prune-other-sources` deletes it)")
+def _plan_missing(name: str, obs: ObservedVM, record: AppliedRecord | None, state_dir: str,
+                  foreign: str | None) -> Change | None:
+    """A VM in no manifest: deleted, unless it came from another directory. Then nothing of it is touched
+    (not its QEMU, not its disks, whatever their deletePolicy): another directory's apply, or
+    `--prune-other-sources`, decides about it."""
+    if foreign is None:
+        return _plan_delete(name, obs, record, state_dir)
+    return Change(name=name, action=Action.NOOP, source=record.source if record else None,
+                  kept=f"{foreign} (`--prune-other-sources` deletes it)")
+
+
+def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, state_dir: str = "") -> Change | None:
     if record is None:
         # A QEMU that is ours (its cmdline names our pidfile) but that we have no record of can only come
         # from a crash before the record was written; stop it, there is nothing else of ours to remove.

@@ -72,7 +72,7 @@ class SyncDaemon:
 
     async def _on_files_changed(self) -> None:
         await self.cache.wait_for_git(self.stopping)
-        for key in sorted(self.cache.reload()):
+        for key in sorted(await self.cache.reload_async()):
             self.queue.add(key, urgent=True)  # a changed manifest may be the fix: skip any backoff or parking
 
     async def _resync(self) -> None:
@@ -82,7 +82,7 @@ class SyncDaemon:
             if self.stopping.is_set():
                 return
             await self.cache.wait_for_git(self.stopping)
-            self.cache.reload()
+            await self.cache.reload_async()
             self.enqueue_all()
 
     async def run(self) -> None:
@@ -90,7 +90,7 @@ class SyncDaemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         await self.cache.wait_for_git(self.stopping)
-        self.cache.reload()
+        await self.cache.reload_async()
         log.info("sync started", manifests=str(self.cache.directory), state=str(self.cache.layout.root),
                  host=self.options.host, dry_run=self.options.dry_run, revision=self.cache.state.revision)
         self.store.event("-", "daemon", "started", f"watching {self.cache.directory}")

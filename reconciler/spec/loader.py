@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from reconciler.errors import ConfigInvalid
 from reconciler.spec.host import CONFIG_ENV, DEFAULT_CONFIG, HostConfig
 from reconciler.spec.models import API_VERSION, Network, VirtualMachine, nic_mac
+from reconciler.spec.reading import ManifestUnreadable, read_manifest
 
 Loc = tuple[str | int, ...]
 KINDS: dict[str, type[BaseModel]] = {"VirtualMachine": VirtualMachine, "Network": Network}
@@ -91,8 +92,26 @@ class ManifestSet:
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
+MAX_DEPTH = 32  # nesting levels of one document: a real manifest needs under 10
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core-schema implicit types only (no sexagesimal ints, no yes/no/on/off)."""
+    """SafeLoader with YAML 1.2 core-schema implicit types only (no sexagesimal ints, no yes/no/on/off),
+    and a nesting cap: PyYAML composes nodes recursively, so 600 nested ``[`` would otherwise end in a
+    RecursionError (its scanner and parser keep explicit stacks; only the composer recurses)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _StrictLoader.yaml_implicit_resolvers = {}
@@ -146,6 +165,8 @@ def _construct(node: yaml.Node, loc: Loc, marks: _Marks, active: frozenset[int] 
         raise _YamlProblem(node, f"the document expands to over {MAX_NODES} values (aliases?)")
     if id(node) in active:
         raise _YamlProblem(node, "an alias refers to a node that contains it (a cycle)")
+    if len(loc) > MAX_DEPTH:  # aliases can nest composed nodes deeper than the composer saw
+        raise _YamlProblem(node, f"nested deeper than {MAX_DEPTH} levels (through aliases)")
     if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
         active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
@@ -264,8 +285,9 @@ def manifest_files(directory: Path) -> list[Path]:
         relative = path.relative_to(directory)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        # A dangling symlink is listed (and fails to read): skipping it would read as the removal of its VMs.
-        if path.suffix in (".yaml", ".yml") and (path.is_file() or path.is_symlink()):
+        # Anything but a directory is listed: a dangling symlink, a FIFO or a device named *.yaml fails to
+        # read (a located error), where skipping it would read as the removal of its VMs.
+        if path.suffix in (".yaml", ".yml") and (path.is_symlink() or not path.is_dir()):
             found.append(path)
     return sorted(found)
 
@@ -295,6 +317,8 @@ def load_text(text: str, file: str) -> tuple[list[tuple[BaseModel, Source]], lis
         errors.append(ManifestError(file, line, col, "", f"invalid YAML: {exc.problem or exc.context}"))
     except yaml.YAMLError as exc:  # pragma: no cover - every PyYAML parse error is marked
         errors.append(ManifestError(file, 1, 1, "", f"invalid YAML: {exc}"))
+    except RecursionError:  # pragma: no cover - the depth caps above come first; never crash the other files
+        errors.append(ManifestError(file, 1, 1, "", f"nested too deeply (over {MAX_DEPTH} levels)"))
     return objects, errors
 
 
@@ -309,9 +333,9 @@ def load_directory(directory: str | Path) -> ManifestSet:
         file = str(path)
         result.files.append(file)
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            result.errors.append(ManifestError(file, 1, 1, "", f"cannot read: {exc}"))
+            text = read_manifest(path, root)
+        except ManifestUnreadable as exc:
+            result.errors.append(ManifestError(file, exc.line, exc.col, "", exc.message))
             result.failed_files.add(file)
             continue
         objects, errors = load_text(text, file)
