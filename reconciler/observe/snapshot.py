@@ -6,6 +6,7 @@ Read-only: nothing here changes the host.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 
 from reconciler.adapters import agent, monitor, procfs, qemu_img
@@ -115,4 +116,12 @@ async def observe(
     host_network = await observe_host_network(links, dhcp, layout.root, config.qemuUser)
     paths = observe_paths(seen, config, str(layout.root))
     return ObservedState(state_dir=str(layout.root), vms=vms, images=backing, host=host_network,
-                         network_records=network_records, paths=paths)
+                         network_records=network_records, paths=paths, host_memory=host_memory())
+
+
+def host_memory() -> int | None:
+    """The host's RAM in bytes (a guest's memory beyond it cannot be allocated), None if unknown."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None

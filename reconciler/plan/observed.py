@@ -166,6 +166,7 @@ class ObservedState(_Fact):
         default_factory=dict,
         description="Manifest paths, storage roots and the state directory, resolved (the host policy's facts).",
     )
+    host_memory: int | None = Field(default=None, description="The host's RAM in bytes (None: not known).")
 
     def digest(self) -> str:
         """What plans depend on (DHCP leases renew all the time, and the guest agent's answers change with the

@@ -161,7 +161,8 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
     the VM is compared with its paths resolved (what QEMU was, or will be, given); the record keeps the
     manifest as written."""
     verdict = policy.check_vm(manifest.spec, observed.paths, host, observed.state_dir)
-    refusals = [*verdict.refusals, *firmware.refusals(manifest.spec, observed.paths, host, observed.state_dir)]
+    refusals = [*verdict.refusals, *firmware.refusals(manifest.spec, observed.paths, host, observed.state_dir),
+                *_memory_refusals(manifest.spec, observed.host_memory)]
     if verdict.spec is None or refusals:
         return Change(name=name, action=Action.NOOP, refusals=refusals)
     desired = manifest.model_copy(update={"spec": verdict.spec})
@@ -191,6 +192,19 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
                   pending_restart=pending, refusals=[], unplug_pending=unplug_pending,
                   opens=media.shown_opens([*policy.opens(manifest.spec, steps, observed.paths), *_firmware_opens(
                       steps, firmware.select(desired.spec, observed.paths, host, observed.state_dir))], desired.spec))
+
+
+def _memory_refusals(spec: VirtualMachineSpec, host_memory: int | None) -> list[str]:
+    """Memory the host does not have: QEMU fails to start ("cannot set up guest memory"), or a later
+    DIMM hot-plug fails. Checked here because it depends on the host (``spec.limits`` has the rest)."""
+    if host_memory is None:
+        return []
+    found = []
+    for name, value in (("size", spec.memory.size), ("maxSize", spec.memory.maxSize)):
+        if value is not None and value > host_memory:
+            found.append(f"spec.memory.{name}: {format_size(value)} is more than this host's "
+                         f"{format_size(host_memory // 1024**2 * 1024**2)} of RAM")
+    return found
 
 
 def _gather(work: _VMPlan, desired: VirtualMachine, obs: ObservedVM, record: AppliedRecord | None,

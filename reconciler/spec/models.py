@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from reconciler.spec import limits
 from reconciler.spec.units import Size
 
 API_VERSION = "infinization.io/v1alpha1"
@@ -134,6 +135,9 @@ class CpuSpec(_Frozen):
                 raise ValueError(f"maxCpus ({self.maxCpus}) is below sockets*cores*threads ({self.count})")
             if self.maxCpus % (self.sockets * self.threads):
                 raise ValueError("maxCpus must be a multiple of sockets*threads (vCPUs are added as cores)")
+        problem = limits.cpu_problem(self.sockets, self.max_count // (self.sockets * self.threads), self.threads)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -152,6 +156,9 @@ class MemorySpec(_Frozen):
                 raise ValueError(f"memory {label} must be a whole number of MiB, at least 16Mi")
         if self.maxSize is not None and self.maxSize < self.size:
             raise ValueError("memory maxSize is below size")
+        problem = limits.memory_problem(self.size, self.maxSize, self.slots)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -186,8 +193,10 @@ class DiskSpec(_Frozen):
     deletePolicy: Literal["Retain", "Delete"] = Field(
         default="Retain", description="What happens to the disk file when its VM is deleted."
     )
-    iops: Annotated[int, Field(ge=0)] = Field(default=0, description="I/O operations per second limit; 0: none.")
-    bps: Size = Field(default=0, description="Bytes per second limit; 0: none.")
+    iops: Annotated[int, Field(ge=0, le=limits.THROTTLE_VALUE_MAX)] = Field(
+        default=0, description="I/O operations per second limit; 0: none (QEMU's maximum: 1e15).")
+    bps: Annotated[Size, Field(le=limits.THROTTLE_VALUE_MAX)] = Field(
+        default=0, description="Bytes per second limit; 0: none (QEMU's maximum: 1e15).")
     bus: Literal["virtio", "scsi", "sata"] = Field(
         default="virtio", description="virtio-blk; scsi: on the virtio-scsi controller; sata: q35's AHCI "
         "(for installers without virtio drivers; no hot-plug).")
@@ -209,6 +218,8 @@ class DiskSpec(_Frozen):
             raise ValueError("readOnly needs bus virtio or scsi (QEMU's ide-hd refuses a read-only drive)")
         if self.size is not None and (self.size % 512 or self.size == 0):
             raise ValueError("disk size must be a positive multiple of 512 bytes")
+        if self.size is not None and self.size > limits.QCOW2_MAX_SIZE:
+            raise ValueError("disk size is over 2Pi, the most a qcow2 image (64 KiB clusters) can hold")
         return self
 
 
@@ -496,6 +507,23 @@ class VirtualMachineSpec(_Frozen):
             if channel.name in seen:
                 raise ValueError(f"channels: the name {channel.name!r} is used twice")
             seen.add(channel.name)
+        return self
+
+    @model_validator(mode="after")
+    def _devices_fit(self) -> VirtualMachineSpec:
+        """Every device has a slot: QEMU would refuse the start (and an apply would stop half-way, after
+        creating the disks) when the root bus or the SCSI controller runs out."""
+        virtio = sum(disk.bus == "virtio" for disk in self.disks)
+        used = limits.pci_slots_used(virtio, len(self.networks), self.hotplugSlots, balloon=self.memory.balloon,
+                                     rng=self.rng.enabled, serial=self.guestAgent.enabled or bool(self.channels))
+        if used > limits.PCI_SLOTS:
+            raise ValueError(f"the devices need {used} PCI slots ({virtio} virtio disk(s), {len(self.networks)} "
+                             f"NIC(s), {self.hotplugSlots} hotplugSlots, and controllers); the {self.machine.type} "
+                             f"machine has {limits.PCI_SLOTS} (use bus scsi for more disks)")
+        scsi = sum(disk.bus == "scsi" for disk in self.disks) + len(self.cdroms)
+        if scsi > limits.SCSI_TARGETS:
+            raise ValueError(f"{scsi} scsi disks and CD-ROMs: the virtio-scsi controller has {limits.SCSI_TARGETS} "
+                             "targets")
         return self
 
     @model_validator(mode="after")
