@@ -21,6 +21,7 @@ from reconciler.apply.lock import StateLock
 from reconciler.cli.common import CliError, config_of, layout_of, load_manifests, out, print_step, read_view
 from reconciler.plan.planner import PlanOptions
 from reconciler.plan.steps import StepKind
+from reconciler.runtime import dsn
 from reconciler.runtime.daemon import Options, run_daemon
 from reconciler.runtime.store import open_readonly
 from reconciler.spec.models import VirtualMachine
@@ -74,7 +75,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         raise CliError(f"{directory} is not a directory")
     metrics_address = None if args.metrics_address == "none" else args.metrics_address
-    return run_daemon(directory, layout, options, args.database, metrics_address)
+    database = dsn.choose(args.database, args.database_file)  # before anything starts: one clear error
+    return run_daemon(directory, layout, options, database, metrics_address)
 
 
 def cmd_events(args: argparse.Namespace) -> int:

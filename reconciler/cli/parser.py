@@ -76,7 +76,9 @@ def _add_sync_start_stop(sub: _Subparsers, common: argparse.ArgumentParser) -> N
     p.add_argument("directory")
     p.add_argument("--dry-run", action="store_true", help="warn-only: compute and report plans, change nothing")
     p.add_argument("--allow-restart", action="store_true", help="restart VMs whose changes need it")
-    p.add_argument("--database", help="mirror status and events to PostgreSQL (postgresql://...)")
+    p.add_argument("--database", help="mirror status and events to PostgreSQL (postgresql://...); refused with "
+                   "a password in it (argv is public): use --database-file or $INFINIZATION_DATABASE_URL")
+    p.add_argument("--database-file", help="read the PostgreSQL URL from this file (mode 0600: it holds a password)")
     p.add_argument("--metrics-address", default="127.0.0.1:9464",
                    help="Prometheus metrics HOST:PORT, or 'none' (default 127.0.0.1:9464)")
     p.add_argument("--resync-interval", type=float, default=30.0, help="full resync period, seconds (default 30)")

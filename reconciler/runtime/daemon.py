@@ -25,7 +25,7 @@ from pathlib import Path
 import structlog
 
 from reconciler.apply.lock import StateLock
-from reconciler.runtime import metrics
+from reconciler.runtime import dsn, metrics
 from reconciler.runtime.cache import HOST, DesiredCache
 from reconciler.runtime.listeners import QMPListeners, watch_files, watch_netlink
 from reconciler.runtime.queue import WorkQueue
@@ -110,7 +110,7 @@ class SyncDaemon:
 def run_daemon(directory: Path, layout: StateLayout, options: Options, database_url: str | None,
                metrics_address: str | None) -> int:
     structlog.configure(processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
-                                    structlog.processors.JSONRenderer()])
+                                    dsn.redact_log, structlog.processors.JSONRenderer()])
     with StateLock(layout.daemon_lock, exclusive=True, wait=0), StateLock(layout.lock, exclusive=True, wait=60):
         if metrics_address:
             metrics.serve(metrics_address)

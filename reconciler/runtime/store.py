@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 
+from reconciler.runtime.dsn import redact
 from reconciler.state.files import make_private_dirs
 
 log = structlog.get_logger("infinization.store")
@@ -77,14 +78,14 @@ class Store:
         self._mirror = _Mirror(database_url) if database_url else None
 
     def event(self, vm: str, kind: str, result: str, message: str, duration_ms: float | None = None) -> None:
-        row = (time.time(), self.host, vm, kind, result, message, duration_ms)
+        row = (time.time(), self.host, vm, kind, result, redact(message), duration_ms)
         self._db.execute("INSERT INTO events (ts, host, vm, kind, result, message, duration_ms) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
         self._send("INSERT INTO infinization_events (ts, host, vm, kind, result, message, duration_ms) "
                      "VALUES (%s, %s, %s, %s, %s, %s, %s)", row)
 
     def set_status(self, status: VMStatus) -> None:
-        conditions = json.dumps(status.conditions, sort_keys=True)
+        conditions = json.dumps({kind: redact(text) for kind, text in status.conditions.items()}, sort_keys=True)
         row = (self.host, status.vm, status.phase, status.pid, status.revision, conditions,
                status.last_reconcile, status.duration_ms, status.result)
         self._db.execute(
