@@ -19,6 +19,7 @@ from rich.table import Table
 from reconciler.apply.executor import Executor
 from reconciler.apply.lock import StateLock
 from reconciler.cli.common import CliError, config_of, layout_of, load_manifests, out, print_step, read_view
+from reconciler.cli.terminal import printable, vm_name
 from reconciler.plan.planner import PlanOptions
 from reconciler.plan.steps import StepKind
 from reconciler.runtime import dsn
@@ -30,10 +31,14 @@ from reconciler.state import files
 
 def cmd_logs(args: argparse.Namespace) -> int:
     layout = layout_of(args)
-    data = files.read_serial(layout.vm(args.name))
+    name = vm_name(args.name)  # before any path is built from it: `logs ../../x` reads nothing
+    data = files.read_serial(layout.vm(name))
     if data is None:
-        raise CliError(f"no serial log for VM {args.name!r} ({layout.vm(args.name).serial})")
-    lines = data.decode(errors="replace").splitlines()
+        raise CliError(f"no serial log for VM {name!r} ({layout.vm(name).serial})")
+    # The guest wrote it: only printable text reaches the terminal (escape sequences are shown, not run).
+    lines = printable(data.decode(errors="replace")).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     if args.tail:
         lines = lines[-args.tail:]
     sys.stdout.write("\n".join(lines) + ("\n" if lines else ""))
@@ -43,6 +48,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_start_stop(args: argparse.Namespace) -> int:
     """Imperative start/stop of one VM (for runStrategy Manual): the manifests are never rewritten."""
     layout = layout_of(args)
+    vm_name(args.name)
     directory = args.directory or files.read_source(layout)
     if directory is None:
         raise CliError("no manifest directory given and none applied yet: --manifests DIR")
@@ -81,6 +87,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     layout = layout_of(args)
+    if args.name:
+        vm_name(args.name)
     store = open_readonly(layout.database, args.host or "")
     if store is None:
         raise CliError(f"no event store yet ({layout.database}): it is written by `infinization sync`")
@@ -96,7 +104,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         table.add_column(column)
     for event in events:
         when = time.strftime("%H:%M:%S", time.localtime(event["ts"]))
-        table.add_row(when, event["vm"], event["kind"], event["result"], escape(event["message"]))
+        table.add_row(when, event["vm"], event["kind"], event["result"], escape(printable(event["message"])))
     out.print(table)
     return 0
 
