@@ -38,6 +38,7 @@ from reconciler.runtime.crashloop import CRASH_WINDOW, CrashLoops, counts_as_res
 from reconciler.runtime.listeners import QMPListeners
 from reconciler.runtime.queue import Park
 from reconciler.runtime.store import Store
+from reconciler.spec import macs
 from reconciler.spec.host import HostConfig
 from reconciler.state import files
 from reconciler.state.layout import StateLayout
@@ -121,6 +122,8 @@ class Reconciler:
         networks = {name: loaded.network for name, loaded in state.networks.items()}
         corrupt: dict[str, str] = {}
         records = self.cache.records(corrupt)
+        desired, resolved = macs.resolve(desired, {name: record.vm for name, record in records.items()})
+        records = {name: record.model_copy(update={"vm": resolved[name]}) for name, record in records.items()}
         if mine := sorted(only & set(corrupt)):
             raise CorruptRecord(f"{corrupt[mine[0]]} (fix or remove it by hand; the VM is left as it is)")
         observed = await observe(self.layout, desired, records, networks, only=only, host=self.config)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from reconciler.errors import ConfigInvalid
 from reconciler.spec.host import CONFIG_ENV, DEFAULT_CONFIG, HostConfig
-from reconciler.spec.models import API_VERSION, Network, VirtualMachine, nic_mac
+from reconciler.spec.models import API_VERSION, Network, VirtualMachine
 from reconciler.spec.reading import ManifestUnreadable, read_manifest
 
 Loc = tuple[str | int, ...]
@@ -396,18 +396,19 @@ def _check_unique_across(result: ManifestSet) -> None:
     for name, loaded in sorted(result.vms.items()):
         spec = loaded.vm.spec
         for index, nic in enumerate(spec.networks):
-            mac = nic_mac(name, nic)
+            mac = nic.mac  # derived ones never clash: spec.macs resolves them, deterministically
             where: Loc = ("spec", "networks", index)
             this = f"VirtualMachine {name!r} NIC {nic.name!r}"
             if nic.network is not None and nic.network not in result.networks:
                 known = ", ".join(sorted(result.networks)) or "none"
                 _error(result, loaded.source, (*where, "network"),
                        f"no Network named {nic.network!r} (defined: {known})")
-            if mac in macs:
+            if mac is not None and mac in macs:
                 first, other, first_at = macs[mac]
                 _clash(result, loaded.source, first, (*where, "mac"), f"MAC {mac} is also used by {other}",
                        f"MAC {mac} is also used by {this}", first_at)
-            macs.setdefault(mac, (loaded.source, this, (*where, "mac")))
+            if mac is not None:
+                macs.setdefault(mac, (loaded.source, this, (*where, "mac")))
             for number, forward in enumerate(nic.portForwards):
                 key = (forward.hostAddress, forward.protocol, forward.host)
                 at: Loc = (*where, "portForwards", number, "host")

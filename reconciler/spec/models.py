@@ -610,13 +610,19 @@ def cpu_model(spec: VirtualMachineSpec) -> str | None:
     return "host" if spec.machine.accel == ["kvm"] else None
 
 
-def default_mac(vm_name: str, nic_name: str) -> str:
-    """A stable locally-administered QEMU-range MAC derived from the VM and NIC names."""
-    digest = hashlib.sha256(f"{vm_name}/{nic_name}".encode()).digest()
-    return "52:54:00:{:02x}:{:02x}:{:02x}".format(*digest[:3])
+MAC_PREFIX = 0x5A  # locally administered, unicast, and not QEMU's 52:54:00 (see spec.macs)
+
+
+def default_mac(vm_name: str, nic_name: str, attempt: int = 0) -> str:
+    """The ``attempt``-th address derived from the VM and NIC names: ``5a`` and 40 bits of a hash (the
+    planner's callers resolve collisions and keep assigned addresses: ``spec.macs.resolve``)."""
+    text = f"{vm_name}/{nic_name}" + (f"#{attempt}" if attempt else "")
+    digest = hashlib.sha256(text.encode()).digest()
+    return ":".join(f"{byte:02x}" for byte in (MAC_PREFIX, *digest[:5]))
 
 
 def nic_mac(vm_name: str, nic: NetworkInterfaceSpec) -> str:
+    """The NIC's address: its own, or (for a spec ``spec.macs.resolve`` has not seen) the first derived one."""
     return nic.mac if nic.mac is not None else default_mac(vm_name, nic.name)
 
 
