@@ -17,6 +17,7 @@ e.g. 5000). A failure prints the example and hypothesis' ``@reproduce_failure`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -67,7 +68,8 @@ def _optional(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, A
 DISK = st.fixed_dictionaries({"name": NAME}, optional={
     "size": SIZE, "image": PATH, "iops": BIG, "bps": SIZE, "deletePolicy": st.sampled_from(["Retain", "Delete", "x"]),
     "bus": st.sampled_from(["virtio", "scsi", "sata", "ide"]), "readOnly": st.booleans(),
-    "cache": st.sampled_from(["none", "writeback", "unsafe", "bogus"]), "imageFormat": st.sampled_from(["qcow2", "raw"]),
+    "cache": st.sampled_from(["none", "writeback", "unsafe", "bogus"]),
+    "imageFormat": st.sampled_from(["qcow2", "raw"]),
 })
 NIC = st.fixed_dictionaries({"name": NAME}, optional={
     "type": st.sampled_from(["user", "bridge", "tap"]), "mac": st.one_of(ODD_TEXT, st.from_regex(
@@ -78,7 +80,8 @@ NIC = st.fixed_dictionaries({"name": NAME}, optional={
 })
 SPEC = _optional(
     runStrategy=st.sampled_from(["Always", "Halted", "Manual", "RerunOnFailure", "Sometimes"]),
-    machine=_optional(type=st.sampled_from(["q35", "pc", "virt"]), accel=st.sampled_from(["tcg", "kvm", ["kvm", "tcg"]])),
+    machine=_optional(type=st.sampled_from(["q35", "pc", "virt"]),
+                      accel=st.sampled_from(["tcg", "kvm", ["kvm", "tcg"]])),
     cpu=_optional(sockets=BIG, cores=BIG, threads=BIG, maxCpus=BIG, model=ODD_TEXT),
     memory=_optional(size=SIZE, maxSize=SIZE, slots=BIG, balloon=st.booleans()),
     boot=_optional(kernel=PATH, initrd=PATH, cmdline=ODD_TEXT),
@@ -112,7 +115,8 @@ def documents(draw: st.DrawFn) -> str:
     if draw(st.booleans()):
         at = draw(st.integers(0, len(text)))
         cut = draw(st.integers(0, 20))
-        junk = draw(st.one_of(ODD_TEXT, st.sampled_from(["[" * 200, "{" * 200, "&a [*a]", "- ", ": ", "\t", "!!python/object:os.system", "*x"])))
+        junk = draw(st.one_of(ODD_TEXT, st.sampled_from(
+            ["[" * 200, "{" * 200, "&a [*a]", "- ", ": ", "\t", "!!python/object:os.system", "*x"])))
         text = text[:at] + junk + text[at + cut:]
     return text
 
@@ -152,10 +156,8 @@ def test_the_loader_never_crashes(text: str) -> None:
 @given(documents())
 def test_the_planner_and_the_argv_builder_never_crash_on_what_the_loader_accepts(text: str) -> None:
     for vm in _vms(text):
-        try:
+        with contextlib.suppress(InfinizationError):  # a refusal is data; anything else is a crash
             plan({vm.name: vm}, OBSERVED, {}, manifest_dir="/m", host=HOST)
-        except InfinizationError:
-            pass
         try:
             argv = build_argv(vm.name, vm.spec, LAYOUT.vm(vm.name))
         except UnsafeValue:
