@@ -87,7 +87,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     layout = layout_of(args)
-    if args.name:
+    if args.name and args.name != "-":  # "-": the daemon's own events (manifests, start, stop)
         vm_name(args.name)
     store = open_readonly(layout.database, args.host or "")
     if store is None:
