@@ -326,7 +326,8 @@ class NetworkInterfaceSpec(_Frozen):
     network: ResourceName | None = Field(default=None, description="type bridge: a Network by name.")
     bridge: InterfaceName | None = Field(default=None, description="type bridge: an existing host bridge.")
     mac: MacAddress | None = Field(
-        default=None, description="Defaults to a stable address derived from the VM and NIC names."
+        default=None, description="Defaults to 5a and 40 bits of a hash of the VM and NIC names; once assigned "
+        "it is recorded and kept (spec.macs)."
     )
     ips: list[IpAddress] = Field(default_factory=list, description="The guest's addresses, for anti-spoofing.")
     portForwards: list[PortForward] = Field(default_factory=list)

@@ -150,3 +150,22 @@ def test_a_held_fifo_in_the_manifests_never_delays_a_restart(host: Host) -> None
         if holder is not None:
             os.close(holder)
         assert host.stop_sync(daemon) == 0
+
+
+def test_two_vms_whose_default_macs_collide_both_run_with_distinct_ones(host: Host) -> None:
+    from reconciler.spec.models import default_mac
+
+    first, second = "vm-909201", "vm-233575"  # sha256 of "NAME/nat" shares its first 40 bits
+    assert default_mac(first, "nat") == default_mac(second, "nat")
+    host.write("b.yaml", vm_manifest(first))
+    host.apply()
+    seen = host.guest(first).wait_report(lambda r: "eth0" in r.nics, what="boot").nics["eth0"][0]
+    assert seen == default_mac(first, "nat")
+    # The later VM sorts first by name, yet the address already assigned stays with the VM that has it.
+    host.write("a.yaml", vm_manifest(second))
+    host.apply()
+    other = host.guest(second).wait_report(lambda r: "eth0" in r.nics, what="boot").nics["eth0"][0]
+    assert other == default_mac(second, "nat", 1) != seen
+    assert host.plan_exit() == 0
+    record = _record(host, first)
+    assert record is not None and record["vm"]["spec"]["networks"][0]["mac"] == seen  # type: ignore[index]
