@@ -10,6 +10,8 @@ and passes the resulting change here; the row goes to the status store (``runtim
 - ``Failed``: the reconcile failed; a failure that needs a person says so in its message.
 - ``CrashLoopBackOff``: a restart after failures waits.
 - ``ManifestInvalid``: the VM's file fails; its last good spec is kept.
+- ``NotPruned``: in no manifest of this directory, but applied from another one: kept, not managed here
+  (``--prune-other-sources`` deletes it); the message says where it came from.
 - ``Unverified``: the pidfile names a live process that is not proven this VM's QEMU (not adopted: the
   VM counts as not running and is started again); the message says why.
 """
@@ -38,6 +40,8 @@ class Outcome:
 
 def conditions(change: Change | None, outcome: Outcome) -> dict[str, str]:
     found: dict[str, str] = {}
+    if change is not None and change.kept:
+        return {"NotPruned": change.kept}  # not this directory's: nothing else is true or false of it here
     if (change is None or change.in_sync) and outcome.failure is None:
         found["Ready"] = ""
     if change is not None and change.steps:
