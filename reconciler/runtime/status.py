@@ -73,8 +73,9 @@ def vm_status(name: str, change: Change | None, vm: ObservedVM, outcome: Outcome
 
 
 def gone(desired: bool, change: Change | None, vm: ObservedVM) -> bool:
-    """Whether the VM is no longer ours to report: not desired, nothing left to do, no process."""
-    return not desired and (change is None or not change.steps) and vm.process is None
+    """Whether the VM is no longer ours to report: not desired, nothing left to do, no process (and not
+    kept from another directory: that is reported, as NotPruned)."""
+    return not desired and (change is None or not (change.steps or change.kept)) and vm.process is None
 
 
 def crashed_status(name: str, error: str, revision: str | None, now: float) -> VMStatus:

@@ -169,3 +169,24 @@ def test_two_vms_whose_default_macs_collide_both_run_with_distinct_ones(host: Ho
     assert host.plan_exit() == 0
     record = _record(host, first)
     assert record is not None and record["vm"]["spec"]["networks"][0]["mac"] == seen  # type: ignore[index]
+
+
+def test_sync_of_another_directory_keeps_the_vms_of_the_first(host: Host) -> None:
+    from tests.e2e.test_sync_daemon import _store_conditions
+
+    other = host.base / "other"
+    other.mkdir()
+    (other / "a.yaml").write_text(vm_manifest("a", run_strategy="Halted",
+                                              disks="    - {name: root, size: 64Mi, deletePolicy: Delete}"))
+    host.cli("apply", str(other), "--yes", check=True)
+    host.write("b.yaml", vm_manifest("b", run_strategy="Halted"))
+    daemon = host.start_sync()
+    try:
+        host.wait_for(lambda: _record(host, "b"), "b's record")
+        host.wait_for(lambda: "NotPruned" in _store_conditions(host, "a"), "a reported NotPruned")
+        assert f"applied from {other}" in _store_conditions(host, "a")["NotPruned"]
+        host.wait_for(lambda: any(e["kind"] == "daemon" for e in host.events("-")), "the daemon's start event")
+        assert _record(host, "a") is not None and host.disk("a", "root").exists()
+        assert not any(e["vm"] == "a" and e["kind"] in ("forget", "delete-disk") for e in host.events())
+    finally:
+        assert host.stop_sync(daemon) == 0
