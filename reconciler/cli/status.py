@@ -26,7 +26,7 @@ from reconciler.state import files
 from reconciler.state.layout import StateLayout
 
 # Conditions the NOTES column already shows from the plan itself (pending restart, refusal, unplug).
-_SHOWN_FROM_PLAN = ("RestartRequired", "Refused", "UnplugPending", "Unverified")
+_SHOWN_FROM_PLAN = ("RestartRequired", "Refused", "UnplugPending", "Unverified", "NotPruned")
 
 
 def _yes_no(value: bool) -> str:
@@ -89,11 +89,12 @@ def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str
         "refused": change.refusals,
         "unplugPending": change.unplug_pending,
         "unverified": vm.unverified,
+        "kept": change.kept,
         "disks": {n: d.virtual_size for n, d in vm.disks.items() if d.exists},
         "uuid": smbios_uuid(name),
         "channels": _channels(view, name),
         "agent": _agent(vm),  # the SMBIOS system UUID QEMU gives the guest (-uuid)
-        "manifest": loaded.source.file if loaded else None,
+        "manifest": loaded.source.file if loaded else change.source,
         "revision": view.records[name].revision if name in view.records else None,
         "conditions": status.conditions if status is not None else {},
         "lastReconcile": status.last_reconcile if status is not None else None,
@@ -144,6 +145,7 @@ def _notes(row: dict[str, Any]) -> str:
     notes += [f"refused: {why}" for why in row["refused"]]
     notes += [f"unplug pending: {why}" for why in row["unplugPending"]]
     notes += [f"unverified: {row['unverified']}"] if row["unverified"] else []
+    notes += [f"kept: {row['kept']}"] if row["kept"] else []
     notes += _agent_notes(row["agent"])
     notes += [c for c in conditions_text(row["conditions"]) if c != "Ready" and not c.startswith(_SHOWN_FROM_PLAN)]
     return escape("\n".join(notes))

@@ -35,6 +35,9 @@ def test_apply_of_another_directory_keeps_the_vms_of_the_first(host: Host) -> No
     assert disk.exists() and _record(host, "a") is not None, "nothing of a was touched"
     assert _record(host, "b") is not None
     assert host.cli("plan", str(other), "--detailed-exitcode").returncode == 0, "kept VMs are no pending change"
+    rows = {row["name"]: row for row in json.loads(host.cli("status", "--json", str(other), check=True).stdout)["vms"]}
+    assert rows["a"]["kept"].startswith(f"applied from {host.manifests}; not pruned")
+    assert rows["a"]["manifest"] == f"{host.manifests}/a.yaml"
 
     pruned = host.cli("apply", str(other), "--yes", "--prune-other-sources", check=True)
     assert "VirtualMachine a will be deleted" in pruned.stdout and f"(applied from {host.manifests})" in pruned.stdout
