@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 from tests.e2e.harness import Host, vm_manifest
 from tests.e2e.test_sync_daemon import _pid
@@ -193,3 +194,27 @@ def test_sync_of_another_directory_keeps_the_vms_of_the_first(host: Host) -> Non
         assert not any(e["vm"] == "a" and e["kind"] in ("forget", "delete-disk") for e in host.events())
     finally:
         assert host.stop_sync(daemon) == 0
+
+
+def test_the_database_password_comes_from_a_file_and_is_shown_nowhere(host: Host, postgres: str) -> None:
+    import psycopg
+
+    with_password = postgres.replace("postgresql://postgres@", f"postgresql://postgres:{SECRET}@")
+    secret_file = host.base / "db.url"
+    secret_file.write_text(f"# the status mirror\n{with_password}\n")
+    secret_file.chmod(0o600)
+    host.write("a.yaml", vm_manifest("a", run_strategy="Halted"))
+    daemon = host.start_sync("--database-file", str(secret_file))
+    try:
+        def rows() -> set[tuple[str, str]]:
+            with psycopg.connect(postgres) as db:
+                try:
+                    return {(r[0], r[1]) for r in db.execute("SELECT vm, phase FROM infinization_vm_status")}
+                except psycopg.errors.UndefinedTable:  # the mirror has not connected yet
+                    return set()
+        host.wait_for(lambda: ("a", "Stopped") in rows(), "a's row in PostgreSQL")
+        assert SECRET.encode() not in Path(f"/proc/{daemon.pid}/cmdline").read_bytes()
+    finally:
+        assert host.stop_sync(daemon) == 0
+    shown = (host.base / "sync.log").read_text() + json.dumps(host.events()) + host.cli("status", "--json").stdout
+    assert SECRET not in shown
