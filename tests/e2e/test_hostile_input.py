@@ -40,6 +40,11 @@ def test_apply_of_another_directory_keeps_the_vms_of_the_first(host: Host) -> No
     assert rows["a"]["kept"].startswith(f"applied from {host.manifests}; not pruned")
     assert rows["a"]["manifest"] == f"{host.manifests}/a.yaml"
 
+    # Another --host scope never touches VMs of this one, even when told to prune.
+    scoped = host.cli("apply", str(other), "--yes", "--host", "h2", "--prune-other-sources", check=True)
+    assert "VirtualMachine a" not in scoped.stdout and _record(host, "a") is not None and _record(host, "b") is not None
+    assert host.disk("a", "root").exists()
+
     pruned = host.cli("apply", str(other), "--yes", "--prune-other-sources", check=True)
     assert "VirtualMachine a will be deleted" in pruned.stdout and f"(applied from {host.manifests})" in pruned.stdout
     assert not disk.exists() and _record(host, "a") is None
