@@ -12,7 +12,8 @@ and deep nesting. The properties:
   without a stray ``,`` or ``=`` in every other option string (no value became an option).
 
 How many examples: ``INFZ_FUZZ_EXAMPLES`` (default 200 each, a few seconds; the nightly-style run sets
-e.g. 5000). A failure prints the example and hypothesis' ``@reproduce_failure`` line.
+e.g. 5000, and ``INFZ_FUZZ_DB=DIR`` to keep failing examples). A failure prints the example and
+hypothesis' ``@reproduce_failure`` line.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 from reconciler.errors import InfinizationError, UnsafeValue
 from reconciler.plan.observed import ObservedState
@@ -38,7 +40,11 @@ from reconciler.spec.models import VirtualMachine
 from reconciler.state.layout import StateLayout
 
 EXAMPLES = int(os.environ.get("INFZ_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
+# INFZ_FUZZ_DB=DIR keeps failing examples across runs (a nightly job's cache); print_blob prints the
+# @reproduce_failure line of a failure so it can be replayed from the log alone.
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
+                database=DirectoryBasedExampleDatabase(os.environ["INFZ_FUZZ_DB"]) if os.environ.get("INFZ_FUZZ_DB")
+                else None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 CASES = Path(__file__).parent / "plan_cases"
