@@ -20,6 +20,7 @@ from rich.markup import escape
 from reconciler.cli.console import err
 from reconciler.cli.parser import build_parser, handler
 from reconciler.errors import InfinizationError
+from reconciler.runtime.dsn import redact
 
 __all__ = ["build_parser", "main"]
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(handler(args.func)(args))
     except (InfinizationError, ValueError) as exc:
-        err.print(f"[red]error:[/] {escape(_one_line(str(exc)))}")
+        err.print(f"[red]error:[/] {escape(_one_line(redact(str(exc))))}")
         return 1
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -46,6 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if _debug():
             raise
-        err.print(f"[red]error:[/] internal error: {type(exc).__name__}: {escape(_one_line(str(exc)))} "
+        err.print(f"[red]error:[/] internal error: {type(exc).__name__}: {escape(_one_line(redact(str(exc))))} "
                   "(set INFINIZATION_DEBUG=1 for the traceback)")
         return 1

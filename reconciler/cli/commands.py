@@ -23,8 +23,10 @@ from reconciler.apply.lock import StateLock
 from reconciler.cli.common import CliError, config_of, layout_of, out, read_view
 from reconciler.cli.progress import StepProgress
 from reconciler.cli.recording import record_run
+from reconciler.cli.terminal import printable, vm_name
 from reconciler.plan.planner import PlanOptions
 from reconciler.plan.steps import StepKind
+from reconciler.runtime import dsn
 from reconciler.runtime.daemon import Options, run_daemon
 from reconciler.runtime.store import open_readonly
 from reconciler.state import files
@@ -32,10 +34,14 @@ from reconciler.state import files
 
 def cmd_logs(args: argparse.Namespace) -> int:
     layout = layout_of(args)
-    data = files.read_serial(layout.vm(args.name))
+    name = vm_name(args.name)  # before any path is built from it: `logs ../../x` reads nothing
+    data = files.read_serial(layout.vm(name))
     if data is None:
-        raise CliError(f"no serial log for VM {args.name!r} ({layout.vm(args.name).serial})")
-    lines = data.decode(errors="replace").splitlines()
+        raise CliError(f"no serial log for VM {name!r} ({layout.vm(name).serial})")
+    # The guest wrote it: only printable text reaches the terminal (escape sequences are shown, not run).
+    lines = printable(data.decode(errors="replace")).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     if args.tail:
         lines = lines[-args.tail:]
     sys.stdout.write("\n".join(lines) + ("\n" if lines else ""))
@@ -45,6 +51,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_start_stop(args: argparse.Namespace) -> int:
     """Imperative start/stop of one VM (for runStrategy Manual): the manifests are never rewritten."""
     layout = layout_of(args)
+    vm_name(args.name)
     directory = args.directory or files.read_source(layout)
     if directory is None:
         raise CliError("no manifest directory given and none applied yet: --manifests DIR")
@@ -75,6 +82,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     layout = layout_of(args)
     files.check_private(layout)  # a state directory others can write would let them steer a root daemon
     options = Options(host=args.host, dry_run=args.dry_run, allow_restart=args.allow_restart,
+                      prune_other_sources=args.prune_other_sources,
                       debounce_ms=args.debounce_ms, resync_seconds=args.resync_interval, config=config_of(args))
     directory = Path(args.directory)
     if not directory.is_dir():
@@ -84,12 +92,15 @@ def cmd_sync(args: argparse.Namespace) -> int:
         from reconciler.runtime.metrics import parse_address  # prometheus_client: only sync needs it
 
         parse_address(metrics_address)  # a malformed address fails now, before any lock is taken
-    return run_daemon(directory, layout, options, args.database, metrics_address,
+    database = dsn.choose(args.database, args.database_file)  # before anything starts: one clear error
+    return run_daemon(directory, layout, options, database, metrics_address,
                       retention_days=args.event_retention_days)
 
 
 def cmd_events(args: argparse.Namespace) -> int:
     layout = layout_of(args)
+    if args.name and args.name != "-":  # "-": the daemon's own events (manifests, start, stop)
+        vm_name(args.name)
     store = open_readonly(layout.database, args.host)
     if store is None:
         raise CliError(f"no event store yet ({layout.database}): it is written by `infinization sync`")
@@ -105,7 +116,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         table.add_column(column)
     for event in events:
         when = time.strftime("%H:%M:%S", time.localtime(event["ts"]))
-        table.add_row(when, event["vm"], event["kind"], event["result"], escape(event["message"]))
+        table.add_row(when, event["vm"], event["kind"], event["result"], escape(printable(event["message"])))
     out.print(table)
     return 0
 

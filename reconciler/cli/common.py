@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from reconciler.cli.console import err, out
 from reconciler.errors import CorruptRecord, ManifestInvalid, Permanent
+from reconciler.spec import macs
 from reconciler.spec.host import HostConfig
 from reconciler.spec.loader import ManifestSet, load_directory, load_host_config
 from reconciler.state import files
@@ -98,7 +99,10 @@ async def read_view(directory: str, layout: StateLayout, allow_restart: bool, ho
         manifests.vms = keep_last_good(manifests, from_records(all_records)).vms
     # A VM belongs to the host its spec names (none: hosts run without --host).
     desired = {name: loaded.vm for name, loaded in manifests.vms.items() if loaded.vm.spec.host == host}
-    records = {name: record for name, record in all_records.items() if record.vm.spec.host == host}
+    # Every NIC gets its address now: a recorded one is kept, a new one is derived without collisions.
+    desired, resolved = macs.resolve(desired, {name: record.vm for name, record in all_records.items()})
+    records = {name: record.model_copy(update={"vm": resolved[name]}) for name, record in all_records.items()
+               if record.vm.spec.host == host}
     networks = {name: loaded.network for name, loaded in manifests.networks.items()}
     observed = await observe(layout, desired, records, networks, host=config, ask_agent=ask_agent)
     result = plan(desired, observed, records, networks=networks, manifest_dir=str(Path(directory).absolute()),

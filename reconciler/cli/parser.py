@@ -83,6 +83,11 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _prune_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prune-other-sources", action="store_true",
+                   help="also delete VMs last applied from another manifest directory (default: they are kept)")
+
+
 def _add_plan_apply_status(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p = _sub(sub, "plan", "show what apply would change, without changing anything",
              "Reads the manifests and observes the host (QEMU processes and monitors, disk images, bridges,\n"
@@ -99,6 +104,7 @@ def _add_plan_apply_status(sub: _Subparsers, common: argparse.ArgumentParser) ->
     p.add_argument("--out", metavar="FILE", help="also save the plan, for `infinization apply FILE`")
     p.add_argument("--detailed-exitcode", action="store_true", help="exit 0: no changes, 2: changes, 1: error")
     p.add_argument("--allow-restart", action="store_true", help="plan restarts for changes that need one")
+    _prune_option(p)
     p.set_defaults(func=cmd_plan)
 
     p = _sub(sub, "apply", "apply a manifest directory or a saved plan",
@@ -116,6 +122,7 @@ def _add_plan_apply_status(sub: _Subparsers, common: argparse.ArgumentParser) ->
                    help="allow an empty manifest directory to delete every VM")
     p.add_argument("--jobs", "-j", type=int, default=None,
                    help="how many VMs to change at once (default: $INFINIZATION_APPLY_JOBS or 8 per core)")
+    _prune_option(p)
     p.set_defaults(func=cmd_apply)
 
     p = _sub(sub, "status", "list VMs, their phase and whether they match their manifests",
@@ -143,7 +150,10 @@ def _add_sync_start_stop(sub: _Subparsers, common: argparse.ArgumentParser) -> N
     p.add_argument("directory", help="the manifest directory to keep the host converged with")
     p.add_argument("--dry-run", action="store_true", help="warn-only: compute and report plans, change nothing")
     p.add_argument("--allow-restart", action="store_true", help="restart VMs whose changes need it")
-    p.add_argument("--database", metavar="URL", help="mirror status and events to PostgreSQL (postgresql://...)")
+    p.add_argument("--database", metavar="URL", help="mirror status and events to PostgreSQL (postgresql://...); "
+                   "refused with a password in it (argv is public): use --database-file or $INFINIZATION_DATABASE_URL")
+    p.add_argument("--database-file", metavar="FILE",
+                   help="read the PostgreSQL URL from this file (mode 0600: it holds a password)")
     p.add_argument("--metrics-address", default="127.0.0.1:9464",
                    help="Prometheus metrics HOST:PORT, or 'none' (default 127.0.0.1:9464)")
     p.add_argument("--resync-interval", type=float, default=30.0, help="full resync period, seconds (default 30)")
@@ -151,6 +161,7 @@ def _add_sync_start_stop(sub: _Subparsers, common: argparse.ArgumentParser) -> N
     p.add_argument("--event-retention-days", type=int, default=30, metavar="DAYS",
                    help="prune this host's events older than DAYS, locally and in PostgreSQL (default 30; 0 keeps "
                    "them)")
+    _prune_option(p)
     p.set_defaults(func=cmd_sync)
 
     for verb, what in (("start", "boots it"), ("stop", "shuts it down gracefully (guest agent, ACPI, then quit)")):

@@ -22,6 +22,7 @@ from reconciler.cli.common import CliError, View, config_of, err, layout_of, out
 from reconciler.errors import LockTimeout
 from reconciler.plan.actions import Action, Plan
 from reconciler.plan.document import Diagnostic, PlanFormatError, invalid_document, plan_document, plan_from_document
+from reconciler.plan.planner import PlanOptions
 from reconciler.plan.render import render_plan, summary_line
 from reconciler.runtime.gitrev import revision
 from reconciler.spec.loader import load_directory
@@ -43,7 +44,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                          indent=2))
         return 1
     # Reading needs no lock: plan and status work while apply or the sync daemon runs.
-    view = asyncio.run(read_view(args.directory, layout, args.allow_restart, args.host,
+    options = PlanOptions(allow_restart=args.allow_restart, prune_other_sources=args.prune_other_sources)
+    view = asyncio.run(read_view(args.directory, layout, args.allow_restart, args.host, options,
                                 config=config_of(args)))
     document = json.dumps(plan_document(view.plan, **_stamp()), indent=2)
     if args.out:
@@ -82,10 +84,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     # A saved plan carries its own manifest directory and --allow-restart: apply exactly what was shown.
     directory = saved.manifest_dir if saved else args.target
     allow_restart = saved.allow_restart if saved else args.allow_restart
+    prune = saved.prune_other_sources if saved else args.prune_other_sources
+    options = PlanOptions(allow_restart=allow_restart, prune_other_sources=prune)
     config = config_of(args)
     _refuse_if_daemon_runs(layout)
     with StateLock(layout.lock, exclusive=True, wait=args.lock_timeout):
-        view = asyncio.run(read_view(directory, layout, allow_restart, args.host, config=config))
+        view = asyncio.run(read_view(directory, layout, allow_restart, args.host, options, config=config))
         _refuse_empty_directory(view, args.allow_empty)
         if saved is not None:
             _check_fresh(saved, view.plan, layout)
@@ -97,7 +101,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
             return 1
         out.print("")
         result = _execute(view, layout, args.jobs)
-        after = asyncio.run(read_view(directory, layout, allow_restart, args.host, config=config))
+        after = asyncio.run(read_view(directory, layout, allow_restart, args.host, options, config=config))
         from reconciler.cli.recording import record_run  # the status store: only apply writes it
 
         record_run(layout, args.host, result, view, after, revision(Path(view.plan.manifest_dir)))

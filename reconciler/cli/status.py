@@ -27,7 +27,7 @@ from reconciler.state import files
 from reconciler.state.layout import StateLayout
 
 # Conditions the NOTES column already shows from the plan itself (pending restart, refusal, unplug).
-_SHOWN_FROM_PLAN = ("RestartRequired", "Refused", "UnplugPending", "Unverified")
+_SHOWN_FROM_PLAN = ("RestartRequired", "Refused", "UnplugPending", "Unverified", "NotPruned")
 
 
 def _yes_no(value: bool) -> str:
@@ -97,6 +97,7 @@ def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str
         "refused": change.refusals,
         "unplugPending": change.unplug_pending,
         "unverified": vm.unverified,
+        "kept": change.kept,
         "disks": {n: d.virtual_size for n, d in vm.disks.items() if d.exists},
         "uuid": smbios_uuid(name),
         "channels": _channels(view, name),
@@ -105,7 +106,7 @@ def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str
         "agent": _agent(vm),  # the SMBIOS system UUID QEMU gives the guest (-uuid)
         # where its threads may run now (vCPU index -> CPUs, the other threads' CPUs) and its cpuset cgroup
         "placement": vm.process.placement.model_dump(mode="json") if vm.process and vm.process.placement else None,
-        "manifest": loaded.source.file if loaded else None,
+        "manifest": loaded.source.file if loaded else change.source,
         "revision": view.records[name].revision if name in view.records else None,
         "conditions": status.conditions if status is not None else {},
         "lastReconcile": status.last_reconcile if status is not None else None,
@@ -158,6 +159,7 @@ def _notes(row: dict[str, Any]) -> str:
     notes += [f"refused: {why}" for why in row["refused"]]
     notes += [f"unplug pending: {why}" for why in row["unplugPending"]]
     notes += [f"unverified: {row['unverified']}"] if row["unverified"] else []
+    notes += [f"kept: {row['kept']}"] if row["kept"] else []
     notes += _agent_notes(row["agent"])
     notes += [f"display: {row['display']}"] if row["display"] else []
     notes += [c for c in conditions_text(row["conditions"]) if c != "Ready" and not c.startswith(_SHOWN_FROM_PLAN)]

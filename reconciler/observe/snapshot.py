@@ -11,6 +11,7 @@ Read-only: nothing here changes the host.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -156,4 +157,12 @@ async def observe(
     return ObservedState(state_dir=str(layout.root), vms=vms, images=backing, host=host_network,
                          network_records=network_records, paths=paths, cpu_host=cpu_host,
                          listening=display.listening(desired, config), display_ports=files.read_display_ports(layout),
-                         devices=observe_host_devices(layout, seen, config))
+                         devices=observe_host_devices(layout, seen, config), host_memory=host_memory())
+
+
+def host_memory() -> int | None:
+    """The host's RAM in bytes (a guest's memory beyond it cannot be allocated), None if unknown."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None

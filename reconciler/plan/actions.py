@@ -72,6 +72,10 @@ class Change(_Data):
         default_factory=list,
         description="Host paths the steps make QEMU or qemu-img open: 'field path' ('-> resolved' via a symlink).",
     )
+    source: str | None = Field(default=None, description="The manifest file the VM was last applied from "
+                               "(for a VM missing from the manifests).")
+    kept: str | None = Field(default=None, description="Why a VM missing from the manifests is kept, not "
+                             "deleted (applied from another directory).")
 
     @property
     def drifted(self) -> bool:
@@ -97,6 +101,7 @@ class Plan(_Data):
     desired_digest: str
     observed_digest: str
     allow_restart: bool = False
+    prune_other_sources: bool = False
     changes: list[Change] = Field(default_factory=list)
 
     def counts(self) -> dict[Action, int]:

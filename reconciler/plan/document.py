@@ -76,6 +76,9 @@ class PublishedChange(_Doc):
     refusals: list[Reason] = Field(description="Why this change cannot be applied.")
     unplug_pending: list[str]
     opens: list[str] = Field(description="Host paths the steps make QEMU or qemu-img open.")
+    source: str | None = Field(default=None, description="The manifest file the VM was last applied from.")
+    kept: str | None = Field(default=None, description="Why a VM in no manifest is kept, not deleted (it came "
+                             "from another directory; `--prune-other-sources` deletes it).")
 
 
 class PlanDocument(_Doc):
@@ -89,6 +92,7 @@ class PlanDocument(_Doc):
     desired_digest: str | None = Field(default=None, description="sha256 of the manifests as loaded.")
     observed_digest: str | None = Field(default=None, description="sha256 of what was observed.")
     allow_restart: bool = False
+    prune_other_sources: bool = False
     applyable: bool = Field(description="apply would run at least one step.")
     errored: bool = Field(description="Some change is refused, or the manifests are invalid (diagnostics).")
     complete: bool = Field(description="After apply the host would match every manifest (nothing refused "
@@ -188,7 +192,7 @@ def _change(change: Change) -> PublishedChange:
         fields=change.fields, drift=[f.path for f in change.fields if f.drift], steps=steps,
         pending_restart=_restart_causes(change),
         refusals=[Reason(code=refusal_code(change, m), message=m) for m in change.refusals],
-        unplug_pending=change.unplug_pending, opens=change.opens)
+        unplug_pending=change.unplug_pending, opens=change.opens, source=change.source, kept=change.kept)
 
 
 def summary(plan: Plan) -> Summary:
@@ -209,6 +213,7 @@ def plan_document(plan: Plan, *, version: str, timestamp: str) -> dict[str, Any]
         format_version=FORMAT_VERSION, infinization_version=version, timestamp=timestamp,
         manifest_dir=plan.manifest_dir, state_dir=plan.state_dir, desired_digest=plan.desired_digest,
         observed_digest=plan.observed_digest, allow_restart=plan.allow_restart,
+        prune_other_sources=plan.prune_other_sources,
         applyable=any(change.steps for change in plan.changes), errored=bool(plan.refused),
         complete=not (plan.refused or plan.pending or any(c.unplug_pending for c in plan.changes)),
         summary=summary(plan), changes=[_change(change) for change in plan.changes])
@@ -260,10 +265,12 @@ def plan_from_document(data: Any) -> Plan:
             "steps": [step.model_dump(mode="json", by_alias=True, exclude={"destroys_data"}) for step in c.steps],
             "pendingRestart": [r.message for r in c.pending_restart],
             "refusals": [r.message for r in c.refusals], "unplugPending": c.unplug_pending, "opens": c.opens,
+            "source": c.source, "kept": c.kept,
         }) for c in document.changes]
         return Plan(manifest_dir=document.manifest_dir, state_dir=document.state_dir,
                     desired_digest=document.desired_digest or "", observed_digest=document.observed_digest or "",
-                    allow_restart=document.allow_restart, changes=changes)
+                    allow_restart=document.allow_restart, prune_other_sources=document.prune_other_sources,
+                    changes=changes)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])

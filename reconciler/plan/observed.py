@@ -206,6 +206,7 @@ class ObservedState(_Fact):
     display_ports: dict[str, int] = Field(default_factory=dict, description="Every VM's recorded display port.")
     devices: ObservedHostDevices = Field(default_factory=ObservedHostDevices,
                                          description="Host PCI/USB devices for spec.hostDevices (sysfs).")
+    host_memory: int | None = Field(default=None, description="The host's RAM in bytes (None: not known).")
 
     def digest(self) -> str:
         """What plans depend on (DHCP leases renew all the time, and the guest agent's answers change with the

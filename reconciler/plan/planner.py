@@ -92,6 +92,9 @@ class PlanOptions:
     allow_restart: bool = False
     start: frozenset[str] = frozenset()  # `infinization start NAME`: start it whatever its runStrategy says
     stop: frozenset[str] = frozenset()  # `infinization stop NAME`
+    # A VM whose record says it came from another manifest directory is not deleted unless this is set:
+    # `apply DIR` on the wrong directory must not read as "every other VM's manifest was removed".
+    prune_other_sources: bool = False
 
 
 @dataclass
@@ -145,7 +148,7 @@ def plan(
                                              ports.get(name), chosen.get(name))
             budget = placement.after_hugepages(budget, name, change.steps if change else [], vm.spec)
         else:
-            change = _plan_delete(name, observed.vm(name), record, observed)
+            change = _plan_missing(name, observed.vm(name), record, observed, _foreign(record, manifest_dir, options))
         if change is not None and change.steps and name in net.blocked:
             change = change.model_copy(update={"steps": [], "opens": [], "refusals": [net.blocked[name]]})
         if change is not None:
@@ -157,6 +160,7 @@ def plan(
         desired_digest=desired_digest,
         observed_digest=observed.digest(),
         allow_restart=options.allow_restart,
+        prune_other_sources=options.prune_other_sources,
         changes=changes,
     )
 
@@ -170,7 +174,8 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
     manifest as written."""
     verdict = policy.check_vm(manifest.spec, observed.paths, host, observed.state_dir)
     refusals = [*verdict.refusals, *firmware.refusals(manifest.spec, observed.paths, host, observed.state_dir),
-                *hostdev.refusals(name, manifest.spec, observed, host, others)]
+                *hostdev.refusals(name, manifest.spec, observed, host, others),
+                *_memory_refusals(manifest.spec, observed.host_memory)]
     if verdict.spec is None or refusals:
         return Change(name=name, action=Action.NOOP, refusals=refusals)
     desired = manifest.model_copy(update={"spec": verdict.spec})
@@ -236,6 +241,19 @@ def _placement(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, record:
     work.reasons += placed.reasons
     work.fields += placed.fields
     return [*steps, *placed.steps], placed.refusals
+
+
+def _memory_refusals(spec: VirtualMachineSpec, host_memory: int | None) -> list[str]:
+    """Memory the host does not have: QEMU fails to start ("cannot set up guest memory"), or a later
+    DIMM hot-plug fails. Checked here because it depends on the host (``spec.limits`` has the rest)."""
+    if host_memory is None:
+        return []
+    found = []
+    for name, value in (("size", spec.memory.size), ("maxSize", spec.memory.maxSize)):
+        if value is not None and value > host_memory:
+            found.append(f"spec.memory.{name}: {format_size(value)} is more than this host's "
+                         f"{format_size(host_memory // 1024**2 * 1024**2)} of RAM")
+    return found
 
 
 def _gather(work: _VMPlan, desired: VirtualMachine, obs: ObservedVM, record: AppliedRecord | None,
@@ -602,18 +620,50 @@ def _delete_tpm(name: str, obs: ObservedVM, record: AppliedRecord, state_dir: st
     return [], "the TPM state"
 
 
+def _foreign(record: AppliedRecord | None, manifest_dir: str, options: PlanOptions) -> str | None:
+    """Why a VM missing from the manifests is kept rather than deleted: it was applied from another
+    directory than the one planned (or from one we do not know); None when it may be deleted."""
+    if record is None or not manifest_dir or options.prune_other_sources:
+        return None
+    if record.source is None:
+        return "applied from an unknown directory (no source recorded); not pruned"
+    if record.source.startswith(manifest_dir.rstrip("/") + "/"):
+        return None
+    return f"applied from {_directory(record.source)}; not pruned"
+
+
+def _directory(source: str) -> str:
+    """The directory of a recorded manifest file (the planner does no I/O, not even pathlib's)."""
+    return source.rsplit("/", 1)[0] or "/"
+
+
+def _plan_missing(name: str, obs: ObservedVM, record: AppliedRecord | None, observed: ObservedState,
+                  foreign: str | None) -> Change | None:
+    """A VM in no manifest: deleted, unless it came from another directory. Then nothing of it is touched
+    (not its QEMU, not its disks, whatever their deletePolicy): another directory's apply, or
+    `--prune-other-sources`, decides about it."""
+    if foreign is None:
+        return _plan_delete(name, obs, record, observed)
+    return Change(name=name, action=Action.NOOP, source=record.source if record else None,
+                  kept=f"{foreign} (`--prune-other-sources` deletes it)")
+
+
+def _delete_unrecorded(name: str, obs: ObservedVM, observed: ObservedState) -> Change | None:
+    """A QEMU that is ours (its cmdline names our pidfile) but that we have no record of can only come from a
+    crash before the record was written; stop it, there is nothing else of ours to remove."""
+    released = hostdev.steps(name, [], set(), observed)[0]
+    if obs.process is None and obs.tpm_pid is None:
+        # host devices held for a VM nobody knows any more (a crash before its record): give them back
+        return Change(name=name, action=Action.DELETE, reasons=["holds host devices but is in no manifest"],
+                      steps=released) if released else None
+    return Change(name=name, action=Action.DELETE, reasons=["running but not in any manifest"],
+                  steps=[_stop_step(name, VirtualMachineSpec().terminationGracePeriodSeconds), *released,
+                         s.Forget(name=name, summary="forget the VM (disks are kept)")])
+
+
 def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, observed: ObservedState) -> Change | None:
     if record is None:
-        # A QEMU that is ours (its cmdline names our pidfile) but that we have no record of can only come
-        # from a crash before the record was written; stop it, there is nothing else of ours to remove.
-        released = hostdev.steps(name, [], set(), observed)[0]
-        if obs.process is None and obs.tpm_pid is None:
-            # host devices held for a VM nobody knows any more (a crash before its record): give them back
-            return Change(name=name, action=Action.DELETE, reasons=["holds host devices but is in no manifest"],
-                          steps=released) if released else None
-        return Change(name=name, action=Action.DELETE, reasons=["running but not in any manifest"],
-                      steps=[_stop_step(name, VirtualMachineSpec().terminationGracePeriodSeconds), *released,
-                             s.Forget(name=name, summary="forget the VM (disks are kept)")])
+        return _delete_unrecorded(name, obs, observed)
     steps: list[s.Step] = _orphan_tpm([], obs)
     if obs.process is not None:
         steps.append(_stop_step(name, record.vm.spec.terminationGracePeriodSeconds))
@@ -637,4 +687,5 @@ def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, obser
     summary = "forget the VM" + (f" (keeping {'; '.join(keeping)})" if keeping else "")
     summary += f" (keeping {tpm_kept})" if tpm_kept else ""
     steps.append(s.Forget(name=name, summary=summary))
-    return Change(name=name, action=Action.DELETE, reasons=["its manifest was removed"], steps=steps)
+    reason = "its manifest was removed" + (f" (applied from {_directory(record.source)})" if record.source else "")
+    return Change(name=name, action=Action.DELETE, reasons=[reason], steps=steps, source=record.source)

@@ -64,6 +64,9 @@ def _render_change(change: Change) -> list[str]:
         )
     elif change.pending_restart:
         lines.append(f"  [magenta]![/] {change.resource} [bold]{change.name}[/] has changes that need a restart")
+    elif change.kept:
+        return [f"  [cyan]=[/] {change.resource} [bold]{change.name}[/] is kept",
+                f"      [dim]# {_escape(change.kept)}[/]", ""]
     else:
         return []
     lines += [f"      [dim]# {_escape(reason)}[/]" for reason in change.reasons]
@@ -96,7 +99,9 @@ def render_plan(plan: Plan) -> str:
     for change in plan.changes:
         body += _render_change(change)
     if plan.empty:
-        return "[green]No changes.[/] The host matches the manifests.\n"
+        kept = [line for change in plan.changes if change.kept for line in _render_change(change)]
+        return "[green]No changes.[/] The host matches the manifests.\n" + (
+            "\nNot in these manifests, and left alone:\n\n" + "\n".join(kept) if kept else "")
     head = [
         "Infinization will perform the following actions "
         "([green]+[/] create, [yellow]~[/] update in place, [magenta]-/+[/] restart, [red]-[/] delete):",

@@ -76,6 +76,7 @@ class DesiredCache:
         self._loaded = False
         self._last_errors: list[Any] = []
         self._git_dir: Path | None = None  # found once; looked for again while there is none
+        self._reading = asyncio.Lock()
 
     def records(self, corrupt: dict[str, str]) -> dict[str, AppliedRecord]:
         return host_records(self.layout, self.host, corrupt)
@@ -88,10 +89,16 @@ class DesiredCache:
                     for name, rec in files.read_network_records(self.layout).items()}
         return DesiredState(vms=from_records(self.records({})), networks=networks)
 
+    def _read(self) -> tuple[ManifestSet, str | None]:
+        """The file-system part of a reload (bounded, never blocking: ``spec.reading``)."""
+        return load_directory(self.directory), revision(self.directory)
+
     def load(self) -> set[str]:
         """Re-read the manifests; keep the last good state of anything in a file that fails. Return the keys
         whose desired state changed."""
-        manifests = load_directory(self.directory)
+        return self._update(*self._read())
+
+    def _update(self, manifests: ManifestSet, rev: str | None) -> set[str]:
         old = self.state if self._loaded else self.baseline()
         if not manifests.files and old.vms:
             log.error("the manifest directory holds no manifests; keeping the last good desired state")
@@ -104,7 +111,7 @@ class DesiredCache:
         self._report_errors(manifests)
         self._loaded = True
         self.state = DesiredState(vms=desired.vms, networks=self._networks(manifests, old.networks),
-                                  invalid=desired.invalid, revision=revision(self.directory))
+                                  invalid=desired.invalid, revision=rev)
         return _changed(self.state, old)
 
     @staticmethod
@@ -131,11 +138,26 @@ class DesiredCache:
         try:
             return self.load()
         except Exception as exc:
-            log.exception("reading the manifests failed; keeping the last good desired state")
-            self.store.event("-", "manifest", "error", f"reading the manifests failed: {type(exc).__name__}: {exc}")
-            if not self._loaded:  # never run on an empty desired state: it would read as "delete every VM"
-                self.state, self._loaded = self.baseline(), True
-            return set()
+            return self._failed(exc)
+
+    async def reload_async(self) -> set[str]:
+        """``reload`` for the daemon: the files are read in a worker thread, so a slow file system (or
+        anything a manifest could do to a read) never stalls the event loop that restarts crashed VMs; the
+        cache itself is only updated on the loop."""
+        async with self._reading:  # one read at a time: an older read must never land after a newer one
+            try:
+                return self._update(*await asyncio.to_thread(self._read))
+            except Exception as exc:
+                return self._failed(exc)
+
+    def _failed(self, exc: Exception) -> set[str]:
+        # The error itself in the log line (JSON logs render exc_info as just "true").
+        message = f"reading the manifests failed: {type(exc).__name__}: {exc}"
+        log.error("reading the manifests failed; keeping the last good desired state", error=message)
+        self.store.event("-", "manifest", "error", message)
+        if not self._loaded:  # never run on an empty desired state: it would read as "delete every VM"
+            self.state, self._loaded = self.baseline(), True
+        return set()
 
     async def wait_for_git(self, stopping: asyncio.Event, limit: float = GIT_WAIT) -> None:
         """Act only on a complete tree: while git rewrites the directory (checkout, pull), wait for it."""

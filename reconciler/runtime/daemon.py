@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 
 from reconciler.apply.lock import StateLock
-from reconciler.runtime import metrics
+from reconciler.runtime import dsn, metrics
 from reconciler.runtime.cache import HOST, DesiredCache
 from reconciler.runtime.listeners import QMPListeners, watch_files, watch_netlink
 from reconciler.runtime.queue import Park, WorkQueue
@@ -46,6 +46,7 @@ class Options:
     host: str | None = None
     dry_run: bool = False
     allow_restart: bool = False
+    prune_other_sources: bool = False  # delete VMs last applied from another directory (default: kept)
     debounce_ms: int = 50
     resync_seconds: float = 30.0
     parallel: int = 4
@@ -61,7 +62,8 @@ class SyncDaemon:
         self.listeners = QMPListeners(layout, store, trigger=lambda key: self.queue.add(key))
         self.reconciler = Reconciler(self.cache, layout, store, self.listeners, dry_run=options.dry_run,
                                      config=options.config,
-                                     allow_restart=options.allow_restart)
+                                     allow_restart=options.allow_restart,
+                                     prune_other_sources=options.prune_other_sources)
         self.queue = WorkQueue(self._reconcile, parallel=options.parallel)
         # Read (and removed from the environment) before any child process is started.
         self.service = ServiceNotifier(Notifier.from_environment(),
@@ -88,7 +90,7 @@ class SyncDaemon:
 
     async def _on_files_changed(self) -> None:
         await self.cache.wait_for_git(self.stopping)
-        for key in sorted(self.cache.reload()):
+        for key in sorted(await self.cache.reload_async()):
             self.queue.add(key, urgent=True)  # a changed manifest may be the fix: skip any backoff or parking
 
     async def _resync(self) -> None:
@@ -98,7 +100,7 @@ class SyncDaemon:
             if self.stopping.is_set():
                 return
             await self.cache.wait_for_git(self.stopping)
-            self.cache.reload()
+            await self.cache.reload_async()
             self.enqueue_all()
 
     async def run(self) -> None:
@@ -107,7 +109,7 @@ class SyncDaemon:
             loop.add_signal_handler(sig, self._stop)
         watchdog = asyncio.create_task(self.service.watchdog(self.stopping))  # from the start: systemd's is on
         await self.cache.wait_for_git(self.stopping)
-        self.cache.reload()
+        await self.cache.reload_async()
         log.info("sync started", manifests=str(self.cache.directory), state=str(self.cache.layout.root),
                  host=self.options.host, dry_run=self.options.dry_run, revision=self.cache.state.revision)
         self.store.event("-", "daemon", "started", f"watching {self.cache.directory}")
@@ -127,7 +129,7 @@ class SyncDaemon:
 def run_daemon(directory: Path, layout: StateLayout, options: Options, database_url: str | None,
                metrics_address: str | None, *, retention_days: int = RETENTION_DAYS) -> int:
     structlog.configure(processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"),
-                                    structlog.processors.JSONRenderer()])
+                                    dsn.redact_log, structlog.processors.JSONRenderer()])
     with StateLock(layout.daemon_lock, exclusive=True, wait=0), StateLock(layout.lock, exclusive=True, wait=60):
         if metrics_address:
             metrics.serve(metrics_address)

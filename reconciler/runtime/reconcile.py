@@ -38,6 +38,7 @@ from reconciler.runtime.crashloop import CRASH_WINDOW, CrashLoops, counts_as_res
 from reconciler.runtime.listeners import QMPListeners
 from reconciler.runtime.queue import Park
 from reconciler.runtime.store import Store
+from reconciler.spec import macs
 from reconciler.spec.host import HostConfig
 from reconciler.state import files
 from reconciler.state.layout import StateLayout
@@ -62,9 +63,11 @@ def _vm_change(current: Plan, key: str) -> Change | None:
 
 class Reconciler:
     def __init__(self, cache: DesiredCache, layout: StateLayout, store: Store, listeners: QMPListeners, *,
-                 dry_run: bool = False, allow_restart: bool = False, config: HostConfig | None = None) -> None:
+                 dry_run: bool = False, allow_restart: bool = False, config: HostConfig | None = None,
+                 prune_other_sources: bool = False) -> None:
         self.cache, self.layout, self.store, self.listeners = cache, layout, store, listeners
         self.dry_run, self.allow_restart = dry_run, allow_restart
+        self.prune_other_sources = prune_other_sources
         self.config = config or HostConfig()  # the host's policy, for the planner and the executor
         self.crashloops = CrashLoops(layout)
         self.host_lock = asyncio.Lock()  # host changes (bridges, firewall) run one at a time
@@ -121,11 +124,14 @@ class Reconciler:
         networks = {name: loaded.network for name, loaded in state.networks.items()}
         corrupt: dict[str, str] = {}
         records = self.cache.records(corrupt)
+        desired, resolved = macs.resolve(desired, {name: record.vm for name, record in records.items()})
+        records = {name: record.model_copy(update={"vm": resolved[name]}) for name, record in records.items()}
         if mine := sorted(only & set(corrupt)):
             raise CorruptRecord(f"{corrupt[mine[0]]} (fix or remove it by hand; the VM is left as it is)")
         observed = await observe(self.layout, desired, records, networks, only=only, host=self.config)
         result = plan(desired, observed, records, networks=networks, manifest_dir=str(self.cache.directory),
-                      options=PlanOptions(allow_restart=self.allow_restart), host=self.config)
+                      options=PlanOptions(allow_restart=self.allow_restart,
+                                          prune_other_sources=self.prune_other_sources), host=self.config)
         # Returned, never stored on self: reconciles of different keys run concurrently.
         return result, observed
 

@@ -10,6 +10,8 @@ and passes the resulting change here; the row goes to the status store (``runtim
 - ``Failed``: the reconcile failed; a failure that needs a person says so in its message.
 - ``CrashLoopBackOff``: a restart after failures waits.
 - ``ManifestInvalid``: the VM's file fails; its last good spec is kept.
+- ``NotPruned``: in no manifest of this directory, but applied from another one: kept, not managed here
+  (``--prune-other-sources`` deletes it); the message says where it came from.
 - ``Unverified``: the pidfile names a live process that is not proven this VM's QEMU (not adopted: the
   VM counts as not running and is started again); the message says why.
 """
@@ -38,6 +40,8 @@ class Outcome:
 
 def conditions(change: Change | None, outcome: Outcome) -> dict[str, str]:
     found: dict[str, str] = {}
+    if change is not None and change.kept:
+        return {"NotPruned": change.kept}  # not this directory's: nothing else is true or false of it here
     if (change is None or change.in_sync) and outcome.failure is None:
         found["Ready"] = ""
     if change is not None and change.steps:
@@ -69,8 +73,9 @@ def vm_status(name: str, change: Change | None, vm: ObservedVM, outcome: Outcome
 
 
 def gone(desired: bool, change: Change | None, vm: ObservedVM) -> bool:
-    """Whether the VM is no longer ours to report: not desired, nothing left to do, no process."""
-    return not desired and (change is None or not change.steps) and vm.process is None
+    """Whether the VM is no longer ours to report: not desired, nothing left to do, no process (and not
+    kept from another directory: that is reported, as NotPruned)."""
+    return not desired and (change is None or not (change.steps or change.kept)) and vm.process is None
 
 
 def crashed_status(name: str, error: str, revision: str | None, now: float) -> VMStatus:

@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from reconciler.runtime import pgmirror
+from reconciler.runtime.dsn import redact
 from reconciler.runtime.pgmirror import Mirror
 from reconciler.state.files import make_private_dirs
 
@@ -107,14 +108,14 @@ class Store:
     def event(self, vm: str, kind: str, result: str, message: str, duration_ms: float | None = None) -> None:
         now = time.time()
         self._prune(now)
-        row = (now, self.host, vm, kind, result, message, duration_ms)
+        row = (now, self.host, vm, kind, result, redact(message), duration_ms)
         if not self._write("INSERT INTO events (ts, host, vm, kind, result, message, duration_ms) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?)", row):  # not lost: the daemon's log has it
             log.warning("event not stored", vm=vm, kind=kind, result=result, message=message)
         self._send(pgmirror.INSERT_EVENT, row)
 
     def set_status(self, status: VMStatus) -> None:
-        conditions = json.dumps(status.conditions, sort_keys=True)
+        conditions = json.dumps({kind: redact(text) for kind, text in status.conditions.items()}, sort_keys=True)
         row = (self.host, status.vm, status.phase, status.pid, status.revision, conditions,
                status.last_reconcile, status.duration_ms, status.result)
         self._write(

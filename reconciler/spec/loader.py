@@ -24,7 +24,8 @@ from pydantic import BaseModel, ValidationError
 
 from reconciler.errors import ConfigInvalid
 from reconciler.spec.host import CONFIG_ENV, DEFAULT_CONFIG, HostConfig
-from reconciler.spec.models import API_VERSION, Network, VirtualMachine, nic_mac
+from reconciler.spec.models import API_VERSION, Network, VirtualMachine
+from reconciler.spec.reading import ManifestUnreadable, read_manifest
 
 Loc = tuple[str | int, ...]
 KINDS: dict[str, type[BaseModel]] = {"VirtualMachine": VirtualMachine, "Network": Network}
@@ -92,9 +93,27 @@ class ManifestSet:
         return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
+MAX_DEPTH = 32  # nesting levels of one document: a real manifest needs under 10
+
+
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader with the YAML 1.2 core schema's implicit types only (no sexagesimal ints, no yes/no/on/off,
-    no YAML 1.1 leading-zero octals), as editors, ``ruamel.yaml`` and JSON Schema validators read the file."""
+    no YAML 1.1 leading-zero octals), as editors, ``ruamel.yaml`` and JSON Schema validators read the file,
+    and a nesting cap: PyYAML composes nodes recursively, so 600 nested ``[`` would otherwise end in a
+    RecursionError (its scanner and parser keep explicit stacks; only the composer recurses)."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 # The YAML 1.2 core schema (https://yaml.org/spec/1.2.2/#1032-tag-resolution), in its order of precedence.
@@ -167,6 +186,8 @@ def _construct(node: yaml.Node, loc: Loc, marks: _Marks, active: frozenset[int] 
         raise _YamlProblem(node, f"the document expands to over {MAX_NODES} values (aliases?)")
     if id(node) in active:
         raise _YamlProblem(node, "an alias refers to a node that contains it (a cycle)")
+    if len(loc) > MAX_DEPTH:  # aliases can nest composed nodes deeper than the composer saw
+        raise _YamlProblem(node, f"nested deeper than {MAX_DEPTH} levels (through aliases)")
     if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
         active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
@@ -287,8 +308,9 @@ def manifest_files(directory: Path) -> list[Path]:
         relative = path.relative_to(directory)
         if any(part.startswith(".") for part in relative.parts):
             continue
-        # A dangling symlink is listed (and fails to read): skipping it would read as the removal of its VMs.
-        if path.suffix in (".yaml", ".yml") and (path.is_file() or path.is_symlink()):
+        # Anything but a directory is listed: a dangling symlink, a FIFO or a device named *.yaml fails to
+        # read (a located error), where skipping it would read as the removal of its VMs.
+        if path.suffix in (".yaml", ".yml") and (path.is_symlink() or not path.is_dir()):
             found.append(path)
     return sorted(found)
 
@@ -318,6 +340,8 @@ def load_text(text: str, file: str) -> tuple[list[tuple[BaseModel, Source]], lis
         errors.append(ManifestError(file, line, col, "", f"invalid YAML: {exc.problem or exc.context}"))
     except yaml.YAMLError as exc:  # pragma: no cover - every PyYAML parse error is marked
         errors.append(ManifestError(file, 1, 1, "", f"invalid YAML: {exc}"))
+    except RecursionError:  # pragma: no cover - the depth caps above come first; never crash the other files
+        errors.append(ManifestError(file, 1, 1, "", f"nested too deeply (over {MAX_DEPTH} levels)"))
     return objects, errors
 
 
@@ -342,9 +366,9 @@ def load_directory(directory: str | Path) -> ManifestSet:
         file = str(path)
         result.files.append(file)
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            result.errors.append(ManifestError(file, 1, 1, "", f"cannot read: {exc}"))
+            text = read_manifest(path, root)
+        except ManifestUnreadable as exc:
+            result.errors.append(ManifestError(file, exc.line, exc.col, "", exc.message))
             result.failed_files.add(file)
             continue
         objects, errors = _parsed(text, file)
@@ -405,18 +429,19 @@ def _check_unique_across(result: ManifestSet) -> None:
     for name, loaded in sorted(result.vms.items()):
         spec = loaded.vm.spec
         for index, nic in enumerate(spec.networks):
-            mac = nic_mac(name, nic)
+            mac = nic.mac  # derived ones never clash: spec.macs resolves them, deterministically
             where: Loc = ("spec", "networks", index)
             this = f"VirtualMachine {name!r} NIC {nic.name!r}"
             if nic.network is not None and nic.network not in result.networks:
                 known = ", ".join(sorted(result.networks)) or "none"
                 _error(result, loaded.source, (*where, "network"),
                        f"no Network named {nic.network!r} (defined: {known})")
-            if mac in macs:
+            if mac is not None and mac in macs:
                 first, other, first_at = macs[mac]
                 _clash(result, loaded.source, first, (*where, "mac"), f"MAC {mac} is also used by {other}",
                        f"MAC {mac} is also used by {this}", first_at)
-            macs.setdefault(mac, (loaded.source, this, (*where, "mac")))
+            if mac is not None:
+                macs.setdefault(mac, (loaded.source, this, (*where, "mac")))
             for number, forward in enumerate(nic.portForwards):
                 key = (forward.hostAddress, forward.protocol, forward.host)
                 at: Loc = (*where, "portForwards", number, "host")

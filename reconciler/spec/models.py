@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from reconciler.spec import limits
 from reconciler.spec.hostdev import HostDeviceSpec, unique_host_devices
 from reconciler.spec.placement import CpuPlacement
 from reconciler.spec.units import Size
@@ -145,6 +146,9 @@ class CpuSpec(_Frozen):
         if beyond := sorted(vcpu for vcpu in pins if vcpu >= self.max_count):
             raise ValueError(f"placement.vcpuPins: vCPU {beyond[0]} does not exist (the VM has at most "
                              f"{self.max_count} vCPUs)")
+        problem = limits.cpu_problem(self.sockets, self.max_count // (self.sockets * self.threads), self.threads)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -170,6 +174,9 @@ class MemorySpec(_Frozen):
             for label, value in (("size", self.size), ("maxSize", self.maxSize)):
                 if value is not None and value % self.hugepage_bytes:
                     raise ValueError(f"memory {label} must be a multiple of hugepageSize ({self.hugepageSize})")
+        problem = limits.memory_problem(self.size, self.maxSize, self.slots)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
@@ -208,8 +215,10 @@ class DiskSpec(_Frozen):
     deletePolicy: Literal["Retain", "Delete"] = Field(
         default="Retain", description="What happens to the disk file when its VM is deleted."
     )
-    iops: Annotated[int, Field(ge=0)] = Field(default=0, description="I/O operations per second limit; 0: none.")
-    bps: Size = Field(default=0, description="Bytes per second limit; 0: none.")
+    iops: Annotated[int, Field(ge=0, le=limits.THROTTLE_VALUE_MAX)] = Field(
+        default=0, description="I/O operations per second limit; 0: none (QEMU's maximum: 1e15).")
+    bps: Annotated[Size, Field(le=limits.THROTTLE_VALUE_MAX)] = Field(
+        default=0, description="Bytes per second limit; 0: none (QEMU's maximum: 1e15).")
     bus: Literal["virtio", "scsi", "sata"] = Field(
         default="virtio", description="virtio-blk; scsi: on the virtio-scsi controller; sata: q35's AHCI "
         "(for installers without virtio drivers; no hot-plug).")
@@ -231,6 +240,8 @@ class DiskSpec(_Frozen):
             raise ValueError("readOnly needs bus virtio or scsi (QEMU's ide-hd refuses a read-only drive)")
         if self.size is not None and (self.size % 512 or self.size == 0):
             raise ValueError("disk size must be a positive multiple of 512 bytes")
+        if self.size is not None and self.size > limits.QCOW2_MAX_SIZE:
+            raise ValueError("disk size is over 2Pi, the most a qcow2 image (64 KiB clusters) can hold")
         return self
 
 
@@ -337,7 +348,8 @@ class NetworkInterfaceSpec(_Frozen):
     network: ResourceName | None = Field(default=None, description="type bridge: a Network by name.")
     bridge: InterfaceName | None = Field(default=None, description="type bridge: an existing host bridge.")
     mac: MacAddress | None = Field(
-        default=None, description="Defaults to a stable address derived from the VM and NIC names."
+        default=None, description="Defaults to 5a and 40 bits of a hash of the VM and NIC names; once assigned "
+        "it is recorded and kept (spec.macs)."
     )
     ips: list[IpAddress] = Field(default_factory=list, description="The guest's addresses, for anti-spoofing.")
     portForwards: list[PortForward] = Field(default_factory=list)
@@ -621,6 +633,23 @@ class VirtualMachineSpec(_Frozen):
         return self
 
     @model_validator(mode="after")
+    def _devices_fit(self) -> VirtualMachineSpec:
+        """Every device has a slot: QEMU would refuse the start (and an apply would stop half-way, after
+        creating the disks) when the root bus or the SCSI controller runs out."""
+        virtio = sum(disk.bus == "virtio" for disk in self.disks)
+        used = limits.pci_slots_used(virtio, len(self.networks), self.hotplugSlots, balloon=self.memory.balloon,
+                                     rng=self.rng.enabled, serial=self.guestAgent.enabled or bool(self.channels))
+        if used > limits.PCI_SLOTS:
+            raise ValueError(f"the devices need {used} PCI slots ({virtio} virtio disk(s), {len(self.networks)} "
+                             f"NIC(s), {self.hotplugSlots} hotplugSlots, and controllers); the {self.machine.type} "
+                             f"machine has {limits.PCI_SLOTS} (use bus scsi for more disks)")
+        scsi = sum(disk.bus == "scsi" for disk in self.disks) + len(self.cdroms)
+        if scsi > limits.SCSI_TARGETS:
+            raise ValueError(f"{scsi} scsi disks and CD-ROMs: the virtio-scsi controller has {limits.SCSI_TARGETS} "
+                             "targets")
+        return self
+
+    @model_validator(mode="after")
     def _sata_fits(self) -> VirtualMachineSpec:
         sata = [disk.name for disk in self.disks if disk.bus == "sata"]
         if sata and self.machine.type != "q35":
@@ -704,13 +733,19 @@ def cpu_model(spec: VirtualMachineSpec) -> str | None:
     return "host" if spec.machine.accel == ["kvm"] else None
 
 
-def default_mac(vm_name: str, nic_name: str) -> str:
-    """A stable locally-administered QEMU-range MAC derived from the VM and NIC names."""
-    digest = hashlib.sha256(f"{vm_name}/{nic_name}".encode()).digest()
-    return "52:54:00:{:02x}:{:02x}:{:02x}".format(*digest[:3])
+MAC_PREFIX = 0x5A  # locally administered, unicast, and not QEMU's 52:54:00 (see spec.macs)
+
+
+def default_mac(vm_name: str, nic_name: str, attempt: int = 0) -> str:
+    """The ``attempt``-th address derived from the VM and NIC names: ``5a`` and 40 bits of a hash (the
+    planner's callers resolve collisions and keep assigned addresses: ``spec.macs.resolve``)."""
+    text = f"{vm_name}/{nic_name}" + (f"#{attempt}" if attempt else "")
+    digest = hashlib.sha256(text.encode()).digest()
+    return ":".join(f"{byte:02x}" for byte in (MAC_PREFIX, *digest[:5]))
 
 
 def nic_mac(vm_name: str, nic: NetworkInterfaceSpec) -> str:
+    """The NIC's address: its own, or (for a spec ``spec.macs.resolve`` has not seen) the first derived one."""
     return nic.mac if nic.mac is not None else default_mac(vm_name, nic.name)
 
 

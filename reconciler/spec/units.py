@@ -22,6 +22,7 @@ _UNITS: dict[str, int] = {
     "P": 1024**5,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(?:([KMGTP])(?:i?B?)?|(B))?\s*$", re.IGNORECASE)
+MAX_SIZE = 2**63 - 1  # QEMU and qemu-img parse sizes as signed 64-bit numbers
 SIZE_HELP = "a size in bytes, or a number with a 1024-based unit: K, M, G, T (also Ki/KiB, Mi/MiB, ...)"
 
 
@@ -32,7 +33,7 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
-        return value
+        return _checked(value)
     if not isinstance(value, str):
         raise ValueError(f"expected {SIZE_HELP}, got {type(value).__name__}")
     match = _SIZE_RE.match(value)
@@ -46,7 +47,13 @@ def parse_size(value: object) -> int:
         raise ValueError(f"invalid size {value!r}") from exc
     if total != total.to_integral_value():
         raise ValueError(f"invalid size {value!r}: it is not a whole number of bytes")
-    return int(total)
+    return _checked(int(total))
+
+
+def _checked(size: int) -> int:
+    if size > MAX_SIZE:
+        raise ValueError(f"size {size} is over {MAX_SIZE} bytes, the most QEMU can express (a signed 64-bit number)")
+    return size
 
 
 def format_size(size: int) -> str:

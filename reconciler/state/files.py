@@ -178,10 +178,13 @@ def read_records(layout: StateLayout, corrupt: dict[str, str] | None = None) -> 
 
 
 def write_record(paths: VMPaths, vm: VirtualMachine, source: str | None, revision: str | None = None) -> AppliedRecord:
-    """Record ``vm`` as last applied, keeping the list of disks we created and the CPUs a strategy chose."""
+    """Record ``vm`` as last applied, keeping the list of disks we created, the CPUs a strategy chose (and
+    the manifest it came from when ``source`` is not known here: `infinization start`/`stop` must not make a
+    VM of unknown origin)."""
     current = read_record(paths)
     owned = current.owned_disks if current else []
     installs = current.installs if current else []
+    source = source or (current.source if current else None)
     record = AppliedRecord(vm=vm, owned_disks=owned, installs=installs, source=source, revision=revision,
                            placement_cpus=current.placement_cpus if current else [])
     write_atomic(paths.record, _dump(record))

@@ -167,3 +167,32 @@ def test_a_failing_read_keeps_the_last_good_state(env: tuple[Path, StateLayout, 
     assert cache.reload() == set()
     assert set(cache.state.vms) == {"a"}, "never an empty desired state: that would delete every VM"
     assert any("disk on fire" in message for message in _event_messages(store))
+
+
+def test_a_slow_read_never_holds_up_the_event_loop(env: tuple[Path, StateLayout, Store],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a read of the manifests waits on (a slow file system, a hostile file), the daemon's loop
+    goes on restarting VMs: the read runs in a worker thread."""
+    import threading
+
+    from reconciler.runtime import cache as cache_module
+
+    manifests, layout, store = env
+    (manifests / "a.yaml").write_text(vm_yaml("a"))
+    release = threading.Event()
+    real = cache_module.load_directory
+
+    def slow(directory: Path) -> object:
+        assert release.wait(30), "the loop never got to release the read"
+        return real(directory)
+
+    monkeypatch.setattr(cache_module, "load_directory", slow)
+    cache = DesiredCache(manifests, layout, store, None)
+
+    async def scenario() -> set[str]:
+        reading = asyncio.create_task(cache.reload_async())
+        await asyncio.sleep(0)  # the read starts, and blocks in its thread
+        release.set()  # only possible if this coroutine runs while the read waits
+        return await reading
+
+    assert asyncio.run(scenario()) == {"a"}

@@ -63,3 +63,9 @@ def test_an_unverified_process_is_a_condition_and_the_vm_is_not_running() -> Non
     assert row.conditions["Unverified"] == "pid 7 in qemu.pid is not adopted: it runs as uid 65534"
     assert (row.phase, row.pid) == ("Stopped", None)
     assert "Unverified" not in vm_status("a", SYNCED, RUNNING, Outcome(), now=1.0).conditions
+
+
+def test_a_vm_of_another_directory_is_reported_not_pruned_and_not_ready() -> None:
+    kept = SYNCED.model_copy(update={"kept": "applied from /other; not pruned (`--prune-other-sources` deletes it)"})
+    assert conditions(kept, Outcome()) == {"NotPruned": kept.kept}
+    assert not gone(False, kept, ObservedVM(name="a")), "still reported while it is kept"
