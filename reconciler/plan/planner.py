@@ -416,7 +416,8 @@ def _choose(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, known: boo
     """The VM's steps (before sorting), its action and its pending restart causes, by situation: to be
     stopped, stopped, to be restarted, or changed live."""
     name = work.name
-    stop = _stop_step(name, spec.terminationGracePeriodSeconds)
+    launched = obs.process.launched if obs.process else None
+    stop = _stop_step(name, spec.terminationGracePeriodSeconds, launched is not None and launched.guestAgent.enabled)
     if obs.process is not None and (spec.runStrategy == "Halted" or name in options.stop):
         work.reasons.append("stopped by `infinization stop`" if name in options.stop else
                             "runStrategy is Halted and the VM is running")
@@ -482,9 +483,11 @@ def _running_vm(work: _VMPlan, desired: VirtualMachine, process: ObservedProcess
     work.restart_causes += tap_causes
 
 
-def _stop_step(name: str, grace: int) -> s.Stop:
-    return s.Stop(name=name, timeout=grace,
-                  summary=f"stop gracefully (ACPI power button for up to {grace}s, then quit)")
+def _stop_step(name: str, grace: int, agent: bool = False) -> s.Stop:
+    """The graceful stop: the guest agent's shutdown first when QEMU was started with its port (the
+    executor tries it, then ACPI), all within ``grace``, then quit."""
+    first = "guest agent, then ACPI power button" if agent else "ACPI power button"
+    return s.Stop(name=name, timeout=grace, summary=f"stop gracefully ({first} for up to {grace}s, then quit)")
 
 
 def _plan_disk(work: _VMPlan, disk: DiskSpec, current: ObservedImage | None, observed: ObservedState,
@@ -666,7 +669,9 @@ def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, obser
         return _delete_unrecorded(name, obs, observed)
     steps: list[s.Step] = _orphan_tpm([], obs)
     if obs.process is not None:
-        steps.append(_stop_step(name, record.vm.spec.terminationGracePeriodSeconds))
+        launched = obs.process.launched
+        steps.append(_stop_step(name, record.vm.spec.terminationGracePeriodSeconds,
+                                launched is not None and launched.guestAgent.enabled))
     kept = []
     for disk in record.vm.spec.disks:
         image = obs.disks.get(disk.name)
