@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import stat
 
 from reconciler.adapters.paths import require
 from reconciler.errors import Refused
 from reconciler.spec.host import HostConfig
+from reconciler.spec.reading import UnsafeFile, read_regular
 
 MAX_SIZE = 4096
 FIELD = "spec.display.passwordFile"
@@ -26,23 +26,9 @@ def read_password(path: str, host: HostConfig, state_dir: str) -> str:
     caught here). :raise Refused: When the policy or the file's owner or mode forbids it, or it is empty."""
     resolved = require(FIELD, path, host, state_dir, roots=host.secretDirs)
     try:
-        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise Refused(f"{FIELD}: cannot open {path}: {exc.strerror}") from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise Refused(f"{FIELD}: {path} is not a regular file")
-        if info.st_uid not in (0, os.geteuid()):
-            raise Refused(f"{FIELD}: {path} is owned by uid {info.st_uid}: it must be root's")
-        if info.st_mode & 0o077:
-            raise Refused(f"{FIELD}: {path} is mode {stat.S_IMODE(info.st_mode):04o}: group or others may use it "
-                          "(chmod 0600 it)")
-        data = os.read(fd, MAX_SIZE + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_SIZE:
-        raise Refused(f"{FIELD}: {path} is larger than {MAX_SIZE} bytes")
+        data = read_regular(resolved, MAX_SIZE, private=True, owners=(0, os.geteuid()), what="password file")
+    except UnsafeFile as exc:
+        raise Refused(f"{FIELD}: {path}: {exc}") from exc
     try:
         password = data.decode().split("\n", 1)[0].rstrip("\r")
     except UnicodeDecodeError as exc:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from reconciler.errors import ConfigInvalid
+from reconciler.spec.reading import UnsafeFile, read_regular
 
 ENV = "INFINIZATION_DATABASE_URL"
 MASK = "***"
@@ -85,21 +85,9 @@ def _read_file(path: Path) -> str:
     """The DSN in ``path``: its first line that is not empty or a ``#`` comment. The file must be a
     regular file that only its owner can read (it holds a password)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ConfigInvalid(f"--database-file {path}: {exc.strerror}") from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigInvalid(f"--database-file {path}: not a regular file")
-        if info.st_mode & 0o077:
-            raise ConfigInvalid(f"--database-file {path}: readable or writable by others (mode "
-                                f"{stat.S_IMODE(info.st_mode):04o}); chmod 600 it")
-        data = os.read(fd, MAX_FILE + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_FILE:
-        raise ConfigInvalid(f"--database-file {path}: over {MAX_FILE} bytes")
+        data = read_regular(path, MAX_FILE, private=True, what="database URL file")
+    except UnsafeFile as exc:
+        raise ConfigInvalid(f"--database-file {path}: {exc}") from exc
     for line in data.decode("utf-8", errors="replace").splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             return line.strip()

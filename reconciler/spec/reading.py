@@ -29,6 +29,47 @@ _KINDS = {
 }
 
 
+class UnsafeFile(Exception):
+    """``read_regular`` refused the file, or could not read it; the message says why, without the path."""
+
+
+def read_regular(path: str | Path, limit: int, *, private: bool = False, owners: tuple[int, ...] = (),
+                 what: str = "file") -> bytes:
+    """At most ``limit`` bytes of the regular file ``path`` (not followed if it is a symlink), opened without
+    blocking and checked on the open descriptor: a FIFO, a device, a file growing past ``limit``, and with
+    ``private`` a file that group or others may use, or with ``owners`` a file nobody of them owns, is refused.
+    The one reader of files a manifest or an operator names (manifests, display passwords, database URLs).
+
+    :raise UnsafeFile: With the reason, in a few words.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        raise UnsafeFile(f"cannot read: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFile(f"{_kind(info.st_mode)}, not a regular file: refused")
+        if owners and info.st_uid not in owners:
+            raise UnsafeFile(f"owned by uid {info.st_uid}: it must be root's")
+        if private and info.st_mode & 0o077:
+            raise UnsafeFile(f"mode {stat.S_IMODE(info.st_mode):04o}: group or others may use it (chmod 0600 it)")
+        if info.st_size > limit:
+            raise UnsafeFile(f"{info.st_size} bytes: over the {limit}-byte limit of a {what}")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, min(65536, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise UnsafeFile(f"over the {limit}-byte limit of a {what} (it grew while read)")
+    except OSError as exc:
+        raise UnsafeFile(f"cannot read: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
 class ManifestUnreadable(Exception):
     """One file cannot be read as a manifest; ``line``/``col`` locate the problem when it is in the text."""
 
@@ -71,24 +112,6 @@ def read_manifest(path: Path, root: Path, limit: int = MAX_BYTES) -> str:
     """
     real = _resolve_inside(path, root)
     try:
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as exc:
-        raise ManifestUnreadable(f"cannot read: {exc.strerror}") from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ManifestUnreadable(f"{_kind(info.st_mode)}, not a regular file: refused")
-        if info.st_size > limit:
-            raise ManifestUnreadable(f"{info.st_size} bytes: over the {limit}-byte limit of a manifest file")
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := os.read(fd, min(65536, limit + 1 - size)):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise ManifestUnreadable(f"over the {limit}-byte limit of a manifest file (it grew while read)")
-    except OSError as exc:
-        raise ManifestUnreadable(f"cannot read: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
-    return _decode(b"".join(chunks))
+        return _decode(read_regular(real, limit, what="manifest file"))
+    except UnsafeFile as exc:
+        raise ManifestUnreadable(str(exc)) from exc

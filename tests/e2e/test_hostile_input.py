@@ -113,7 +113,7 @@ def test_a_password_in_argv_is_refused_and_never_shown(host: Host) -> None:
     secret_file.write_text(f"postgresql://infz:{SECRET}@127.0.0.1:1/infz\n")
     secret_file.chmod(0o644)
     loose = host.cli("sync", str(host.manifests), "--database-file", str(secret_file), timeout=30)
-    assert loose.returncode == 1 and "chmod 600" in loose.stderr and SECRET not in loose.stderr
+    assert loose.returncode == 1 and "chmod 0600" in loose.stderr and SECRET not in loose.stderr
 
 
 def test_logs_refuses_names_outside_the_state_directory(host: Host) -> None:

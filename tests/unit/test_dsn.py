@@ -37,7 +37,7 @@ def test_environment_and_file(tmp_path: Path) -> None:
     file.chmod(0o600)
     assert dsn.choose(None, str(file), {}) == URL
     file.chmod(0o640)
-    with pytest.raises(ConfigInvalid, match="readable or writable by others"):
+    with pytest.raises(ConfigInvalid, match="group or others may use it"):
         dsn.choose(None, str(file), {})
     with pytest.raises(ConfigInvalid, match="given twice"):
         dsn.choose(None, str(file), {dsn.ENV: URL})
