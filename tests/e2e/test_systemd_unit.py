@@ -134,8 +134,9 @@ def _install(box: Container) -> None:
     box.run("install", "-m", "0644", str(ROOT / "manifests/demo.yaml"), f"{manifests.group(1)}/demo.yaml")
     box.run("install", "-m", "0644", str(UNIT), "/run/systemd/system/")  # /etc is the host's, read-only
     box.run("install", "-d", "/run/systemd/system/infinization-sync.service.d")
+    # The checkout may sit under /tmp (CI clones there), which PrivateTmp= hides: bind it back, read-only.
     box.run("tee", "/run/systemd/system/infinization-sync.service.d/worktree.conf",
-            stdin=f"[Service]\nEnvironment=PYTHONPATH={ROOT}\n")
+            stdin=f"[Service]\nEnvironment=PYTHONPATH={ROOT}\nBindReadOnlyPaths={ROOT}\n")
     box.run("systemctl", "daemon-reload")
 
 
