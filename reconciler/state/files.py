@@ -83,14 +83,14 @@ def make_private_dirs(path: Path) -> None:
             directory.mkdir(mode=0o700)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
     """Write via a temporary file (0600), fsync and rename: a crash leaves the old or the new file, never
     half of one."""
     make_private_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -250,18 +250,7 @@ def write_seed(paths: VMPaths, digest: str, files_in_seed: dict[str, bytes]) -> 
         out = io.BytesIO()
         iso.write_fp(out)
         iso.close()
-        make_private_dirs(target.parent)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(out.getvalue())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_atomic(target, out.getvalue())
     for old in paths.dir.glob("cidata-*.iso"):
         if old != target:
             old.unlink(missing_ok=True)
