@@ -198,6 +198,15 @@ class Host:
     def disk(self, vm: str, disk: str) -> Path:
         return self.state / "disks" / vm / f"{disk}.qcow2"
 
+    def running_pid(self, vm: str) -> int | None:
+        """The VM's QEMU once it is fully started: the pidfile's PID, alive, and the only one for this VM
+        (while a launch is under way, a short-lived process can have the same command line)."""
+        try:
+            pid = int(self.pidfile(vm).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if self.qemu_pids(vm) == [pid] else None
+
     def qemu_pids(self, vm: str) -> list[int]:
         """Every live process whose cmdline names this VM's pidfile (whatever any pidfile says)."""
         needle = str(self.pidfile(vm)).encode()

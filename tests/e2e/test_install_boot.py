@@ -53,13 +53,6 @@ def _media(host: Host) -> Path:
     return bootmedia.install_iso(GUEST_DIR, disk, host.base / "install.iso")
 
 
-def _pid(host: Host, vm: str) -> int | None:
-    try:
-        pid = int(host.pidfile(vm).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if host.qemu_pids(vm) == [pid] else None
-
 
 def _installs(host: Host, vm: str) -> list[dict[str, Any]]:
     try:
@@ -77,7 +70,7 @@ def _serial(host: Host, vm: str) -> str:
 def _first_boot_from_cd(host: Host, vm: str, iso: Path) -> tuple[int, Report, float]:
     """The install start: QEMU runs, the guest booted the CD, and the record says the install began."""
     started = time.monotonic()
-    pid = int(str(host.wait_for(lambda: _pid(host, vm), "the install start", timeout=BOOT_TIMEOUT)))
+    pid = int(str(host.wait_for(lambda: host.running_pid(vm), "the install start", timeout=BOOT_TIMEOUT)))
     report = host.guest(vm).wait_report(lambda r: r.boot is not None, boot=1, timeout=BOOT_TIMEOUT,
                                         what="the first boot")
     booted = time.monotonic() - started
@@ -91,7 +84,7 @@ def _first_boot_from_cd(host: Host, vm: str, iso: Path) -> tuple[int, Report, fl
 def _boots_the_installed_disk(host: Host, vm: str, old_pid: int) -> float:
     """After the install: a new QEMU boots the disk the installer wrote, without the medium, and it is done."""
     started = time.monotonic()
-    host.wait_for(lambda: (p := _pid(host, vm)) not in (None, old_pid) and p, "the start after the install",
+    host.wait_for(lambda: (p := host.running_pid(vm)) not in (None, old_pid) and p, "the start after the install",
                   timeout=BOOT_TIMEOUT)
     report = host.guest(vm).wait_report(lambda r: r.boot is not None, boot=2, timeout=BOOT_TIMEOUT,
                                         what="the boot after the install")

@@ -35,13 +35,6 @@ def _qmp(host: Host, vm: str, command: str, args: dict[str, Any] | None = None) 
     return asyncio.run(ask())
 
 
-def _pid(host: Host, vm: str) -> int | None:
-    try:
-        pid = int(host.pidfile(vm).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if host.qemu_pids(vm) == [pid] else None
-
 
 def _installs(host: Host, vm: str) -> list[dict[str, Any]]:
     installs: list[dict[str, Any]] = json.loads((host.state / "vms" / vm / "record.json").read_text())["installs"]
@@ -64,7 +57,7 @@ def test_cloud_init_seed_is_read_by_the_guest_and_changes_live(host: Host) -> No
     first = CloudInitSpec(userData=USER_DATA.format(n=1))
     report = host.guest("ci").wait_report(lambda r: r.cidata is not None, what="the cidata seed")
     assert report.cidata == (instance_id("ci", first), hashlib.sha256(first.userData.encode()).hexdigest())
-    pid = _pid(host, "ci")
+    pid = host.running_pid("ci")
 
     # A new user-data: a new instance-id on a new seed, swapped live (cloud-init reads it at the next boot).
     host.write("ci.yaml", _cloud_init_vm(2))
@@ -75,7 +68,7 @@ def test_cloud_init_seed_is_read_by_the_guest_and_changes_live(host: Host) -> No
     report = host.guest("ci").wait_report(lambda r: r.cidata is not None and r.cidata[0] == instance_id("ci", second),
                                           after_seq=report.seq, what="the new seed")
     assert report.cidata == (instance_id("ci", second), hashlib.sha256(second.userData.encode()).hexdigest())
-    assert _pid(host, "ci") == pid
+    assert host.running_pid("ci") == pid
     assert len(list((host.state / "vms" / "ci").glob("cidata-*.iso"))) == 1  # the old seed is gone
     assert host.plan_exit() == 0
 
@@ -90,7 +83,7 @@ def test_boot_once_install_is_ejected_after_the_first_power_off_across_a_daemon_
 """))
     daemon = host.start_sync()
     try:
-        pid = host.wait_for(lambda: _pid(host, "inst"), "the install start")
+        pid = host.wait_for(lambda: host.running_pid("inst"), "the install start")
         host.guest("inst").wait_report(lambda r: "INFZ_INSTALL" in r.cds.values(), what="the install CD")
         assert _qmp(host, "inst", "qom-get", {"path": "cd-install", "property": "bootindex"}) == 1
         began = host.wait_for(lambda: _installs(host, "inst"), "the record to say the install began")
@@ -104,7 +97,7 @@ def test_boot_once_install_is_ejected_after_the_first_power_off_across_a_daemon_
     assert wait_gone(pid, 60)
     daemon = host.start_sync()
     try:
-        new_pid = host.wait_for(lambda: (p := _pid(host, "inst")) != pid and p, "the start after the install")
+        new_pid = host.wait_for(lambda: (p := host.running_pid("inst")) != pid and p, "the start after the install")
         after = host.guest("inst").wait_report(lambda r: "INFZ_DRIVERS" in r.cds.values(), boot=2,
                                                what="the boot after the install")
         assert "INFZ_INSTALL" not in after.cds.values() and "-" in after.cds.values(), after.cds

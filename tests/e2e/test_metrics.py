@@ -33,10 +33,6 @@ def _value(text: str, series: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def _pid(host: Host, vm: str) -> int | None:
-    pids = host.qemu_pids(vm)
-    return pids[0] if len(pids) == 1 else None
-
 
 def test_metrics_mean_what_they_say_and_promtool_accepts_them(host: Host) -> None:
     promtool = shutil.which("promtool")
@@ -45,7 +41,7 @@ def test_metrics_mean_what_they_say_and_promtool_accepts_them(host: Host) -> Non
     host.write("x.yaml", vm_manifest("x"))
     daemon = host.start_sync("--metrics-address", address)
     try:
-        pid = host.wait_for(lambda: _pid(host, "x"), "x running")
+        pid = host.wait_for(lambda: host.running_pid("x"), "x running")
         def ready() -> str | None:
             text = _scrape(address)
             return text if _value(text, 'infinization_vm_ready{vm="x"}') == 1 else None
@@ -61,7 +57,7 @@ def test_metrics_mean_what_they_say_and_promtool_accepts_them(host: Host) -> Non
         assert "infinization_drift_detected_total{" not in text
 
         os.kill(int(str(pid)), signal.SIGKILL)  # behind the reconciler's back
-        host.wait_for(lambda: (p := _pid(host, "x")) and p != pid, "x restarted")
+        host.wait_for(lambda: (p := host.running_pid("x")) and p != pid, "x restarted")
         host.wait_for(lambda: _value(_scrape(address), 'infinization_drift_detected_total{resource="VirtualMachine"}')
                       == 1, "the repair counted as drift")
     finally:

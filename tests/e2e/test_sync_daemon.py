@@ -14,15 +14,6 @@ from tests.e2e.harness import Host, vm_manifest, wait_gone
 MiB = 1024**2
 
 
-def _pid(host: Host, vm: str) -> int | None:
-    """The VM's QEMU once it is fully started: the pidfile's PID, alive, and the only one for this VM
-    (while -daemonize forks, the short-lived parent has the same command line)."""
-    try:
-        pid = int(host.pidfile(vm).read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if host.qemu_pids(vm) == [pid] else None
-
 
 def _store_status(host: Host, vm: str) -> VMStatus | None:
     """The VM's row in the daemon's status store, read as `infinization status` does."""
@@ -51,25 +42,25 @@ def test_daemon_converges_on_file_changes_and_crashes(host: Host) -> None:
     daemon = host.start_sync()
     try:
         host.write("a.yaml", vm_manifest("a"))
-        pid = host.wait_for(lambda: _pid(host, "a"), "the VM to start")
+        pid = host.wait_for(lambda: host.running_pid("a"), "the VM to start")
         first = host.guest("a").wait_report(lambda r: "vda" in r.disks, what="boot")
 
         # Growing the disk in the file is applied live.
         host.write("a.yaml", vm_manifest("a", disks="    - {name: root, size: 80Mi}"))
         host.guest("a").wait_report(lambda r: r.disks.get("vda") == 80 * MiB, after_seq=first.seq, what="80Mi")
-        assert _pid(host, "a") == pid
+        assert host.running_pid("a") == pid
 
         # SIGKILL: QEMU comes back (runStrategy Always), and the event log says why.
         import os
         import signal
         os.kill(int(str(pid)), signal.SIGKILL)
-        new = host.wait_for(lambda: (p := _pid(host, "a")) and p != pid and p, "a new QEMU")
+        new = host.wait_for(lambda: (p := host.running_pid("a")) and p != pid and p, "a new QEMU")
         assert any(e["kind"] == "process-exit" and e["result"] == "failure" for e in host.events("a"))
 
         # A broken edit is reported and the VM keeps running with its last good spec.
         host.write("a.yaml", vm_manifest("a", disks="    - {name: root, size: 80Mi}") + "  bogus: [\n")
         host.wait_for(lambda: any(e["kind"] == "manifest" for e in host.events("-")), "the manifest error event")
-        assert _pid(host, "a") == new
+        assert host.running_pid("a") == new
         host.wait_for(lambda: "ManifestInvalid" in _store_conditions(host, "a"), "ManifestInvalid in the store")
 
         # While the daemon runs, a manual apply is refused at once, with the reason.
@@ -78,14 +69,14 @@ def test_daemon_converges_on_file_changes_and_crashes(host: Host) -> None:
 
         # Stopping the daemon leaves the VM running; a new daemon re-attaches without restarting it.
         assert host.stop_sync(daemon) == 0
-        assert _pid(host, "a") == new
+        assert host.running_pid("a") == new
         host.write("a.yaml", vm_manifest("a", disks="    - {name: root, size: 80Mi}"))
         daemon = host.start_sync(log_name="sync2.log")
         host.wait_for(lambda: any(e["kind"] == "daemon" and e["result"] == "started"
                                   for e in host.events("-")[-3:]), "the second daemon")
         host.wait_for(lambda: json.loads(host.cli("status", "--json", str(host.manifests)).stdout)["vms"][0]
                       .get("conditions", {}).get("Ready") == "", "the VM reported Ready")
-        assert _pid(host, "a") == new, "a daemon restart must not restart VMs"
+        assert host.running_pid("a") == new, "a daemon restart must not restart VMs"
         starts = [e for e in host.events("a") if e["kind"] == "start"]
         assert len(starts) == 2, "started once, restarted once after the SIGKILL, never by the second daemon"
     finally:
@@ -96,13 +87,13 @@ def test_rerun_on_failure_restarts_crashes_not_clean_shutdowns(host: Host) -> No
     daemon = host.start_sync()
     try:
         host.write("r.yaml", vm_manifest("r", run_strategy="RerunOnFailure"))
-        pid = host.wait_for(lambda: _pid(host, "r"), "the VM to start")
+        pid = host.wait_for(lambda: host.running_pid("r"), "the VM to start")
         host.guest("r").wait_report(lambda r: "vda" in r.disks, what="boot")
 
         import os
         import signal
         os.kill(int(str(pid)), signal.SIGKILL)
-        pid2 = host.wait_for(lambda: (p := _pid(host, "r")) and p != pid and p, "a restart after the crash")
+        pid2 = host.wait_for(lambda: (p := host.running_pid("r")) and p != pid and p, "a restart after the crash")
         host.guest("r").wait_report(lambda r: "vda" in r.disks, what="boot again", boot=2)
 
         _powerdown(host, "r")  # the guest powers itself off cleanly (ACPI)
@@ -129,14 +120,14 @@ def test_rerun_on_failure_starts_a_vm_the_reconciler_stopped(host: Host) -> None
     daemon = host.start_sync()
     try:
         host.write("h.yaml", vm_manifest("h"))
-        pid = host.wait_for(lambda: _pid(host, "h"), "the VM to start")
+        pid = host.wait_for(lambda: host.running_pid("h"), "the VM to start")
         host.guest("h").wait_report(lambda r: "vda" in r.disks, what="boot")
         host.write("h.yaml", vm_manifest("h", run_strategy="Halted"))
         assert wait_gone(int(str(pid)), timeout=40)
         host.wait_for(lambda: any(e["kind"] == "stop" and e["result"] == "ok" for e in host.events("h")), "the stop")
         assert json.loads((host.state / "vms/h/exit.json").read_text())["reason"] == "stopped"
         host.write("h.yaml", vm_manifest("h", run_strategy="RerunOnFailure"))
-        host.wait_for(lambda: _pid(host, "h"), "the VM started again")
+        host.wait_for(lambda: host.running_pid("h"), "the VM started again")
         host.guest("h").wait_report(lambda r: "vda" in r.disks, what="boot again", boot=2)
     finally:
         host.stop_sync(daemon)
@@ -150,13 +141,13 @@ def test_a_corrupt_record_fails_its_vm_only(host: Host) -> None:
     try:
         host.write("a.yaml", vm_manifest("a"))
         host.write("b.yaml", vm_manifest("b"))
-        pid_a = host.wait_for(lambda: _pid(host, "a"), "a to start")
-        pid_b = host.wait_for(lambda: _pid(host, "b"), "b to start")
+        pid_a = host.wait_for(lambda: host.running_pid("a"), "a to start")
+        pid_b = host.wait_for(lambda: host.running_pid("b"), "b to start")
         (host.state / "vms" / "b" / "record.json").write_text("{}")
         os.kill(int(str(pid_a)), signal.SIGKILL)
-        host.wait_for(lambda: (p := _pid(host, "a")) and p != pid_a, "a restarted despite b's broken record")
+        host.wait_for(lambda: (p := host.running_pid("a")) and p != pid_a, "a restarted despite b's broken record")
         host.wait_for(lambda: "record" in _store_conditions(host, "b").get("Failed", ""), "b reported Failed")
-        assert _pid(host, "b") == pid_b, "a VM whose record is unreadable is left running, as it is"
+        assert host.running_pid("b") == pid_b, "a VM whose record is unreadable is left running, as it is"
     finally:
         host.stop_sync(daemon)
 
@@ -189,7 +180,7 @@ def test_a_git_checkout_in_progress_is_not_acted_on(host: Host) -> None:
     git("commit", "-qm", "a")
     daemon = host.start_sync()
     try:
-        pid = host.wait_for(lambda: _pid(host, "a"), "the VM to start")
+        pid = host.wait_for(lambda: host.running_pid("a"), "the VM to start")
         lock = host.manifests / ".git" / "index.lock"
         lock.touch()  # what git does for the length of a checkout
         (host.manifests / "a.yaml").unlink()  # the first batch: the VM's manifest is gone...
@@ -197,10 +188,10 @@ def test_a_git_checkout_in_progress_is_not_acted_on(host: Host) -> None:
                       "the daemon to wait for git")
         host.write("vms/a.yaml", vm_manifest("a"))  # ...the second batch: it is back, in another file
         host.write("n.yaml", vm_manifest("n"))
-        assert _pid(host, "a") == pid and host.qemu_pids("n") == [], "nothing is acted on while git works"
+        assert host.running_pid("a") == pid and host.qemu_pids("n") == [], "nothing is acted on while git works"
         lock.unlink()
-        host.wait_for(lambda: _pid(host, "n"), "the new VM once git is done")
-        assert _pid(host, "a") == pid, "the moved VM was never stopped"
+        host.wait_for(lambda: host.running_pid("n"), "the new VM once git is done")
+        assert host.running_pid("a") == pid, "the moved VM was never stopped"
         assert not any(e["kind"] in ("stop", "delete-disk", "forget") for e in host.events("a"))
     finally:
         host.stop_sync(daemon)
@@ -213,7 +204,7 @@ def test_a_daemon_started_on_a_broken_or_empty_directory_deletes_nothing(host: H
     manifest = vm_manifest("w", disks="    - {name: root, size: 64Mi, deletePolicy: Delete}")
     host.write("w.yaml", manifest)
     host.apply()
-    pid = _pid(host, "w")
+    pid = host.running_pid("w")
     disk = host.state / "disks" / "w" / "root.qcow2"
     assert pid and disk.exists()
 
@@ -227,7 +218,7 @@ def test_a_daemon_started_on_a_broken_or_empty_directory_deletes_nothing(host: H
     try:
         conditions = host.wait_for(lambda: reconciled_since(began), "a reconcile of w")
         assert "ManifestInvalid" in conditions, conditions  # type: ignore[operator]
-        assert _pid(host, "w") == pid and disk.exists()
+        assert host.running_pid("w") == pid and disk.exists()
     finally:
         host.stop_sync(daemon)
 
@@ -237,7 +228,7 @@ def test_a_daemon_started_on_a_broken_or_empty_directory_deletes_nothing(host: H
     try:
         host.wait_for(lambda: reconciled_since(began), "a reconcile of w")
         assert any("holds no manifests" in str(e["message"]) for e in host.events("-"))
-        assert _pid(host, "w") == pid and disk.exists()
+        assert host.running_pid("w") == pid and disk.exists()
         assert not any(e["kind"] in ("stop", "delete-disk") for e in host.events("w"))
     finally:
         host.stop_sync(daemon)
@@ -255,8 +246,8 @@ def test_two_hosts_share_the_manifests_and_the_database(host: Host, tmp_path: Pa
     one = host.start_sync("--host", "h1", "--database", postgres)
     two = other.start_sync("--host", "h2", "--database", postgres)
     try:
-        host.wait_for(lambda: _pid(host, "x"), "x on h1")
-        other.wait_for(lambda: _pid(other, "y"), "y on h2")
+        host.wait_for(lambda: host.running_pid("x"), "x on h1")
+        other.wait_for(lambda: other.running_pid("y"), "y on h2")
 
         def rows() -> set[tuple[str, str, str]]:
             with psycopg.connect(postgres) as db:
@@ -281,10 +272,10 @@ def test_crash_loop_backs_off(host: Host) -> None:
     daemon = host.start_sync()
     try:
         host.write("c.yaml", vm_manifest("c"))
-        pid = host.wait_for(lambda: _pid(host, "c"), "the VM to start")
+        pid = host.wait_for(lambda: host.running_pid("c"), "the VM to start")
         for _ in range(3):  # three crashes are restarted at once...
             os.kill(int(str(pid)), signal.SIGKILL)
-            pid = host.wait_for(lambda old=pid: (p := _pid(host, "c")) and p != old and p, "a restart")
+            pid = host.wait_for(lambda old=pid: (p := host.running_pid("c")) and p != old and p, "a restart")
         os.kill(int(str(pid)), signal.SIGKILL)  # ...the fourth within two minutes waits
         host.wait_for(lambda: any(e["kind"] == "crash-loop" for e in host.events("c")), "the crash-loop event")
         assert "CrashLoopBackOff" in _store_conditions(host, "c")
@@ -293,7 +284,7 @@ def test_crash_loop_backs_off(host: Host) -> None:
         host.stop_sync(daemon)
         last_restart = max(json.loads((host.state / "vms/c/restarts.json").read_text()))
         daemon = host.start_sync(log_name="sync2.log")
-        host.wait_for(lambda: _pid(host, "c"), "the delayed restart", timeout=30)
+        host.wait_for(lambda: host.running_pid("c"), "the delayed restart", timeout=30)
         started = max(e["ts"] for e in host.events("c") if e["kind"] == "start" and e["result"] == "ok")
         assert float(str(started)) >= last_restart + 10, "the new daemon waited out the backoff (10 s after 3)"
     finally:
@@ -313,7 +304,7 @@ def test_an_unanswering_postgresql_never_holds_up_a_vm(host: Host) -> None:
     try:
         host.write("p.yaml", vm_manifest("p"))
         # Well inside one connect timeout: the VM is up and its status written locally meanwhile.
-        host.wait_for(lambda: _pid(host, "p"), "the VM to start", timeout=4)
+        host.wait_for(lambda: host.running_pid("p"), "the VM to start", timeout=4)
         host.wait_for(lambda: "Ready" in _store_conditions(host, "p"), "Ready in the local store", timeout=4)
     finally:
         host.stop_sync(daemon)
