@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from tests.e2e.harness import Host, vm_manifest
-from tests.e2e.test_sync_daemon import _pid
 
 SECRET = "Hunter2-s3cret"
 
@@ -144,7 +143,7 @@ def test_a_held_fifo_in_the_manifests_never_delays_a_restart(host: Host) -> None
     holder = None
     try:
         host.write("a.yaml", vm_manifest("a"))
-        pid = host.wait_for(lambda: _pid(host, "a"), "the VM to start")
+        pid = host.wait_for(lambda: host.running_pid("a"), "the VM to start")
         host.guest("a").wait_report(lambda r: "vda" in r.disks, what="boot")
         os.mkfifo(host.manifests / "pipe")
         holder = os.open(host.manifests / "pipe", os.O_RDWR)  # a reader that blocked would wait forever
@@ -153,7 +152,7 @@ def test_a_held_fifo_in_the_manifests_never_delays_a_restart(host: Host) -> None
                       "the FIFO's located error in the events")
         began = time.monotonic()
         os.kill(int(str(pid)), signal.SIGKILL)
-        host.wait_for(lambda: (p := _pid(host, "a")) and p != pid, "a new QEMU", timeout=60)
+        host.wait_for(lambda: (p := host.running_pid("a")) and p != pid, "a new QEMU", timeout=60)
         print(f"restart after SIGKILL with a held FIFO in the manifests: {time.monotonic() - began:.2f}s")
     finally:
         if holder is not None:
