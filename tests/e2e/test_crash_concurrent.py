@@ -42,7 +42,7 @@ def test_interrupted_concurrent_create_converges(host: Host, step: str, moment: 
         want = {disk: mib * 1024**2 for disk, mib in sizes.items()}
         report = host.guest(name).wait_report(lambda r, w=want: set(w) <= set(r.disks), what=f"{name}'s disks")
         assert {disk: report.disks[disk] for disk in want} == want
-    assert host.plan_exit() == 0
+    assert host.plan_exit() == 0, host.cli("plan", str(host.manifests)).stdout  # what is left, if anything
 
     leftovers = [p.name for p in host.state.rglob("*") if p.name.endswith((".partial", ".tmp"))]
     assert leftovers == []
