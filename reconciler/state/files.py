@@ -649,8 +649,10 @@ def qemu_log_tail(paths: VMPaths, lines: int = 5) -> str:
 
 
 def install_boot_copy(source: str, dest: Path, uid: int, gid: int) -> None:
-    """Copy a kernel or initrd to ``dest`` (in QEMU's run directory), readable by QEMU's user alone."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    """Copy a kernel or initrd to ``dest`` (in QEMU's run directory), readable by QEMU's user alone.
+    Like ``write_atomic``, the temporary name carries our pid, so the copy a killed run left behind (VMs
+    start side by side: a crash can land inside another VM's copy) is removed by the next one."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
             shutil.copyfileobj(src, out, 1 << 20)
@@ -660,6 +662,7 @@ def install_boot_copy(source: str, dest: Path, uid: int, gid: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _drop_dead_writers_temps(dest)
 
 
 # -- the TPM: swtpm.json, swtpm.log, tpm/NAME/ -----------------------------------------------------------
