@@ -57,6 +57,22 @@ def config_of(args: argparse.Namespace) -> HostConfig:
     return load_host_config(getattr(args, "config", None))
 
 
+def canonical_dir(directory: str | Path) -> str:
+    """The manifest directory as recorded and compared: absolute with symlinks resolved, so the same
+    directory reached through a symlink (or ``..``) is the same source, and its VMs are not taken for
+    another directory's (kept, never pruned) or ours (pruned) by the spelling of the path."""
+    return str(Path(directory).resolve())
+
+
+def canonical_file(directory: str | Path, file: str) -> str:
+    """A manifest file's path under ``canonical_dir``: the directory resolved, the file's own name kept
+    (a file that is itself a symlink is recorded by the name it has in the directory)."""
+    try:
+        return str(Path(canonical_dir(directory)) / Path(file).relative_to(directory))
+    except ValueError:  # not under it (cannot happen for load_directory's files): as it is, absolute
+        return str(Path(file).absolute())
+
+
 def load_manifests(directory: str) -> ManifestSet:
     """The manifests, or every error printed and CliError: nothing acts on a directory that fails."""
     manifests = load_directory(directory)
@@ -105,7 +121,7 @@ async def read_view(directory: str, layout: StateLayout, allow_restart: bool, ho
                if record.vm.spec.host == host}
     networks = {name: loaded.network for name, loaded in manifests.networks.items()}
     observed = await observe(layout, desired, records, networks, host=config, ask_agent=ask_agent)
-    result = plan(desired, observed, records, networks=networks, manifest_dir=str(Path(directory).absolute()),
+    result = plan(desired, observed, records, networks=networks, manifest_dir=canonical_dir(directory),
                   desired_digest=manifests.digest(),
                   options=options or PlanOptions(allow_restart=allow_restart), host=config)
     return View(manifests, records, observed, result, config)

@@ -18,7 +18,17 @@ from rich.markup import escape
 
 from reconciler import __version__
 from reconciler.apply.lock import StateLock
-from reconciler.cli.common import CliError, View, config_of, err, layout_of, out, read_view
+from reconciler.cli.common import (
+    CliError,
+    View,
+    canonical_dir,
+    canonical_file,
+    config_of,
+    err,
+    layout_of,
+    out,
+    read_view,
+)
 from reconciler.errors import LockTimeout
 from reconciler.plan.actions import Action, Plan
 from reconciler.plan.document import Diagnostic, PlanFormatError, invalid_document, plan_document, plan_from_document
@@ -40,7 +50,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     layout = layout_of(args)
     if args.json and (broken := _diagnostics(args.directory)):
         # A CI consumer gets the manifest errors as data too (stderr still has them for people).
-        print(json.dumps(invalid_document(broken, **_stamp(), manifest_dir=str(Path(args.directory).absolute())),
+        print(json.dumps(invalid_document(broken, **_stamp(), manifest_dir=canonical_dir(args.directory)),
                          indent=2))
         return 1
     # Reading needs no lock: plan and status work while apply or the sync daemon runs.
@@ -114,7 +124,8 @@ def _execute(view: View, layout: StateLayout, jobs: int | None = None) -> ApplyR
 
     files.write_source(layout, view.plan.manifest_dir)
     # Absolute: the sync daemon, started elsewhere, matches a record's file against the broken ones.
-    sources = {name: str(Path(loaded.source.file).absolute()) for name, loaded in view.manifests.vms.items()}
+    sources = {name: canonical_file(view.manifests.directory, loaded.source.file)
+               for name, loaded in view.manifests.vms.items()}
     rev = revision(Path(view.plan.manifest_dir))
     with StepProgress(out) as progress:
         executor = Executor(layout, progress.ended, sources, revision=rev, host=view.config, jobs=jobs,

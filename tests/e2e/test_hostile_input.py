@@ -49,6 +49,22 @@ def test_apply_of_another_directory_keeps_the_vms_of_the_first(host: Host) -> No
     assert not disk.exists() and _record(host, "a") is None
 
 
+def test_the_same_directory_through_a_symlink_is_the_same_source(host: Host) -> None:
+    host.write("a.yaml", vm_manifest("a", run_strategy="Halted"))
+    host.write("b.yaml", vm_manifest("b", run_strategy="Halted"))
+    alias = host.base / "alias"
+    alias.symlink_to(host.manifests, target_is_directory=True)
+    host.cli("apply", str(alias), "--yes", check=True)
+    assert _record(host, "a")["source"] == f"{host.manifests.resolve()}/a.yaml"  # type: ignore[index]
+    assert host.cli("plan", str(host.manifests), "--detailed-exitcode").returncode == 0
+    (host.manifests / "b.yaml").unlink()
+    # Through the real path, b's manifest was removed from the directory it was applied from: deleted, not
+    # "kept" as another directory's VM.
+    done = host.cli("apply", str(host.manifests), "--yes", check=True)
+    assert "VirtualMachine b will be deleted" in done.stdout and _record(host, "b") is None, done.stdout
+    assert _record(host, "a") is not None
+
+
 def test_validate_is_bounded_and_every_bad_file_is_located(host: Host) -> None:
     host.write("good.yaml", vm_manifest("good"))
     (host.manifests / "zero.yaml").symlink_to("/dev/zero")
