@@ -116,7 +116,7 @@ class Mirror:
     VM's current row rather than its history. On every (re)connection this host's rows are first made
     equal to the local store's (``snapshot``): a row written or deleted while no mirror ran, or lost when
     a daemon stopped with the server down, is put right. The daemon never waits for any of it: the
-    writers only append under a lock (``status``, ``event``); ``take_change`` tells the store when the
+    writers only append under a lock (``status``, ``event``); ``news`` tells the store when the
     server went away or came back, and the ``infinization_status_mirror_*`` metrics say the same.
     """
 
@@ -142,7 +142,7 @@ class Mirror:
         self._closing = False
         self._dropped = 0
         self._health: Health | None = None  # None: no connection tried yet
-        self._told: bool = True  # the health last returned by take_change (up until told otherwise)
+        self._told: bool = True  # whether the store last reported the server up (it starts so)
         self._pruned_at = 0.0
         self._metrics = metrics.status_mirror()
         self._thread = threading.Thread(target=self._run, name="postgresql-mirror", daemon=True)
@@ -168,15 +168,17 @@ class Mirror:
             self._statuses[vm] = (UPSERT_STATUS, row) if row is not None else (DELETE_STATUS, (self.host, vm))
             self._pending_changed()
 
-    def take_change(self) -> Health | None:
-        """The mirror's health when it changed since the last call (a server that went away, or came back
-        after being away), else None."""
+    def news(self) -> Health | None:
+        """The mirror's health when it changed since it was last ``told`` (a server that went away, or came
+        back after being away), else None."""
         with self._lock:
             health = self._health
-            if health is None or health.up == self._told:
-                return None
+            return None if health is None or health.up == self._told else health
+
+    def told(self, health: Health) -> None:
+        """``health`` was reported: ``news`` says nothing more until it changes again."""
+        with self._lock:
             self._told = health.up
-            return health
 
     def close(self, flush_seconds: float = 5.0) -> None:
         """Send what is waiting (for a while at most, and only to a server that answers), then stop."""

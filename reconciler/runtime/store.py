@@ -106,15 +106,21 @@ class Store:
             self._pruned_at = now
 
     def event(self, vm: str, kind: str, result: str, message: str, duration_ms: float | None = None) -> None:
-        now = time.time()
-        self._prune(now)
-        row = (now, self.host, vm, kind, result, redact(message), duration_ms)
-        if not self._write("INSERT INTO events (ts, host, vm, kind, result, message, duration_ms) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)", row):  # not lost: the daemon's log has it
+        row = self._row(vm, kind, result, message, duration_ms)
+        if not self._insert_event(row):  # not lost: the daemon's log has it
             log.warning("event not stored", vm=vm, kind=kind, result=result, message=message)
         if self._mirror is not None:
             self._mirror.event(row)
             self._mirror_news()
+
+    def _row(self, vm: str, kind: str, result: str, message: str, duration_ms: float | None) -> tuple[Any, ...]:
+        now = time.time()
+        self._prune(now)
+        return (now, self.host, vm, kind, result, redact(message), duration_ms)
+
+    def _insert_event(self, row: tuple[Any, ...]) -> bool:
+        return self._write("INSERT INTO events (ts, host, vm, kind, result, message, duration_ms) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
 
     def set_status(self, status: VMStatus) -> None:
         conditions = json.dumps({kind: redact(text) for kind, text in status.conditions.items()}, sort_keys=True)
@@ -167,15 +173,19 @@ class Store:
 
     def _mirror_news(self) -> None:
         """An event when the PostgreSQL mirror went away or came back (seen at the next write: the daemon
-        writes every VM's status at each resync), so `infinization events` says why the backend is stale."""
-        health = self._mirror.take_change() if self._mirror is not None else None
-        if health is None:
+        writes every VM's status at each resync), so `infinization events` says why the backend is stale.
+        Told once it is stored: with the state directory's file system full it waits for the next write."""
+        health = self._mirror.news() if self._mirror is not None else None
+        if health is None or self._mirror is None:
             return
         if health.up:
-            self.event("-", "status-mirror", "ok", "PostgreSQL answers again: every VM's status resent")
+            row = self._row("-", "status-mirror", "ok", "PostgreSQL answers again: every VM's status resent", None)
         else:
-            self.event("-", "status-mirror", "failure", f"PostgreSQL status mirror unavailable: {health.error} "
-                       "(statuses are kept and sent when it answers)")
+            row = self._row("-", "status-mirror", "failure", f"PostgreSQL status mirror unavailable: {health.error} "
+                            "(statuses are kept and sent when it answers)", None)
+        if self._insert_event(row):
+            self._mirror.told(health)
+            self._mirror.event(row)
 
     def _snapshot(self) -> list[tuple[Any, ...]]:
         """This host's status rows, read on the mirror's thread over a connection of its own (never the

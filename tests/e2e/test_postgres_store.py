@@ -4,6 +4,7 @@ layout too), timestamptz times, the indexes a backend's queries use, per-host re
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -187,3 +188,33 @@ def test_a_daemon_stopped_while_the_server_was_down_is_put_right_by_the_next_one
         _until("the local store's rows", lambda: _rows(url) == {"a": ("Running", 11)})
     finally:
         second.close()
+
+
+def test_an_outage_is_told_once_the_full_state_file_system_can_store_it(
+        postgres_server: Any, tmp_path: Path) -> None:
+    """The mirror goes down while the local store's file system is full: its status-mirror event cannot be
+    stored then, and is stored by the first write that can be (not lost with the write that failed)."""
+    state = tmp_path / "st"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "infz-pg-full", str(state)], check=True)
+    store = None
+    try:
+        store = Store(state / "status.db", database_url=postgres_server.url)
+        store.set_status(VMStatus(vm="a", phase="Running", pid=10))
+        _until("the row", lambda: _rows(postgres_server.url) == {"a": ("Running", 10)})
+        subprocess.run(["dd", "if=/dev/zero", f"of={state / 'filler'}", "bs=64k", "status=none"], check=False,
+                       stderr=subprocess.DEVNULL)
+        postgres_server.stop("fast")
+        store.set_status(VMStatus(vm="a", phase="Running", pid=11))
+        _until("the mirror to notice", lambda: _mirror_metric("up") == 0)
+        for number in range(50):  # each fails to be stored locally; the news with it
+            store.event("a", "tick", "ok", f"event {number} " + "x" * 4000)
+        assert not [e for e in store.events("-") if e["kind"] == "status-mirror"]
+        (state / "filler").unlink()
+        store.event("a", "tick", "ok", "room again")
+        said = [e for e in store.events("-") if e["kind"] == "status-mirror"]
+        assert [e["result"] for e in said] == ["failure"]
+    finally:
+        if store is not None:
+            store.close()
+        subprocess.run(["umount", "-l", str(state)], check=False)
