@@ -3,16 +3,20 @@
 Each metric means what its help says, and ``promtool check metrics`` accepts the exposition (a test runs
 it). The reconcile loop (``runtime.reconcile``) updates them: durations, steps by kind and result, drift
 (``Change.drifted``, the plan's one definition), manifest errors, and each VM's phase and readiness as last
-reported to the status store. Process metrics (CPU, memory, file descriptors) and a build-info series come
-with the registry. ``parse_address`` and ``serve`` turn every bad ``--metrics-address`` into one clear error.
+reported to the status store; the PostgreSQL status mirror (``runtime.pgmirror``) sets its own series,
+``infinization_status_mirror_*``, when there is one. Process metrics (CPU, memory, file descriptors) and a
+build-info series come with the registry. ``parse_address`` and ``serve`` turn every bad
+``--metrics-address`` into one clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import platform
+from typing import NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -46,6 +50,29 @@ VMS = Gauge("infinization_vms", "VMs by phase, as last reported to the status st
 VM_READY = Gauge("infinization_vm_ready", "1 when the VM matches its manifest and its last reconcile did not fail",
                  ["vm"], registry=REGISTRY)
 MANIFEST_ERRORS = Gauge("infinization_manifest_errors", "Errors in the manifests right now", registry=REGISTRY)
+
+
+class MirrorMetrics(NamedTuple):
+    up: Gauge
+    pending: Gauge
+    dropped: Counter
+    last_success: Gauge
+
+
+@functools.cache
+def status_mirror() -> MirrorMetrics:
+    """The PostgreSQL status mirror's series, registered by the first mirror (``runtime.pgmirror``): a
+    daemon without ``--database`` shows none, rather than a mirror forever "down"."""
+    return MirrorMetrics(
+        Gauge("infinization_status_mirror_up", "1 while PostgreSQL takes the status mirror's writes, 0 while it "
+              "is unreachable or refuses them (statuses are kept and sent when it answers)", registry=REGISTRY),
+        Gauge("infinization_status_mirror_pending", "Writes waiting for PostgreSQL: events, and at most one "
+              "status per VM", registry=REGISTRY),
+        Counter("infinization_status_mirror_dropped_events", "Events not mirrored because too many were "
+                "waiting (the local store keeps them)", registry=REGISTRY),
+        Gauge("infinization_status_mirror_last_success_timestamp_seconds", "When PostgreSQL last took the "
+              "mirror's writes (or answered its probe)", registry=REGISTRY),
+    )
 
 _PHASES = ("Running", "Stopped", "Paused", "Unknown")
 _phase_of: dict[str, str] = {}

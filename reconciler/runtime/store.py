@@ -26,7 +26,6 @@ from typing import Any
 
 import structlog
 
-from reconciler.runtime import pgmirror
 from reconciler.runtime.dsn import redact
 from reconciler.runtime.pgmirror import Mirror
 from reconciler.state.files import make_private_dirs
@@ -84,7 +83,8 @@ class Store:
         self._migrate()
         self._pruned_at = 0.0
         self._write_error: str | None = None
-        self._mirror = Mirror(database_url, self.host, retention_days) if database_url else None
+        self._mirror = Mirror(database_url, self.host, retention_days, snapshot=self._snapshot) if database_url \
+            else None
 
     def _migrate(self) -> None:
         for statement in SCHEMA:
@@ -106,13 +106,21 @@ class Store:
             self._pruned_at = now
 
     def event(self, vm: str, kind: str, result: str, message: str, duration_ms: float | None = None) -> None:
+        row = self._row(vm, kind, result, message, duration_ms)
+        if not self._insert_event(row):  # not lost: the daemon's log has it
+            log.warning("event not stored", vm=vm, kind=kind, result=result, message=message)
+        if self._mirror is not None:
+            self._mirror.event(row)
+            self._mirror_news()
+
+    def _row(self, vm: str, kind: str, result: str, message: str, duration_ms: float | None) -> tuple[Any, ...]:
         now = time.time()
         self._prune(now)
-        row = (now, self.host, vm, kind, result, redact(message), duration_ms)
-        if not self._write("INSERT INTO events (ts, host, vm, kind, result, message, duration_ms) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)", row):  # not lost: the daemon's log has it
-            log.warning("event not stored", vm=vm, kind=kind, result=result, message=message)
-        self._send(pgmirror.INSERT_EVENT, row)
+        return (now, self.host, vm, kind, result, redact(message), duration_ms)
+
+    def _insert_event(self, row: tuple[Any, ...]) -> bool:
+        return self._write("INSERT INTO events (ts, host, vm, kind, result, message, duration_ms) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", row)
 
     def set_status(self, status: VMStatus) -> None:
         conditions = json.dumps({kind: redact(text) for kind, text in status.conditions.items()}, sort_keys=True)
@@ -123,11 +131,15 @@ class Store:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, vm) DO UPDATE SET phase=excluded.phase, "
             "pid=excluded.pid, revision=excluded.revision, conditions=excluded.conditions, "
             "last_reconcile=excluded.last_reconcile, duration_ms=excluded.duration_ms, result=excluded.result", row)
-        self._send(pgmirror.UPSERT_STATUS, row)
+        if self._mirror is not None:
+            self._mirror.status(status.vm, row)
+            self._mirror_news()
 
     def forget(self, vm: str) -> None:
         self._write("DELETE FROM vm_status WHERE host = ? AND vm = ?", (self.host, vm))
-        self._send(pgmirror.DELETE_STATUS, (self.host, vm))
+        if self._mirror is not None:
+            self._mirror.status(vm, None)
+            self._mirror_news()
 
     def _write(self, sql: str, params: tuple[Any, ...]) -> bool:
         """One write to the local store. A failed write (the state directory's file system is full, the disk
@@ -159,9 +171,31 @@ class Store:
         keys = ("ts", "vm", "kind", "result", "message", "duration_ms")
         return [dict(zip(keys, row, strict=True)) for row in reversed(rows)]
 
-    def _send(self, sql: str, params: tuple[Any, ...]) -> None:
-        if self._mirror is not None:
-            self._mirror.send(sql, params)
+    def _mirror_news(self) -> None:
+        """An event when the PostgreSQL mirror went away or came back (seen at the next write: the daemon
+        writes every VM's status at each resync), so `infinization events` says why the backend is stale.
+        Told once it is stored: with the state directory's file system full it waits for the next write."""
+        health = self._mirror.news() if self._mirror is not None else None
+        if health is None or self._mirror is None:
+            return
+        if health.up:
+            row = self._row("-", "status-mirror", "ok", "PostgreSQL answers again: every VM's status resent", None)
+        else:
+            row = self._row("-", "status-mirror", "failure", f"PostgreSQL status mirror unavailable: {health.error} "
+                            "(statuses are kept and sent when it answers)", None)
+        if self._insert_event(row):
+            self._mirror.told(health)
+            self._mirror.event(row)
+
+    def _snapshot(self) -> list[tuple[Any, ...]]:
+        """This host's status rows, read on the mirror's thread over a connection of its own (never the
+        daemon's), as the mirror's UPSERT_STATUS parameters."""
+        db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True, timeout=10)
+        try:
+            return db.execute("SELECT host, vm, phase, pid, revision, conditions, last_reconcile, duration_ms, result "
+                              "FROM vm_status WHERE host = ?", (self.host,)).fetchall()
+        finally:
+            db.close()
 
     def close(self) -> None:
         self._db.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import GUEST_DIR, ROOT, ROOTFS_DIR, ROOTFS_FILES, Host
+from tests.e2e.pgserver import PostgresServer
 
 
 def missing_prerequisites() -> list[str]:
@@ -134,22 +135,17 @@ def net_host(guest_image: Path, request: pytest.FixtureRequest) -> Iterator[Host
 
 
 @pytest.fixture
-def postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL server on a UNIX socket, started from Debian's packages; yields its URL."""
-    bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
-    assert bindir, "PostgreSQL is not installed: run scripts/setup.sh"
-    pg = bindir[-1]
-    base = Path(tempfile.mkdtemp(prefix="infz-pg-", dir="/tmp"))
-    shutil.chown(base, "postgres", "postgres")
-    as_pg = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_pg, str(pg / "initdb"), "-D", str(base / "data"), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    port = "54329"
-    subprocess.run([*as_pg, str(pg / "pg_ctl"), "-D", str(base / "data"), "-w", "-l", str(base / "log"),
-                    "-o", f"-k {base} -c listen_addresses='' -p {port}", "start"], check=True, capture_output=True)
+def postgres_server() -> Iterator[PostgresServer]:
+    """A running throwaway PostgreSQL server the test may stop and start (see ``PostgresServer``)."""
+    server = PostgresServer()
     try:
-        yield f"postgresql://postgres@/postgres?host={base}&port={port}"
+        server.start()
+        yield server
     finally:
-        subprocess.run([*as_pg, str(pg / "pg_ctl"), "-D", str(base / "data"), "-m", "immediate", "stop"],
-                       check=False, capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        server.destroy()
+
+
+@pytest.fixture
+def postgres(postgres_server: PostgresServer) -> str:
+    """The URL of a running throwaway PostgreSQL server (``postgres_server`` for one to stop and start)."""
+    return postgres_server.url
