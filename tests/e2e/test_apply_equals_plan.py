@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
@@ -60,6 +61,8 @@ SEED = int(os.environ.get("INFZ_E2E_PROPERTY_SEED", "0"))
 PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + (
     [Phase.shrink] if os.environ.get("INFZ_E2E_PROPERTY_SHRINK") == "1" else [])
 MEMORY = (256, 384, 512)  # MiB, multiples of Linux's 128 MiB hot-plug block (the guest OOMs in 128Mi); maxSize 640Mi
+# pytest-timeout's 600 s fits the default run; a longer one gets ~4 minutes per state on a loaded machine.
+TIMEOUT = max(600, 300 + EXAMPLES * (STATES + 1) * 240)
 RESERVE = 120  # MiB the guest's kernel and initramfs keep out of MemTotal (~100 measured), < 128
 MAX_DISKS, MAX_NICS = 3, 2  # with hotplugSlots 4: every live add has a free slot
 RUN = ("Always", "RerunOnFailure", "Halted")
@@ -267,10 +270,10 @@ def plan_then_apply(host: Host, allow_restart: bool, log: list[str]) -> tuple[di
     done = host.cli("apply", str(host.manifests), "--yes", "--json", *flags)
     applied = _json(done, "apply --json")
     context = f"{' / '.join(log)}\nplan: {planned_steps(plan)}\napply stderr:\n{done.stderr}"
-    assert applied["ok"] and done.returncode == 0, f"apply failed: {applied['failed']}\n{context}"
-    assert [s for s in applied["executed"] if s["result"] != "ok"] == []
     assert executed_steps(applied) == planned_steps(plan), f"apply ran other steps than the plan showed\n{context}"
     assert planned_steps(applied["plan"]) == planned_steps(plan), f"apply planned differently\n{context}"
+    assert [s for s in applied["executed"] if s["result"] != "ok"] == [], context
+    assert applied["ok"] and done.returncode == 0, f"apply failed: {applied['failed']}\n{context}"
     return plan, applied
 
 
@@ -372,6 +375,7 @@ def check_events(host: Host, documents: list[dict[str, Any]]) -> None:
     assert dict(recorded) == dict(said)
 
 
+@pytest.mark.timeout(TIMEOUT)
 @seed(SEED)
 @settings(max_examples=EXAMPLES, deadline=None, phases=PHASES, database=None, print_blob=True,
           suppress_health_check=list(HealthCheck))

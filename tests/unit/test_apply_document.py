@@ -96,3 +96,17 @@ def test_apply_json_without_yes_is_refused_before_anything(tmp_path: Path) -> No
     assert done.returncode == 1 and done.stdout == ""
     assert "apply --json needs --yes" in done.stderr
     assert not (tmp_path / "st").exists()
+
+
+def test_apply_json_of_invalid_manifests_is_the_located_diagnostics_document(tmp_path: Path) -> None:
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    (manifests / "bad.yaml").write_text("apiVersion: infinization.io/v1alpha1\nkind: VirtualMachine\n"
+                                        "metadata: {name: bad}\nspec:\n  memory: {size: 99999999999Pi}\n")
+    done = subprocess.run([sys.executable, "-m", "reconciler", "apply", str(manifests), "--yes", "--json",
+                           "--state-dir", str(tmp_path / "st")], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1
+    document = json.loads(done.stdout)
+    assert (document["errored"], document["changes"]) == (True, [])
+    assert document["diagnostics"][0]["file"].endswith("bad.yaml") and document["diagnostics"][0]["line"] == 5
+    assert not (tmp_path / "st").exists()
