@@ -48,6 +48,7 @@ class StepResult:
     detail: str
     seconds: float
     permanent: bool = False  # the failure needs a person (a refusal, a corrupt record): retrying cannot help
+    ran: bool = True  # False: never begun (skipped, fail-closed, after a host-wide change failed)
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Executor:
             return change.name not in outcome.failed_vms
 
         def skip(change: Change, why: str) -> None:
-            skipped = StepResult(change.steps[0], False, why, 0.0)
+            skipped = StepResult(change.steps[0], False, why, 0.0, ran=False)
             outcome.results.append(skipped)
             self.report(skipped)
             outcome.failed_vms[change.name] = why

@@ -24,6 +24,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
         print(json.dumps(plan_document_schema(), indent=2))
         return 0
+    if args.what == "apply":
+        from reconciler.plan.apply_document import apply_document_schema
+
+        print(json.dumps(apply_document_schema(), indent=2))
+        return 0
     from reconciler.spec.schema import manifest_schema
 
     print(json.dumps(manifest_schema(), indent=2))

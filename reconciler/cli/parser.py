@@ -113,13 +113,17 @@ def _add_plan_apply_status(sub: _Subparsers, common: argparse.ArgumentParser) ->
              "the host changed since it was saved. Refused while a sync daemon runs on the state directory.",
              "  infinization apply manifests/\n"
              "  infinization apply manifests/ --yes --allow-restart\n"
-             "  infinization apply tonight.plan",
+             "  infinization apply tonight.plan\n"
+             "  infinization apply manifests/ --yes --json | jq '.executed[] | [.name, .kind, .result]'",
              [common])
     p.add_argument("target", metavar="DIR|PLANFILE", help="a manifest directory, or a plan saved by `plan --out`")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     p.add_argument("--allow-restart", action="store_true", help="restart VMs whose changes need it")
     p.add_argument("--allow-empty", action="store_true",
                    help="allow an empty manifest directory to delete every VM")
+    p.add_argument("--json", action="store_true", help="print what was done as a versioned JSON document: the plan, "
+                   "every step run with its result, the re-plan after (docs/plan-format.md); the plan and "
+                   "progress go to stderr. Needs --yes or a saved plan")
     p.add_argument("--jobs", "-j", type=int, default=None,
                    help="how many VMs to change at once (default: $INFINIZATION_APPLY_JOBS or 8 per core)")
     _prune_option(p)
@@ -205,12 +209,14 @@ def _add_read_only(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("directory", help="the manifest directory")
     p.set_defaults(func=cmd_validate)
 
-    p = _sub(sub, "schema", "print a JSON Schema: of manifests (every kind), or of `plan --json`",
-             "The manifest schema is for editors (yaml-language-server modeline) and linters; the plan\n"
-             "schema for CI consumers of `plan --json`. Both are published under docs/schema/.",
-             "  infinization schema > manifest.schema.json\n  infinization schema plan")
-    p.add_argument("what", nargs="?", choices=("manifest", "plan"), default="manifest",
-                   help="manifest (default): what `validate` reads; plan: what `plan --json` prints")
+    p = _sub(sub, "schema", "print a JSON Schema: of manifests (every kind), of `plan --json` or of `apply --json`",
+             "The manifest schema is for editors (yaml-language-server modeline) and linters; the plan and\n"
+             "apply schemas for CI consumers of `plan --json` and `apply --json`. All are published under\n"
+             "docs/schema/.",
+             "  infinization schema > manifest.schema.json\n  infinization schema plan\n  infinization schema apply")
+    p.add_argument("what", nargs="?", choices=("manifest", "plan", "apply"), default="manifest",
+                   help="manifest (default): what `validate` reads; plan: what `plan --json` prints; apply: what "
+                   "`apply --json` prints")
     p.set_defaults(func=cmd_schema)
 
     p = _sub(sub, "completion", "print a shell completion script (bash or zsh)",

@@ -11,6 +11,7 @@ import asyncio
 import datetime
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,8 +30,10 @@ from reconciler.cli.common import (
     out,
     read_view,
 )
+from reconciler.cli.console import human_output
 from reconciler.errors import LockTimeout
 from reconciler.plan.actions import Action, Plan
+from reconciler.plan.apply_document import apply_document
 from reconciler.plan.document import Diagnostic, PlanFormatError, invalid_document, plan_document, plan_from_document
 from reconciler.plan.planner import PlanOptions
 from reconciler.plan.render import render_plan, summary_line
@@ -93,6 +96,37 @@ def cmd_apply(args: argparse.Namespace) -> int:
     saved = None if target.is_dir() else _read_saved_plan(target)
     # A saved plan carries its own manifest directory and --allow-restart: apply exactly what was shown.
     directory = saved.manifest_dir if saved else args.target
+    if args.json and saved is None and not args.yes:
+        raise CliError("apply --json needs --yes (or a saved plan): a confirmation prompt would mix with the "
+                       "document")
+    if args.json and saved is None and (broken := _diagnostics(directory)):
+        print(json.dumps(invalid_document(broken, **_stamp(), manifest_dir=str(Path(directory).absolute())),
+                         indent=2))
+        return 1
+    # With --json, stdout carries only the document: the plan and the step lines go to stderr.
+    with human_output(to_stderr=args.json):
+        run = _apply(args, layout, saved, directory)
+    if args.json:
+        outcomes = run.result.results if run.result else []
+        failed = run.result.failed_vms if run.result else {}
+        permanent = run.result.permanent if run.result else set()
+        print(json.dumps(apply_document(run.view.plan, outcomes, failed, permanent,
+                                        run.after.plan if run.after else None, **_stamp()), indent=2))
+    return run.code
+
+
+@dataclass
+class _Run:
+    """What one apply did: the view it planned from, the executor's result and the re-plan (None when
+    nothing ran), and its exit code."""
+
+    view: View
+    code: int
+    result: ApplyResult | None = None
+    after: View | None = None
+
+
+def _apply(args: argparse.Namespace, layout: StateLayout, saved: Plan | None, directory: str) -> _Run:
     allow_restart = saved.allow_restart if saved else args.allow_restart
     prune = saved.prune_other_sources if saved else args.prune_other_sources
     options = PlanOptions(allow_restart=allow_restart, prune_other_sources=prune)
@@ -105,17 +139,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
             _check_fresh(saved, view.plan, layout)
         out.print(render_plan(view.plan), end="")
         if not any(change.steps for change in view.plan.changes):
-            return 1 if view.plan.refused else 0
+            return _Run(view, 1 if view.plan.refused else 0)
         if saved is None and not _confirm(args):
             out.print("Apply cancelled.")
-            return 1
+            return _Run(view, 1)
         out.print("")
         result = _execute(view, layout, args.jobs)
         after = asyncio.run(read_view(directory, layout, allow_restart, args.host, options, config=config))
         from reconciler.cli.recording import record_run  # the status store: only apply writes it
 
         record_run(layout, args.host, result, view, after, revision(Path(view.plan.manifest_dir)))
-    return _report(view.plan, result, after.plan)
+    return _Run(view, _report(view.plan, result, after.plan), result, after)
 
 
 def _execute(view: View, layout: StateLayout, jobs: int | None = None) -> ApplyResult:

@@ -59,7 +59,7 @@ complete_it infinization schema ''
 complete_it infinization completion ''
 """
     lines = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert lines == ["apply", "--detailed-exitcode", "manifest plan", "bash zsh"]
+    assert lines == ["apply", "--detailed-exitcode", "manifest plan apply", "bash zsh"]
 
 
 @pytest.mark.skipif(shutil.which("zsh") is None and not Path("/usr/bin/zsh").exists(), reason="zsh not installed")
