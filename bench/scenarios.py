@@ -135,7 +135,7 @@ def _phases(box: Sandbox) -> dict[str, int]:
     return phases
 
 
-def idle_daemon(count: int, window: float, paused: bool) -> list[Row]:
+def idle_daemon(count: int, window: float, paused: bool, resync: float | None = None) -> list[Row]:
     """The sync daemon's CPU and resident memory over ``window`` seconds while it holds ``count`` VMs
     (paused when ``paused``: ``spec.paused``), after they have all converged."""
     box = Sandbox("idle")
@@ -161,8 +161,9 @@ def idle_daemon(count: int, window: float, paused: bool) -> list[Row]:
             raise RuntimeError(f"not every VM is {want}: {phases}")
         if not paused:
             box.wait_booted(names)
+        extra = ["--resync-interval", f"{resync:g}"] if resync is not None else []
         daemon = subprocess.Popen([PYTHON, "-m", "reconciler", "sync", str(box.manifests), "--metrics-address",
-                                   "none"], cwd=ROOT, env=box.env(), stdout=subprocess.DEVNULL,
+                                   "none", *extra], cwd=ROOT, env=box.env(), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         # Converged: a first full reconcile has passed (status written for every VM).
         wait_for(lambda: (box.state / "infinization.db").exists(), timeout=120, step=0.1)
@@ -177,6 +178,6 @@ def idle_daemon(count: int, window: float, paused: bool) -> list[Row]:
             daemon.terminate()
             daemon.wait(timeout=60)
         box.close()
-    what = f"{count} {'paused' if paused else 'running'} VMs"
+    what = f"{count} {'paused' if paused else 'running'} VMs" + (f", resync {resync:g} s" if resync is not None else "")
     return [Row(f"idle sync daemon CPU, {what}", cpu, None, "< 1 % of a core", unit="%"),
             Row(f"idle sync daemon RSS, {what}", rss, 73.0, "< libvirtd+virtlogd (73 MB)", unit="MB")]
