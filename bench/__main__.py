@@ -35,6 +35,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", choices=SCENARIOS, help="run only these scenarios")
     parser.add_argument("--sizes", type=int, nargs="*", help="the N of `create N VMs` (default 1 16 32)")
     parser.add_argument("--many", type=int, help="VMs for the flatness scenarios (default 25; quick: 8)")
+    parser.add_argument("--idle-resync", type=float, metavar="SECONDS",
+                        help="the idle daemon's --resync-interval (default: the daemon's own, 30 s)")
     parser.add_argument("--repeat", type=int, default=1, help="repeat the create scenario, keep the median")
     args = parser.parse_args()
     chosen = set(args.only or SCENARIOS)
@@ -54,7 +56,8 @@ def main() -> int:
     if "sync" in chosen:
         rows += sync_latency.rows(many, 5 if args.quick else 10)
     if "idle" in chosen:
-        rows += scenarios.idle_daemon(many if args.quick else 100, 10.0 if args.quick else 30.0, paused=True)
+        rows += scenarios.idle_daemon(args.many or (8 if args.quick else 100), 10.0 if args.quick else 30.0,
+                                      paused=True, resync=args.idle_resync)
     print()
     print_table(rows)
     print(f"\n(total {time.monotonic() - began:.0f} s)")

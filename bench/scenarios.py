@@ -6,12 +6,14 @@ after itself (QEMUs killed, sandbox removed), whatever happens.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import PYTHON, ROOT, RawFleet, Row, Sandbox, wait_for
 
@@ -118,25 +120,54 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def idle_daemon(count: int, window: float, paused: bool) -> list[Row]:
+def _status(box: Sandbox) -> list[dict[str, Any]]:
+    done = subprocess.run([PYTHON, "-m", "reconciler", "status", "--json"], capture_output=True, text=True,
+                          env=box.env(), cwd=ROOT, check=True, timeout=600)
+    rows: list[dict[str, Any]] = json.loads(done.stdout)["vms"]
+    return rows
+
+
+def _phases(box: Sandbox) -> dict[str, int]:
+    """How many VMs `status --json` shows in each phase."""
+    phases: dict[str, int] = {}
+    for row in _status(box):
+        phases[row["phase"]] = phases.get(row["phase"], 0) + 1
+    return phases
+
+
+def idle_daemon(count: int, window: float, paused: bool, resync: float | None = None) -> list[Row]:
     """The sync daemon's CPU and resident memory over ``window`` seconds while it holds ``count`` VMs
     (paused when ``paused``: ``spec.paused``), after they have all converged."""
     box = Sandbox("idle")
     daemon = None
     try:
         names = [f"i{i}" for i in range(count)]
-        box.write_vms(names, extra="  paused: true\n" if paused else "")
+        # Many QEMUs starting at once on a loaded 2-core machine can take longer than 30 s to answer QMP.
+        box.config.write_text(box.config.read_text() + "startTimeout: 120\n")
+        # Paused VMs start with -S: their guest never runs, and QEMU touches little of its RAM.
+        if paused:
+            box.write_vms(names, extra="  paused: true\n", memory="128Mi")
+        else:
+            box.write_vms(names)
         if paused and box.cli("validate", str(box.manifests), check=False)[1]:
             paused = False  # this tree has no spec.paused: hold them running (and booted) instead
             box.write_vms(names)
-        box.cli("apply", str(box.manifests), "--yes")
+        want = "Paused" if paused else "Running"
+        for _ in range(3):  # a start can time out on a loaded shared machine: apply converges when re-run
+            box.cli("apply", str(box.manifests), "--yes", check=False)
+            if (phases := _phases(box)).get(want) == count:
+                break
+        else:
+            raise RuntimeError(f"not every VM is {want}: {phases}")
         if not paused:
             box.wait_booted(names)
+        extra = ["--resync-interval", f"{resync:g}"] if resync is not None else []
         daemon = subprocess.Popen([PYTHON, "-m", "reconciler", "sync", str(box.manifests), "--metrics-address",
-                                   "none"], cwd=ROOT, env=box.env(), stdout=subprocess.DEVNULL,
+                                   "none", *extra], cwd=ROOT, env=box.env(), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         # Converged: a first full reconcile has passed (status written for every VM).
         wait_for(lambda: (box.state / "infinization.db").exists(), timeout=120, step=0.1)
+        wait_for(lambda: all(row["lastReconcile"] for row in _status(box)), timeout=900, step=2.0)
         time.sleep(5.0)  # settle: the first resync and listeners' connects are not idle time
         cpu0, began = _cpu_seconds(daemon.pid), time.monotonic()
         time.sleep(window)
@@ -147,6 +178,6 @@ def idle_daemon(count: int, window: float, paused: bool) -> list[Row]:
             daemon.terminate()
             daemon.wait(timeout=60)
         box.close()
-    what = f"{count} {'paused' if paused else 'running'} VMs"
+    what = f"{count} {'paused' if paused else 'running'} VMs" + (f", resync {resync:g} s" if resync is not None else "")
     return [Row(f"idle sync daemon CPU, {what}", cpu, None, "< 1 % of a core", unit="%"),
             Row(f"idle sync daemon RSS, {what}", rss, 73.0, "< libvirtd+virtlogd (73 MB)", unit="MB")]

@@ -26,6 +26,9 @@
 #                                    (one line) whenever anything but seq changes; ping= only
 #                                    with infz.ping, ips= always (IPv4 on non-lo interfaces,
 #                                    empty when none)
+#   INFZ-TICK up=<s> boot=<id>       infz.tick: every loop (~0.3 s of guest time), the guest's uptime
+#                                    (/proc/uptime) and its boot (the first part of its boot_id): a guest
+#                                    that is paused prints none and its clock does not advance meanwhile
 #   INFZ-POWEROFF                    when the ACPI power button was pressed
 #   INFZ-INSTALLED <disk> <bytes>    infz.install: the image was written to the disk (then power off)
 #   INFZ-INSTALL-FAILED <why>        infz.install: no CD with the image, no disk, or dd failed
@@ -48,6 +51,7 @@
 #   infz.boot=<word>
 #                  reported as boot=<word>: a boot loader's marker of where the kernel
 #                  came from (the install proof's CD says cd, its disk says disk)
+#   infz.tick      print an INFZ-TICK line every loop (the paused-VM proof)
 #   infz.install=<file>
 #                  an "installer": after the first report, copy <file> from the first
 #                  ISO 9660 CD-ROM that has it onto the first virtio disk (dd, fsync),
@@ -314,7 +318,7 @@ start_acpid() {
 }
 
 # infz.* kernel parameters ("+"-separated lists; see build-guest.sh).
-CFG_IP= CFG_GW= CFG_MAC= CFG_PING= CFG_DHCP= CFG_BOOT= CFG_INSTALL=
+CFG_IP= CFG_GW= CFG_MAC= CFG_PING= CFG_DHCP= CFG_BOOT= CFG_INSTALL= CFG_TICK=
 for w in $(cat /proc/cmdline 2>/dev/null); do
     case $w in
         infz.ip=*)   CFG_IP=$(echo "${w#*=}" | tr + ' ') ;;
@@ -324,6 +328,7 @@ for w in $(cat /proc/cmdline 2>/dev/null); do
         infz.dhcp=*) CFG_DHCP=$(echo "${w#*=}" | tr + ' ') ;;
         infz.boot=*) CFG_BOOT=${w#*=} ;;
         infz.install=*) CFG_INSTALL=${w#*=} ;;
+        infz.tick) CFG_TICK=1 ;;
     esac
 done
 PENDING_IP=$CFG_IP PENDING_GW=$CFG_GW
@@ -620,6 +625,10 @@ while :; do
         { echo "$seq" >/run/infz-seq; echo "$cur" >/run/infz-prev; } 2>/dev/null
     fi
     install_disk
+    if [ -n "$CFG_TICK" ]; then
+        up=; bid=; { read up _ </proc/uptime; read bid </proc/sys/kernel/random/boot_id; } 2>/dev/null
+        echo "INFZ-TICK up=$up boot=${bid%%-*}"
+    fi
     usleep 300000 2>/dev/null || sleep 1
 done
 EOF

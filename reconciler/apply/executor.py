@@ -25,6 +25,7 @@ from reconciler.adapters import monitor, procfs
 from reconciler.adapters import paths as host_paths
 from reconciler.apply import disks, hostdev_plug, hostnet, hotplug, placement, scheduler, swtpm, vfio, vmprocess
 from reconciler.apply import display as display_apply
+from reconciler.apply import runstate as run_state
 from reconciler.errors import InfinizationError, Permanent, Refused, StepFailed
 from reconciler.plan import media, policy
 from reconciler.plan import steps as s
@@ -133,7 +134,8 @@ class Executor:
                 return await self._vm_step(step)
             case (s.HotplugDisk() | s.UnplugDisk() | s.HotplugNic() | s.UnplugNic() | s.SetLink() | s.SetIoLimits()
                   | s.AddCpus() | s.AddMemory() | s.SetBalloon() | s.HotplugCdrom() | s.UnplugCdrom()
-                  | s.ChangeMedia() | s.HotplugHostDevice() | s.UnplugHostDevice() | s.SetPlacement()):
+                  | s.ChangeMedia() | s.HotplugHostDevice() | s.UnplugHostDevice() | s.SetPlacement() | s.Pause()
+                  | s.Resume()):
                 paths = self.layout.vm(step.name)
                 vm = self._recorded_vm(paths)
                 if isinstance(step, s.HotplugHostDevice):
@@ -421,6 +423,10 @@ async def _live_step(qmp: monitor.Monitor, paths: VMPaths, vm: VirtualMachine, s
             return await hostdev_plug.hotplug_host_device(qmp, vm, target)
         case s.UnplugHostDevice():
             return await hostdev_plug.unplug_host_device(qmp, paths, target)
+        case s.Pause():
+            return await run_state.pause(qmp)
+        case s.Resume():
+            return await run_state.resume(qmp, step.from_state)
         case _:
             assert_never(step)
 

@@ -256,10 +256,11 @@ async def _start_qemu(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, b
                                       memlock_limit(vm), cpus)
     finally:
         hostnet.close_all(_inherited(taps, opened))
-    return await _until_running(paths, pid, uid, host.startTimeout, cpus)
+    return await _until_running(paths, pid, uid, host.startTimeout, cpus, vm.spec.paused)
 
 
-async def _until_running(paths: VMPaths, pid: int, uid: int, timeout: float, cpus: str | None = None) -> str:
+async def _until_running(paths: VMPaths, pid: int, uid: int, timeout: float, cpus: str | None = None,
+                         paused: bool = False) -> str:
     """Record the QEMU just launched and wait for its guest to run. Atomic: if anything fails on the way
     (it does not run within ``timeout``, it is not verified, we are cancelled), the QEMU we launched is
     killed through a pidfd opened right after launch (the very process, whatever happens to its pid) and
@@ -274,7 +275,7 @@ async def _until_running(paths: VMPaths, pid: int, uid: int, timeout: float, cpu
             files.record_launched(paths, pid, began)
         files.clear_exit(paths)  # a new run: how the previous one ended no longer matters
         cgroup = _own_cgroup(paths, pid, cpus)
-        await _wait_running(paths, pid, timeout)
+        await _wait_running(paths, pid, timeout, paused)
         examined = procfs.examine(paths)
         if examined.process is None or examined.process.pid != pid:
             raise StepFailed(f"QEMU pid {pid} runs but is not verified: {examined.unverified or 'no pidfile'}")
@@ -286,7 +287,7 @@ async def _until_running(paths: VMPaths, pid: int, uid: int, timeout: float, cpu
     finally:
         if pidfd is not None:
             os.close(pidfd)
-    return f"started, pid {pid} as uid {uid}, {cgroup}"
+    return f"started{' paused (-S)' if paused else ''}, pid {pid} as uid {uid}, {cgroup}"
 
 
 async def _abort_start(paths: VMPaths, pid: int, pidfd: int | None, began: int | None) -> str:
@@ -317,11 +318,13 @@ async def abort_started(paths: VMPaths) -> str:
     return f"the QEMU it started (pid {process.pid}) was killed" if gone else f"QEMU pid {process.pid} survived SIGKILL"
 
 
-async def _wait_running(paths: VMPaths, pid: int, timeout: float = READY_TIMEOUT) -> None:
-    """Wait for the guest to run; fail at once if its QEMU dies meanwhile (a start error, or killed or
-    crashed while loading), with QEMU's last words from its stderr log."""
+async def _wait_running(paths: VMPaths, pid: int, timeout: float = READY_TIMEOUT, paused: bool = False) -> None:
+    """Wait for the guest to run (started with -S: for QEMU to be ready, in 'prelaunch'); fail at once if
+    its QEMU dies meanwhile (a start error, or killed or crashed while loading), with QEMU's last words
+    from its stderr log."""
     deadline = time.monotonic() + timeout
     last = ""
+    ready = "prelaunch" if paused else "running"
     while time.monotonic() < deadline:
         if not procfs.is_alive(pid):
             said = files.qemu_log_tail(paths)
@@ -330,13 +333,13 @@ async def _wait_running(paths: VMPaths, pid: int, timeout: float = READY_TIMEOUT
         try:
             async with monitor.session(paths.qmp) as qmp:
                 status = (await qmp.execute("query-status")).get("status", "")
-            if status == "running":
+            if status == ready:
                 return
             last = f"status {status}"
         except MonitorError as exc:
             last = str(exc)
         await asyncio.sleep(POLL)
-    raise StepFailed(f"the VM did not reach 'running' within {timeout:g}s ({last})")
+    raise StepFailed(f"the VM did not reach {ready!r} within {timeout:g}s ({last})")
 
 
 async def _press_power_button(paths: VMPaths, pid: int, grace: float) -> bool:
@@ -411,12 +414,43 @@ def agent_port(paths: VMPaths) -> bool:
     return launch is not None and launch.vm.spec.guestAgent.enabled
 
 
+async def _unpause(paths: VMPaths) -> str | None:
+    """Before a graceful stop: a paused guest cannot see the power button or the agent's request (its vCPUs
+    do not run), so one we paused is resumed first (``cont``) and shuts down like a running one. One started
+    with -S has never run: there is nothing to shut down, so it is quit at once ("prelaunch"). A VM QEMU
+    paused by itself (io-error...) is left paused: resuming it would repeat the failure; the power button
+    then goes unanswered and QEMU is quit after the grace period."""
+    try:
+        async with monitor.session(paths.qmp) as qmp:
+            status = str((await qmp.execute("query-status")).get("status", ""))
+            if status == "paused":
+                await qmp.execute("cont")
+                return "resumed to shut down"
+    except MonitorError:
+        return None
+    return status if status == "prelaunch" else None
+
+
 async def _stop(paths: VMPaths, process: procfs.QemuProcess, grace: float) -> str:
+    unpaused = await _unpause(paths)
+    if unpaused == "prelaunch":
+        how = await _quit(paths, process, 0)
+        return f"{how} (started paused, its guest never ran)"
+    how = await _shutdown(paths, process, grace)
+    return f"{unpaused}, {how}" if unpaused else how
+
+
+async def _shutdown(paths: VMPaths, process: procfs.QemuProcess, grace: float) -> str:
     stopped, grace = await _through_agent(paths, process.pid, grace)
     if stopped:
         return "guest powered off through the guest agent"
     if grace > 0 and await _press_power_button(paths, process.pid, grace):
         return "guest powered off"
+    return await _quit(paths, process, grace)
+
+
+async def _quit(paths: VMPaths, process: procfs.QemuProcess, grace: float) -> str:
+    """QMP quit, then SIGKILL; ``grace``: how long the guest ignored the power button (0: not pressed)."""
     try:
         async with monitor.session(paths.qmp) as qmp:
             await qmp.execute("quit")

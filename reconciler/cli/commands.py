@@ -49,14 +49,16 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_start_stop(args: argparse.Namespace) -> int:
-    """Imperative start/stop of one VM (for runStrategy Manual): the manifests are never rewritten."""
+    """Imperative start/stop of one VM (for runStrategy Manual), or resume of one QEMU paused by itself (a disk
+    error, a panic: never resumed by the reconciler unasked): the manifests are never rewritten."""
     layout = layout_of(args)
     vm_name(args.name)
     directory = args.directory or files.read_source(layout)
     if directory is None:
         raise CliError("no manifest directory given and none applied yet: --manifests DIR")
     names = frozenset([args.name])
-    options = PlanOptions(start=names) if args.command == "start" else PlanOptions(stop=names)
+    options = {"start": PlanOptions(start=names), "stop": PlanOptions(stop=names),
+               "resume": PlanOptions(resume=names)}[args.command]
     with StateLock(layout.lock, exclusive=True, wait=args.lock_timeout):
         view = asyncio.run(read_view(directory, layout, False, args.host, options,
                                          config=config_of(args)))
@@ -65,10 +67,15 @@ def cmd_start_stop(args: argparse.Namespace) -> int:
             raise CliError(f"no VirtualMachine {args.name!r} in {directory}")
         if change.refusals:
             raise CliError("; ".join(change.refusals))
-        wanted = StepKind.START if args.command == "start" else StepKind.STOP
+        wanted = {"start": StepKind.START, "stop": StepKind.STOP, "resume": StepKind.RESUME}[args.command]
         if not any(step.kind is wanted for step in change.steps):
-            out.print(f"{args.name} is already {'running' if args.command == 'start' else 'stopped'}.")
+            already = {"start": "running", "stop": "stopped", "resume": "running or not paused by QEMU (a VM "
+                       "paused by spec.paused is resumed by setting it to false)"}[args.command]
+            out.print(f"{args.name} is already {already}.")
             return 0
+        if args.command == "resume":  # only the resume (and the record): not the rest of the VM's plan
+            change = change.model_copy(update={"steps": [st for st in change.steps if st.kind in (
+                StepKind.RESUME, StepKind.WRITE_RECORD)]})
         only = view.plan.model_copy(update={"changes": [change]})
         with StepProgress(out) as progress:
             executor = Executor(layout, progress.ended, {}, host=view.config, started=progress.started)

@@ -168,8 +168,12 @@ def _add_sync_start_stop(sub: _Subparsers, common: argparse.ArgumentParser) -> N
     _prune_option(p)
     p.set_defaults(func=cmd_sync)
 
-    for verb, what in (("start", "boots it"), ("stop", "shuts it down gracefully (guest agent, ACPI, then quit)")):
-        p = _sub(sub, verb, f"{verb} one VM now (for runStrategy Manual)",
+    manual = "for runStrategy Manual"
+    for verb, what, why in (("start", "boots it", manual),
+                            ("stop", "shuts it down gracefully (guest agent, ACPI, then quit)", manual),
+                            ("resume", "QMP cont on a VM QEMU paused by itself (io-error: e.g. its host disk was "
+                             "full), once the cause is fixed", "after a disk error")):
+        p = _sub(sub, verb, f"{verb} one VM now ({why})",
                  f"{verb.capitalize()}s one VM now: {what}. Never edits manifests.",
                  f"  infinization {verb} web1\n  infinization {verb} web1 --manifests /srv/vms", [common])
         p.add_argument("name", help="the VM's name (metadata.name)")

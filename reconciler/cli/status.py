@@ -18,6 +18,7 @@ from rich.table import Table
 
 from reconciler.cli.common import CliError, View, config_of, layout_of, out, read_view
 from reconciler.cli.display import display_url
+from reconciler.plan import runstate
 from reconciler.plan.actions import Change
 from reconciler.plan.observed import ObservedVM
 from reconciler.runtime.store import VMStatus, conditions_text, open_readonly
@@ -27,7 +28,7 @@ from reconciler.state import files
 from reconciler.state.layout import StateLayout
 
 # Conditions the NOTES column already shows from the plan itself (pending restart, refusal, unplug).
-_SHOWN_FROM_PLAN = ("RestartRequired", "Refused", "UnplugPending", "Unverified", "NotPruned")
+_SHOWN_FROM_PLAN = ("RestartRequired", "Refused", "UnplugPending", "Unverified", "NotPruned", "PausedByQemu")
 
 
 def _yes_no(value: bool) -> str:
@@ -37,8 +38,7 @@ def _yes_no(value: bool) -> str:
 def _phase(view: View, name: str) -> str:
     vm = view.observed.vm(name)
     if vm.process is not None:
-        return {"running": "Running", "paused": "Paused", "unreachable": "Unknown"}.get(
-            vm.process.status, vm.process.status.capitalize())
+        return runstate.phase(vm.process.status)  # Running, Paused (whoever paused it) or Unknown
     return "Stopped" if name in view.records else "Pending"
 
 
@@ -91,6 +91,10 @@ def _vm_row(view: View, change: Change, daemon: dict[str, VMStatus]) -> dict[str
         "phase": _phase(view, name),
         "pid": vm.process.pid if vm.process else None,
         "runStrategy": loaded.vm.spec.runStrategy if loaded else None,
+        "paused": loaded.vm.spec.paused if loaded else None,
+        # QMP query-status as observed (running, paused, prelaunch, io-error...), and why QEMU paused it itself
+        "runState": vm.process.status if vm.process else None,
+        "pausedByQemu": runstate.paused_by_qemu(vm.process.status if vm.process else None),
         "inSync": change.in_sync,
         "action": change.action.value if change.steps else None,
         "pendingRestart": change.pending_restart,
@@ -159,6 +163,8 @@ def _notes(row: dict[str, Any]) -> str:
     notes += [f"refused: {why}" for why in row["refused"]]
     notes += [f"unplug pending: {why}" for why in row["unplugPending"]]
     notes += [f"unverified: {row['unverified']}"] if row["unverified"] else []
+    notes += [f"run state: {row['runState']}"] if row["runState"] not in (None, "running", "paused") else []
+    notes += [row["pausedByQemu"]] if row["pausedByQemu"] and not row["refused"] else []
     notes += [f"kept: {row['kept']}"] if row["kept"] else []
     notes += _agent_notes(row["agent"])
     notes += [f"display: {row['display']}"] if row["display"] else []

@@ -131,6 +131,7 @@ def _by_words(message: str, table: tuple[tuple[tuple[str, ...], str], ...], defa
 # tests/unit/test_plan_document.py fails on any golden case's reason left with the bare default, so a new
 # kind of refusal or restart cause gets its code here the day it is added.
 _REFUSAL_CODES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("paused by qemu",), "refused.pausedByQemu"),
     (("hostdevices", "in use by the host"), "refused.hostDevice.inUse"),
     (("hostdevices", "does not let us unbind"), "refused.hostDevice.driver"),
     (("hostdevices", "held by vm"), "refused.hostDevice.held"),

@@ -22,6 +22,13 @@ class FieldRule:
 
 TABLE: tuple[FieldRule, ...] = (
     FieldRule(("runStrategy",), Mode.LIVE, "start or stop the VM", "Always starts it, Halted stops it gracefully."),
+    FieldRule(("paused",), Mode.LIVE, "QMP stop / cont on the running QEMU",
+              "Live: pausing only stops the vCPUs, so the guest keeps its memory, devices and boot, and resumes "
+              "where it was. A VM started while paused gets -S (no guest code runs until resumed), so a restart "
+              "comes back paused. A VM paused or resumed by hand is drift, repaired. A VM QEMU paused by itself "
+              "(io-error: a disk write failed, e.g. the host's disk is full; guest-panicked; internal-error; "
+              "watchdog) is never resumed: the plan refuses and says why. A stop of a paused VM resumes it "
+              "first so the guest sees the power button. Halted: nothing runs to pause."),
     FieldRule(("restartPolicy",), Mode.LIVE, "recorded", "Manual: restarts wait for --allow-restart."),
     FieldRule(("terminationGracePeriodSeconds",), Mode.LIVE, "recorded", "Used by the next graceful stop."),
     FieldRule(("hotplugSlots",), Mode.RESTART, "spare PCIe root ports are created when QEMU starts"),

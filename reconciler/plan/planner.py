@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.plan import display, drift, firmware, hostdev, media, placement, policy
+from reconciler.plan import display, drift, firmware, hostdev, media, placement, policy, runstate
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Action, Change, FieldChange, Mode, Plan
 from reconciler.plan.fields import rule_for
@@ -92,6 +92,7 @@ class PlanOptions:
     allow_restart: bool = False
     start: frozenset[str] = frozenset()  # `infinization start NAME`: start it whatever its runStrategy says
     stop: frozenset[str] = frozenset()  # `infinization stop NAME`
+    resume: frozenset[str] = frozenset()  # `infinization resume NAME`: even when QEMU paused it (io-error...)
     # A VM whose record says it came from another manifest directory is not deleted unless this is set:
     # `apply DIR` on the wrong directory must not read as "every other VM's manifest was removed".
     prune_other_sources: bool = False
@@ -194,9 +195,10 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
     if work.refusals:
         return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
     steps, action, pending = _choose(work, desired.spec, obs, record is not None, options, allowed)
-    steps += _orphan_tpm(work.reasons, obs)
-    steps += _host_devices(work, desired.spec, obs, steps, observed)
-    if (nothing := firmware.boot_refusal(desired.spec)) and any(isinstance(step, s.Start) for step in steps):
+    if work.refusals:  # a VM QEMU paused by itself, to go on running: not resumed blindly
+        return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
+    steps, nothing = _devices_and_boot(work, desired.spec, obs, steps, observed)
+    if nothing:
         return Change(name=name, action=Action.NOOP, reasons=work.reasons, refusals=[nothing])
     steps, refused = _placement(work, desired.spec, obs, record, chosen, observed, host, steps)
     if refused:
@@ -211,6 +213,16 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
                   pending_restart=pending, refusals=[], unplug_pending=unplug_pending,
                   opens=media.shown_opens([*policy.opens(manifest.spec, steps, observed.paths), *_firmware_opens(
                       steps, firmware.select(desired.spec, observed.paths, host, observed.state_dir))], desired.spec))
+
+
+def _devices_and_boot(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, steps: list[s.Step],
+                      observed: ObservedState) -> tuple[list[s.Step], str | None]:
+    """The swtpm left without its QEMU and the host devices the steps need; a start with nothing to boot
+    is refused (the refusal)."""
+    steps = [*steps, *_orphan_tpm(work.reasons, obs)]
+    steps += _host_devices(work, spec, obs, steps, observed)
+    nothing = firmware.boot_refusal(spec)
+    return steps, nothing if nothing and any(isinstance(step, s.Start) for step in steps) else None
 
 
 def _manifest_changes(record: AppliedRecord | None, manifest: VirtualMachine) -> list[str] | None:
@@ -417,10 +429,12 @@ def _choose(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, known: boo
     stopped, stopped, to be restarted, or changed live."""
     name = work.name
     launched = obs.process.launched if obs.process else None
-    stop = _stop_step(name, spec.terminationGracePeriodSeconds, launched is not None and launched.guestAgent.enabled)
+    stop = _stop_step(name, spec.terminationGracePeriodSeconds, launched is not None and launched.guestAgent.enabled,
+                      obs.process.status if obs.process else None)
     if obs.process is not None and (spec.runStrategy == "Halted" or name in options.stop):
         work.reasons.append("stopped by `infinization stop`" if name in options.stop else
-                            "runStrategy is Halted and the VM is running")
+                            "runStrategy is Halted and the VM is running"
+                            + ("" if obs.process.status == runstate.RUNNING else f" ({obs.process.status})"))
         return [stop, *work.offline, *work.stopped], Action.NOOP, []
     if obs.process is None:
         why_start = "started by `infinization start`" if name in options.start else _start_reason(
@@ -428,18 +442,28 @@ def _choose(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, known: boo
         if not why_start:
             return [*work.offline, *work.stopped], Action.NOOP, []
         work.reasons.append(why_start)
-        start = s.Start(name=name, summary="start QEMU and wait for its monitor")
-        return [*work.offline, *work.stopped, start], Action.NOOP, []
+        return [*work.offline, *work.stopped, _start_step(name, spec.paused)], Action.NOOP, []
     if work.restart_causes and allowed:
         permission = "--allow-restart" if options.allow_restart else "restartPolicy: Auto"
         work.reasons.append(f"a restart is allowed ({permission}) and needed for:")
         work.reasons += [f"  {cause}" for cause in work.restart_causes]
-        start = s.Start(name=name, summary="start QEMU and wait for its monitor")
+        start = _start_step(name, spec.paused)
         return [*work.live_grows, *work.offline, stop, *work.stopped, start], Action.RESTART, []
     live_steps = work.live.steps if work.live else []
     work.fields += work.live.fields if work.live else []
-    steps = [*work.offline, *work.live_grows, *work.repairs, *work.display, *live_steps]
+    run = runstate.plan_run_state(name, spec.paused, obs.process.status, name in options.resume)
+    work.reasons += run.reasons
+    work.fields += run.fields
+    work.refusals += run.refusals
+    steps = [*work.offline, *work.live_grows, *work.repairs, *work.display, *live_steps, *run.steps]
     return steps, Action.NOOP, list(work.restart_causes)
+
+
+def _start_step(name: str, paused: bool) -> s.Start:
+    if paused:  # -S: no guest code runs before it is resumed (a restart of a paused VM comes back paused)
+        return s.Start(name=name, summary="start QEMU paused (-S: its guest does not run until resumed) and wait "
+                       "for its monitor")
+    return s.Start(name=name, summary="start QEMU and wait for its monitor")
 
 
 def _start_reason(strategy: str, known: bool, last_exit: str | None) -> str | None:
@@ -483,11 +507,16 @@ def _running_vm(work: _VMPlan, desired: VirtualMachine, process: ObservedProcess
     work.restart_causes += tap_causes
 
 
-def _stop_step(name: str, grace: int, agent: bool = False) -> s.Stop:
+def _stop_step(name: str, grace: int, agent: bool = False, status: str | None = None) -> s.Stop:
     """The graceful stop: the guest agent's shutdown first when QEMU was started with its port (the
-    executor tries it, then ACPI), all within ``grace``, then quit."""
+    executor tries it, then ACPI), all within ``grace``, then quit. A paused guest cannot see either, so the
+    executor resumes it first; one started with -S never ran and is quit at once."""
+    if status == "prelaunch":
+        return s.Stop(name=name, timeout=grace, summary="stop: quit (started paused with -S, its guest never ran)")
     first = "guest agent, then ACPI power button" if agent else "ACPI power button"
-    return s.Stop(name=name, timeout=grace, summary=f"stop gracefully ({first} for up to {grace}s, then quit)")
+    resumed = "resume the paused guest, then " if status == "paused" else ""
+    return s.Stop(name=name, timeout=grace,
+                  summary=f"stop gracefully ({resumed}{first} for up to {grace}s, then quit)")
 
 
 def _plan_disk(work: _VMPlan, disk: DiskSpec, current: ObservedImage | None, observed: ObservedState,

@@ -64,6 +64,8 @@ class StepKind(StrEnum):
     HOTPLUG_HOST_DEVICE = "hotplug-host-device"
     UNPLUG_HOST_DEVICE = "unplug-host-device"
     SET_PLACEMENT = "set-placement"
+    PAUSE = "pause"
+    RESUME = "resume"
 
 
 class Phase:
@@ -71,6 +73,7 @@ class Phase:
     runs, the stop, what needs it stopped, then live changes, the start, and forgetting the VM last."""
 
     RECORD = 0
+    RESUME = 5  # first: a paused guest cannot answer a hot-plug or an unplug
     UNPLUG = 10
     GROW_LIVE = 20
     CREATE = 30
@@ -82,6 +85,7 @@ class Phase:
     SETTING = 90
     START = 100
     PLACE = 105  # after the start (the vCPU threads exist) and after vCPUs added live
+    PAUSE = 107  # last on a running VM: the live changes before it still reach a guest that runs
     FORGET = 110
     HOST = 0  # Network and firewall steps: each change lists them in order already
 
@@ -324,6 +328,24 @@ class SetPlacement(_StepBase):
     chosen: list[int] = Field(default_factory=list, description="CPUs a strategy chose: recorded once pinned.")
 
 
+class Pause(_StepBase):
+    """Stop the running VM's vCPUs (QMP ``stop``), re-checking ``query-status`` first: only a running VM is
+    paused; one paused already is left alone."""
+
+    kind: Literal[StepKind.PAUSE] = StepKind.PAUSE
+    phase = Phase.PAUSE
+
+
+class Resume(_StepBase):
+    """Let a VM we paused (``paused``, or ``prelaunch``: started with -S) run again (QMP ``cont``), re-checking
+    ``query-status`` first: a VM QEMU paused by itself (io-error, guest-panicked...) is refused, not resumed."""
+
+    kind: Literal[StepKind.RESUME] = StepKind.RESUME
+    phase = Phase.RESUME
+    from_state: str = Field(default="paused", description="The run state it was planned from: a state QEMU "
+                            "paused the VM in itself is resumed only when it is still that one.")
+
+
 class SetBalloon(_StepBase):
     kind: Literal[StepKind.SET_BALLOON] = StepKind.SET_BALLOON
     phase = Phase.SETTING
@@ -443,7 +465,7 @@ VMStep = (WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Sta
 """Steps on a VM's record, disk files and process."""
 LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
             | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia | HotplugHostDevice | UnplugHostDevice
-            | SetPlacement)
+            | SetPlacement | Pause | Resume)
 """Steps on a running VM, over its QMP monitor."""
 HostStep = WriteNetworkRecord | EnsureBridge | DeleteBridge | ForgetNetwork | ApplyFirewall | RepairTap | EnsureDhcp \
     | StopDhcp

@@ -209,6 +209,8 @@ def _machine(binary: str, name: str, spec: VirtualMachineSpec) -> list[str]:
         argv += ["-accel", _kv(accel)]
     if model := cpu_model(spec):
         argv += ["-cpu", _kv(model)]
+    if spec.paused:
+        argv.append("-S")  # spec.paused: no guest code runs until `cont` (a restart of a paused VM stays paused)
     return argv
 
 

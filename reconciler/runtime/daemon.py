@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 
 from reconciler.apply.lock import StateLock
-from reconciler.runtime import dsn, metrics
+from reconciler.runtime import dsn, links, metrics
 from reconciler.runtime.cache import HOST, DesiredCache
 from reconciler.runtime.listeners import QMPListeners, watch_files, watch_netlink
 from reconciler.runtime.queue import Park, WorkQueue
@@ -83,6 +83,16 @@ class SyncDaemon:
             self.queue.add(key)
         return keys
 
+    def _on_links_changed(self, names: frozenset[str | None]) -> None:
+        """A link of ours changed (a bridge or TAP of this daemon's VMs and Networks): look at everything.
+        Other interfaces of the host are not our business and would keep an idle daemon busy."""
+        recorded = {n: r.network for n, r in files.read_network_records(self.cache.layout).items()}
+        state = self.cache.state
+        ours = links.our_links([loaded.vm for loaded in state.vms.values()],
+                               {n: loaded.network for n, loaded in state.networks.items()}, recorded)
+        if links.matters(names, ours):
+            self.enqueue_all()
+
     def _stop(self) -> None:
         if not self.stopping.is_set():
             self.service.stopping()
@@ -116,7 +126,7 @@ class SyncDaemon:
         self.service.first_pass(self.enqueue_all())
         files = watch_files(self.cache.directory, self.options.debounce_ms, self.stopping, self._on_files_changed)
         tasks = [watchdog, *(asyncio.create_task(coro) for coro in (self.queue.run(), files, self._resync()))]
-        watch_netlink(self.stopping, self.enqueue_all)
+        watch_netlink(self.stopping, self._on_links_changed)
         await self.stopping.wait()
         log.info("sync stopping; VMs keep running")
         await self.listeners.close()

@@ -196,23 +196,29 @@ async def watch_files(directory: Path, debounce_ms: int, stopping: asyncio.Event
         await on_change()
 
 
-def watch_netlink(stopping: asyncio.Event, on_link_change: Callable[[], object]) -> threading.Thread:
-    """Link changes (a bridge deleted, a TAP detached or down) call ``on_link_change`` in the running event
-    loop. pyroute2's socket blocks: it runs in its own thread."""
+def watch_netlink(stopping: asyncio.Event,
+                  on_link_change: Callable[[frozenset[str | None]], object]) -> threading.Thread:
+    """Link changes (a bridge deleted, a TAP detached or down) call ``on_link_change`` with the names of the
+    links in the running event loop (the caller decides whether they are ours: ``runtime.links``). Only the
+    link group is joined (addresses, routes and neighbours would be parsed for nothing). pyroute2's socket
+    blocks: it runs in its own thread."""
     from pyroute2 import IPRoute
+    from pyroute2.netlink.rtnl import RTMGRP_LINK
 
     loop = asyncio.get_running_loop()
 
     def run() -> None:
         with IPRoute() as ipr:
-            ipr.bind()
+            ipr.bind(groups=RTMGRP_LINK)
             while not stopping.is_set():
                 try:
                     messages = ipr.get()
                 except Exception:  # the socket closes when the daemon stops
                     return
-                if any(m.get("event") in ("RTM_NEWLINK", "RTM_DELLINK") for m in messages):
-                    loop.call_soon_threadsafe(on_link_change)
+                names = frozenset(m.get_attr("IFLA_IFNAME") for m in messages
+                                  if m.get("event") in ("RTM_NEWLINK", "RTM_DELLINK"))
+                if names:
+                    loop.call_soon_threadsafe(on_link_change, names)
 
     thread = threading.Thread(target=run, name="netlink", daemon=True)
     thread.start()

@@ -178,6 +178,10 @@ class Reconciler:
         for change in work:
             if change.drifted:
                 metrics.DRIFT.labels(change.resource).inc()
+                # What moved, in the event log too: a VM resumed or paused by hand, a TAP deleted...
+                moved = [f"{f.path}: {f.before} -> {f.after}" for f in change.fields if f.drift]
+                self.store.event(change.name, "drift", "detected",
+                                 "; ".join(moved or [step.summary for step in change.steps]))
         if self.dry_run:
             for change in work:
                 self.store.event(change.name, f"would-{change.action.value}", "dry-run",

@@ -12,6 +12,8 @@ and passes the resulting change here; the row goes to the status store (``runtim
 - ``ManifestInvalid``: the VM's file fails; its last good spec is kept.
 - ``NotPruned``: in no manifest of this directory, but applied from another one: kept, not managed here
   (``--prune-other-sources`` deletes it); the message says where it came from.
+- ``PausedByQemu``: QEMU paused the guest itself (io-error: a disk write failed, e.g. the host's disk is full;
+  guest-panicked...): it is not resumed by the daemon (``infinization resume NAME`` once fixed).
 - ``Unverified``: the pidfile names a live process that is not proven this VM's QEMU (not adopted: the
   VM counts as not running and is started again); the message says why.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from reconciler.plan import runstate
 from reconciler.plan.actions import Change
 from reconciler.plan.observed import ObservedVM
 from reconciler.runtime.store import VMStatus
@@ -66,7 +69,9 @@ def vm_status(name: str, change: Change | None, vm: ObservedVM, outcome: Outcome
     found = conditions(change, outcome)
     if vm.unverified:
         found["Unverified"] = vm.unverified
-    return VMStatus(vm=name, phase="Running" if vm.process else "Stopped",
+    if by_qemu := runstate.paused_by_qemu(vm.process.status if vm.process else None):
+        found["PausedByQemu"] = by_qemu
+    return VMStatus(vm=name, phase=runstate.phase(vm.process.status if vm.process else None),
                     pid=vm.process.pid if vm.process else None, revision=outcome.revision,
                     conditions=found, last_reconcile=now,
                     duration_ms=outcome.seconds * 1000, result="failed" if outcome.failure is not None else "ok")

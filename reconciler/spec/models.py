@@ -536,6 +536,12 @@ class VirtualMachineSpec(_Frozen):
         description="Always: keep it running. RerunOnFailure: restart after a crash, not after a clean guest "
         "shutdown. Manual: never started or stopped by the reconciler. Halted: keep it stopped.",
     )
+    paused: bool = Field(
+        default=False, strict=True,
+        description="Keep the VM's QEMU running but its vCPUs stopped (QMP stop/cont): no guest CPU time, memory "
+        "kept, the same boot resumes where it left off. A VM started paused is started with -S (its guest has "
+        "not run yet). Changed live; a VM QEMU itself paused (a disk error, a panic) is reported, never resumed.",
+    )
     host: ResourceName | None = Field(
         default=None, description="The host that runs this VM (`sync --host NAME`); none: hosts without a name."
     )

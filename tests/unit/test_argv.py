@@ -330,3 +330,11 @@ def test_channels_and_the_guest_agent_are_virtserialports_on_unix_sockets_in_run
 def test_channel_names_are_safe_unique_and_not_the_agents(channels: str, error: str) -> None:
     _, errors = load_text(MANIFEST + f"  channels: {channels}\n", "x")
     assert errors and error in str(errors[0]), errors
+
+
+def test_a_paused_vm_starts_with_dash_s_and_only_a_paused_one() -> None:
+    vm = _vm()
+    paths = StateLayout(Path("/s")).vm("web")
+    assert "-S" not in build_argv(vm.name, vm.spec, paths)
+    paused = vm.spec.model_copy(update={"paused": True})
+    assert build_argv(vm.name, paused, paths).count("-S") == 1

@@ -13,8 +13,8 @@ import pytest
 from reconciler.cli.parser import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["plan", "apply", "status", "sync", "start", "stop", "events", "logs", "console", "validate", "schema",
-            "completion"]
+COMMANDS = ["plan", "apply", "status", "sync", "start", "stop", "resume", "events", "logs", "console", "validate",
+            "schema", "completion"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

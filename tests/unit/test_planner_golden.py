@@ -79,6 +79,7 @@ TABLE_COVERAGE: dict[tuple[str, ...], tuple[str, str]] = {
     ("memory", "hugepages"): ("hugepages_checked_at_plan_time", "memory.hugepages changed (False -> True)"),
     ("memory", "hugepageSize"): ("hugepages_checked_at_plan_time", "memory.hugepageSize changed (2Mi -> 1Gi)"),
     ("runStrategy",): ("halted_stops_running_vm", "runStrategy is Halted"),
+    ("paused",): ("paused_set_on_running_vm_pauses_it_live", "paused: False -> True  (live: QMP stop / cont"),
     ("restartPolicy",): ("restart_policy_auto_with_live_grow", "restartPolicy: Manual -> Auto"),
     ("terminationGracePeriodSeconds",): ("fixed_at_start_fields_and_recorded_ones",
                                          "terminationGracePeriodSeconds: 60 -> 5  (live: recorded)"),

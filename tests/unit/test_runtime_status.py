@@ -69,3 +69,16 @@ def test_a_vm_of_another_directory_is_reported_not_pruned_and_not_ready() -> Non
     kept = SYNCED.model_copy(update={"kept": "applied from /other; not pruned (`--prune-other-sources` deletes it)"})
     assert conditions(kept, Outcome()) == {"NotPruned": kept.kept}
     assert not gone(False, kept, ObservedVM(name="a")), "still reported while it is kept"
+
+
+def test_a_paused_vm_is_reported_paused_and_one_qemu_paused_itself_says_why() -> None:
+    for status in ("paused", "prelaunch", "io-error"):
+        vm = ObservedVM(name="a", process=ObservedProcess(pid=42, status=status))
+        assert vm_status("a", SYNCED, vm, Outcome(), now=1.0).phase == "Paused", status
+    errored = vm_status("a", SYNCED, ObservedVM(name="a", process=ObservedProcess(pid=42, status="io-error")),
+                        Outcome(), now=1.0)
+    assert "host's disk full" in errored.conditions["PausedByQemu"]
+    assert "PausedByQemu" not in vm_status("a", SYNCED, ObservedVM(name="a", process=ObservedProcess(
+        pid=42, status="paused")), Outcome(), now=1.0).conditions
+    unreachable = ObservedVM(name="a", process=ObservedProcess(pid=42, status="unreachable"))
+    assert vm_status("a", SYNCED, unreachable, Outcome(), now=1.0).phase == "Unknown"
