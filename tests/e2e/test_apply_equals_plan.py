@@ -23,7 +23,8 @@ in that file, and the host is unchanged (same QEMU pids, same files in the state
 putting the last valid text back leaves nothing to do. At the end of an example, the status store's events
 list the same steps per VM as apply's documents did.
 
-Examples: ``INFZ_E2E_PROPERTY_EXAMPLES`` (default 2, a couple of minutes on a loaded 2-core machine), seed
+Examples: ``INFZ_E2E_PROPERTY_EXAMPLES`` (default 2: 6 to 10 minutes measured on 2 cores at a load average of
+70-95, TCG boots taking ~90 s there; most of it is guests booting), seed
 ``INFZ_E2E_PROPERTY_SEED`` (default 0: CI runs the same examples every time), states per example
 ``INFZ_E2E_PROPERTY_STATES`` (default 3). A nightly-style run:
 ``INFZ_E2E_PROPERTY_EXAMPLES=200 INFZ_E2E_PROPERTY_STATES=8 INFZ_E2E_PROPERTY_SEED=$RANDOM``; shrinking a
