@@ -62,7 +62,9 @@ class Monitor:
             raise MonitorError(f"{command}: {exc.error_class}: {exc}") from exc
         except TimeoutError as exc:
             raise MonitorError(f"{command}: no answer within {timeout:g}s") from exc
-        except (StateError, QMPError, EOFError, OSError) as exc:
+        except (StateError, QMPError, EOFError, OSError, AssertionError) as exc:
+            # AssertionError: qemu.qmp asserts on its own state when the peer hangs up under a command
+            # (a guest powering off): that is a lost connection too, not a bug of ours.
             raise MonitorError(f"{command}: monitor connection lost ({type(exc).__name__})") from exc
 
 
@@ -75,7 +77,9 @@ async def session(socket: Path, timeout: float = CONNECT_TIMEOUT) -> AsyncIterat
     client = _QuietClient(f"infinization:{socket.parent.name}")
     try:
         await asyncio.wait_for(client.connect(str(socket)), timeout)
-    except (ConnectError, QMPError, OSError, TimeoutError, EOFError) as exc:
+    except (ConnectError, QMPError, OSError, TimeoutError, EOFError, AssertionError) as exc:
+        # AssertionError: qemu.qmp's handshake asserts its state is still "connecting"; a QEMU that exits
+        # during the greeting (a guest powering off while stop presses the button again) breaks that.
         with contextlib.suppress(Exception):
             await client.disconnect()
         reason = "timed out (is another client holding it?)" if isinstance(exc, TimeoutError) else str(exc)
@@ -90,7 +94,11 @@ async def session(socket: Path, timeout: float = CONNECT_TIMEOUT) -> AsyncIterat
 
 async def peripheral_ids(qmp: Monitor) -> dict[str, str]:
     """Device id -> QOM type of every device that has an id."""
-    entries = await qmp.execute("qom-list", {"path": "/machine/peripheral"})
+    return peripheral_types(await qmp.execute("qom-list", {"path": "/machine/peripheral"}))
+
+
+def peripheral_types(entries: list[dict[str, Any]]) -> dict[str, str]:
+    """``qom-list /machine/peripheral``'s answer -> device id -> QOM type (pure)."""
     return {e["name"]: e["type"].removeprefix("child<").removesuffix(">")
             for e in entries if e["type"].startswith("child<")}
 

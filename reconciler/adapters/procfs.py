@@ -40,6 +40,7 @@ class Examined:
     process: QemuProcess | None = None
     unverified: str | None = None
     pid: int | None = None  # the live process the pidfile names, verified or not
+    launch: LaunchRecord | None = None  # launch.json as read for the check (the snapshot reuses it)
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -122,13 +123,14 @@ def examine(paths: VMPaths) -> Examined:
     pid = read_pidfile(paths.pidfile) or launched_pid_if_no_pidfile(paths)
     if pid is None or not is_alive(pid):
         return Examined()
-    why = mismatch(pid, read_launch(paths))
+    launch = read_launch(paths)
+    why = mismatch(pid, launch)
     cmdline, began = read_cmdline(pid), start_time(pid)
     if why is None and (cmdline is None or began is None or not is_alive(pid)):
         why = "it exited while being checked"
     if why is not None or cmdline is None or began is None:
-        return Examined(unverified=f"pid {pid} in {paths.pidfile} is not adopted: {why}", pid=pid)
-    return Examined(QemuProcess(pid=pid, start_time=began, cmdline=cmdline), pid=pid)
+        return Examined(unverified=f"pid {pid} in {paths.pidfile} is not adopted: {why}", pid=pid, launch=launch)
+    return Examined(QemuProcess(pid=pid, start_time=began, cmdline=cmdline), pid=pid, launch=launch)
 
 
 def find_qemu(paths: VMPaths) -> QemuProcess | None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from reconciler.adapters import qcow2
 from reconciler.plan.observed import ObservedImage
 
 QEMU_IMG = "qemu-img"
@@ -16,6 +17,9 @@ def inspect_image(path: Path | str) -> ObservedImage:
     path = Path(path)
     if not path.exists():
         return ObservedImage(path=str(path), exists=False)
+    if (header := qcow2.read_header(path)) is not None:  # the plain qcow2 case, without a process
+        return ObservedImage(path=str(path), exists=True, virtual_size=header.virtual_size, format="qcow2",
+                             backing=header.backing, backing_format=header.backing_format)
     try:
         done = subprocess.run(
             [QEMU_IMG, "info", "-U", "--output=json", str(path)],

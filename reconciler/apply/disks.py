@@ -9,14 +9,13 @@ descriptors (``open_for_qemu``, ``open_read_only``), so it needs no access to th
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import stat
 import subprocess
 from pathlib import Path
 
-from reconciler.adapters import monitor
+from reconciler.adapters import monitor, threads
 from reconciler.adapters.qemu_img import QEMU_IMG, inspect_image
 from reconciler.errors import StepFailed
 from reconciler.spec.units import format_size
@@ -115,7 +114,7 @@ def grow_offline(path: Path, size: int) -> str:
 
 
 async def grow_live(qmp_socket: Path, node: str, path: Path, size: int) -> str:
-    current = await asyncio.to_thread(_current_size, path)
+    current = await threads.run(_current_size, path)
     if current >= size:
         return "already that size" if current == size else f"refused: it is {format_size(current)}, larger"
     async with monitor.session(qmp_socket) as qmp:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import assert_never
 
-from reconciler.adapters import monitor, procfs
+from reconciler.adapters import monitor, procfs, threads
 from reconciler.adapters import paths as host_paths
 from reconciler.apply import disks, hostdev_plug, hostnet, hotplug, placement, scheduler, swtpm, vfio, vmprocess
 from reconciler.apply import display as display_apply
@@ -52,7 +52,7 @@ class StepResult:
     ran: bool = True  # False: never begun (skipped, fail-closed, after a host-wide change failed)
 
 
-@dataclass
+@dataclass(repr=False)  # asyncio.run() of Python 3.11 formats its result's repr (see cli.common.View)
 class ApplyResult:
     results: list[StepResult] = field(default_factory=list)
     failed_vms: dict[str, str] = field(default_factory=dict)
@@ -146,7 +146,7 @@ class Executor:
             case (s.WriteNetworkRecord() | s.EnsureBridge() | s.DeleteBridge() | s.ForgetNetwork() | s.ApplyFirewall()
                   | s.RepairTap() | s.EnsureDhcp() | s.StopDhcp()):
                 # pyroute2's sync IPRoute refuses to run in the event loop's thread.
-                return await asyncio.to_thread(self._host_step, step)
+                return await threads.run(self._host_step, step)
             case s.CreateEfiVars() | s.DeleteEfiVars() | s.ResetEfiVars() | s.PrepareHostDevice() \
                     | s.ReleaseHostDevice():
                 return await self._vm_step(step)
@@ -159,16 +159,16 @@ class Executor:
         match step:
             case s.WriteRecord():
                 # Blocking file work (fsync) and qemu-img runs go to a worker thread: other VMs' steps go on.
-                await asyncio.to_thread(files.write_record, paths, step.vm, self.sources.get(step.name),
+                await threads.run(files.write_record, paths, step.vm, self.sources.get(step.name),
                                         self.revision)
                 return "recorded"
             case s.CreateDisk():
-                return await asyncio.to_thread(self._create_disk, paths, step)
+                return await threads.run(self._create_disk, paths, step)
             case s.GrowDiskLive():
                 return await disks.grow_live(paths.qmp, step.node, Path(step.path), step.size)
             case s.GrowDiskOffline():
                 # qemu-img takes the image's write lock: it refuses an image a running QEMU has open.
-                return await asyncio.to_thread(disks.grow_offline, Path(step.path), step.size)
+                return await threads.run(disks.grow_offline, Path(step.path), step.size)
             case s.Start():
                 return await self._start(paths)
             case s.Stop():
@@ -222,12 +222,12 @@ class Executor:
                 async with monitor.session(paths.qmp) as qmp:
                     if host_device(step.target) in await monitor.peripheral_ids(qmp):
                         raise StepFailed(f"the VM's QEMU still has hostdev-{step.target}: not giving it back")
-            return await asyncio.to_thread(vfio.release, self.layout, self.host, step.name, step.keys)
+            return await threads.run(vfio.release, self.layout, self.host, step.name, step.keys)
         account = vmprocess.qemu_account(self.host)
         if step.bus == "usb":
-            return await asyncio.to_thread(vfio.take_usb, self.layout, self.host, step.name, step.target,
+            return await threads.run(vfio.take_usb, self.layout, self.host, step.name, step.target,
                                            step.address, account)
-        return await asyncio.to_thread(vfio.take_pci, self.layout, self.host, step.name, step.target, step.address,
+        return await threads.run(vfio.take_pci, self.layout, self.host, step.name, step.target, step.address,
                                        step.members, step.group, account)
 
     def _efi_vars_step(self, paths: VMPaths, step: s.CreateEfiVars | s.DeleteEfiVars | s.ResetEfiVars) -> str:
@@ -276,8 +276,10 @@ class Executor:
         fw = host_paths.require_firmware(vm.spec, self.host, str(self.layout.root))
         started = await vmprocess.start(self.layout, paths, vm, self._bridges(vm), self.host, firmware=fw)
         try:  # atomic: a QEMU that runs without the links or I/O limits its manifest asks is not left running
-            async with monitor.session(paths.qmp) as qmp:
-                extra = await hotplug.after_start(qmp, paths, vm)
+            extra = []
+            if hotplug.needs_after_start(vm):
+                async with monitor.session(paths.qmp) as qmp:
+                    extra = await hotplug.after_start(qmp, paths, vm)
             if vm.spec.display.passwordFile is not None:  # QEMU started locked (password=on, none set) until now
                 extra.append(await display_apply.set_password(self.layout, paths, self.host, vm.name,
                                                               vm.spec.display))

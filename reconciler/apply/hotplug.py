@@ -20,7 +20,7 @@ import os
 import pwd
 from typing import Any
 
-from reconciler.adapters import procfs
+from reconciler.adapters import procfs, threads
 from reconciler.adapters.monitor import Monitor, block_nodes, free_spare_ports, peripheral_ids
 from reconciler.apply import disks, hostnet
 from reconciler.errors import MonitorError, StepFailed
@@ -217,7 +217,7 @@ async def hotplug_nic(qmp: Monitor, vm: VirtualMachine, nic_name: str, bridges: 
 
 async def _pass_tap(qmp: Monitor, vm: VirtualMachine, nic: NetworkInterfaceSpec, bridge: str) -> dict[str, Any]:
     """Create the NIC's TAP and hand its fds to QEMU over the monitor socket (SCM_RIGHTS + getfd)."""
-    fds = await asyncio.to_thread(hostnet.open_tap, tap_name(vm.name, nic.name), bridge, nic.queues,
+    fds = await threads.run(hostnet.open_tap, tap_name(vm.name, nic.name), bridge, nic.queues,
                                   nic_mac(vm.name, nic))
     names = [f"{nic_netdev(nic.name)}-q{index}" for index in range(len(fds))]
     try:
@@ -339,6 +339,11 @@ async def set_balloon(qmp: Monitor, paths: VMPaths, size: int) -> str:
     await qmp.execute("balloon", {"value": size})
     update_live(paths, balloon_target=size)
     return f"target {size // 1024**2} MiB"
+
+
+def needs_after_start(vm: VirtualMachine) -> bool:
+    """Whether ``after_start`` has anything to set (else the start opens no second monitor session)."""
+    return any(nic.link == "down" for nic in vm.spec.networks) or any(d.iops or d.bps for d in vm.spec.disks)
 
 
 async def after_start(qmp: Monitor, paths: VMPaths, vm: VirtualMachine) -> list[str]:

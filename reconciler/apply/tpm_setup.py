@@ -14,12 +14,12 @@ Crash safety, by the record beside the state (``tpm/NAME.setup.json``, root's):
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import subprocess
 import time
 
+from reconciler.adapters import threads
 from reconciler.errors import StepFailed
 from reconciler.spec.host import HostConfig
 from reconciler.state import files
@@ -82,7 +82,7 @@ async def manufacture(layout: StateLayout, paths: VMPaths, host: HostConfig, uid
     files.write_tpm_setup(paths, {"state": "begun", "at": time.time()})
     redone = files.clear_tpm_state(paths)
     config = files.prepare_tpm_ca(layout, uid, gid, _tools(host)[1])
-    status = await asyncio.to_thread(_run, paths, setup_argv(paths, host, str(config)), uid, gid,
+    status = await threads.run(_run, paths, setup_argv(paths, host, str(config)), uid, gid,
                                      str(config.parent))
     log = files.tpm_setup_log(paths)
     if status != 0:

@@ -31,7 +31,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from reconciler.adapters import agent, cgroups, monitor, procfs
+from reconciler.adapters import agent, cgroups, monitor, procfs, threads
 from reconciler.apply import disks, hostnet, hugetlb, placement, swtpm, tpm_setup
 from reconciler.errors import MonitorError, Refused, StepFailed
 from reconciler.plan.firmware import Firmware
@@ -206,7 +206,7 @@ async def _start_swtpm(layout: StateLayout, paths: VMPaths, host: HostConfig) ->
     argv = swtpm_argv(paths, host.swtpmBinary)
     files.write_tpm_launch(paths, argv, uid, host.swtpmBinary)
     files.remove_pidfile(paths.tpm_pidfile)
-    pid = await asyncio.to_thread(_launch, paths, argv, uid, gid, [], "swtpm")
+    pid = await threads.run(_launch, paths, argv, uid, gid, [], "swtpm")
     if (began := procfs.start_time(pid)) is not None:
         files.record_tpm_launched(paths, pid, began)
     deadline = time.monotonic() + READY_TIMEOUT
@@ -239,24 +239,41 @@ async def _start_qemu(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, b
     try:
         for nic in vm.spec.networks:
             if nic.type == "bridge":
-                taps[nic.name] = await asyncio.to_thread(
+                taps[nic.name] = await threads.run(
                     hostnet.open_tap, tap_name(vm.name, nic.name), bridges[nic.name], nic.queues, nic_mac(vm.name, nic))
-        opened = await asyncio.to_thread(_open_files, paths, vm, uid, gid, firmware)
+        opened = await threads.run(_open_files, paths, vm, uid, gid, firmware)
         if vm.spec.memory.hugepages:
             size = "1G" if vm.spec.memory.hugepageSize == "1Gi" else "2M"
             opened = dataclasses.replace(opened, hugepages=hugetlb.ensure(
                 hugepage_dir(host, vm.spec.memory), size, uid, gid))
         argv = build_argv(vm.name, vm.spec, paths, binary=host.qemuBinary, taps=taps, files=opened)
-        files.write_launch(paths, argv, vm, uid=uid, binary=host.qemuBinary)
-        # Whatever the pidfile names is not our QEMU (we checked): QEMU writes its own. A QEMU of ours we
-        # could not verify still holds its disks' locks, so a second one fails to start rather than share them.
-        files.remove_pidfile(paths.pidfile)
         cpus = placement.launch_cpus(vm.spec, files.read_record(paths))
-        pid = await asyncio.to_thread(_launch, paths, argv, uid, gid, _inherited(taps, opened), "QEMU",
-                                      memlock_limit(vm), cpus)
+        pid = await threads.run(_record_and_launch, paths, argv, vm, (uid, gid), host.qemuBinary,
+                                _inherited(taps, opened), memlock_limit(vm), cpus)
     finally:
         hostnet.close_all(_inherited(taps, opened))
     return await _until_running(paths, pid, uid, host.startTimeout, cpus, vm.spec.paused)
+
+
+def _record_and_launch(paths: VMPaths, argv: list[str], vm: VirtualMachine, account: tuple[int, int], binary: str,
+                       fds: list[int], memlock: int | None, cpus: str | None) -> int:
+    """launch.json first (fsynced: a QEMU is only ever adopted by its record), then QEMU; its pid. In a
+    worker thread: the fsync and the launcher's fork and exec do not hold up the other VMs' starts."""
+    uid, gid = account
+    files.write_launch(paths, argv, vm, uid=uid, binary=binary)
+    # Whatever the pidfile names is not our QEMU (we checked): QEMU writes its own. A QEMU of ours we
+    # could not verify still holds its disks' locks, so a second one fails to start rather than share them.
+    files.remove_pidfile(paths.pidfile)
+    return _launch(paths, argv, uid, gid, fds, "QEMU", memlock, cpus)
+
+
+def _record_launched(paths: VMPaths, pid: int, began: int | None, cpus: str | None) -> str:
+    """After the launch (in a worker thread: fsync): its pid into launch.json, the last exit cleared, its
+    cgroup; which cgroup."""
+    if began is not None:
+        files.record_launched(paths, pid, began)
+    files.clear_exit(paths)  # a new run: how the previous one ended no longer matters
+    return _own_cgroup(paths, pid, cpus)
 
 
 async def _until_running(paths: VMPaths, pid: int, uid: int, timeout: float, cpus: str | None = None,
@@ -271,10 +288,7 @@ async def _until_running(paths: VMPaths, pid: int, uid: int, timeout: float, cpu
         pidfd = None  # already gone: _wait_running reports QEMU's own words
     began = procfs.start_time(pid)
     try:
-        if began is not None:
-            files.record_launched(paths, pid, began)
-        files.clear_exit(paths)  # a new run: how the previous one ended no longer matters
-        cgroup = _own_cgroup(paths, pid, cpus)
+        cgroup = await threads.run(_record_launched, paths, pid, began, cpus)
         await _wait_running(paths, pid, timeout, paused)
         examined = procfs.examine(paths)
         if examined.process is None or examined.process.pid != pid:
@@ -319,27 +333,48 @@ async def abort_started(paths: VMPaths) -> str:
 
 
 async def _wait_running(paths: VMPaths, pid: int, timeout: float = READY_TIMEOUT, paused: bool = False) -> None:
-    """Wait for the guest to run (started with -S: for QEMU to be ready, in 'prelaunch'); fail at once if
-    its QEMU dies meanwhile (a start error, or killed or crashed while loading), with QEMU's last words
-    from its stderr log."""
+    """Wait for the guest to run (started paused, with -S: for QEMU to be ready, in 'prelaunch'); fail at
+    once if its QEMU dies meanwhile (a start error, or killed or crashed while loading), with QEMU's last
+    words from its stderr log.
+
+    Cheap while many VMs start at once: until QEMU has created its monitor socket only the socket's
+    existence is polled (a ``stat``, not a QMP client per try); then one session waits for QEMU's greeting
+    (sent once its main loop runs, which is when a guest started without ``-S`` runs) and asks
+    ``query-status`` over that same session until it says running (or prelaunch)."""
     deadline = time.monotonic() + timeout
-    last = ""
+    last = "no monitor socket yet"
     ready = "prelaunch" if paused else "running"
     while time.monotonic() < deadline:
-        if not procfs.is_alive(pid):
-            said = files.qemu_log_tail(paths)
-            raise StepFailed(f"QEMU refused to start: {said}" if said else
-                             f"QEMU pid {pid} exited before its guest ran (see `infinization logs`)")
-        try:
-            async with monitor.session(paths.qmp) as qmp:
-                status = (await qmp.execute("query-status")).get("status", "")
-            if status == ready:
-                return
-            last = f"status {status}"
-        except MonitorError as exc:
-            last = str(exc)
+        _require_alive(paths, pid)
+        if paths.qmp.is_socket():
+            try:
+                async with monitor.session(paths.qmp, timeout=max(POLL, deadline - time.monotonic())) as qmp:
+                    if await _until_status_running(qmp, paths, pid, deadline, ready):
+                        return
+                    last = f"its status never became {ready}"
+            except MonitorError as exc:
+                last = str(exc)
         await asyncio.sleep(POLL)
     raise StepFailed(f"the VM did not reach {ready!r} within {timeout:g}s ({last})")
+
+
+def _require_alive(paths: VMPaths, pid: int) -> None:
+    if not procfs.is_alive(pid):
+        said = files.qemu_log_tail(paths)
+        raise StepFailed(f"QEMU refused to start: {said}" if said else
+                         f"QEMU pid {pid} exited before its guest ran (see `infinization logs`)")
+
+
+async def _until_status_running(qmp: monitor.Monitor, paths: VMPaths, pid: int, deadline: float,
+                                ready: str = "running") -> bool:
+    """Ask ``query-status`` over one session until it says ``ready`` (True) or the deadline passes.
+    :raise MonitorError: When the session breaks (the caller reconnects). :raise StepFailed: QEMU died."""
+    while time.monotonic() < deadline:
+        if (await qmp.execute("query-status")).get("status", "") == ready:
+            return True
+        _require_alive(paths, pid)
+        await asyncio.sleep(POLL)
+    return False
 
 
 async def _press_power_button(paths: VMPaths, pid: int, grace: float) -> bool:

@@ -37,7 +37,10 @@ class CliError(Permanent):
     one ``error:`` line, exit 1."""
 
 
-@dataclass
+# repr=False: Python 3.11's asyncio.run() formats its main task's repr (the result included) when it puts
+# back the SIGINT handler; a View's generated repr (every model of the plan and the observed state) cost
+# milliseconds of CPU per VM on every command.
+@dataclass(repr=False)
 class View:
     """What one command sees: the manifests as read, the last-applied records, the host, and the plan."""
 
@@ -102,12 +105,15 @@ def _load_warning(directory: str) -> ManifestSet:
 
 async def read_view(directory: str, layout: StateLayout, allow_restart: bool, host: str | None = None,
                     options: PlanOptions | None = None, tolerate_errors: bool = False, *,
-                    config: HostConfig, ask_agent: bool = False) -> View:
+                    config: HostConfig, ask_agent: bool = False, manifests: ManifestSet | None = None) -> View:
+    """The manifests (or ``manifests`` as already read: apply's check after its run is against what it
+    applied), the records, the host observed, and the plan."""
     from reconciler.observe.snapshot import observe
     from reconciler.plan.planner import PlanOptions, plan
     from reconciler.runtime.desired import from_records, keep_last_good
 
-    manifests = _load_warning(directory) if tolerate_errors else load_manifests(directory)
+    if manifests is None:
+        manifests = _load_warning(directory) if tolerate_errors else load_manifests(directory)
     all_records = _read_records(layout)
     if manifests.errors:
         # Only with tolerate_errors (``status``): the VMs of a broken file are shown against their last

@@ -145,7 +145,9 @@ def _apply(args: argparse.Namespace, layout: StateLayout, saved: Plan | None, di
             return _Run(view, 1)
         out.print("")
         result = _execute(view, layout, args.jobs)
-        after = asyncio.run(read_view(directory, layout, allow_restart, args.host, options, config=config))
+        # The check after the run plans again against the manifests it applied (not re-read and re-parsed).
+        after = asyncio.run(read_view(directory, layout, allow_restart, args.host, options, config=config,
+                                      manifests=view.manifests))
         from reconciler.cli.recording import record_run  # the status store: only apply writes it
 
         record_run(layout, args.host, result, view, after, revision(Path(view.plan.manifest_dir)))

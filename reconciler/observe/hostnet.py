@@ -14,12 +14,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from reconciler.adapters import procfs
+from reconciler.adapters import procfs, threads
 from reconciler.hostnet.nftables import FAMILIES, LEGACY_TABLE, HostCapabilities, firewall_table
 from reconciler.plan.observed import ObservedDhcp, ObservedHostNetwork, ObservedLink
 from reconciler.state import files
 
 NFT = "nft"
+VHOST_NET = Path("/dev/vhost-net")
 _PROBES = {
     "bridge_conntrack": "ct state established accept",
     "bridge_reject": "reject",
@@ -70,13 +71,14 @@ def _tables() -> set[tuple[str, str]]:
     return {(item["table"]["family"], item["table"]["name"]) for item in _nft_json("tables") if "table" in item}
 
 
-def _firewall(table: str, tables: set[tuple[str, str]]) -> dict[str, str]:
-    """Our rules, from our own tables only (another state directory's tables are not ours to read)."""
+async def _firewall(table: str, tables: set[tuple[str, str]]) -> dict[str, str]:
+    """Our rules, from our own tables only (another state directory's tables are not ours to read); each
+    family's table listed by its own ``nft`` at the same time."""
+    families = [family for family in FAMILIES if (family, table) in tables]
+    listed = await asyncio.gather(*(threads.run(_nft_json, "table", family, table) for family in families))
     found = {}
-    for family in FAMILIES:
-        if (family, table) not in tables:
-            continue
-        for item in _nft_json("table", family, table):
+    for family, items in zip(families, listed, strict=True):
+        for item in items:
             rule = item.get("rule")
             comment = rule.get("comment", "") if rule else ""
             if rule and comment.startswith("infz:"):
@@ -93,7 +95,7 @@ def _capabilities() -> HostCapabilities:
                   f"  {rule}\n }}\n}}\n")
         done = subprocess.run([NFT, "-c", "-f", "-"], input=script, capture_output=True, text=True, check=False)
         results[name] = done.returncode == 0
-    return HostCapabilities(**results, vhost_net=Path("/dev/vhost-net").exists())
+    return HostCapabilities(**results, vhost_net=VHOST_NET.exists())
 
 
 def _ip_forward() -> bool:
@@ -110,23 +112,27 @@ def _uid(user: str | None) -> int | None:
         return None
 
 
-def _observe(names: set[str], dhcp: dict[str, tuple[Path, Path]], state_dir: Path,
-             qemu_user: str | None) -> ObservedHostNetwork:
-    # Only the links we care about: unrelated interfaces coming and going must not make plans stale.
-    links = {name: link for name, link in _links().items() if name in names} if names else {}
-    table, tables = firewall_table(str(state_dir.resolve())), _tables()
-    legacy = bool({("bridge", LEGACY_TABLE), ("ip", LEGACY_TABLE)} & tables)
-    return ObservedHostNetwork(links=links, table=table, firewall=_firewall(table, tables), legacy_table=legacy,
-                               qemu_uid=_uid(qemu_user), ip_forward=_ip_forward(), capabilities=_capabilities(),
-                               dhcp={net: observe_dhcp(*files) for net, files in sorted(dhcp.items())})
-
-
 async def observe_host_network(names: set[str], dhcp: dict[str, tuple[Path, Path]], state_dir: Path,
                                qemu_user: str | None = None) -> ObservedHostNetwork:
     """The links named in ``names`` (bridges, TAPs), our firewall rules (in the tables of ``state_dir``),
     the kernel's features, the uid of ``qemu_user`` and the DHCP servers of the Networks in ``dhcp``
-    (name -> pidfile, leases file)."""
-    return await asyncio.to_thread(_observe, names, dhcp, state_dir, qemu_user)
+    (name -> pidfile, leases file).
+
+    Each fact that needs a process or a netlink socket is read in its own worker thread, all at once: the
+    ``nft`` runs were one after another (five processes, the kernel probes included, on every plan). The
+    probes only matter to bridge-family rules, so without any bridge or TAP (``names`` empty) they are not
+    run and the defaults stand (no bridge rule is rendered then)."""
+    # Only the links we care about: unrelated interfaces coming and going must not make plans stale.
+    links = asyncio.ensure_future(threads.run(_links)) if names else None
+    probed = asyncio.ensure_future(threads.run(_capabilities)) if names else None
+    table, tables = firewall_table(str(state_dir.resolve())), await threads.run(_tables)
+    firewall = await _firewall(table, tables)
+    legacy = bool({("bridge", LEGACY_TABLE), ("ip", LEGACY_TABLE)} & tables)
+    capabilities = await probed if probed else HostCapabilities(vhost_net=VHOST_NET.exists())
+    found = {name: link for name, link in (await links).items() if name in names} if links else {}
+    return ObservedHostNetwork(links=found, table=table, firewall=firewall, legacy_table=legacy,
+                               qemu_uid=_uid(qemu_user), ip_forward=_ip_forward(), capabilities=capabilities,
+                               dhcp={net: observe_dhcp(*files) for net, files in sorted(dhcp.items())})
 
 
 def observe_dhcp(pidfile: Path, leases: Path) -> ObservedDhcp:

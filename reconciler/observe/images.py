@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from reconciler.adapters import qemu_img
+from reconciler.adapters import qemu_img, threads
 from reconciler.plan.observed import ObservedImage
 from reconciler.spec.naming import disk_node
 
@@ -54,12 +54,12 @@ async def observe_disks(disk_paths: dict[str, Path], nodes: list[dict[str, Any]]
     ``qemu-img info -U`` (in worker threads, side by side) for the rest."""
     known = {disk: image for disk, image in from_nodes(disk_paths, nodes or []).items() if disk_paths[disk].exists()}
     rest = sorted(set(disk_paths) - set(known))
-    read = await asyncio.gather(*(asyncio.to_thread(qemu_img.inspect_image, disk_paths[disk]) for disk in rest))
+    read = await asyncio.gather(*(threads.run(qemu_img.inspect_image, disk_paths[disk]) for disk in rest))
     return {disk: (known[disk] if disk in known else read[rest.index(disk)]) for disk in sorted(disk_paths)}
 
 
 async def inspect_all(paths: Iterable[str]) -> dict[str, ObservedImage]:
     """Backing images (never opened by us read-write): ``qemu-img info -U`` for each, side by side."""
     unique = sorted(set(paths))
-    read = await asyncio.gather(*(asyncio.to_thread(qemu_img.inspect_image, path) for path in unique))
+    read = await asyncio.gather(*(threads.run(qemu_img.inspect_image, path) for path in unique))
     return dict(zip(unique, read, strict=True))

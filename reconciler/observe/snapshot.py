@@ -20,7 +20,7 @@ from reconciler.errors import MonitorError
 from reconciler.observe import display, images
 from reconciler.observe.hostdev import observe_host_devices
 from reconciler.observe.hostnet import observe_host_network
-from reconciler.observe.live import observe_live
+from reconciler.observe.live import parse_live, query_live
 from reconciler.observe.paths import observe_paths
 from reconciler.observe.placement import observe_placement
 from reconciler.plan.hostfacts import CpusetHierarchy
@@ -42,7 +42,7 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str],
     observed_process = None
     nodes = None
     if process is not None:
-        launch = files.read_launch(paths)
+        launch = examined.launch
         launched = launch.vm.spec if launch is not None and tuple(launch.argv) == process.cmdline else None
         status, live, nodes = await query_running(paths, launched,
                                                   files.read_live(paths, process.pid, process.start_time))
@@ -78,15 +78,13 @@ async def query_running(
     paths: VMPaths, launched: VirtualMachineSpec | None, record: LiveRecord
 ) -> tuple[str, LiveState | None, list[dict[str, Any]] | None]:
     """The run status, live configuration and block nodes (its disks' images) of a running QEMU, in one
-    monitor session."""
+    monitor session, every query pipelined (``observe.live.query_live``)."""
     try:
         async with monitor.session(paths.qmp) as qmp:
-            status = str((await qmp.execute("query-status")).get("status", "unknown"))
-            live = await observe_live(qmp, launched, record)
-            nodes = await qmp.execute("query-named-block-nodes", {"flat": True})
-            return status, live, nodes if isinstance(nodes, list) else None
+            state, answers = await asyncio.gather(qmp.execute("query-status"), query_live(qmp))
     except MonitorError:
         return "unreachable", None, None
+    return str(state.get("status", "unknown")), parse_live(answers, launched, record), answers.named_nodes
 
 
 def _vm_names(layout: StateLayout, desired: Mapping[str, VirtualMachine], records: Mapping[str, AppliedRecord],
