@@ -22,9 +22,9 @@ import threading
 import time
 from typing import Any
 
-import structlog
+from reconciler.runtime.lazylog import get_logger
 
-log = structlog.get_logger("infinization.store")
+log = get_logger("infinization.store")  # structlog, imported when it first logs (`status` never does)
 
 # (version, what it does, statements). Append only: a released migration is never edited.
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
