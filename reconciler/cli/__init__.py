@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import os
 
-from rich.markup import escape
-
-from reconciler.cli.console import err
 from reconciler.cli.parser import build_parser, handler
 from reconciler.errors import InfinizationError
-from reconciler.runtime.dsn import redact
 
 __all__ = ["build_parser", "main"]
 
@@ -34,19 +30,32 @@ def _debug() -> bool:
     return os.environ.get("INFINIZATION_DEBUG", "") not in ("", "0")
 
 
+def _error(prefix: str, exc: BaseException, suffix: str = "") -> None:
+    """One ``error:`` line on stderr, any password redacted. The console (rich) and the redactor are
+    imported here, not at the top: ``--version`` and ``--help`` never print an error and never pay for them
+    (``tests/unit/test_cli_imports.py``)."""
+    from rich.markup import escape
+
+    from reconciler.cli.console import err
+    from reconciler.runtime.dsn import redact
+
+    err.print(f"[red]error:[/] {prefix}{escape(_one_line(redact(str(exc))))}{suffix}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(handler(args.func)(args))
     except (InfinizationError, ValueError) as exc:
-        err.print(f"[red]error:[/] {escape(_one_line(redact(str(exc))))}")
+        _error("", exc)
         return 1
     except KeyboardInterrupt:
+        from reconciler.cli.console import err
+
         err.print("interrupted")
         return 130
     except Exception as exc:
         if _debug():
             raise
-        err.print(f"[red]error:[/] internal error: {type(exc).__name__}: {escape(_one_line(redact(str(exc))))} "
-                  "(set INFINIZATION_DEBUG=1 for the traceback)")
+        _error(f"internal error: {type(exc).__name__}: ", exc, " (set INFINIZATION_DEBUG=1 for the traceback)")
         return 1

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from rich.markup import escape
 
 from reconciler.cli.console import err, out
-from reconciler.errors import CorruptRecord, ManifestInvalid, Permanent
+from reconciler.cli.manifests import load_manifests
+from reconciler.errors import CorruptRecord, Permanent
 from reconciler.spec import macs
 from reconciler.spec.host import HostConfig
 from reconciler.spec.loader import ManifestSet, load_directory, load_host_config
@@ -74,17 +75,6 @@ def canonical_file(directory: str | Path, file: str) -> str:
         return str(Path(canonical_dir(directory)) / Path(file).relative_to(directory))
     except ValueError:  # not under it (cannot happen for load_directory's files): as it is, absolute
         return str(Path(file).absolute())
-
-
-def load_manifests(directory: str) -> ManifestSet:
-    """The manifests, or every error printed and CliError: nothing acts on a directory that fails."""
-    manifests = load_directory(directory)
-    if manifests.errors:
-        for error in manifests.errors:
-            err.print(f"[red]error:[/] {escape(str(error))}")
-        count = len(manifests.errors)
-        raise ManifestInvalid(f"{count} error{'s' if count > 1 else ''} in the manifests; nothing was changed")
-    return manifests
 
 
 def _read_records(layout: StateLayout) -> dict[str, AppliedRecord]:

@@ -1,7 +1,8 @@
 """``infinization validate`` and ``infinization schema``: the manifests alone, without touching the host.
 
-Called by ``cli.parser`` (handlers). Kept apart from ``cli.commands`` so that these commands import only
-the spec layer: no executor, observers, netlink or sync daemon.
+Called by ``cli.parser`` (handlers); ``load_manifests`` by ``cli.common`` too. Kept apart from
+``cli.commands`` and ``cli.common`` so that these commands import only the spec layer: no state directory,
+planner, executor, observers, netlink or sync daemon (``tests/unit/test_cli_imports.py`` holds it).
 """
 
 from __future__ import annotations
@@ -9,7 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 
-from reconciler.cli.common import load_manifests, out
+from rich.markup import escape
+
+from reconciler.cli.console import err, out
+from reconciler.errors import ManifestInvalid
+from reconciler.spec.loader import ManifestSet, load_directory
+
+
+def load_manifests(directory: str) -> ManifestSet:
+    """The manifests, or every error printed and CliError: nothing acts on a directory that fails."""
+    manifests = load_directory(directory)
+    if manifests.errors:
+        for error in manifests.errors:
+            err.print(f"[red]error:[/] {escape(str(error))}")
+        count = len(manifests.errors)
+        raise ManifestInvalid(f"{count} error{'s' if count > 1 else ''} in the manifests; nothing was changed")
+    return manifests
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

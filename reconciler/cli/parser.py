@@ -9,10 +9,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable
-from typing import NoReturn, TypeAlias
 
 from reconciler import __version__
+
+# Not `from typing import TYPE_CHECKING`: importing typing is most of what `--version` would import (mypy and
+# ruff read this name the same way). The names below are used in annotations only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NoReturn, TypeAlias
 
 # Each subcommand's handler, as "module:function", imported only when that subcommand runs: `--version`
 # and `validate` do not pay for the executor, the observers, pyroute2 or the sync daemon.

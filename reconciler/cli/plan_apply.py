@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 from rich.markup import escape
 
 from reconciler import __version__
-from reconciler.apply.lock import StateLock
 from reconciler.cli.common import (
     CliError,
     View,
@@ -33,8 +32,6 @@ from reconciler.cli.common import (
 from reconciler.cli.console import human_output
 from reconciler.errors import LockTimeout
 from reconciler.plan.actions import Action, Plan
-from reconciler.plan.apply_document import apply_document
-from reconciler.plan.document import Diagnostic, PlanFormatError, invalid_document, plan_document, plan_from_document
 from reconciler.plan.planner import PlanOptions
 from reconciler.plan.render import render_plan, summary_line
 from reconciler.runtime.gitrev import revision
@@ -45,6 +42,7 @@ from reconciler.state.layout import StateLayout
 
 if TYPE_CHECKING:
     from reconciler.apply.executor import ApplyResult
+    from reconciler.plan.document import Diagnostic
 
 # -- plan -------------------------------------------------------------------------------------------
 
@@ -52,6 +50,8 @@ if TYPE_CHECKING:
 def cmd_plan(args: argparse.Namespace) -> int:
     layout = layout_of(args)
     if args.json and (broken := _diagnostics(args.directory)):
+        from reconciler.plan.document import invalid_document
+
         # A CI consumer gets the manifest errors as data too (stderr still has them for people).
         print(json.dumps(invalid_document(broken, **_stamp(), manifest_dir=canonical_dir(args.directory)),
                          indent=2))
@@ -60,7 +60,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     options = PlanOptions(allow_restart=args.allow_restart, prune_other_sources=args.prune_other_sources)
     view = asyncio.run(read_view(args.directory, layout, args.allow_restart, args.host, options,
                                 config=config_of(args)))
-    document = json.dumps(plan_document(view.plan, **_stamp()), indent=2)
+    # The published document (its models, and dumping every step) only when it is printed or saved.
+    document = _document(view.plan) if args.json or args.out else ""
     if args.out:
         write_atomic(Path(args.out), document + "\n")
     if args.json:
@@ -76,6 +77,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _document(plan: Plan) -> str:
+    """The plan as the published JSON document (docs/plan-format.md)."""
+    from reconciler.plan.document import plan_document  # `plan` without --json/--out never builds it
+
+    return json.dumps(plan_document(plan, **_stamp()), indent=2)
+
+
 def _stamp() -> dict[str, str]:
     """The version and time every published plan document carries."""
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -83,6 +91,8 @@ def _stamp() -> dict[str, str]:
 
 
 def _diagnostics(directory: str) -> list[Diagnostic]:
+    from reconciler.plan.document import Diagnostic
+
     errors = load_directory(directory).errors
     return [Diagnostic(file=e.file, line=e.line, column=e.col, field=e.path, message=e.message) for e in errors]
 
@@ -100,13 +110,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise CliError("apply --json needs --yes (or a saved plan): a confirmation prompt would mix with the "
                        "document")
     if args.json and saved is None and (broken := _diagnostics(directory)):
-        print(json.dumps(invalid_document(broken, **_stamp(), manifest_dir=str(Path(directory).absolute())),
-                         indent=2))
+        from reconciler.plan.document import invalid_document
+
+        print(json.dumps(invalid_document(broken, **_stamp(), manifest_dir=canonical_dir(directory)), indent=2))
         return 1
     # With --json, stdout carries only the document: the plan and the step lines go to stderr.
     with human_output(to_stderr=args.json):
         run = _apply(args, layout, saved, directory)
     if args.json:
+        from reconciler.plan.apply_document import apply_document  # only --json pays for the document models
+
         outcomes = run.result.results if run.result else []
         failed = run.result.failed_vms if run.result else {}
         permanent = run.result.permanent if run.result else set()
@@ -131,6 +144,8 @@ def _apply(args: argparse.Namespace, layout: StateLayout, saved: Plan | None, di
     prune = saved.prune_other_sources if saved else args.prune_other_sources
     options = PlanOptions(allow_restart=allow_restart, prune_other_sources=prune)
     config = config_of(args)
+    from reconciler.apply.lock import StateLock  # apply's only: `plan` imports nothing of the apply layer
+
     _refuse_if_daemon_runs(layout)
     with StateLock(layout.lock, exclusive=True, wait=args.lock_timeout):
         view = asyncio.run(read_view(directory, layout, allow_restart, args.host, options, config=config))
@@ -200,6 +215,8 @@ def _confirm(args: argparse.Namespace) -> bool:
 
 
 def _read_saved_plan(path: Path) -> Plan:
+    from reconciler.plan.document import PlanFormatError, plan_from_document
+
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -211,6 +228,8 @@ def _read_saved_plan(path: Path) -> Plan:
 
 
 def _refuse_if_daemon_runs(layout: StateLayout) -> None:
+    from reconciler.apply.lock import StateLock
+
     try:
         with StateLock(layout.daemon_lock, exclusive=True, wait=0):
             pass

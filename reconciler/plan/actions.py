@@ -9,6 +9,7 @@ that ``plan --json`` prints, ``plan --out`` saves and ``apply PLANFILE`` reads b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -41,7 +42,14 @@ class Mode(StrEnum):
 
 
 class _Data(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True)
+    # Built on first validation or dump, not at import: a Change's schema holds every step kind's, and the
+    # planner makes changes without validating them again (``Change.planned``), so `plan` and `status`
+    # never build it unless they print JSON (see docs/performance.md).
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True,
+                              defer_build=True)
+
+
+Resource = Literal["VirtualMachine", "Network", "Firewall"]
 
 
 class FieldChange(_Data):
@@ -55,7 +63,7 @@ class FieldChange(_Data):
 
 
 class Change(_Data):
-    resource: Literal["VirtualMachine", "Network", "Firewall"] = "VirtualMachine"
+    resource: Resource = "VirtualMachine"
     name: str
     action: Action
     reasons: list[str] = Field(default_factory=list)
@@ -76,6 +84,20 @@ class Change(_Data):
                                "(for a VM missing from the manifests).")
     kept: str | None = Field(default=None, description="Why a VM missing from the manifests is kept, not "
                              "deleted (applied from another directory).")
+
+    @classmethod
+    def planned(cls, *, name: str, action: Action, resource: Resource = "VirtualMachine",
+                reasons: Sequence[str] = (), fields: Sequence[FieldChange] = (), steps: Sequence[Step] = (),
+                pending_restart: Sequence[str] = (), refusals: Sequence[str] = (), unplug_pending: Sequence[str] = (),
+                opens: Sequence[str] = (), source: str | None = None, kept: str | None = None) -> Change:
+        """A change the planner made: every argument is typed (the planner is mypy strict) and every step
+        and field change in it was validated when it was made, so it is not validated again. Validating
+        would build the schema of every step kind (about a sixth of `plan`'s start-up) even for a plan
+        without steps. Anything read from outside (a saved plan) goes through ``model_validate``."""
+        return cls.model_construct(resource=resource, name=name, action=action, reasons=list(reasons),
+                                   fields=list(fields), steps=list(steps), pending_restart=list(pending_restart),
+                                   refusals=list(refusals), unplug_pending=list(unplug_pending), opens=list(opens),
+                                   source=source, kept=kept)
 
     @property
     def drifted(self) -> bool:
@@ -103,6 +125,15 @@ class Plan(_Data):
     allow_restart: bool = False
     prune_other_sources: bool = False
     changes: list[Change] = Field(default_factory=list)
+
+    @classmethod
+    def planned(cls, *, manifest_dir: str, state_dir: str, desired_digest: str, observed_digest: str,
+                allow_restart: bool, prune_other_sources: bool, changes: Sequence[Change]) -> Plan:
+        """The planner's plan, not validated again (see ``Change.planned``)."""
+        return cls.model_construct(format_version=FORMAT_VERSION, manifest_dir=manifest_dir, state_dir=state_dir,
+                                   desired_digest=desired_digest, observed_digest=observed_digest,
+                                   allow_restart=allow_restart, prune_other_sources=prune_other_sources,
+                                   changes=list(changes))
 
     def counts(self) -> dict[Action, int]:
         counts = dict.fromkeys(Action, 0)

@@ -65,7 +65,7 @@ def plan_networks(
 
 
 def _refused(network: Network, why: str) -> Change:
-    return Change(resource="Network", name=network.name, action=Action.NOOP, refusals=[why])
+    return Change.planned(resource="Network", name=network.name, action=Action.NOOP, refusals=[why])
 
 
 def _network_refusal(network: Network, observed: ObservedState) -> str | None:
@@ -129,8 +129,8 @@ def _ensure_network(network: Network, observed: ObservedState) -> Change | None:
     if record is not None and record.network != network:
         fields = [FieldChange(path="spec", before=record.network.spec.model_dump(mode="json"),
                               after=spec.model_dump(mode="json"), mode=Mode.LIVE, how="bridge and nftables")]
-    return Change(resource="Network", name=name, action=Action.CREATE if record is None else Action.UPDATE,
-                  reasons=reasons, fields=fields, steps=steps)
+    return Change.planned(resource="Network", name=name, action=Action.CREATE if record is None else Action.UPDATE,
+                          reasons=reasons, fields=fields, steps=steps)
 
 
 def _dhcp_steps(network: Network, observed: ObservedState) -> list[Step]:
@@ -156,16 +156,15 @@ def _delete_network(name: str, vms: Mapping[str, VirtualMachine], observed: Obse
     record = observed.network_records[name]
     users = sorted(vm.name for vm in vms.values() for nic in vm.spec.networks if nic.network == name)
     if users:
-        return Change(resource="Network", name=name, action=Action.NOOP,
-                      refusals=[f"its manifest was removed but VMs still use it: {', '.join(users)}"])
+        return Change.planned(resource="Network", name=name, action=Action.NOOP,
+                              refusals=[f"its manifest was removed but VMs still use it: {', '.join(users)}"])
     bridge = record.network.spec.bridge
     dhcp = observed.host.dhcp.get(name)
     stop = [_stop_dhcp(name, paths.dhcp_pidfile(observed.state_dir, name))] if dhcp and dhcp.argv else []
-    return Change(resource="Network", name=name, action=Action.DELETE, reasons=["its manifest was removed"], steps=[
-        *stop,
-        s.DeleteBridge(name=name, summary=f"delete bridge {bridge}", bridge=bridge),
-        s.ForgetNetwork(name=name, summary="forget the network"),
-    ])
+    steps = [*stop, s.DeleteBridge(name=name, summary=f"delete bridge {bridge}", bridge=bridge),
+             s.ForgetNetwork(name=name, summary="forget the network")]
+    return Change.planned(resource="Network", name=name, action=Action.DELETE, reasons=["its manifest was removed"],
+                          steps=steps)
 
 
 def firewall_nics(vms: Mapping[str, VirtualMachine]) -> list[NicFirewall]:
@@ -193,7 +192,7 @@ def _firewall(networks: Mapping[str, Network], vms: Mapping[str, VirtualMachine]
         for vm in vms.values():
             if any(nic.type == "bridge" for nic in vm.spec.networks):
                 result.blocked[vm.name] = f"its firewall cannot be applied: {exc}"
-        return Change(resource="Firewall", name=FIREWALL, action=Action.NOOP, refusals=[str(exc)])
+        return Change.planned(resource="Firewall", name=FIREWALL, action=Action.NOOP, refusals=[str(exc)])
     return _firewall_change(ruleset, observed.host.firewall)
 
 
@@ -218,8 +217,8 @@ def _firewall_change(ruleset: Ruleset, found: Mapping[str, str]) -> Change | Non
         reasons.append("the table 'infinization' shared by older versions is deleted")
     step = s.ApplyFirewall(name=FIREWALL, summary=f"replace the nftables tables {ruleset.table} atomically (one "
                            "transaction)", script=ruleset.script())
-    return Change(resource="Firewall", name=FIREWALL, action=Action.UPDATE if found else Action.CREATE,
-                  reasons=reasons, fields=fields, steps=[step])
+    return Change.planned(resource="Firewall", name=FIREWALL, action=Action.UPDATE if found else Action.CREATE,
+                          reasons=reasons, fields=fields, steps=[step])
 
 
 def firewall_table_of(observed: ObservedState) -> str:

@@ -155,7 +155,7 @@ def plan(
         if change is not None:
             changes.append(change)
     changes += net.last
-    return Plan(
+    return Plan.planned(
         manifest_dir=manifest_dir,
         state_dir=observed.state_dir,
         desired_digest=desired_digest,
@@ -178,7 +178,7 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
                 *hostdev.refusals(name, manifest.spec, observed, host, others),
                 *_memory_refusals(manifest.spec, observed.host_memory)]
     if verdict.spec is None or refusals:
-        return Change(name=name, action=Action.NOOP, refusals=refusals)
+        return Change.planned(name=name, action=Action.NOOP, refusals=refusals)
     desired = manifest.model_copy(update={"spec": verdict.spec})
     obs = observed.vm(name)
     work = _VMPlan(name)
@@ -193,26 +193,28 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
     _check_slots(work, live.free_slots if live else 0, allowed)
     work.fields = drift.mark(work.fields, _manifest_changes(record, manifest))
     if work.refusals:
-        return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
+        return Change.planned(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields,
+                              refusals=work.refusals)
     steps, action, pending = _choose(work, desired.spec, obs, record is not None, options, allowed)
     if work.refusals:  # a VM QEMU paused by itself, to go on running: not resumed blindly
-        return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=work.refusals)
+        return Change.planned(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields,
+                              refusals=work.refusals)
     steps, nothing = _devices_and_boot(work, desired.spec, obs, steps, observed)
     if nothing:
-        return Change(name=name, action=Action.NOOP, reasons=work.reasons, refusals=[nothing])
+        return Change.planned(name=name, action=Action.NOOP, reasons=work.reasons, refusals=[nothing])
     steps, refused = _placement(work, desired.spec, obs, record, chosen, observed, host, steps)
     if refused:
-        return Change(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=refused)
+        return Change.planned(name=name, action=Action.NOOP, reasons=work.reasons, fields=work.fields, refusals=refused)
     if steps or record is None or recorded_changes:
         steps = [s.WriteRecord(name=name, summary="record the desired spec as last applied", vm=manifest), *steps]
     if action is Action.NOOP and steps:
         action = Action.CREATE if record is None else Action.UPDATE
     unplug_pending = work.live.unplug_pending if work.live and action is not Action.RESTART else []
     work.fields = drift.mark(work.fields, _manifest_changes(record, manifest))  # placement's fields too
-    return Change(name=name, action=action, reasons=work.reasons, fields=work.fields, steps=s.in_order(steps),
-                  pending_restart=pending, refusals=[], unplug_pending=unplug_pending,
-                  opens=media.shown_opens([*policy.opens(manifest.spec, steps, observed.paths), *_firmware_opens(
-                      steps, firmware.select(desired.spec, observed.paths, host, observed.state_dir))], desired.spec))
+    opens = media.shown_opens([*policy.opens(manifest.spec, steps, observed.paths), *_firmware_opens(
+        steps, firmware.select(desired.spec, observed.paths, host, observed.state_dir))], desired.spec)
+    return Change.planned(name=name, action=action, reasons=work.reasons, fields=work.fields, steps=s.in_order(steps),
+                          pending_restart=pending, refusals=[], unplug_pending=unplug_pending, opens=opens)
 
 
 def _devices_and_boot(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, steps: list[s.Step],
@@ -676,8 +678,8 @@ def _plan_missing(name: str, obs: ObservedVM, record: AppliedRecord | None, obse
     `--prune-other-sources`, decides about it."""
     if foreign is None:
         return _plan_delete(name, obs, record, observed)
-    return Change(name=name, action=Action.NOOP, source=record.source if record else None,
-                  kept=f"{foreign} (`--prune-other-sources` deletes it)")
+    return Change.planned(name=name, action=Action.NOOP, source=record.source if record else None,
+                          kept=f"{foreign} (`--prune-other-sources` deletes it)")
 
 
 def _delete_unrecorded(name: str, obs: ObservedVM, observed: ObservedState) -> Change | None:
@@ -686,11 +688,11 @@ def _delete_unrecorded(name: str, obs: ObservedVM, observed: ObservedState) -> C
     released = hostdev.steps(name, [], set(), observed)[0]
     if obs.process is None and obs.tpm_pid is None:
         # host devices held for a VM nobody knows any more (a crash before its record): give them back
-        return Change(name=name, action=Action.DELETE, reasons=["holds host devices but is in no manifest"],
-                      steps=released) if released else None
-    return Change(name=name, action=Action.DELETE, reasons=["running but not in any manifest"],
-                  steps=[_stop_step(name, VirtualMachineSpec().terminationGracePeriodSeconds), *released,
-                         s.Forget(name=name, summary="forget the VM (disks are kept)")])
+        return Change.planned(name=name, action=Action.DELETE, reasons=["holds host devices but is in no manifest"],
+                              steps=released) if released else None
+    return Change.planned(name=name, action=Action.DELETE, reasons=["running but not in any manifest"],
+                          steps=[_stop_step(name, VirtualMachineSpec().terminationGracePeriodSeconds), *released,
+                                 s.Forget(name=name, summary="forget the VM (disks are kept)")])
 
 
 def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, observed: ObservedState) -> Change | None:
@@ -722,4 +724,4 @@ def _plan_delete(name: str, obs: ObservedVM, record: AppliedRecord | None, obser
     summary += f" (keeping {tpm_kept})" if tpm_kept else ""
     steps.append(s.Forget(name=name, summary=summary))
     reason = "its manifest was removed" + (f" (applied from {_directory(record.source)})" if record.source else "")
-    return Change(name=name, action=Action.DELETE, reasons=[reason], steps=steps, source=record.source)
+    return Change.planned(name=name, action=Action.DELETE, reasons=[reason], steps=steps, source=record.source)

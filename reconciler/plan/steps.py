@@ -96,7 +96,9 @@ _HEAD = ("kind", "name", "target", "summary")
 class _StepBase(BaseModel):
     """What every step has: the resource it acts on (``name``), the device (``target``) and a summary."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True)
+    # Each kind is built when the first step of it is made (or a plan is read back): a plan uses a few kinds.
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True,
+                              defer_build=True)
 
     name: str = Field(description="The VM, Network or firewall the step acts on.")
     target: str = ""

@@ -27,11 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
+from reconciler.runtime.lazylog import get_logger
 
-from reconciler.runtime import metrics
-
-log = structlog.get_logger("infinization.store")
+log = get_logger("infinization.store")  # structlog, imported when it first logs (`status` never does)
 
 # (version, what it does, statements). Append only: a released migration is never edited.
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
@@ -144,6 +142,8 @@ class Mirror:
         self._health: Health | None = None  # None: no connection tried yet
         self._told: bool = True  # whether the store last reported the server up (it starts so)
         self._pruned_at = 0.0
+        from reconciler.runtime import metrics  # prometheus_client: only a mirror pays for it (not `status`)
+
         self._metrics = metrics.status_mirror()
         self._thread = threading.Thread(target=self._run, name="postgresql-mirror", daemon=True)
         self._thread.start()

@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from reconciler.runtime.dsn import redact
+from reconciler.runtime.lazylog import get_logger
 from reconciler.runtime.pgmirror import Mirror
 from reconciler.state.files import make_private_dirs
 
-log = structlog.get_logger("infinization.store")
+log = get_logger("infinization.store")  # structlog, imported when it first logs (`status` never does)
 
 SCHEMA = [  # version 1 (PRAGMA user_version); later versions in _LOCAL_MIGRATIONS
     """CREATE TABLE IF NOT EXISTS events (
