@@ -47,6 +47,7 @@ RESYNC = 5.0  # the daemon's full resync period here (Host.start_sync)
 KILLS_PER_VM = 2  # the daemon backs off after 3 failure restarts in 2 minutes: stay under it
 OUTAGE = 2  # faults injected while PostgreSQL is down
 CATCH_UP = 45.0  # seconds for the rows to be the world once PostgreSQL is back (backoff <= 10 s; a loaded CI)
+BOOT = 120.0  # a TCG guest's boot, two at once on a loaded 2-core runner (60 s timed out at load 60)
 METRICS = "127.0.0.1:9464"  # inside the test's network namespace: no other test's port
 
 
@@ -292,7 +293,7 @@ def _inject(chaos: Chaos, number: int, vm: str, fault: Callable[[str], str], see
         return
     if chaos.qemu(vm) != pid:  # restarted: let its guest boot before the next fault (a device_del
         # needs a guest that answers the hot-unplug)
-        host.guest(vm).wait_report(lambda r: "vdb" in r.disks, what=f"{vm} booted again", timeout=60,
+        host.guest(vm).wait_report(lambda r: "vdb" in r.disks, what=f"{vm} booted again", timeout=BOOT,
                                    boot=booted + 1)
     reported = chaos.failures_since(vm, moment) + ([chaos.reported_in_log] if chaos.reported_in_log else [])
     chaos.reported += bool(reported)
@@ -324,7 +325,7 @@ def test_chaos_faults_with_the_daemon_running_are_repaired_or_reported(
         daemon = host.start_sync("--allow-restart", "--database-file", str(database), "--metrics-address", METRICS)
         for vm in VMS:
             host.wait_for(lambda vm=vm: chaos.healthy(vm), f"{vm} running", timeout=90)
-            host.guest(vm).wait_report(lambda r: "vdb" in r.disks, what=f"{vm} boot")
+            host.guest(vm).wait_report(lambda r: "vdb" in r.disks, what=f"{vm} boot", timeout=BOOT)
         host.wait_for(chaos.mirrored, "the statuses in PostgreSQL", timeout=CATCH_UP)
 
         number, stopped_at = 0, 0.0
