@@ -112,13 +112,27 @@ def _uid(user: str | None) -> int | None:
 
 def _observe(names: set[str], dhcp: dict[str, tuple[Path, Path]], state_dir: Path,
              qemu_user: str | None) -> ObservedHostNetwork:
-    # Only the links we care about: unrelated interfaces coming and going must not make plans stale.
+    return with_fresh_parts(observe_links_and_firewall(names, state_dir), dhcp, qemu_user)
+
+
+def observe_links_and_firewall(names: set[str], state_dir: Path) -> ObservedHostNetwork:
+    """The part of ``observe_host_network`` that only netlink and nftables change (links, our rules, the
+    legacy table; only the links in ``names``: unrelated interfaces coming and going must not make plans
+    stale): what the sync daemon keeps between events (``runtime.hostfacts``). The rest (DHCP
+    servers, ip_forward, the QEMU user's uid) is left at its defaults: ``with_fresh_parts`` adds it."""
     links = {name: link for name, link in _links().items() if name in names} if names else {}
     table, tables = firewall_table(str(state_dir.resolve())), _tables()
     legacy = bool({("bridge", LEGACY_TABLE), ("ip", LEGACY_TABLE)} & tables)
     return ObservedHostNetwork(links=links, table=table, firewall=_firewall(table, tables), legacy_table=legacy,
-                               qemu_uid=_uid(qemu_user), ip_forward=_ip_forward(), capabilities=_capabilities(),
-                               dhcp={net: observe_dhcp(*files) for net, files in sorted(dhcp.items())})
+                               capabilities=_capabilities())
+
+
+def with_fresh_parts(kept: ObservedHostNetwork, dhcp: dict[str, tuple[Path, Path]],
+                     qemu_user: str | None) -> ObservedHostNetwork:
+    """``kept`` (from ``observe_links_and_firewall``) with the facts no event announces read now: the DHCP
+    servers and their leases, ip_forward and the uid of ``qemu_user`` (a few small file reads)."""
+    return kept.model_copy(update={"qemu_uid": _uid(qemu_user), "ip_forward": _ip_forward(),
+                                   "dhcp": {net: observe_dhcp(*files) for net, files in sorted(dhcp.items())}})
 
 
 async def observe_host_network(names: set[str], dhcp: dict[str, tuple[Path, Path]], state_dir: Path,

@@ -32,6 +32,7 @@ import structlog
 from qemu.qmp import QMPClient, Runstate
 from watchfiles import awatch
 
+from reconciler.runtime.hostfacts import CachedHostFacts
 from reconciler.runtime.store import Store
 from reconciler.state import files
 from reconciler.state.layout import StateLayout, VMPaths
@@ -190,29 +191,46 @@ class QMPListeners:
 
 
 async def watch_files(directory: Path, debounce_ms: int, stopping: asyncio.Event,
-                      on_change: Callable[[], Any]) -> None:
-    """Call ``on_change`` (awaited) after each debounced batch of changes under ``directory``."""
-    async for _changes in awatch(directory, debounce=debounce_ms, step=20, stop_event=stopping, recursive=True):
-        await on_change()
+                      on_change: Callable[[set[str]], Any]) -> None:
+    """Call ``on_change`` (awaited) with the paths of each debounced batch of changes under ``directory``."""
+    async for changes in awatch(directory, debounce=debounce_ms, step=20, stop_event=stopping, recursive=True):
+        await on_change({path for _change, path in changes})
 
 
-def watch_netlink(stopping: asyncio.Event, on_link_change: Callable[[], object]) -> threading.Thread:
+def watch_netlink(stopping: asyncio.Event, on_link_change: Callable[[], object],
+                  facts: CachedHostFacts | None = None) -> threading.Thread:
     """Link changes (a bridge deleted, a TAP detached or down) call ``on_link_change`` in the running event
-    loop. pyroute2's socket blocks: it runs in its own thread."""
+    loop, and every netlink message tells ``facts`` the host changed (``runtime.hostfacts``: it keeps host
+    facts only while this watcher is subscribed). pyroute2's socket blocks: it runs in its own thread."""
     from pyroute2 import IPRoute
 
     loop = asyncio.get_running_loop()
 
+    def tell(callback: Callable[..., object], *args: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon has stopped
+            loop.call_soon_threadsafe(callback, *args)
+
+    def follow(ipr: IPRoute) -> None:
+        ipr.bind()
+        if facts is not None:
+            tell(facts.watcher_up, "netlink")
+        while not stopping.is_set():
+            try:
+                messages = ipr.get()
+            except Exception:  # the socket closes when the daemon stops
+                return
+            if facts is not None:
+                tell(facts.changed)
+            if any(m.get("event") in ("RTM_NEWLINK", "RTM_DELLINK") for m in messages):
+                tell(on_link_change)
+
     def run() -> None:
-        with IPRoute() as ipr:
-            ipr.bind()
-            while not stopping.is_set():
-                try:
-                    messages = ipr.get()
-                except Exception:  # the socket closes when the daemon stops
-                    return
-                if any(m.get("event") in ("RTM_NEWLINK", "RTM_DELLINK") for m in messages):
-                    loop.call_soon_threadsafe(on_link_change)
+        try:
+            with IPRoute() as ipr:
+                follow(ipr)
+        finally:
+            if facts is not None:
+                tell(facts.watcher_down, "netlink")
 
     thread = threading.Thread(target=run, name="netlink", daemon=True)
     thread.start()

@@ -35,6 +35,7 @@ from reconciler.plan.steps import StepKind
 from reconciler.runtime import metrics, status
 from reconciler.runtime.cache import HOST, DesiredCache
 from reconciler.runtime.crashloop import CRASH_WINDOW, CrashLoops, counts_as_restart
+from reconciler.runtime.hostfacts import CachedHostFacts
 from reconciler.runtime.listeners import QMPListeners
 from reconciler.runtime.queue import Park
 from reconciler.runtime.store import Store
@@ -64,12 +65,14 @@ def _vm_change(current: Plan, key: str) -> Change | None:
 class Reconciler:
     def __init__(self, cache: DesiredCache, layout: StateLayout, store: Store, listeners: QMPListeners, *,
                  dry_run: bool = False, allow_restart: bool = False, config: HostConfig | None = None,
-                 prune_other_sources: bool = False) -> None:
+                 prune_other_sources: bool = False, facts: CachedHostFacts | None = None) -> None:
         self.cache, self.layout, self.store, self.listeners = cache, layout, store, listeners
         self.dry_run, self.allow_restart = dry_run, allow_restart
         self.prune_other_sources = prune_other_sources
         self.config = config or HostConfig()  # the host's policy, for the planner and the executor
         self.crashloops = CrashLoops(layout)
+        # Host-wide facts: the daemon's are kept between events (runtime.hostfacts); told of our own changes.
+        self.facts = facts or CachedHostFacts(max_age=0.0)
         self.host_lock = asyncio.Lock()  # host changes (bridges, firewall) run one at a time
         self._failures: dict[str, int] = {}
 
@@ -128,7 +131,8 @@ class Reconciler:
         records = {name: record.model_copy(update={"vm": resolved[name]}) for name, record in records.items()}
         if mine := sorted(only & set(corrupt)):
             raise CorruptRecord(f"{corrupt[mine[0]]} (fix or remove it by hand; the VM is left as it is)")
-        observed = await observe(self.layout, desired, records, networks, only=only, host=self.config)
+        observed = await observe(self.layout, desired, records, networks, only=only, host=self.config,
+                                 facts=self.facts)
         result = plan(desired, observed, records, networks=networks, manifest_dir=str(self.cache.directory),
                       options=PlanOptions(allow_restart=self.allow_restart,
                                           prune_other_sources=self.prune_other_sources), host=self.config)
@@ -185,7 +189,10 @@ class Reconciler:
                 log.info("dry-run: would apply", vm=change.name, action=change.action.value,
                          steps=[s.kind.value for s in change.steps])
             return _Applied()
-        result = await self._execute(work, current)
+        try:
+            result = await self._execute(work, current)
+        finally:
+            self.facts.changed()  # our own steps changed the host: what was kept is read again
         if result.ok:
             return _Applied()
         failure = result.failed_vms.get(key) or "; ".join(result.failed_vms.values())
