@@ -1,7 +1,7 @@
 """Read a running VM's live configuration over QMP: devices, block nodes, I/O limits, vCPUs, memory, slots.
 
 Called by the snapshot builder for every running VM. Like pyinfra's facts, a query and its parser are
-kept apart: ``query_live`` only asks QEMU (``qom-list``, ``query-block``, ``query-named-block-nodes``,
+kept apart: ``query_live`` only asks QEMU, pipelined (``qom-list``, ``query-block``, ``query-named-block-nodes``,
 ``query-pci``, ``query-vnc``, ``query-spice``, ``query-cpus-fast``, ``query-memory-size-summary``,
 ``query-memory-devices``, ``info network``, ``qom-get`` of each NIC's MAC) and ``parse_live`` turns the
 answers into ``LiveState`` without I/O (unit-tested on recorded answers). QEMU 7.2 cannot report a NIC's
@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.adapters.monitor import Monitor, block_nodes, free_spare_ports, peripheral_ids
+from reconciler.adapters.monitor import Monitor, free_spare_ports, peripherals, together
 from reconciler.errors import MonitorError
 from reconciler.plan.observed import LiveCdrom, LiveDisk, LiveDisplay, LiveNic, LiveState
 from reconciler.qemu.hostdev import USB_CONTROLLER
@@ -49,20 +49,23 @@ def _strip(prefix: str, name: str) -> str | None:
 
 
 async def query_live(qmp: Monitor) -> LiveAnswers:
-    """Ask QEMU everything ``parse_live`` needs. :raise MonitorError: When a query fails."""
-    devices = await peripheral_ids(qmp)
-    macs = {}
-    cpus = await qmp.execute("query-cpus-fast")
-    for device in sorted(d for d in devices if d.startswith("nic-")):
-        macs[device] = await qmp.execute("qom-get", {"path": f"/machine/peripheral/{device}", "property": "mac"})
+    """Ask QEMU everything ``parse_live`` needs, in two pipelined batches (``monitor.together``): the
+    queries, then each NIC's MAC. :raise MonitorError: When a query fails."""
+    (entries, cpus, nodes, block, network_info, memory_summary, memory_devices, pci, fdsets, vnc,
+     spice) = await together(
+        qmp.execute("qom-list", {"path": "/machine/peripheral"}), qmp.execute("query-cpus-fast"),
+        qmp.execute("query-named-block-nodes", {"flat": True}), qmp.execute("query-block"),
+        qmp.execute("human-monitor-command", {"command-line": "info network"}),
+        qmp.execute("query-memory-size-summary"), qmp.execute("query-memory-devices"), qmp.execute("query-pci"),
+        qmp.execute("query-fdsets"), _optional(qmp, "query-vnc"), _optional(qmp, "query-spice"))
+    devices = peripherals(entries)
+    nics = sorted(d for d in devices if d.startswith("nic-"))
+    macs = await together(*(qmp.execute("qom-get", {"path": f"/machine/peripheral/{device}", "property": "mac"})
+                            for device in nics))
     return LiveAnswers(
-        devices=devices, nodes=await block_nodes(qmp), block=await qmp.execute("query-block"),
-        network_info=await qmp.execute("human-monitor-command", {"command-line": "info network"}),
-        macs=macs, cpus=len(cpus), vcpu_threads=vcpu_threads(cpus),
-        memory_summary=await qmp.execute("query-memory-size-summary"),
-        memory_devices=await qmp.execute("query-memory-devices"), pci=await qmp.execute("query-pci"),
-        fdsets=await qmp.execute("query-fdsets"),
-        vnc=await _optional(qmp, "query-vnc"), spice=await _optional(qmp, "query-spice"),
+        devices=devices, nodes={n["node-name"] for n in nodes}, block=block, network_info=network_info,
+        macs=dict(zip(nics, macs, strict=True)), cpus=len(cpus), vcpu_threads=vcpu_threads(cpus),
+        memory_summary=memory_summary, memory_devices=memory_devices, pci=pci, fdsets=fdsets, vnc=vnc, spice=spice,
     )
 
 

@@ -121,7 +121,9 @@ class Reconciler:
         parked = fingerprint()
         return Park(lambda: fingerprint() != parked)
 
-    async def _snapshot(self, only: set[str]) -> tuple[Plan, ObservedState]:
+    async def _snapshot(self, only: set[str], took: dict[str, float] | None = None) -> tuple[Plan, ObservedState]:
+        """Plan with ``only`` observed; ``took`` gets the milliseconds the observation and the plan took."""
+        began = time.monotonic()
         state = self.cache.state
         desired = {name: loaded.vm for name, loaded in state.vms.items()}
         networks = {name: loaded.network for name, loaded in state.networks.items()}
@@ -133,9 +135,13 @@ class Reconciler:
             raise CorruptRecord(f"{corrupt[mine[0]]} (fix or remove it by hand; the VM is left as it is)")
         observed = await observe(self.layout, desired, records, networks, only=only, host=self.config,
                                  facts=self.facts)
+        planning = time.monotonic()
         result = plan(desired, observed, records, networks=networks, manifest_dir=str(self.cache.directory),
                       options=PlanOptions(allow_restart=self.allow_restart,
                                           prune_other_sources=self.prune_other_sources), host=self.config)
+        if took is not None:
+            took["observe_ms"] = round((planning - began) * 1000, 1)
+            took["plan_ms"] = round((time.monotonic() - planning) * 1000, 1)
         # Returned, never stored on self: reconciles of different keys run concurrently.
         return result, observed
 
@@ -151,20 +157,26 @@ class Reconciler:
 
     async def _once(self, key: str) -> float | Park | None:
         began = time.monotonic()
-        current, observed = await self._snapshot(set() if key == HOST else {key})
+        took: dict[str, float] = {}  # where the time went, for the log (an operator's first question)
+        current, observed = await self._snapshot(set() if key == HOST else {key}, took)
         vm_change = _vm_change(current, key)
         delay = self._crash_loop_wait(key, vm_change, observed)
         if delay is not None:
             vm_change = None
         host_changes = [c for c in current.changes if c.resource != "VirtualMachine" and c.steps]
         work = [c for c in [*host_changes, vm_change] if c is not None and c.steps]
+        acting = time.monotonic()
         applied = await self._act(key, work, current)
+        took["act_ms"] = round((time.monotonic() - acting) * 1000, 1)
         unstarted = False
         if key != HOST:
             failure = None
             if applied.failure is not None:  # a failure that needs a person says which and why
                 failure = f"{applied.failure} ({NEEDS_A_PERSON})" if applied.permanent else status.FAILED
             unstarted = await self._report(key, time.monotonic() - began, failure, delay)
+        if work:  # a no-op (every resync, for every VM) is not worth a line
+            log.info("reconciled", vm=key, steps=sum(len(c.steps) for c in work),
+                     duration_ms=round((time.monotonic() - began) * 1000, 1), **took)
         if applied.permanent:
             return self._park(key)
         if applied.failure is not None:
