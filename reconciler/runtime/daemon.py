@@ -30,6 +30,7 @@ from pathlib import Path
 import structlog
 
 from reconciler.apply.lock import StateLock
+from reconciler.hostnet.nftables import firewall_table
 from reconciler.runtime import dsn, metrics
 from reconciler.runtime.cache import HOST, DesiredCache
 from reconciler.runtime.hostfacts import CachedHostFacts, NftMonitor
@@ -123,7 +124,9 @@ class SyncDaemon:
         self.store.event("-", "daemon", "started", f"watching {self.cache.directory}")
         self.service.first_pass(self.enqueue_all())
         files = watch_files(self.cache.directory, self.options.debounce_ms, self.stopping, self._on_files_changed)
-        nft = NftMonitor(self.facts).run(self.stopping)
+        # Our own firewall changes come back too: one no-op HOST reconcile each, the price of seeing others'.
+        table = firewall_table(str(self.cache.layout.root.resolve()))
+        nft = NftMonitor(self.facts, table, lambda: self.queue.add(HOST, 0.2)).run(self.stopping)  # a burst: one run
         tasks = [watchdog, *(asyncio.create_task(coro) for coro in (self.queue.run(), files, self._resync(), nft))]
         watch_netlink(self.stopping, self.enqueue_all, self.facts)
         await self.stopping.wait()
