@@ -173,7 +173,9 @@ class Reconciler:
             failure = None
             if applied.failure is not None:  # a failure that needs a person says which and why
                 failure = f"{applied.failure} ({NEEDS_A_PERSON})" if applied.permanent else status.FAILED
+            reporting = time.monotonic()
             unstarted = await self._report(key, time.monotonic() - began, failure, delay)
+            took["report_ms"] = round((time.monotonic() - reporting) * 1000, 1)
         if work:  # a no-op (every resync, for every VM) is not worth a line
             log.info("reconciled", vm=key, steps=sum(len(c.steps) for c in work),
                      duration_ms=round((time.monotonic() - began) * 1000, 1), **took)
