@@ -100,12 +100,15 @@ class NftMonitor:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Follow the ruleset until ``stopping``; restarted (after a pause) if it exits meanwhile."""
+        warned = False
         while not stopping.is_set():
             try:
                 await self._follow()
             except OSError as exc:
-                log.warning("cannot follow nftables changes; reading the firewall on every reconcile",
-                            error=exc.strerror or str(exc))
+                if not warned:  # once: it is retried every few seconds
+                    log.warning("cannot follow nftables changes; reading the firewall on every reconcile",
+                                error=exc.strerror or str(exc))
+                warned = True
             finally:
                 self.facts.watcher_down("nft")
             with contextlib.suppress(TimeoutError):

@@ -33,10 +33,10 @@ class ManifestTexts:
     def read(self, changed: Iterable[str] | None = None) -> ManifestSet:
         """The manifests, reading only ``changed`` when that is enough (see the module docstring). Not
         thread-safe: the daemon runs one read at a time."""
-        texts = None if changed is None or self.texts is None else self._refreshed(self.texts, changed)
+        kept, self.texts = self.texts, None  # a read that fails half-way must not leave half-fresh texts
+        texts = None if changed is None or kept is None else self._refreshed(kept, changed)
         if texts is None:
             if not self.directory.is_dir():
-                self.texts = None
                 return load_directory(self.directory)  # its located "not a directory" error
             texts = {str(path): read_file(path, self.directory) for path in manifest_files(self.directory)}
         self.texts = texts

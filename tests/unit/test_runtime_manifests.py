@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from reconciler.runtime.manifests import ManifestTexts
 
 HEAD = "apiVersion: infinization.io/v1alpha1\nkind: VirtualMachine\n"
@@ -66,3 +68,24 @@ def test_hidden_and_other_files_change_nothing_and_a_broken_file_is_located(tmp_
     manifests = texts.read({str(tmp_path / "a.yaml")})
     assert manifests.failed_files == {str(tmp_path / "a.yaml")}
     assert any(error.line == 4 and "cores" in error.path for error in manifests.errors)
+
+
+def test_a_read_that_fails_half_way_makes_the_next_read_a_full_one(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from reconciler.runtime import manifests
+
+    (tmp_path / "a.yaml").write_text(vm("a"))
+    (tmp_path / "b.yaml").write_text(vm("b"))
+    texts = ManifestTexts(tmp_path)
+    texts.read()
+    (tmp_path / "a.yaml").write_text(vm("a", cores=2))
+    real = manifests.read_file
+
+    def failing(path: Path, root: Path) -> object:
+        raise OSError("transient")
+
+    monkeypatch.setattr(manifests, "read_file", failing)
+    with pytest.raises(OSError):
+        texts.read({str(tmp_path / "a.yaml")})
+    monkeypatch.setattr(manifests, "read_file", real)
+    assert cores(texts, {str(tmp_path / "b.yaml")}, "a") == 2, "a's change, lost with the failed read, is read"
