@@ -41,6 +41,7 @@ from reconciler.runtime.sdnotify import Notifier
 from reconciler.runtime.service import ServiceNotifier
 from reconciler.runtime.store import RETENTION_DAYS, Store
 from reconciler.spec.host import HostConfig
+from reconciler.spec.models import nic_bridge, tap_name
 from reconciler.state import files
 from reconciler.state.layout import StateLayout
 
@@ -90,6 +91,29 @@ class SyncDaemon:
             self.queue.add(key)
         return keys
 
+    def _link_keys(self) -> dict[str, set[str]]:
+        """Our interfaces and the keys they concern: each VM's TAPs -> the VM, bridges -> ``HOST``."""
+        state, recorded = self.cache.state, self.cache.records({})
+        networks = {name: loaded.network for name, loaded in state.networks.items()}
+        keys: dict[str, set[str]] = {net.network.spec.bridge: {HOST} for net in state.networks.values()}
+        for vm in [*(loaded.vm for loaded in state.vms.values()), *(record.vm for record in recorded.values())]:
+            for nic in vm.spec.networks:
+                if nic.type == "bridge":
+                    keys.setdefault(tap_name(vm.name, nic.name), set()).add(vm.name)
+                    if bridge := nic_bridge(nic, networks):
+                        keys.setdefault(bridge, set()).add(HOST)
+        return keys
+
+    def _on_links(self, names: set[str] | None) -> None:
+        """Netlink: interfaces ``names`` changed (None: unknown ones). Only ours wake keys (a TAP its VM, a
+        bridge the host); another program's interfaces coming and going wake nothing (the resync would still
+        see anything missed). Host facts kept with any of them are dropped (``runtime.hostfacts``)."""
+        self.facts.links_changed(names)
+        if names:
+            keys = self._link_keys()
+            for key in sorted({key for name in names for key in keys.get(name, ())}):
+                self.queue.add(key)
+
     def _stop(self) -> None:
         if not self.stopping.is_set():
             self.service.stopping()
@@ -128,7 +152,7 @@ class SyncDaemon:
         table = firewall_table(str(self.cache.layout.root.resolve()))
         nft = NftMonitor(self.facts, table, lambda: self.queue.add(HOST, 0.2)).run(self.stopping)  # a burst: one run
         tasks = [watchdog, *(asyncio.create_task(coro) for coro in (self.queue.run(), files, self._resync(), nft))]
-        watch_netlink(self.stopping, self.enqueue_all, self.facts)
+        watch_netlink(self.stopping, self._on_links, self.facts)
         await self.stopping.wait()
         log.info("sync stopping; VMs keep running")
         await self.listeners.close()

@@ -5,9 +5,10 @@ with two or three ``nft`` processes (most of a reconcile's time on a busy host).
 to ``observe.snapshot.observe`` by ``runtime.reconcile``) keeps the links and the firewall state, and reads
 them again only when something may have changed them. The rules, so a kept value is never stale:
 
-- ``changed()`` bumps a generation: the netlink watcher calls it for every netlink message (links, addresses,
-  routes), ``NftMonitor`` for every line ``nft monitor`` prints (any table, chain, rule or set change by
-  anyone), and the reconciler after every step it ran (its own changes are news too).
+- ``changed()`` bumps a generation: the netlink watcher (``links_changed``) for every message about a link
+  kept here or its addresses (or about an interface of unknown name, or while a read is under way),
+  ``NftMonitor`` for every line ``nft monitor`` prints (any table, chain, rule or set change by anyone),
+  and the reconciler after every step it ran (its own changes are news too).
 - A read records the generation it started at; a value is used only while the generation is still that
   one (an event during a read makes the next reconcile read again) and while it is younger than
   ``max_age`` (the resync interval: a missed event costs at most one resync period, like everything else).
@@ -55,6 +56,7 @@ class CachedHostFacts(HostFacts):
         self.generation = 0
         self.watchers: set[str] = set()  # the event sources following the host now (WATCHERS when all is well)
         self._kept: _Kept | None = None
+        self._reading = 0  # reads under way
 
     def watcher_up(self, name: str) -> None:
         """Event source ``name`` is subscribed: from now on it reports every change."""
@@ -68,6 +70,14 @@ class CachedHostFacts(HostFacts):
     def changed(self) -> None:
         """Something on the host may have changed: the next observation reads it again."""
         self.generation += 1
+
+    def links_changed(self, names: set[str] | None) -> None:
+        """Netlink says interfaces ``names`` changed (None: unknown ones): what is kept is dropped if it holds
+        one of them, or if a read is under way (it may have read one before the change). Other software's
+        interfaces coming and going leave it alone."""
+        kept = self._kept
+        if names is None or self._reading or kept is None or names & kept.key[0]:
+            self.changed()
 
     def forget(self) -> None:
         self._kept = None
@@ -85,7 +95,11 @@ class CachedHostFacts(HostFacts):
         value = self._fresh(key)
         if value is None:
             generation, began = self.generation, time.monotonic()
-            value = await asyncio.to_thread(observe_links_and_firewall, links, state_dir)
+            self._reading += 1
+            try:
+                value = await asyncio.to_thread(observe_links_and_firewall, links, state_dir)
+            finally:
+                self._reading -= 1
             self._kept = _Kept(key, generation, began, value)
         return with_fresh_parts(value, dhcp, qemu_user)  # small file reads: not worth a thread
 

@@ -197,11 +197,37 @@ async def watch_files(directory: Path, debounce_ms: int, stopping: asyncio.Event
         await on_change({path for _change, path in changes})
 
 
-def watch_netlink(stopping: asyncio.Event, on_link_change: Callable[[], object],
+LINK_EVENTS = ("RTM_NEWLINK", "RTM_DELLINK")
+ADDRESS_EVENTS = ("RTM_NEWADDR", "RTM_DELADDR")
+
+
+def touched_links(messages: list[Any], names: dict[int, str]) -> set[str] | None:
+    """The interfaces a batch of netlink messages is about (links and their addresses; routes and neighbours
+    are not facts we keep), keeping ``names`` (ifindex -> name) current. None: an address on an interface
+    of unknown name (treated as "anything may have changed")."""
+    touched: set[str] = set()
+    for message in messages:
+        event = message.get("event")
+        if event in LINK_EVENTS and (name := message.get_attr("IFLA_IFNAME")):
+            touched.add(name)
+            if event == "RTM_NEWLINK":
+                names[message["index"]] = name
+            else:
+                names.pop(message["index"], None)
+        elif event in ADDRESS_EVENTS:
+            name = names.get(message["index"])
+            if name is None:
+                return None
+            touched.add(name)
+    return touched
+
+
+def watch_netlink(stopping: asyncio.Event, on_links: Callable[[set[str] | None], object],
                   facts: CachedHostFacts | None = None) -> threading.Thread:
-    """Link changes (a bridge deleted, a TAP detached or down) call ``on_link_change`` in the running event
-    loop, and every netlink message tells ``facts`` the host changed (``runtime.hostfacts``: it keeps host
-    facts only while this watcher is subscribed). pyroute2's socket blocks: it runs in its own thread."""
+    """Each batch of netlink messages about interfaces calls ``on_links`` in the running event loop with the
+    names of the interfaces concerned (``touched_links``; the daemon maps its bridges and TAPs to keys, so
+    other software's interfaces coming and going wake nothing). ``facts`` (``runtime.hostfacts``) keeps host
+    facts only while this watcher is subscribed. pyroute2's socket blocks: it runs in its own thread."""
     from pyroute2 import IPRoute
 
     loop = asyncio.get_running_loop()
@@ -212,6 +238,8 @@ def watch_netlink(stopping: asyncio.Event, on_link_change: Callable[[], object],
 
     def follow(ipr: IPRoute) -> None:
         ipr.bind()
+        # Subscribed first, then the names: a link made in between is in the dump or in a message.
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         if facts is not None:
             tell(facts.watcher_up, "netlink")
         while not stopping.is_set():
@@ -219,10 +247,9 @@ def watch_netlink(stopping: asyncio.Event, on_link_change: Callable[[], object],
                 messages = ipr.get()
             except Exception:  # the socket closes when the daemon stops
                 return
-            if facts is not None:
-                tell(facts.changed)
-            if any(m.get("event") in ("RTM_NEWLINK", "RTM_DELLINK") for m in messages):
-                tell(on_link_change)
+            touched = touched_links(list(messages), names)
+            if touched is None or touched:
+                tell(on_links, touched)
 
     def run() -> None:
         try:
