@@ -63,7 +63,7 @@ def test_between_resyncs_events_bring_every_change_in(net_host: Host) -> None:
     host.write("ev.yaml", _vm(32))
     daemon = host.start_sync("--resync-interval", "3600")
     try:
-        host.wait_for(lambda: _ready(host), "the VM Ready", timeout=120)
+        host.wait_for(lambda: _ready(host), "the VM Ready", timeout=300)  # a loaded CI machine: start + boot
         guest = host.guest("ev")
         first = guest.wait_report(lambda r: r.disks.get("vda") == 32 * MiB, what="boot", timeout=120)
         pid = host.running_pid("ev")
