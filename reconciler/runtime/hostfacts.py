@@ -8,7 +8,8 @@ them again only when something may have changed them. The rules, so a kept value
 - ``changed()`` bumps a generation: the netlink watcher (``links_changed``) for every message about a link
   kept here or its addresses (or about an interface of unknown name, or while a read is under way),
   ``NftMonitor`` for every line ``nft monitor`` prints (any table, chain, rule or set change by anyone),
-  and the reconciler after every step it ran (its own changes are news too).
+  and the reconciler after any step it ran that can touch links or nftables (its own changes are news too;
+  ``runtime.reconcile.LEAVES_HOST_NETWORK`` lists the steps that cannot: a disk grown, a record written).
 - A read records the generation it started at; a value is used only while the generation is still that
   one (an event during a read makes the next reconcile read again) and while it is younger than
   ``max_age`` (the resync interval: a missed event costs at most one resync period, like everything else).

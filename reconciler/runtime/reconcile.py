@@ -45,6 +45,14 @@ from reconciler.state import files
 from reconciler.state.layout import StateLayout
 
 MAX_BACKOFF = 60
+# Steps that touch neither links nor nftables (a QEMU's devices, disk files, records): after them the host
+# facts kept between events stay valid. Any other step (a start makes TAPs, a stop removes them...) drops them.
+LEAVES_HOST_NETWORK = frozenset({
+    StepKind.WRITE_RECORD, StepKind.CREATE_DISK, StepKind.GROW_DISK_LIVE, StepKind.GROW_DISK_OFFLINE,
+    StepKind.HOTPLUG_DISK, StepKind.UNPLUG_DISK, StepKind.SET_IO_LIMITS, StepKind.ADD_CPUS, StepKind.ADD_MEMORY,
+    StepKind.SET_BALLOON, StepKind.HOTPLUG_CDROM, StepKind.UNPLUG_CDROM, StepKind.CHANGE_MEDIA,
+    StepKind.RECORD_DISPLAY_PORT,
+})
 NEEDS_A_PERSON = "needs a person: not retried until its manifest or its record changes"
 
 log = structlog.get_logger("infinization.sync")
@@ -206,7 +214,10 @@ class Reconciler:
         try:
             result = await self._execute(work, current)
         finally:
-            self.facts.changed()  # our own steps changed the host: what was kept is read again
+            # Our own steps may have changed links or the firewall: what was kept is read again, unless every
+            # step is one that cannot (a disk grown, a record written: the common live edit).
+            if any(step.kind not in LEAVES_HOST_NETWORK for change in work for step in change.steps):
+                self.facts.changed()
         if result.ok:
             return _Applied()
         failure = result.failed_vms.get(key) or "; ".join(result.failed_vms.values())
