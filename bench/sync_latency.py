@@ -96,10 +96,14 @@ def rows(many: int, rounds: int) -> list[Row]:
         floor = statistics.median(raw_resize(box.base, rounds))
     finally:
         box.close()
-    one, lots = pct(daemon_grow(1, rounds), 0.5), pct(daemon_grow(many, rounds), 0.5)
+    one_all, lots_all = daemon_grow(1, rounds), daemon_grow(many, rounds)
+    one, lots = pct(one_all, 0.5), pct(lots_all, 0.5)
     return [Row("sync: edit -> disk grown live, p50, 1 VM", one * 1000, floor * 1000, "<= floor + 30 ms", unit="ms"),
+            Row("sync: edit -> disk grown live, p90, 1 VM", pct(one_all, 0.9) * 1000, floor * 1000, "-", unit="ms"),
             Row(f"sync: edit -> disk grown live, p50, {many} VMs (floor: 1 VM)", lots * 1000, one * 1000,
-                "<= 1.2x", unit="ms")]
+                "<= 1.2x", unit="ms"),
+            Row(f"sync: edit -> disk grown live, p90, {many} VMs (floor: 1 VM p90)", pct(lots_all, 0.9) * 1000,
+                pct(one_all, 0.9) * 1000, "-", unit="ms")]
 
 
 def main() -> int:

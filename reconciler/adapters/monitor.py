@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,18 @@ def peripheral_types(entries: list[dict[str, Any]]) -> dict[str, str]:
 async def block_nodes(qmp: Monitor) -> set[str]:
     """Names of every block node."""
     return {n["node-name"] for n in await qmp.execute("query-named-block-nodes", {"flat": True})}
+
+
+async def together(*commands: Awaitable[Any]) -> list[Any]:
+    """Run ``commands`` (``Monitor.execute`` calls on one session) pipelined: all are sent at once and QEMU
+    answers them in order, so a batch costs about one round trip, not one per command (a busy host may
+    take milliseconds to schedule QEMU's monitor for each). The first failure is raised, after every answer
+    is in (no command is left running on a session about to close)."""
+    answers = await asyncio.gather(*commands, return_exceptions=True)
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+    return answers
 
 
 def free_spare_ports(pci: list[dict[str, Any]]) -> list[str]:

@@ -113,11 +113,24 @@ def grow_offline(path: Path, size: int) -> str:
     return f"{format_size(current)} -> {format_size(size)}"
 
 
+def live_size(nodes: object, node: str) -> int | None:
+    """The virtual size of block node ``node`` in ``query-named-block-nodes``'s answer, None if not there."""
+    for found in nodes if isinstance(nodes, list) else []:
+        if isinstance(found, dict) and found.get("node-name") == node:
+            size = (found.get("image") or {}).get("virtual-size")
+            return int(size) if isinstance(size, int) else None
+    return None
+
+
 async def grow_live(qmp_socket: Path, node: str, path: Path, size: int) -> str:
-    current = await threads.run(_current_size, path)
-    if current >= size:
-        return "already that size" if current == size else f"refused: it is {format_size(current)}, larger"
+    """Grow a running VM's disk with ``block_resize``, after reading its size from the QEMU that has it open
+    (in the same session: no qemu-img process on the way of a live edit; qemu-img only if QEMU cannot say)."""
     async with monitor.session(qmp_socket) as qmp:
+        current = live_size(await qmp.execute("query-named-block-nodes", {"flat": True}), node)
+        if current is None:
+            current = await threads.run(_current_size, path)
+        if current >= size:
+            return "already that size" if current == size else f"refused: it is {format_size(current)}, larger"
         await qmp.execute("block_resize", {"node-name": node, "size": size}, timeout=30)
     return f"{format_size(current)} -> {format_size(size)} live"
 

@@ -112,17 +112,16 @@ def _uid(user: str | None) -> int | None:
         return None
 
 
-async def observe_host_network(names: set[str], dhcp: dict[str, tuple[Path, Path]], state_dir: Path,
-                               qemu_user: str | None = None) -> ObservedHostNetwork:
-    """The links named in ``names`` (bridges, TAPs), our firewall rules (in the tables of ``state_dir``),
-    the kernel's features, the uid of ``qemu_user`` and the DHCP servers of the Networks in ``dhcp``
-    (name -> pidfile, leases file).
+async def observe_links_and_firewall(names: set[str], state_dir: Path) -> ObservedHostNetwork:
+    """The part of ``observe_host_network`` that only netlink and nftables change (links, our rules, the
+    legacy table, the kernel's features; only the links in ``names``: unrelated interfaces coming and going
+    must not make plans stale): what the sync daemon keeps between events (``runtime.hostfacts``). The rest
+    (DHCP servers, ip_forward, the QEMU user's uid) is left at its defaults: ``with_fresh_parts`` adds it.
 
     Each fact that needs a process or a netlink socket is read in its own worker thread, all at once: the
     ``nft`` runs were one after another (five processes, the kernel probes included, on every plan). The
     probes only matter to bridge-family rules, so without any bridge or TAP (``names`` empty) they are not
     run and the defaults stand (no bridge rule is rendered then)."""
-    # Only the links we care about: unrelated interfaces coming and going must not make plans stale.
     links = asyncio.ensure_future(threads.run(_links)) if names else None
     probed = asyncio.ensure_future(threads.run(_capabilities)) if names else None
     table, tables = firewall_table(str(state_dir.resolve())), await threads.run(_tables)
@@ -131,8 +130,24 @@ async def observe_host_network(names: set[str], dhcp: dict[str, tuple[Path, Path
     capabilities = await probed if probed else HostCapabilities(vhost_net=VHOST_NET.exists())
     found = {name: link for name, link in (await links).items() if name in names} if links else {}
     return ObservedHostNetwork(links=found, table=table, firewall=firewall, legacy_table=legacy,
-                               qemu_uid=_uid(qemu_user), ip_forward=_ip_forward(), capabilities=capabilities,
-                               dhcp={net: observe_dhcp(*files) for net, files in sorted(dhcp.items())})
+                               capabilities=capabilities)
+
+
+def with_fresh_parts(kept: ObservedHostNetwork, dhcp: dict[str, tuple[Path, Path]],
+                     qemu_user: str | None) -> ObservedHostNetwork:
+    """``kept`` (from ``observe_links_and_firewall``) with the facts no event announces read now: the DHCP
+    servers and their leases, ip_forward and the uid of ``qemu_user`` (a few small file reads)."""
+    return kept.model_copy(update={"qemu_uid": _uid(qemu_user), "ip_forward": _ip_forward(),
+                                   "dhcp": {net: observe_dhcp(*files) for net, files in sorted(dhcp.items())}})
+
+
+async def observe_host_network(names: set[str], dhcp: dict[str, tuple[Path, Path]], state_dir: Path,
+                               qemu_user: str | None = None) -> ObservedHostNetwork:
+    """The links named in ``names`` (bridges, TAPs), our firewall rules (in the tables of ``state_dir``),
+    the kernel's features, the uid of ``qemu_user`` and the DHCP servers of the Networks in ``dhcp``
+    (name -> pidfile, leases file): everything read now (the CLI; the daemon keeps the first part between
+    events: ``runtime.hostfacts``)."""
+    return with_fresh_parts(await observe_links_and_firewall(names, state_dir), dhcp, qemu_user)
 
 
 def observe_dhcp(pidfile: Path, leases: Path) -> ObservedDhcp:

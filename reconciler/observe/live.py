@@ -1,7 +1,7 @@
 """Read a running VM's live configuration over QMP: devices, block nodes, I/O limits, vCPUs, memory, slots.
 
 Called by the snapshot builder for every running VM. Like pyinfra's facts, a query and its parser are
-kept apart: ``query_live`` only asks QEMU (``qom-list``, ``query-block``, ``query-named-block-nodes``,
+kept apart: ``query_live`` only asks QEMU, pipelined (``qom-list``, ``query-block``, ``query-named-block-nodes``,
 ``query-pci``, ``query-vnc``, ``query-spice``, ``query-cpus-fast``, ``query-memory-size-summary``,
 ``query-memory-devices``, ``info network``, ``qom-get`` of each NIC's MAC) and ``parse_live`` turns the
 answers into ``LiveState`` without I/O (unit-tested on recorded answers). QEMU 7.2 cannot report a NIC's
@@ -11,12 +11,11 @@ writes and which is only trusted for the process it names.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.adapters.monitor import Monitor, free_spare_ports, peripheral_types
+from reconciler.adapters.monitor import Monitor, free_spare_ports, peripheral_types, together
 from reconciler.errors import MonitorError
 from reconciler.plan.observed import LiveCdrom, LiveDisk, LiveDisplay, LiveNic, LiveState
 from reconciler.qemu.hostdev import USB_CONTROLLER
@@ -51,30 +50,24 @@ def _strip(prefix: str, name: str) -> str | None:
 
 
 async def query_live(qmp: Monitor) -> LiveAnswers:
-    """Ask QEMU everything ``parse_live`` needs. :raise MonitorError: When a query fails.
-
-    The queries are pipelined: all are sent at once over the one session (qemu.qmp matches each answer to
-    its command by id) and QEMU answers them in order, so a VM costs two round trips (then one ``qom-get``
-    per NIC, which needs the device list) instead of one per query. On a host with many running VMs each
-    round trip is a wake-up of a busy QEMU's main loop and of ours; that, not our CPU, was most of a
-    snapshot's time."""
-    entries, cpus, named, block, network_info, summary, memory_devices, pci, fdsets, vnc, spice = (
-        await asyncio.gather(
-            qmp.execute("qom-list", {"path": "/machine/peripheral"}), qmp.execute("query-cpus-fast"),
-            qmp.execute("query-named-block-nodes", {"flat": True}), qmp.execute("query-block"),
-            qmp.execute("human-monitor-command", {"command-line": "info network"}),
-            qmp.execute("query-memory-size-summary"), qmp.execute("query-memory-devices"),
-            qmp.execute("query-pci"), qmp.execute("query-fdsets"),
-            _optional(qmp, "query-vnc"), _optional(qmp, "query-spice")))
+    """Ask QEMU everything ``parse_live`` needs, in two pipelined batches (``monitor.together``): the
+    queries, then each NIC's MAC. :raise MonitorError: When a query fails."""
+    (entries, cpus, nodes, block, network_info, memory_summary, memory_devices, pci, fdsets, vnc,
+     spice) = await together(
+        qmp.execute("qom-list", {"path": "/machine/peripheral"}), qmp.execute("query-cpus-fast"),
+        qmp.execute("query-named-block-nodes", {"flat": True}), qmp.execute("query-block"),
+        qmp.execute("human-monitor-command", {"command-line": "info network"}),
+        qmp.execute("query-memory-size-summary"), qmp.execute("query-memory-devices"), qmp.execute("query-pci"),
+        qmp.execute("query-fdsets"), _optional(qmp, "query-vnc"), _optional(qmp, "query-spice"))
     devices = peripheral_types(entries)
     nics = sorted(d for d in devices if d.startswith("nic-"))
-    found = await asyncio.gather(*(qmp.execute("qom-get", {"path": f"/machine/peripheral/{device}",
-                                                           "property": "mac"}) for device in nics))
+    macs = await together(*(qmp.execute("qom-get", {"path": f"/machine/peripheral/{device}", "property": "mac"})
+                            for device in nics))
     return LiveAnswers(
-        devices=devices, nodes={node["node-name"] for node in named}, block=block, network_info=network_info,
-        macs=dict(zip(nics, found, strict=True)), cpus=len(cpus), vcpu_threads=vcpu_threads(cpus),
-        memory_summary=summary, memory_devices=memory_devices, pci=pci, fdsets=fdsets, vnc=vnc, spice=spice,
-        named_nodes=named,
+        devices=devices, nodes={n["node-name"] for n in nodes}, block=block, network_info=network_info,
+        macs=dict(zip(nics, macs, strict=True)), cpus=len(cpus), vcpu_threads=vcpu_threads(cpus),
+        memory_summary=memory_summary, memory_devices=memory_devices, pci=pci, fdsets=fdsets, vnc=vnc, spice=spice,
+        named_nodes=nodes,
     )
 
 

@@ -19,7 +19,7 @@ from reconciler.adapters import agent, cgroups, monitor, procfs
 from reconciler.errors import MonitorError
 from reconciler.observe import display, images
 from reconciler.observe.hostdev import observe_host_devices
-from reconciler.observe.hostnet import observe_host_network
+from reconciler.observe.hostfacts import HostFacts
 from reconciler.observe.live import parse_live, query_live
 from reconciler.observe.paths import observe_paths
 from reconciler.observe.placement import observe_placement
@@ -120,17 +120,20 @@ async def observe(
     only: set[str] | None = None,
     host: HostConfig | None = None,
     ask_agent: bool = False,
+    facts: HostFacts | None = None,
 ) -> ObservedState:
     """Everything the planner needs about the VMs in ``desired``, in ``records`` or in the state folder
     (restricted to ``only`` when given), about the host paths they name (judged by ``host``'s policy)
     and about the host networking they and ``networks`` use. ``ask_agent`` (status): also ask each running
-    VM's guest agent, within ``agent.DEADLINE`` each."""
+    VM's guest agent, within ``agent.DEADLINE`` each. ``facts``: where host-wide facts come from (default:
+    read now; the sync daemon keeps them between events)."""
     networks = networks or {}
     names = _vm_names(layout, desired, records, only)
     specs = {name: _known_specs(name, desired, records) for name in names}
     seen = [vm for name in names for vm in specs[name]]
     gate = asyncio.Semaphore(OBSERVE_JOBS)
-    cpu_host = cgroups.read_cpu_host()
+    facts = facts or HostFacts()
+    cpu_host = facts.cpu_host()
     config = host or HostConfig()
 
     async def one(name: str) -> ObservedVM:
@@ -145,7 +148,7 @@ async def observe(
     dhcp = {name: (layout.dhcp_pidfile(name), layout.dhcp_leases(name)) for name in set(networks) | set(recorded)}
     # Every VM at once (bounded), beside the host-wide facts (read once, in a worker thread) and the
     # backing images: each mostly waits on a QEMU's monitor, on netlink or nft, or on a qemu-img process.
-    host_task = asyncio.ensure_future(observe_host_network(links, dhcp, layout.root, config.qemuUser))
+    host_task = asyncio.ensure_future(facts.network(links, dhcp, layout.root, config.qemuUser))
     backing_task = asyncio.ensure_future(
         images.inspect_all(disk.image for vm in seen for disk in vm.spec.disks if disk.image))
     observed = await asyncio.gather(*(one(name) for name in names))
@@ -154,7 +157,7 @@ async def observe(
     paths = observe_paths(seen, config, str(layout.root))
     return ObservedState(state_dir=str(layout.root), vms=vms, images=backing, host=host_network,
                          network_records=network_records, paths=paths, cpu_host=cpu_host,
-                         listening=display.listening(desired, config), display_ports=files.read_display_ports(layout),
+                         listening=facts.listening(desired, config), display_ports=files.read_display_ports(layout),
                          devices=observe_host_devices(layout, seen, config), host_memory=host_memory())
 
 

@@ -13,6 +13,9 @@ Called by the daemon's triggers (``runtime.daemon``: start, the file watcher and
 - A directory with no manifests at all keeps everything (a wrong mount or a checkout in progress far
   more often than a wish to delete every VM).
 - While git holds ``index.lock`` (checkout, pull), nothing is read: ``wait_for_git``.
+- A file event re-reads only the files it names (``runtime.manifests``) and a record is parsed again only
+  when its file changed (``runtime.records``); the cross-file checks still run over the whole set. The
+  periodic resync calls ``forget`` first: it reads every file and every record.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import structlog
 from reconciler.runtime import metrics
 from reconciler.runtime.desired import from_records, keep_last_good
 from reconciler.runtime.gitrev import git_dir, revision
+from reconciler.runtime.manifests import ManifestTexts
+from reconciler.runtime.records import RecordCache
 from reconciler.runtime.store import Store
-from reconciler.spec.loader import LoadedNetwork, LoadedVM, ManifestSet, Source, load_directory
+from reconciler.spec.loader import LoadedNetwork, LoadedVM, ManifestSet, Source
 from reconciler.state import files
 from reconciler.state.layout import StateLayout
 from reconciler.state.models import AppliedRecord
@@ -49,10 +54,9 @@ class DesiredState:
     revision: str | None = None
 
 
-def host_records(layout: StateLayout, host: str | None, corrupt: dict[str, str]) -> dict[str, AppliedRecord]:
+def host_records(records: RecordCache, host: str | None, corrupt: dict[str, str]) -> dict[str, AppliedRecord]:
     """This host's VM records; corrupt ones are left out (into ``corrupt``), never fatal to the rest."""
-    records = files.read_records(layout, corrupt=corrupt)
-    return {name: rec for name, rec in records.items() if rec.vm.spec.host == host}
+    return {name: rec for name, rec in records.read(corrupt).items() if rec.vm.spec.host == host}
 
 
 def _changed(new: DesiredState, old: DesiredState) -> set[str]:
@@ -75,11 +79,17 @@ class DesiredCache:
         self.state = DesiredState()
         self._loaded = False
         self._last_errors: list[Any] = []
-        self._git_dir: Path | None = None  # found once; looked for again while there is none
+        self._texts = ManifestTexts(self.directory)  # only the files an event names are read again
+        self._records = RecordCache(layout)  # only records whose file changed are parsed again
         self._reading = asyncio.Lock()
 
     def records(self, corrupt: dict[str, str]) -> dict[str, AppliedRecord]:
-        return host_records(self.layout, self.host, corrupt)
+        return host_records(self._records, self.host, corrupt)
+
+    def forget(self) -> None:
+        """The periodic resync: the next read reads every manifest and every record, whatever the events said."""
+        self._texts.forget()
+        self._records.forget()
 
     def baseline(self) -> DesiredState:
         """What the cache starts from, before its first read: what was last applied. So a file that is
@@ -89,9 +99,11 @@ class DesiredCache:
                     for name, rec in files.read_network_records(self.layout).items()}
         return DesiredState(vms=from_records(self.records({})), networks=networks)
 
-    def _read(self) -> tuple[ManifestSet, str | None]:
-        """The file-system part of a reload (bounded, never blocking: ``spec.reading``)."""
-        return load_directory(self.directory), revision(self.directory)
+    def _read(self, changed: set[str] | None = None) -> tuple[ManifestSet, str | None]:
+        """The file-system part of a reload (bounded, never blocking: ``spec.reading``): only the files in
+        ``changed`` when given (``runtime.manifests``). The revision asks git only in a git checkout."""
+        manifests = self._texts.read(changed)
+        return manifests, revision(self.directory) if git_dir(self.directory) is not None else None
 
     def load(self) -> set[str]:
         """Re-read the manifests; keep the last good state of anything in a file that fails. Return the keys
@@ -140,13 +152,13 @@ class DesiredCache:
         except Exception as exc:
             return self._failed(exc)
 
-    async def reload_async(self) -> set[str]:
+    async def reload_async(self, changed: set[str] | None = None) -> set[str]:
         """``reload`` for the daemon: the files are read in a worker thread, so a slow file system (or
         anything a manifest could do to a read) never stalls the event loop that restarts crashed VMs; the
         cache itself is only updated on the loop."""
         async with self._reading:  # one read at a time: an older read must never land after a newer one
             try:
-                return self._update(*await asyncio.to_thread(self._read))
+                return self._update(*await asyncio.to_thread(self._read, changed))
             except Exception as exc:
                 return self._failed(exc)
 
@@ -161,9 +173,8 @@ class DesiredCache:
 
     async def wait_for_git(self, stopping: asyncio.Event, limit: float = GIT_WAIT) -> None:
         """Act only on a complete tree: while git rewrites the directory (checkout, pull), wait for it."""
-        if self._git_dir is None:
-            self._git_dir = await asyncio.to_thread(git_dir, self.directory)
-        if self._git_dir is None or not (lock := self._git_dir / "index.lock").exists():
+        found = git_dir(self.directory)  # a few stats (git itself only for a worktree's .git file)
+        if found is None or not (lock := found / "index.lock").exists():
             return
         log.info("a git operation is rewriting the manifests; waiting for it to finish")
         self.store.event("-", "manifest", "waiting", "a git operation is in progress (index.lock): the manifests "

@@ -1,11 +1,15 @@
 """``infinization sync``: the long-running reconciler that keeps a host converged with its manifests.
 
 Level-triggered, like controller-runtime: every trigger only names what to look at (a VM, or ``HOST`` for
-bridges and the firewall); each reconcile re-reads the desired state, re-observes the host and re-plans,
-so a missed or duplicated event does no harm. This module only wires the parts together; ``run_daemon``
-is called by the CLI (``infinization sync``):
+bridges and the firewall); each reconcile takes the desired state, observes that VM (with the host facts
+kept current by events) and re-plans, so a duplicated event does no harm, and the periodic full resync
+(every file, record and host fact read again) repairs anything an event missed. This module only wires
+the parts together; ``run_daemon`` is called by the CLI (``infinization sync``):
 
-- ``runtime.cache``: the desired state (manifests of this host, last good spec of broken files, git wait);
+- ``runtime.cache``: the desired state (manifests of this host, last good spec of broken files, git wait),
+  re-reading only the files an event names and the records that changed;
+- ``runtime.hostfacts``: host-wide facts (links, nftables) kept between the netlink and ``nft monitor``
+  events that change them, so one VM's reconcile observes that VM and little else;
 - ``runtime.listeners``: triggers: QMP events and process exit of every VM (one listener each), netlink
   link events, manifest changes (watchfiles); plus a periodic full resync here, as a safety net;
 - ``runtime.queue``: one reconcile per key at a time, keys in parallel, backoff, parking;
@@ -26,8 +30,10 @@ from pathlib import Path
 import structlog
 
 from reconciler.apply.lock import StateLock
+from reconciler.hostnet.nftables import firewall_table
 from reconciler.runtime import dsn, links, metrics
 from reconciler.runtime.cache import HOST, DesiredCache
+from reconciler.runtime.hostfacts import CachedHostFacts, NftMonitor
 from reconciler.runtime.listeners import QMPListeners, watch_files, watch_netlink
 from reconciler.runtime.queue import Park, WorkQueue
 from reconciler.runtime.reconcile import Reconciler
@@ -60,8 +66,9 @@ class SyncDaemon:
         self.stopping = asyncio.Event()
         self.cache = DesiredCache(directory, layout, store, options.host)
         self.listeners = QMPListeners(layout, store, trigger=lambda key: self.queue.add(key))
+        self.facts = CachedHostFacts(max_age=options.resync_seconds)  # host-wide facts, kept between events
         self.reconciler = Reconciler(self.cache, layout, store, self.listeners, dry_run=options.dry_run,
-                                     config=options.config,
+                                     config=options.config, facts=self.facts,
                                      allow_restart=options.allow_restart,
                                      prune_other_sources=options.prune_other_sources)
         self.queue = WorkQueue(self._reconcile, parallel=options.parallel)
@@ -83,24 +90,31 @@ class SyncDaemon:
             self.queue.add(key)
         return keys
 
-    def _on_links_changed(self, names: frozenset[str | None]) -> None:
-        """A link of ours changed (a bridge or TAP of this daemon's VMs and Networks): look at everything.
-        Other interfaces of the host are not our business and would keep an idle daemon busy."""
-        recorded = {n: r.network for n, r in files.read_network_records(self.cache.layout).items()}
+    def _link_keys(self) -> dict[str, set[str]]:
+        """Our interfaces and the keys they concern (``runtime.links``)."""
         state = self.cache.state
-        ours = links.our_links([loaded.vm for loaded in state.vms.values()],
-                               {n: loaded.network for n, loaded in state.networks.items()}, recorded)
-        if links.matters(names, ours):
-            self.enqueue_all()
+        recorded = {name: record.network for name, record in files.read_network_records(self.cache.layout).items()}
+        vms = [*(loaded.vm for loaded in state.vms.values()),
+               *(record.vm for record in self.cache.records({}).values())]
+        return links.link_keys(vms, {name: loaded.network for name, loaded in state.networks.items()}, recorded, HOST)
+
+    def _on_links(self, names: set[str] | None) -> None:
+        """Netlink: interfaces ``names`` changed (None: unknown ones). Only ours wake keys (a TAP its VM, a
+        bridge the host); another program's interfaces coming and going wake nothing (the resync would still
+        see anything missed). Host facts kept with any of them are dropped (``runtime.hostfacts``)."""
+        self.facts.links_changed(names)
+        if names:
+            for key in links.woken(names, self._link_keys()):
+                self.queue.add(key)
 
     def _stop(self) -> None:
         if not self.stopping.is_set():
             self.service.stopping()
         self.stopping.set()
 
-    async def _on_files_changed(self) -> None:
+    async def _on_files_changed(self, changed: set[str]) -> None:
         await self.cache.wait_for_git(self.stopping)
-        for key in sorted(await self.cache.reload_async()):
+        for key in sorted(await self.cache.reload_async(changed)):
             self.queue.add(key, urgent=True)  # a changed manifest may be the fix: skip any backoff or parking
 
     async def _resync(self) -> None:
@@ -110,6 +124,8 @@ class SyncDaemon:
             if self.stopping.is_set():
                 return
             await self.cache.wait_for_git(self.stopping)
+            self.cache.forget()  # level-triggered: every file, record and host fact is read again
+            self.facts.forget()
             await self.cache.reload_async()
             self.enqueue_all()
 
@@ -125,8 +141,11 @@ class SyncDaemon:
         self.store.event("-", "daemon", "started", f"watching {self.cache.directory}")
         self.service.first_pass(self.enqueue_all())
         files = watch_files(self.cache.directory, self.options.debounce_ms, self.stopping, self._on_files_changed)
-        tasks = [watchdog, *(asyncio.create_task(coro) for coro in (self.queue.run(), files, self._resync()))]
-        watch_netlink(self.stopping, self._on_links_changed)
+        # Our own firewall changes come back too: one no-op HOST reconcile each, the price of seeing others'.
+        table = firewall_table(str(self.cache.layout.root.resolve()))
+        nft = NftMonitor(self.facts, table, lambda: self.queue.add(HOST, 0.2)).run(self.stopping)  # a burst: one run
+        tasks = [watchdog, *(asyncio.create_task(coro) for coro in (self.queue.run(), files, self._resync(), nft))]
+        watch_netlink(self.stopping, self._on_links, self.facts)
         await self.stopping.wait()
         log.info("sync stopping; VMs keep running")
         await self.listeners.close()

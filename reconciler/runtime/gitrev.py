@@ -25,8 +25,21 @@ def git_dir(directory: Path) -> Path | None:
 
     Its ``index.lock`` is held while git rewrites the work tree (checkout, pull, merge, reset): a checkout
     writes files in several batches, and acting on a half-written tree could delete a VM whose manifest
-    is just moving between files.
+    is just moving between files. Asked on every file event, so found without running git when it can
+    be: the nearest ``.git`` folder above. Only a ``.git`` file (a worktree, a submodule) asks git where
+    its git directory is.
     """
+    start = directory.absolute()
+    for folder in (start, *start.parents):
+        dot = folder / ".git"
+        if dot.is_dir():
+            return dot
+        if dot.exists():
+            return _ask_git(directory)
+    return None
+
+
+def _ask_git(directory: Path) -> Path | None:
     try:
         found = subprocess.run(["git", "-C", str(directory), "rev-parse", "--absolute-git-dir"],
                                capture_output=True, text=True, timeout=10, check=False)

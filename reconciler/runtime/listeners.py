@@ -32,6 +32,7 @@ import structlog
 from qemu.qmp import QMPClient, Runstate
 from watchfiles import awatch
 
+from reconciler.runtime.hostfacts import CachedHostFacts
 from reconciler.runtime.store import Store
 from reconciler.state import files
 from reconciler.state.layout import StateLayout, VMPaths
@@ -190,35 +191,75 @@ class QMPListeners:
 
 
 async def watch_files(directory: Path, debounce_ms: int, stopping: asyncio.Event,
-                      on_change: Callable[[], Any]) -> None:
-    """Call ``on_change`` (awaited) after each debounced batch of changes under ``directory``."""
-    async for _changes in awatch(directory, debounce=debounce_ms, step=20, stop_event=stopping, recursive=True):
-        await on_change()
+                      on_change: Callable[[set[str]], Any]) -> None:
+    """Call ``on_change`` (awaited) with the paths of each debounced batch of changes under ``directory``."""
+    async for changes in awatch(directory, debounce=debounce_ms, step=20, stop_event=stopping, recursive=True):
+        await on_change({path for _change, path in changes})
 
 
-def watch_netlink(stopping: asyncio.Event,
-                  on_link_change: Callable[[frozenset[str | None]], object]) -> threading.Thread:
-    """Link changes (a bridge deleted, a TAP detached or down) call ``on_link_change`` with the names of the
-    links in the running event loop (the caller decides whether they are ours: ``runtime.links``). Only the
-    link group is joined (addresses, routes and neighbours would be parsed for nothing). pyroute2's socket
-    blocks: it runs in its own thread."""
+LINK_EVENTS = ("RTM_NEWLINK", "RTM_DELLINK")
+ADDRESS_EVENTS = ("RTM_NEWADDR", "RTM_DELADDR")
+
+
+def touched_links(messages: list[Any], names: dict[int, str]) -> set[str] | None:
+    """The interfaces a batch of netlink messages is about (links and their addresses; routes and neighbours
+    are not facts we keep), keeping ``names`` (ifindex -> name) current. None: an address on an interface
+    of unknown name (treated as "anything may have changed")."""
+    touched: set[str] = set()
+    for message in messages:
+        event = message.get("event")
+        if event in LINK_EVENTS and (name := message.get_attr("IFLA_IFNAME")):
+            touched.add(name)
+            if event == "RTM_NEWLINK":
+                names[message["index"]] = name
+            else:
+                names.pop(message["index"], None)
+        elif event in ADDRESS_EVENTS:
+            name = names.get(message["index"])
+            if name is None:
+                return None
+            touched.add(name)
+    return touched
+
+
+def watch_netlink(stopping: asyncio.Event, on_links: Callable[[set[str] | None], object],
+                  facts: CachedHostFacts | None = None) -> threading.Thread:
+    """Each batch of netlink messages about interfaces calls ``on_links`` in the running event loop with the
+    names of the interfaces concerned (``touched_links``; the daemon maps its bridges and TAPs to keys, so
+    other software's interfaces coming and going wake nothing). ``facts`` (``runtime.hostfacts``) keeps host
+    facts only while this watcher is subscribed. pyroute2's socket blocks: it runs in its own thread."""
     from pyroute2 import IPRoute
-    from pyroute2.netlink.rtnl import RTMGRP_LINK
+    from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
 
     loop = asyncio.get_running_loop()
 
+    def tell(callback: Callable[..., object], *args: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon has stopped
+            loop.call_soon_threadsafe(callback, *args)
+
+    def follow(ipr: IPRoute) -> None:
+        # Links and their addresses only: routes and neighbours (frequent on a busy host) are not facts we keep.
+        ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+        # Subscribed first, then the names: a link made in between is in the dump or in a message.
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        if facts is not None:
+            tell(facts.watcher_up, "netlink")
+        while not stopping.is_set():
+            try:
+                messages = ipr.get()
+            except Exception:  # the socket closes when the daemon stops
+                return
+            touched = touched_links(list(messages), names)
+            if touched is None or touched:
+                tell(on_links, touched)
+
     def run() -> None:
-        with IPRoute() as ipr:
-            ipr.bind(groups=RTMGRP_LINK)
-            while not stopping.is_set():
-                try:
-                    messages = ipr.get()
-                except Exception:  # the socket closes when the daemon stops
-                    return
-                names = frozenset(m.get_attr("IFLA_IFNAME") for m in messages
-                                  if m.get("event") in ("RTM_NEWLINK", "RTM_DELLINK"))
-                if names:
-                    loop.call_soon_threadsafe(on_link_change, names)
+        try:
+            with IPRoute() as ipr:
+                follow(ipr)
+        finally:
+            if facts is not None:
+                tell(facts.watcher_down, "netlink")
 
     thread = threading.Thread(target=run, name="netlink", daemon=True)
     thread.start()

@@ -35,6 +35,7 @@ from reconciler.plan.steps import StepKind
 from reconciler.runtime import metrics, status
 from reconciler.runtime.cache import HOST, DesiredCache
 from reconciler.runtime.crashloop import CRASH_WINDOW, CrashLoops, counts_as_restart
+from reconciler.runtime.hostfacts import CachedHostFacts
 from reconciler.runtime.listeners import QMPListeners
 from reconciler.runtime.queue import Park
 from reconciler.runtime.store import Store
@@ -44,6 +45,14 @@ from reconciler.state import files
 from reconciler.state.layout import StateLayout
 
 MAX_BACKOFF = 60
+# Steps that touch neither links nor nftables (a QEMU's devices, disk files, records): after them the host
+# facts kept between events stay valid. Any other step (a start makes TAPs, a stop removes them...) drops them.
+LEAVES_HOST_NETWORK = frozenset({
+    StepKind.WRITE_RECORD, StepKind.CREATE_DISK, StepKind.GROW_DISK_LIVE, StepKind.GROW_DISK_OFFLINE,
+    StepKind.HOTPLUG_DISK, StepKind.UNPLUG_DISK, StepKind.SET_IO_LIMITS, StepKind.ADD_CPUS, StepKind.ADD_MEMORY,
+    StepKind.SET_BALLOON, StepKind.HOTPLUG_CDROM, StepKind.UNPLUG_CDROM, StepKind.CHANGE_MEDIA,
+    StepKind.RECORD_DISPLAY_PORT,
+})
 NEEDS_A_PERSON = "needs a person: not retried until its manifest or its record changes"
 
 log = structlog.get_logger("infinization.sync")
@@ -64,12 +73,14 @@ def _vm_change(current: Plan, key: str) -> Change | None:
 class Reconciler:
     def __init__(self, cache: DesiredCache, layout: StateLayout, store: Store, listeners: QMPListeners, *,
                  dry_run: bool = False, allow_restart: bool = False, config: HostConfig | None = None,
-                 prune_other_sources: bool = False) -> None:
+                 prune_other_sources: bool = False, facts: CachedHostFacts | None = None) -> None:
         self.cache, self.layout, self.store, self.listeners = cache, layout, store, listeners
         self.dry_run, self.allow_restart = dry_run, allow_restart
         self.prune_other_sources = prune_other_sources
         self.config = config or HostConfig()  # the host's policy, for the planner and the executor
         self.crashloops = CrashLoops(layout)
+        # Host-wide facts: the daemon's are kept between events (runtime.hostfacts); told of our own changes.
+        self.facts = facts or CachedHostFacts(max_age=0.0)
         self.host_lock = asyncio.Lock()  # host changes (bridges, firewall) run one at a time
         self._failures: dict[str, int] = {}
 
@@ -118,7 +129,9 @@ class Reconciler:
         parked = fingerprint()
         return Park(lambda: fingerprint() != parked)
 
-    async def _snapshot(self, only: set[str]) -> tuple[Plan, ObservedState]:
+    async def _snapshot(self, only: set[str], took: dict[str, float] | None = None) -> tuple[Plan, ObservedState]:
+        """Plan with ``only`` observed; ``took`` gets the milliseconds the observation and the plan took."""
+        began = time.monotonic()
         state = self.cache.state
         desired = {name: loaded.vm for name, loaded in state.vms.items()}
         networks = {name: loaded.network for name, loaded in state.networks.items()}
@@ -128,10 +141,15 @@ class Reconciler:
         records = {name: record.model_copy(update={"vm": resolved[name]}) for name, record in records.items()}
         if mine := sorted(only & set(corrupt)):
             raise CorruptRecord(f"{corrupt[mine[0]]} (fix or remove it by hand; the VM is left as it is)")
-        observed = await observe(self.layout, desired, records, networks, only=only, host=self.config)
+        observed = await observe(self.layout, desired, records, networks, only=only, host=self.config,
+                                 facts=self.facts)
+        planning = time.monotonic()
         result = plan(desired, observed, records, networks=networks, manifest_dir=str(self.cache.directory),
                       options=PlanOptions(allow_restart=self.allow_restart,
                                           prune_other_sources=self.prune_other_sources), host=self.config)
+        if took is not None:
+            took["observe_ms"] = round((planning - began) * 1000, 1)
+            took["plan_ms"] = round((time.monotonic() - planning) * 1000, 1)
         # Returned, never stored on self: reconciles of different keys run concurrently.
         return result, observed
 
@@ -147,20 +165,28 @@ class Reconciler:
 
     async def _once(self, key: str) -> float | Park | None:
         began = time.monotonic()
-        current, observed = await self._snapshot(set() if key == HOST else {key})
+        took: dict[str, float] = {}  # where the time went, for the log (an operator's first question)
+        current, observed = await self._snapshot(set() if key == HOST else {key}, took)
         vm_change = _vm_change(current, key)
         delay = self._crash_loop_wait(key, vm_change, observed)
         if delay is not None:
             vm_change = None
         host_changes = [c for c in current.changes if c.resource != "VirtualMachine" and c.steps]
         work = [c for c in [*host_changes, vm_change] if c is not None and c.steps]
+        acting = time.monotonic()
         applied = await self._act(key, work, current)
+        took["act_ms"] = round((time.monotonic() - acting) * 1000, 1)
         unstarted = False
         if key != HOST:
             failure = None
             if applied.failure is not None:  # a failure that needs a person says which and why
                 failure = f"{applied.failure} ({NEEDS_A_PERSON})" if applied.permanent else status.FAILED
+            reporting = time.monotonic()
             unstarted = await self._report(key, time.monotonic() - began, failure, delay)
+            took["report_ms"] = round((time.monotonic() - reporting) * 1000, 1)
+        if work:  # a no-op (every resync, for every VM) is not worth a line
+            log.info("reconciled", vm=key, steps=sum(len(c.steps) for c in work),
+                     duration_ms=round((time.monotonic() - began) * 1000, 1), **took)
         if applied.permanent:
             return self._park(key)
         if applied.failure is not None:
@@ -189,7 +215,13 @@ class Reconciler:
                 log.info("dry-run: would apply", vm=change.name, action=change.action.value,
                          steps=[s.kind.value for s in change.steps])
             return _Applied()
-        result = await self._execute(work, current)
+        try:
+            result = await self._execute(work, current)
+        finally:
+            # Our own steps may have changed links or the firewall: what was kept is read again, unless every
+            # step is one that cannot (a disk grown, a record written: the common live edit).
+            if any(step.kind not in LEAVES_HOST_NETWORK for change in work for step in change.steps):
+                self.facts.changed()
         if result.ok:
             return _Applied()
         failure = result.failed_vms.get(key) or "; ".join(result.failed_vms.values())

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,20 +355,25 @@ def _parsed(text: str, file: str) -> tuple[tuple[tuple[BaseModel, Source], ...],
     return tuple(objects), tuple(errors)
 
 
-def load_directory(directory: str | Path) -> ManifestSet:
-    """Load and cross-check every manifest under ``directory``."""
-    root = Path(directory)
-    result = ManifestSet(directory=str(root))
-    if not root.is_dir():
-        result.errors.append(ManifestError(str(root), 1, 1, "", "not a directory"))
-        return result
-    for path in manifest_files(root):
-        file = str(path)
+def read_file(path: Path, root: Path) -> str | ManifestError:
+    """The text of one manifest file under ``root``, or the located error that refused it."""
+    try:
+        return read_manifest(path, root)
+    except ManifestUnreadable as exc:
+        return ManifestError(str(path), exc.line, exc.col, "", exc.message)
+
+
+def assemble(directory: str | Path, texts: Mapping[str, str | ManifestError]) -> ManifestSet:
+    """Parse (``_parsed``: only texts not seen before) and cross-check the files ``texts`` holds (file ->
+    its text, or the error reading it), in file order. ``load_directory`` is this over every file; the
+    sync daemon keeps ``texts`` and re-reads only the files an event names, so the duplicate-name and
+    cross-file checks still run over the whole set each time (they are cheap; parsing is not)."""
+    result = ManifestSet(directory=str(directory))
+    for file in sorted(texts, key=Path):  # as manifest_files orders them
+        text = texts[file]
         result.files.append(file)
-        try:
-            text = read_manifest(path, root)
-        except ManifestUnreadable as exc:
-            result.errors.append(ManifestError(file, exc.line, exc.col, "", exc.message))
+        if isinstance(text, ManifestError):
+            result.errors.append(text)
             result.failed_files.add(file)
             continue
         objects, errors = _parsed(text, file)
@@ -382,6 +387,16 @@ def load_directory(directory: str | Path) -> ManifestSet:
                 _add_network(result, obj, source)
     _check_unique_across(result)
     return result
+
+
+def load_directory(directory: str | Path) -> ManifestSet:
+    """Load and cross-check every manifest under ``directory``."""
+    root = Path(directory)
+    if not root.is_dir():
+        result = ManifestSet(directory=str(root))
+        result.errors.append(ManifestError(str(root), 1, 1, "", "not a directory"))
+        return result
+    return assemble(root, {str(path): read_file(path, root) for path in manifest_files(root)})
 
 
 def _clash(result: ManifestSet, here: Source, there: Source, path: Loc, message: str, other: str,

@@ -154,6 +154,17 @@ def record_stamp(paths: VMPaths) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
+def record_identity(paths: VMPaths) -> tuple[int, int, int, int] | None:
+    """(inode, mtime_ns, ctime_ns, size) of record.json, or None: the sync daemon re-parses a record only
+    when this changed. Records are replaced by rename (``write_atomic``: a new inode), and a hand edit in
+    place moves mtime and ctime, so an unchanged identity means unchanged contents."""
+    try:
+        stat = paths.record.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size
+
+
 def known_vm_names(layout: StateLayout) -> list[str]:
     """VM folders in the state directory (ours by construction: only the executor creates them)."""
     if not layout.vms.is_dir():

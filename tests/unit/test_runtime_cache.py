@@ -163,7 +163,7 @@ def test_a_failing_read_keeps_the_last_good_state(env: tuple[Path, StateLayout, 
     def explode(directory: object) -> None:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr("reconciler.runtime.cache.load_directory", explode)
+    monkeypatch.setattr("reconciler.runtime.manifests.manifest_files", explode)
     assert cache.reload() == set()
     assert set(cache.state.vms) == {"a"}, "never an empty desired state: that would delete every VM"
     assert any("disk on fire" in message for message in _event_messages(store))
@@ -175,18 +175,18 @@ def test_a_slow_read_never_holds_up_the_event_loop(env: tuple[Path, StateLayout,
     goes on restarting VMs: the read runs in a worker thread."""
     import threading
 
-    from reconciler.runtime import cache as cache_module
+    from reconciler.runtime import manifests as manifests_module
 
     manifests, layout, store = env
     (manifests / "a.yaml").write_text(vm_yaml("a"))
     release = threading.Event()
-    real = cache_module.load_directory
+    real = manifests_module.manifest_files
 
     def slow(directory: Path) -> object:
         assert release.wait(30), "the loop never got to release the read"
         return real(directory)
 
-    monkeypatch.setattr(cache_module, "load_directory", slow)
+    monkeypatch.setattr(manifests_module, "manifest_files", slow)
     cache = DesiredCache(manifests, layout, store, None)
 
     async def scenario() -> set[str]:

@@ -1,14 +1,15 @@
-"""Which link events wake the sync daemon (runtime.links): only its own bridges and TAPs (pure)."""
+"""Which link events wake which of the sync daemon's keys (runtime.links): only its own bridges and TAPs
+(pure)."""
 
 from __future__ import annotations
 
-from reconciler.runtime.links import matters, our_links
+from reconciler.runtime.links import link_keys, woken
 from reconciler.spec.models import Network, VirtualMachine, tap_name
 
 
-def _vm(nics: list[dict[str, str]]) -> VirtualMachine:
+def _vm(name: str, nics: list[dict[str, str]]) -> VirtualMachine:
     return VirtualMachine.model_validate({"apiVersion": "infinization.io/v1alpha1", "kind": "VirtualMachine",
-                                          "metadata": {"name": "web"}, "spec": {"networks": nics}})
+                                          "metadata": {"name": name}, "spec": {"networks": nics}})
 
 
 def _net(name: str, bridge: str) -> Network:
@@ -16,12 +17,15 @@ def _net(name: str, bridge: str) -> Network:
                                    "metadata": {"name": name}, "spec": {"bridge": bridge}})
 
 
-def test_our_bridges_and_taps_matter_and_nothing_else() -> None:
-    vm = _vm([{"name": "lan", "type": "bridge", "network": "lan"}, {"name": "own", "type": "bridge",
-                                                                    "bridge": "br-own"}])
-    ours = our_links([vm], {"lan": _net("lan", "br-lan")}, {"old": _net("old", "br-old")})
-    assert ours == {"br-lan", "br-own", "br-old"}
-    for name in ("br-lan", "br-own", "br-old", tap_name("web", "lan"), None):
-        assert matters([name], ours), name
-    assert not matters(["veth1234", "docker0", "br-lan0", "eth0"], ours)
-    assert matters(["eth0", "br-lan"], ours), "one of ours in a batch is enough"
+def test_a_tap_wakes_its_vm_a_bridge_the_host_and_nothing_else_wakes_anything() -> None:
+    web = _vm("web", [{"name": "lan", "type": "bridge", "network": "lan"},
+                      {"name": "own", "type": "bridge", "bridge": "br-own"}])
+    db = _vm("db", [{"name": "old", "type": "bridge", "network": "old"}])
+    keys = link_keys([web, db], {"lan": _net("lan", "br-lan")}, {"old": _net("old", "br-old")}, "@host")
+    assert woken([tap_name("web", "lan")], keys) == ["web"]
+    assert woken([tap_name("db", "old")], keys) == ["db"]
+    for bridge in ("br-lan", "br-own", "br-old"):  # desired, named by a NIC, created and still recorded
+        assert woken([bridge], keys) == ["@host"], bridge
+    assert woken(["veth1234", "docker0", "br-lan0", "eth0", "inz0000000000"], keys) == [], \
+        "another program's interfaces (and another installation's TAP) wake nothing"
+    assert woken(["eth0", tap_name("web", "own"), "br-lan"], keys) == ["@host", "web"], "ours in a batch"

@@ -37,7 +37,7 @@ def vm_yaml(name: str, run: str = "Halted") -> str:
 
 async def fake_observe(layout: StateLayout, desired: Mapping[str, Any], records: Mapping[str, Any],
                        networks: Mapping[str, Any], only: set[str] | None = None,
-                       host: Any = None) -> ObservedState:
+                       host: Any = None, facts: Any = None) -> ObservedState:
     """No QEMU runs: each VM is stopped, with how its last QEMU ended as exit.json says."""
     names = (only or set(desired) | set(records))
     vms = {}
