@@ -179,12 +179,13 @@ def idle_daemon(count: int, window: float, paused: bool, resync: float | None = 
         if not paused:
             box.wait_booted(names)
         extra = ["--resync-interval", f"{resync:g}"] if resync is not None else []
+        launched = time.time()  # `apply` records status rows too: only the daemon's own, newer rows count
         daemon = subprocess.Popen([PYTHON, "-m", "reconciler", "sync", str(box.manifests), "--metrics-address",
                                    "none", *extra], cwd=ROOT, env=box.env(), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         # Converged: a first full reconcile has passed (status written for every VM).
         wait_for(lambda: (box.state / "infinization.db").exists(), timeout=120, step=0.1)
-        wait_for(lambda: all(row["lastReconcile"] for row in _status(box)), timeout=900, step=2.0)
+        wait_for(lambda: all((row["lastReconcile"] or 0) > launched for row in _status(box)), timeout=900, step=2.0)
         time.sleep(5.0)  # settle: the first resync and listeners' connects are not idle time
         cpu0, began = _cpu_seconds(daemon.pid), time.monotonic()
         time.sleep(window)
