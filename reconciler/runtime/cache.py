@@ -72,7 +72,7 @@ def _changed(new: DesiredState, old: DesiredState) -> set[str]:
 
 class DesiredCache:
     def __init__(self, directory: Path, layout: StateLayout, store: Store, host: str | None) -> None:
-        self.directory = directory.absolute()
+        self.directory = directory.resolve()  # a symlinked path is the same source: `cli.common.canonical_dir`
         self.layout = layout
         self.store = store
         self.host = host

@@ -163,7 +163,7 @@ def run_daemon(directory: Path, layout: StateLayout, options: Options, database_
         if metrics_address:
             metrics.serve(metrics_address)
         # `status` and `events` without a directory read the one the daemon keeps the host converged with.
-        files.write_source(layout, str(directory.absolute()))
+        files.write_source(layout, str(directory.resolve()))
         store = Store(layout.database, host=options.host, database_url=database_url, retention_days=retention_days)
         try:
             asyncio.run(SyncDaemon(directory, layout, store, options).run())
