@@ -349,9 +349,10 @@ async def _wait_running(paths: VMPaths, pid: int, timeout: float = READY_TIMEOUT
         if paths.qmp.is_socket():
             try:
                 async with monitor.session(paths.qmp, timeout=max(POLL, deadline - time.monotonic())) as qmp:
-                    if await _until_status_running(qmp, paths, pid, deadline, ready):
+                    seen = await _until_status(qmp, paths, pid, deadline, ready)
+                    if seen == ready:
                         return
-                    last = f"its status never became {ready}"
+                    last = f"status {seen}"  # what it said last (a start stuck in 'prelaunch'...)
             except MonitorError as exc:
                 last = str(exc)
         await asyncio.sleep(POLL)
@@ -365,16 +366,18 @@ def _require_alive(paths: VMPaths, pid: int) -> None:
                          f"QEMU pid {pid} exited before its guest ran (see `infinization logs`)")
 
 
-async def _until_status_running(qmp: monitor.Monitor, paths: VMPaths, pid: int, deadline: float,
-                                ready: str = "running") -> bool:
-    """Ask ``query-status`` over one session until it says ``ready`` (True) or the deadline passes.
-    :raise MonitorError: When the session breaks (the caller reconnects). :raise StepFailed: QEMU died."""
+async def _until_status(qmp: monitor.Monitor, paths: VMPaths, pid: int, deadline: float, ready: str) -> str:
+    """Ask ``query-status`` over one session until it says ``ready`` or the deadline passes; the last status
+    it said. :raise MonitorError: When the session breaks (the caller reconnects). :raise StepFailed: QEMU
+    died."""
+    status = "unknown"
     while time.monotonic() < deadline:
-        if (await qmp.execute("query-status")).get("status", "") == ready:
-            return True
+        status = str((await qmp.execute("query-status")).get("status", "unknown"))
+        if status == ready:
+            break
         _require_alive(paths, pid)
         await asyncio.sleep(POLL)
-    return False
+    return status
 
 
 async def _press_power_button(paths: VMPaths, pid: int, grace: float) -> bool:
