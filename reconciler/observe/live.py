@@ -166,8 +166,3 @@ def parse_live(answers: LiveAnswers, launched: VirtualMachineSpec | None, record
         usb_controller=USB_CONTROLLER in answers.devices,
         vcpu_threads=answers.vcpu_threads,
     )
-
-
-async def observe_live(qmp: Monitor, launched: VirtualMachineSpec | None, record: LiveRecord) -> LiveState:
-    """:raise MonitorError: When a query fails."""
-    return parse_live(await query_live(qmp), launched, record)

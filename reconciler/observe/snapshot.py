@@ -81,7 +81,7 @@ async def query_running(
     monitor session, every query pipelined (``observe.live.query_live``)."""
     try:
         async with monitor.session(paths.qmp) as qmp:
-            state, answers = await asyncio.gather(qmp.execute("query-status"), query_live(qmp))
+            state, answers = await monitor.together(qmp.execute("query-status"), query_live(qmp))
     except MonitorError:
         return "unreachable", None, None
     return str(state.get("status", "unknown")), parse_live(answers, launched, record), answers.named_nodes
