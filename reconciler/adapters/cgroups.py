@@ -5,7 +5,9 @@ Each VM's QEMU gets ``infinization.slice/vm-NAME-HASH.scope`` (HASH: 12 hex of t
 because two state directories on one host may both hold a VM called ``web``): in the cgroup v2 hierarchy
 (grouping only, or with ``cpuset.cpus``/``cpuset.mems`` where v2 has the cpuset controller), and, on a
 hybrid host whose cpuset controller is a v1 hierarchy of its own (``/sys/fs/cgroup/cpuset``), under that
-hierarchy too, for the cpuset. The cgroups are made directly under the mounts: no systemd is needed (none
+hierarchy too, for the cpuset; likewise for the ``cpu`` controller, so that all VMs together weigh as much as
+one other top-level cgroup (what systemd's ``machine.slice`` does for libvirt): booting guests cannot starve
+the reconciler, or anything else on the host, of CPU. The cgroups are made directly under the mounts: no systemd is needed (none
 may run, as in containers), and nothing else names these directories.
 """
 
@@ -57,6 +59,22 @@ def cpuset_hierarchy() -> CpusetHierarchy:
             return CpusetHierarchy(version="v1", mount=fields[1])
     where = f"the cgroup v2 hierarchy at {v2} does not list it in cgroup.controllers" if v2 else "no cgroup v2 mount"
     return CpusetHierarchy(detail=f"no cpuset cgroup controller ({where}, and no cgroup v1 cpuset mount)")
+
+
+def cpu_weight_mount() -> tuple[str, Path] | None:
+    """Where the ``cpu`` controller (CPU weight) can be used: ("v2", mount) when the v2 root lists it, else
+    ("v1", mount) of a v1 hierarchy holding it (``cpu`` or ``cpu,cpuacct``); None when there is neither."""
+    v2 = cgroup2_mount()
+    if v2 is not None:
+        try:
+            if "cpu" in (v2 / "cgroup.controllers").read_text().split():
+                return "v2", v2
+        except OSError:
+            pass
+    for fields in _mounts():
+        if fields[2:3] == ["cgroup"] and "cpu" in fields[3].split(","):
+            return "v1", Path(fields[1])
+    return None
 
 
 def vm_cgroup(hierarchy: CpusetHierarchy, vm_dir: Path) -> Path | None:

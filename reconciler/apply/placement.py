@@ -140,9 +140,11 @@ async def apply(qmp: Monitor, paths: VMPaths, step: s.SetPlacement) -> str:
 
 
 def _mounts() -> list[Path]:
-    """The hierarchies a VM's cgroups may be in: cgroup v2 (grouping) and the cpuset one (v1 on hybrid hosts)."""
+    """The hierarchies a VM's cgroups may be in: cgroup v2 (grouping), the cpuset one and the cpu one (v1 on
+    hybrid hosts)."""
     hierarchy = cgroups.cpuset_hierarchy()
-    found = {cgroups.cgroup2_mount(), Path(hierarchy.mount) if hierarchy.version else None}
+    cpu = cgroups.cpu_weight_mount()
+    found = {cgroups.cgroup2_mount(), Path(hierarchy.mount) if hierarchy.version else None, cpu[1] if cpu else None}
     return sorted(mount for mount in found if mount is not None)
 
 

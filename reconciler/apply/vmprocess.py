@@ -167,20 +167,46 @@ def _launch(paths: VMPaths, argv: list[str], uid: int, gid: int, fds: list[int],
 
 def _own_cgroup(paths: VMPaths, pid: int, cpus: str | None = None) -> str:
     """Move QEMU into a cgroup v2 of its own (``infinization.slice/vm-NAME-HASH.scope``), where the host mounts
-    one; what was done (best effort: grouping and accounting; a pinned VM's cpuset is set by set-placement)."""
+    one, and under the ``cpu`` controller's slice; what was done (best effort: grouping, accounting and CPU
+    weight; a pinned VM's cpuset is set by set-placement)."""
     mount = cgroups.cgroup2_mount()
-    if mount is None:
-        return "no cgroup v2"
-    group = mount / cgroups.SLICE / cgroups.scope_name(paths.dir)
     placement.sweep_empty()  # empty cgroups of QEMUs that were killed: the kernel keeps populated ones
+    done = "no cgroup v2"
+    if mount is not None:
+        group = mount / cgroups.SLICE / cgroups.scope_name(paths.dir)
+        try:
+            group.mkdir(parents=True, exist_ok=True)
+            if cpus and (group / "cpuset.cpus").exists():  # v2 with cpuset: joining would reset QEMU's affinity
+                (group / "cpuset.cpus").write_text(f"{cpus}\n")
+            (group / "cgroup.procs").write_text(f"{pid}\n")
+            done = f"cgroup {group}"
+        except OSError as exc:
+            done = f"cgroup v2 not used ({exc.strerror or exc})"
+    return f"{done}; {_cpu_weight(paths, pid)}"
+
+
+def _cpu_weight(paths: VMPaths, pid: int) -> str:
+    """Put QEMU under ``infinization.slice`` in the ``cpu`` controller: every VM together then weighs as much as
+    one other top-level cgroup, so guests booting or spinning leave the reconciler (and the host's services) a
+    fair share of the CPU instead of 1/(N+1) of it. What was done (best effort)."""
+    found = cgroups.cpu_weight_mount()
+    if found is None:
+        return "no cpu controller"
+    version, mount = found
+    slice_dir = mount / cgroups.SLICE
     try:
-        group.mkdir(parents=True, exist_ok=True)
-        if cpus and (group / "cpuset.cpus").exists():  # v2 with cpuset: joining would reset QEMU's affinity
-            (group / "cpuset.cpus").write_text(f"{cpus}\n")
-        (group / "cgroup.procs").write_text(f"{pid}\n")
+        slice_dir.mkdir(mode=0o755, exist_ok=True)
+        if version == "v2":  # the VM's scope (joined above) gets the controller from its parents
+            for parent in (mount, slice_dir):
+                if "cpu" not in (parent / "cgroup.subtree_control").read_text().split():
+                    (parent / "cgroup.subtree_control").write_text("+cpu\n")
+            return f"cpu weight under {slice_dir}"
+        group = slice_dir / cgroups.scope_name(paths.dir)
+        group.mkdir(mode=0o755, exist_ok=True)
+        (group / "cgroup.procs").write_text(f"{pid}\n")  # v1: the tgid moves every thread
+        return f"cpu weight under {slice_dir}"
     except OSError as exc:
-        return f"cgroup v2 not used ({exc.strerror or exc})"
-    return f"cgroup {group}"
+        return f"cpu weight not set ({exc.strerror or exc})"
 
 
 async def start(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, bridges: dict[str, str],

@@ -9,7 +9,7 @@ no clock, no randomness: the same inputs give a byte-identical plan. The per-fie
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,11 +125,17 @@ def plan(
     desired_digest: str = "",
     options: PlanOptions | None = None,
     host: HostConfig | None = None,
+    only: Collection[str] | None = None,
 ) -> Plan:
     """Compute the plan. ``desired`` must be a complete, valid set: a VM missing from it is deleted.
 
     Order: Networks (bridges) and the firewall first, then VMs, then Networks being deleted. ``host`` is
     the host's policy (what manifests may use); the defaults when not given.
+
+    ``only``: plan just these VMs (the sync loop's reconcile of one key, whose snapshot observed only that
+    VM); Networks and the firewall are planned whole all the same. Choices that depend on every VM (display
+    ports, CPU placement) still see all of ``desired``; the hugepages other VMs would take are not deducted,
+    as they are not being started by this plan.
     """
     options = options or PlanOptions()
     host = host or HostConfig()
@@ -137,6 +143,8 @@ def plan(
     net = plan_networks(networks, desired, observed)
     names = sorted(set(desired) | set(last_applied) | {n for n, vm in observed.vms.items() if vm.process or vm.tpm_pid}
                    | {claim.vm for claim in observed.devices.claims.values()})
+    if only is not None:
+        names = [name for name in names if name in only]
     changes = list(net.first)
     ports = display.assign_ports(desired, observed, host)
     chosen = placement.choose_all(desired, last_applied, observed.cpu_host)

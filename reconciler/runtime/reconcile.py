@@ -130,7 +130,8 @@ class Reconciler:
         return Park(lambda: fingerprint() != parked)
 
     async def _snapshot(self, only: set[str], took: dict[str, float] | None = None) -> tuple[Plan, ObservedState]:
-        """Plan with ``only`` observed; ``took`` gets the milliseconds the observation and the plan took."""
+        """Observe and plan the VMs in ``only`` (none for ``HOST``) and the host's networks; ``took`` gets the
+        milliseconds the observation and the plan took."""
         began = time.monotonic()
         state = self.cache.state
         desired = {name: loaded.vm for name, loaded in state.vms.items()}
@@ -146,7 +147,8 @@ class Reconciler:
         planning = time.monotonic()
         result = plan(desired, observed, records, networks=networks, manifest_dir=str(self.cache.directory),
                       options=PlanOptions(allow_restart=self.allow_restart,
-                                          prune_other_sources=self.prune_other_sources), host=self.config)
+                                          prune_other_sources=self.prune_other_sources), host=self.config,
+                      only=only)  # the other VMs were not observed: planning them would be N x N work a resync
         if took is not None:
             took["observe_ms"] = round((planning - began) * 1000, 1)
             took["plan_ms"] = round((time.monotonic() - planning) * 1000, 1)

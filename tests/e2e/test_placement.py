@@ -68,7 +68,8 @@ def vcpu_tid(pid: int, index: int) -> int:
 
 V2_CONTROLLERS = Path("/sys/fs/cgroup/cgroup.controllers")
 SLICES = [Path("/sys/fs/cgroup/cpuset/infinization.slice"), Path("/sys/fs/cgroup/unified/infinization.slice"),
-          Path("/sys/fs/cgroup/infinization.slice")]
+          Path("/sys/fs/cgroup/infinization.slice"), Path("/sys/fs/cgroup/cpu/infinization.slice"),
+          Path("/sys/fs/cgroup/cpu,cpuacct/infinization.slice")]
 
 
 def v2_cpuset() -> bool:
@@ -251,3 +252,32 @@ def test_memory_on_hugepages_and_too_few_refused_at_plan(host: Host, hugepages: 
     assert "spec.memory.hugepages: the guest's memory (1Gi) needs 512 free 2Mi hugepages, the host has" in plan.stdout
     applied = host.apply(check=False)
     assert applied.returncode != 0 and host.qemu_pids("bigger") == []
+
+
+def cpu_cgroup(pid: int) -> Path | None:
+    """The directory of the process's cgroup in the ``cpu`` controller: a v1 hierarchy holding ``cpu``, else v2
+    when its root lists the controller."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            mount = next(Path(m) for m in (f"/sys/fs/cgroup/{controllers}", "/sys/fs/cgroup/cpu") if Path(m).is_dir())
+            return mount / path.lstrip("/")
+        if controllers == "" and V2_CONTROLLERS.exists() and "cpu" in V2_CONTROLLERS.read_text().split():
+            return Path("/sys/fs/cgroup") / path.lstrip("/")
+    return None
+
+
+def test_every_qemu_is_weighed_under_the_slice_in_the_cpu_controller(host: Host) -> None:
+    """All guests together weigh as one top-level cgroup (systemd's machine.slice does this for libvirt):
+    QEMU runs in its scope under ``infinization.slice`` in the ``cpu`` controller; deleting the VM removes it."""
+    host.write("weighed.yaml", manifest("weighed", "{cores: 1}"))
+    host.apply()
+    (pid,) = host.qemu_pids("weighed")
+    group = cpu_cgroup(pid)
+    if group is None:
+        pytest.skip("this host has no cpu cgroup controller")
+    assert group.parent.name == "infinization.slice" and group.name.startswith("vm-weighed-")
+    assert str(pid) in (group / "cgroup.procs").read_text().split()
+    (host.manifests / "weighed.yaml").unlink()
+    host.apply("--allow-empty")
+    assert host.qemu_pids("weighed") == [] and not group.exists(), "the VM's cpu cgroup is removed with it"
