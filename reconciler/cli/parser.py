@@ -165,7 +165,8 @@ def _add_sync_start_stop(sub: _Subparsers, common: argparse.ArgumentParser) -> N
                    help="read the PostgreSQL URL from this file (mode 0600: it holds a password)")
     p.add_argument("--metrics-address", default="127.0.0.1:9464",
                    help="Prometheus metrics HOST:PORT, or 'none' (default 127.0.0.1:9464)")
-    p.add_argument("--resync-interval", type=float, default=30.0, help="full resync period, seconds (default 30)")
+    p.add_argument("--resync-interval", type=float, default=600.0,
+                   help="full resync period, seconds (default 600; events cover the rest; SIGHUP resyncs now)")
     p.add_argument("--debounce-ms", type=int, default=50, help="manifest change debounce (default 50 ms)")
     p.add_argument("--event-retention-days", type=int, default=30, metavar="DAYS",
                    help="prune this host's events older than DAYS, locally and in PostgreSQL (default 30; 0 keeps "

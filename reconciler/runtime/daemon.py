@@ -16,7 +16,7 @@ the parts together; ``run_daemon`` is called by the CLI (``infinization sync``):
 - ``runtime.reconcile``: one reconcile (with ``runtime.crashloop`` and ``runtime.status``);
 - ``runtime.service``: readiness, status and watchdog for systemd (``Type=notify``).
 
-SIGTERM/SIGINT stop the daemon and leave every VM running.
+SIGTERM/SIGINT stop the daemon and leave every VM running; SIGHUP runs the full resync now.
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ class Options:
     allow_restart: bool = False
     prune_other_sources: bool = False  # delete VMs last applied from another directory (default: kept)
     debounce_ms: int = 50
-    resync_seconds: float = 30.0
+    # The safety net for changes no event reports (a record or pidfile deleted by hand, a thread moved by
+    # taskset, a display password file edited): events cover the rest. Flux's usual interval; each pass costs
+    # every VM one observation (docs/performance.md: the idle daemon).
+    resync_seconds: float = 600.0
     parallel: int = 4
     config: HostConfig = field(default_factory=HostConfig)  # the host's policy (storage roots, QEMU user...)
 
@@ -64,6 +67,7 @@ class SyncDaemon:
         self.store = store
         self.options = options
         self.stopping = asyncio.Event()
+        self.resync_now = asyncio.Event()  # SIGHUP (or stopping): end the wait for the next full resync
         self.cache = DesiredCache(directory, layout, store, options.host)
         self.listeners = QMPListeners(layout, store, trigger=lambda key: self.queue.add(key))
         self.facts = CachedHostFacts(max_age=options.resync_seconds)  # host-wide facts, kept between events
@@ -111,6 +115,7 @@ class SyncDaemon:
         if not self.stopping.is_set():
             self.service.stopping()
         self.stopping.set()
+        self.resync_now.set()
 
     async def _on_files_changed(self, changed: set[str]) -> None:
         await self.cache.wait_for_git(self.stopping)
@@ -120,9 +125,11 @@ class SyncDaemon:
     async def _resync(self) -> None:
         while not self.stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.options.resync_seconds)
+                await asyncio.wait_for(self.resync_now.wait(), self.options.resync_seconds)
+            self.resync_now.clear()
             if self.stopping.is_set():
                 return
+            log.info("full resync")
             await self.cache.wait_for_git(self.stopping)
             self.cache.forget()  # level-triggered: every file, record and host fact is read again
             self.facts.forget()
@@ -133,6 +140,7 @@ class SyncDaemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop)
+        loop.add_signal_handler(signal.SIGHUP, self.resync_now.set)
         watchdog = asyncio.create_task(self.service.watchdog(self.stopping))  # from the start: systemd's is on
         await self.cache.wait_for_git(self.stopping)
         await self.cache.reload_async()

@@ -184,7 +184,9 @@ class Reconciler:
             if applied.failure is not None:  # a failure that needs a person says which and why
                 failure = f"{applied.failure} ({NEEDS_A_PERSON})" if applied.permanent else status.FAILED
             reporting = time.monotonic()
-            unstarted = await self._report(key, time.monotonic() - began, failure, delay)
+            # Nothing was done (every resync, for every VM): what was just observed is the status to write.
+            seen = (current, observed) if not work or self.dry_run else None
+            unstarted = await self._report(key, time.monotonic() - began, failure, delay, seen)
             took["report_ms"] = round((time.monotonic() - reporting) * 1000, 1)
         if work:  # a no-op (every resync, for every VM) is not worth a line
             log.info("reconciled", vm=key, steps=sum(len(c.steps) for c in work),
@@ -254,9 +256,11 @@ class Reconciler:
                                   permanent=outcome.permanent | vm.permanent)
         return outcome
 
-    async def _report(self, name: str, seconds: float, failure: str | None, backoff: float | None) -> bool:
-        """Write the VM's status as it is after the reconcile; True when it is still to be started."""
-        after, observed = await self._snapshot({name})
+    async def _report(self, name: str, seconds: float, failure: str | None, backoff: float | None,
+                      seen: tuple[Plan, ObservedState] | None = None) -> bool:
+        """Write the VM's status as it is after the reconcile (``seen``: the snapshot taken before it, when
+        nothing was done since); True when it is still to be started."""
+        after, observed = seen or await self._snapshot({name})
         change = after.change(name)
         vm = observed.vm(name)
         state = self.cache.state

@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from reconciler.adapters.cgroups import scope_name
+from reconciler.runtime.store import open_readonly
 from tests.e2e.harness import GUEST_DIR, Host, live_processes
 
 MEMINFO = Path("/proc/meminfo")
@@ -91,6 +94,17 @@ def cpuset_cgroup(pid: int) -> Path | None:
     return None
 
 
+def _reported_since(host: Host, vm: str, since: float) -> bool:
+    store = open_readonly(host.state / "infinization.db")
+    if store is None:
+        return False
+    try:
+        status = store.statuses().get(vm)
+    finally:
+        store.close()
+    return status is not None and (status.last_reconcile or 0) > since
+
+
 @pytest.fixture(autouse=True)
 def _no_cgroup_left(host: Host) -> Iterator[None]:
     """VMs the test harness kills (not deleted through the reconciler) leave empty cgroups until the next start
@@ -143,10 +157,14 @@ def test_vcpu_threads_pinned_repinned_live_and_after_a_hand_made_taskset(host: H
     assert placement_of(pid) == ({0: "0", 1: "1"}, {"1"})
     assert host.plan_exit() == 0
 
-    # The sync daemon repairs it too (its periodic resync: moving a thread sends no event).
-    daemon = host.start_sync()
+    # The sync daemon repairs it too, on its full resync (moving a thread sends no event): with the periodic one
+    # an hour away, SIGHUP runs it now.
+    launched = time.time()
+    daemon = host.start_sync("--resync-interval", "3600")
     try:
+        host.wait_for(lambda: _reported_since(host, "placed", launched), "the daemon's first pass", 120)
         subprocess.run(["taskset", "-p", "-c", "1", str(vcpu_tid(pid, 0))], check=True, capture_output=True)
+        daemon.send_signal(signal.SIGHUP)
         host.wait_for(lambda: placement_of(pid) == ({0: "0", 1: "1"}, {"1"}), "the daemon to re-pin vCPU 0", 60)
     finally:
         assert host.stop_sync(daemon) == 0
