@@ -38,7 +38,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="*", help="the N of `create N VMs` (default 1 16 32)")
     parser.add_argument("--many", type=int, help="VMs for the flatness scenarios (default 25; quick: 8)")
     parser.add_argument("--idle-resync", type=float, metavar="SECONDS",
-                        help="the idle daemon's --resync-interval (default: the daemon's own, 30 s)")
+                        help="the idle daemon's --resync-interval (default: the daemon's own, 600 s)")
     parser.add_argument("--repeat", type=int, default=1, help="repeat the create scenario, keep the median")
     args = parser.parse_args()
     chosen = set(args.only or SCENARIOS)

@@ -7,8 +7,8 @@ because two state directories on one host may both hold a VM called ``web``): in
 hybrid host whose cpuset controller is a v1 hierarchy of its own (``/sys/fs/cgroup/cpuset``), under that
 hierarchy too, for the cpuset; likewise for the ``cpu`` controller, so that all VMs together weigh as much as
 one other top-level cgroup (what systemd's ``machine.slice`` does for libvirt): booting guests cannot starve
-the reconciler, or anything else on the host, of CPU. The cgroups are made directly under the mounts: no systemd is needed (none
-may run, as in containers), and nothing else names these directories.
+the reconciler, or anything else on the host, of CPU. The cgroups are made directly under the mounts: no
+systemd is needed (none may run, as in containers), and nothing else names these directories.
 """
 
 from __future__ import annotations
