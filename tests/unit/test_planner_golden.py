@@ -90,7 +90,9 @@ def test_one_vm_planned_alone_is_its_part_of_the_whole_plan(case: str) -> None:
             assert change.refusals and not mine.refusals and mine.steps  # nothing else takes its hugepages
         else:
             assert mine == change
-    assert [c for c in _case_plan(CASES / case, only=set()).changes if c.resource == "VirtualMachine"] == []
+    host_only = _case_plan(CASES / case, only=set())  # the sync loop's @host key: Networks and firewall only
+    assert [c for c in host_only.changes if c.resource != "VirtualMachine"] == networks
+    assert [c for c in host_only.changes if c.resource == "VirtualMachine"] == []
 
 
 # Every row of the field table, and a golden case whose plan shows that row at work.
