@@ -70,6 +70,13 @@ def _vm_change(current: Plan, key: str) -> Change | None:
     return change if change is not None and change.resource == "VirtualMachine" else None
 
 
+def _failure_text(applied: _Applied) -> str | None:
+    """What the status says of a failed change: one that needs a person says which and why."""
+    if applied.failure is None:
+        return None
+    return f"{applied.failure} ({NEEDS_A_PERSON})" if applied.permanent else status.FAILED
+
+
 class Reconciler:
     def __init__(self, cache: DesiredCache, layout: StateLayout, store: Store, listeners: QMPListeners, *,
                  dry_run: bool = False, allow_restart: bool = False, config: HostConfig | None = None,
@@ -180,13 +187,10 @@ class Reconciler:
         took["act_ms"] = round((time.monotonic() - acting) * 1000, 1)
         unstarted = False
         if key != HOST:
-            failure = None
-            if applied.failure is not None:  # a failure that needs a person says which and why
-                failure = f"{applied.failure} ({NEEDS_A_PERSON})" if applied.permanent else status.FAILED
             reporting = time.monotonic()
             # Nothing was done (every resync, for every VM): what was just observed is the status to write.
             seen = (current, observed) if not work or self.dry_run else None
-            unstarted = await self._report(key, time.monotonic() - began, failure, delay, seen)
+            unstarted = await self._report(key, time.monotonic() - began, _failure_text(applied), delay, seen)
             took["report_ms"] = round((time.monotonic() - reporting) * 1000, 1)
         if work:  # a no-op (every resync, for every VM) is not worth a line
             log.info("reconciled", vm=key, steps=sum(len(c.steps) for c in work),
