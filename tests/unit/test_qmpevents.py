@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,14 @@ def test_a_listener_handles_the_last_events_before_judging_the_exit(tmp_path: Pa
         process.kill()
         process.wait()
         store.close()
+
+
+def test_the_listeners_hold_no_qemu_qmp_client() -> None:
+    """The daemon's per-VM listener stays lean (issue 13: memory per VM): its module imports no qemu.qmp
+    (short-lived sessions import it where they are used, ``adapters.monitor``) and no pyroute2."""
+    probe = "import json, sys; import reconciler.runtime.listeners; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    modules = json.loads(done.stdout)
+    assert [name for name in modules if name.startswith(("qemu", "pyroute2"))] == []
