@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reconciler.adapters import procfs
+from reconciler.adapters import procfs, rtnl
 from reconciler.errors import StepFailed
 from reconciler.state import files
 
 TUNSETIFF = 0x400454CA
 if TYPE_CHECKING:
-    from pyroute2 import IPRoute
+    from pyroute2.iproute.linux import IPRoute
 
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
@@ -33,10 +33,9 @@ IFF_MULTI_QUEUE = 0x0100
 
 def _iproute() -> IPRoute:
     """A netlink socket. pyroute2 is imported here, not at the top: it takes 0.3-0.6 s to import, which
-    every command would pay at start-up while only network steps use it."""
-    from pyroute2 import IPRoute
-
-    return IPRoute()
+    every command would pay at start-up while only network steps use it (and only its rtnetlink part:
+    ``adapters.rtnl``)."""
+    return rtnl.iproute()()
 
 
 def _index(ipr: IPRoute, name: str) -> int | None:
@@ -120,7 +119,7 @@ def open_tap(name: str, bridge: str, queues: int, mac: str) -> list[int]:
 
     :raise StepFailed: When the TAP cannot be created or the bridge is missing.
     """
-    from pyroute2.netlink.exceptions import NetlinkError
+    NetlinkError = rtnl.netlink_error()  # looked up late, like pyroute2 itself
 
     flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
     fds: list[int] = []

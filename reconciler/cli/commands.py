@@ -12,7 +12,6 @@ import datetime
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
@@ -26,8 +25,6 @@ from reconciler.cli.recording import record_run
 from reconciler.cli.terminal import printable, vm_name
 from reconciler.plan.planner import PlanOptions
 from reconciler.plan.steps import StepKind
-from reconciler.runtime import dsn
-from reconciler.runtime.daemon import Options, run_daemon
 from reconciler.runtime.store import open_readonly
 from reconciler.state import files
 
@@ -83,25 +80,6 @@ def cmd_start_stop(args: argparse.Namespace) -> int:
         after = asyncio.run(read_view(directory, layout, False, args.host, config=view.config))
         record_run(layout, args.host, result, view, after)
     return 0 if result.ok else 1
-
-
-def cmd_sync(args: argparse.Namespace) -> int:
-    layout = layout_of(args)
-    files.check_private(layout)  # a state directory others can write would let them steer a root daemon
-    options = Options(host=args.host, dry_run=args.dry_run, allow_restart=args.allow_restart,
-                      prune_other_sources=args.prune_other_sources,
-                      debounce_ms=args.debounce_ms, resync_seconds=args.resync_interval, config=config_of(args))
-    directory = Path(args.directory)
-    if not directory.is_dir():
-        raise CliError(f"{directory} is not a directory")
-    metrics_address = None if args.metrics_address == "none" else args.metrics_address
-    if metrics_address is not None:
-        from reconciler.runtime.metrics import parse_address  # prometheus_client: only sync needs it
-
-        parse_address(metrics_address)  # a malformed address fails now, before any lock is taken
-    database = dsn.choose(args.database, args.database_file)  # before anything starts: one clear error
-    return run_daemon(directory, layout, options, database, metrics_address,
-                      retention_days=args.event_retention_days)
 
 
 def cmd_events(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 cmd_plan, cmd_apply = "plan_apply:cmd_plan", "plan_apply:cmd_apply"
 cmd_status = "status:cmd_status"
 cmd_events, cmd_logs, cmd_schema = "commands:cmd_events", "commands:cmd_logs", "manifests:cmd_schema"
-cmd_start_stop, cmd_sync, cmd_validate = "commands:cmd_start_stop", "commands:cmd_sync", "manifests:cmd_validate"
+cmd_start_stop, cmd_sync, cmd_validate = "commands:cmd_start_stop", "sync:cmd_sync", "manifests:cmd_validate"
 cmd_console, cmd_completion = "display:cmd_console", "commands:cmd_completion"
 
 

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from reconciler.adapters import procfs, threads
+from reconciler.adapters import procfs, rtnl, threads
 from reconciler.hostnet.nftables import FAMILIES, LEGACY_TABLE, HostCapabilities, firewall_table
 from reconciler.plan.observed import ObservedDhcp, ObservedHostNetwork, ObservedLink
 from reconciler.state import files
@@ -37,9 +37,7 @@ def _ipv6_slaac(name: str) -> bool | None:
 
 
 def _links() -> dict[str, ObservedLink]:
-    from pyroute2 import IPRoute  # 0.3-0.6 s to import: only when links are read
-
-    with IPRoute() as ipr:
+    with rtnl.iproute()() as ipr:  # pyroute2 (0.3-0.6 s to import): only when links are read
         raw = ipr.get_links()
         names = {link["index"]: link.get("IFLA_IFNAME") for link in raw}
         addresses: dict[int, list[str]] = {}

@@ -11,8 +11,10 @@ Each only names a key to look at (``trigger``); the reconcile loop decides what 
   without a SHUTDOWN (or panic) event is recorded as a crash in ``exit.json``, through
   ``state.files.record_exit`` (which leaves a stop by us, or a newer QEMU's file, alone); ``RerunOnFailure``
   reads it.
-- A listener is stopped by asking it to close its connection cleanly, never by cancelling it (qemu.qmp
-  dislikes that).
+- A listener is stopped by closing its connection, never by cancelling it (an exit half handled would be
+  lost).
+- A listener holds only what it needs between events (``adapters.qmpevents``: a stream reader, not a full
+  qemu.qmp client; one task): the daemon keeps one per running VM for as long as it runs.
 """
 
 from __future__ import annotations
@@ -22,16 +24,16 @@ import contextlib
 import json
 import os
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
-from qemu.qmp import QMPClient, Runstate
 from watchfiles import awatch
 
+from reconciler.adapters import rtnl
+from reconciler.adapters.qmpevents import EventStream
+from reconciler.errors import MonitorError
 from reconciler.runtime.hostfacts import CachedHostFacts
 from reconciler.runtime.store import Store
 from reconciler.state import files
@@ -41,18 +43,10 @@ from reconciler.state.models import ExitRecord
 RELEVANT_EVENTS = {"SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED", "DEVICE_DELETED", "BLOCK_IO_ERROR",
                    "POWERDOWN"}
 CONNECT_TIMEOUT = 5.0
-DRAIN_SECONDS = 2.0  # after the exit: how long the client may go on reading the last events
+DRAIN_SECONDS = 2.0  # after the exit: how long the stream may go on giving its last events
 
 Trigger = Callable[[str], None]
 log = structlog.get_logger("infinization.sync")
-
-
-def forget_seen_events(client: QMPClient) -> None:
-    """Drop qemu.qmp's record of the events already read. Its default listener keeps every event in a
-    private ``_history`` list forever (``clear()`` only empties the pending queue, and the default listener
-    cannot be removed), which would grow without bound over a VM's lifetime. qemu.qmp 0.0.6 has no public
-    way to do this, so the private access is here and only here."""
-    client.events._history.clear()
 
 
 class ExitTracker:
@@ -94,11 +88,24 @@ class ExitTracker:
         self.trigger(self.name)
 
 
-@dataclass
 class _Listener:
-    pid: int
-    task: asyncio.Task[None]
-    stop: asyncio.Event
+    """One QEMU followed: its pidfd wakes ``wake`` when it exits; ``stop()`` wakes it too and closes the
+    stream. Slotted, and no task but the one that reads: a daemon holds one of these per running VM."""
+
+    __slots__ = ("pid", "stopping", "stream", "task", "wake")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.task: asyncio.Task[None] | None = None
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.stream: EventStream | None = None
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        if self.stream is not None:
+            self.stream.close()  # the reader sees the end of its stream
 
 
 class QMPListeners:
@@ -120,74 +127,69 @@ class QMPListeners:
         if current is not None and current.pid == pid:
             return
         self.stop(name)
-        stop = asyncio.Event()
-        self._listeners[name] = _Listener(pid, asyncio.create_task(self._listen(name, pid, stop)), stop)
+        listener = self._listeners[name] = _Listener(pid)
+        listener.task = asyncio.create_task(self._listen(name, listener))
 
     def stop(self, name: str) -> asyncio.Task[None] | None:
-        """Ask a listener to close its QMP connection cleanly (not a cancel: qemu.qmp dislikes that)."""
+        """Ask a listener to close its QMP connection and end (no cancel: its exit handling must not be cut
+        in half)."""
         listener = self._listeners.pop(name, None)
         if listener is None:
             return None
-        listener.stop.set()
+        listener.stop()
         return listener.task
 
     async def close(self) -> None:
         closing = [task for name in list(self._listeners) if (task := self.stop(name))]
         await asyncio.gather(*closing, return_exceptions=True)
 
-    async def _listen(self, name: str, pid: int, stop: asyncio.Event) -> None:
+    async def _listen(self, name: str, listener: _Listener) -> None:
         """Follow one QEMU: its QMP events, and its exit (pidfd: works for a daemonized QEMU too)."""
-        paths = self.layout.vm(name)
         try:
-            pidfd = os.pidfd_open(pid)
+            pidfd = os.pidfd_open(listener.pid)
         except OSError:  # already gone: let a reconcile look at it
             self.trigger(name)
             return
-        exited = asyncio.Event()
         loop = asyncio.get_running_loop()
-        loop.add_reader(pidfd, exited.set)
-        client = QMPClient(f"infinization-sync:{name}")
-        tracker = ExitTracker(name, pid, paths, self.store, self.trigger)
+
+        def exited() -> None:
+            loop.remove_reader(pidfd)  # a pidfd stays readable: once is enough
+            listener.wake.set()
+            if listener.stream is not None:
+                _drain(loop, listener.stream)
+
+        loop.add_reader(pidfd, exited)
+        tracker = ExitTracker(name, listener.pid, self.layout.vm(name), self.store, self.trigger)
         try:
-            await self._follow(client, tracker, exited, stop)
+            await self._follow(listener, tracker, loop)
         finally:
             loop.remove_reader(pidfd)
             os.close(pidfd)
-            with contextlib.suppress(Exception):
-                await client.disconnect()
+            if listener.stream is not None:
+                listener.stream.close()
 
-    async def _follow(self, client: QMPClient, tracker: ExitTracker, exited: asyncio.Event,
-                      stop: asyncio.Event) -> None:
+    async def _follow(self, listener: _Listener, tracker: ExitTracker, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            await asyncio.wait_for(client.connect(str(tracker.paths.events)), CONNECT_TIMEOUT)
-        except Exception as exc:  # still watch the process; events of this QEMU are lost, say so
-            log.warning("cannot follow QMP events", vm=tracker.name, pid=tracker.pid, error=repr(exc))
+            stream = await EventStream.connect(tracker.paths.events, CONNECT_TIMEOUT)
+        except MonitorError as exc:  # still watch the process; events of this QEMU are lost, say so
+            log.warning("cannot follow QMP events", vm=tracker.name, pid=tracker.pid, error=str(exc))
+        else:
+            listener.stream = stream
+            if listener.stopping:
+                return
+            if listener.wake.is_set():  # exited while we connected
+                _drain(loop, stream)
+            async for event in stream.events():
+                tracker.handle(event)
+        await listener.wake.wait()  # the process exited (pidfd), or the daemon is stopping or moved on
+        if not listener.stopping:
+            tracker.exited()
 
-        def handle(event: Any) -> None:
-            forget_seen_events(client)
-            tracker.handle(event)
 
-        async def events() -> None:
-            async for event in client.events:
-                handle(event)
-
-        watcher = asyncio.create_task(events())
-        ended = asyncio.create_task(exited.wait())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait([ended, stopped], return_when=asyncio.FIRST_COMPLETED)
-        for task in (watcher, ended, stopped):
-            task.cancel()
-        await asyncio.gather(watcher, ended, stopped, return_exceptions=True)
-        if not exited.is_set():
-            return  # the daemon is stopping or moved on to a new QEMU: the VM is not our concern here
-        # The process can be gone before its last events (SHUTDOWN) were handled: let the client read
-        # to the end of the stream, then handle what is still queued, before calling it a crash.
-        deadline = time.monotonic() + DRAIN_SECONDS
-        while client.runstate == Runstate.RUNNING and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        for event in client.events.clear():
-            handle(event)
-        tracker.exited()
+def _drain(loop: asyncio.AbstractEventLoop, stream: EventStream) -> None:
+    """The process is gone: its socket ends after the last event it wrote (SHUTDOWN), which the reader
+    handles first; but not for ever (another process holding the socket open would keep it from ending)."""
+    loop.call_later(DRAIN_SECONDS, stream.close)
 
 
 async def watch_files(directory: Path, debounce_ms: int, stopping: asyncio.Event,
@@ -228,7 +230,7 @@ def watch_netlink(stopping: asyncio.Event, on_links: Callable[[set[str] | None],
     names of the interfaces concerned (``touched_links``; the daemon maps its bridges and TAPs to keys, so
     other software's interfaces coming and going wake nothing). ``facts`` (``runtime.hostfacts``) keeps host
     facts only while this watcher is subscribed. pyroute2's socket blocks: it runs in its own thread."""
-    from pyroute2 import IPRoute
+    IPRoute = rtnl.iproute()  # pyroute2: its rtnetlink part only
     from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
 
     loop = asyncio.get_running_loop()
@@ -237,7 +239,7 @@ def watch_netlink(stopping: asyncio.Event, on_links: Callable[[set[str] | None],
         with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon has stopped
             loop.call_soon_threadsafe(callback, *args)
 
-    def follow(ipr: IPRoute) -> None:
+    def follow(ipr: Any) -> None:
         # Links and their addresses only: routes and neighbours (frequent on a busy host) are not facts we keep.
         ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
         # Subscribed first, then the names: a link made in between is in the dump or in a message.

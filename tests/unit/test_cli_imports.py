@@ -123,3 +123,26 @@ def test_status_reads_the_store_without_the_daemons_logging(tmp_path: Path, mani
     assert "reconciler.runtime.store" in modules  # it read the daemon's conditions
     assert _loaded(modules, "reconciler.plan.document", "reconciler.apply", "pygments",
                    *_ONLY_APPLY_OR_SYNC) == []
+
+
+def test_the_sync_daemon_imports_no_interactive_display_nor_all_of_pyroute2() -> None:
+    """The daemon keeps every module it imports for as long as it runs (issue 13: its memory): its entry
+    (the parser, the ``sync`` handler, the daemon, its listeners and the netlink client it uses) loads no
+    live display, no recording of interactive runs, and of pyroute2 only rtnetlink (``adapters.rtnl``)."""
+    probe = """
+import json, sys
+from reconciler.cli.parser import build_parser, handler
+args = build_parser().parse_args(["sync", "."])
+handler(args.func)
+import reconciler.runtime.listeners
+from reconciler.adapters import rtnl
+rtnl.iproute()
+print(json.dumps(sorted(sys.modules)))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    modules = set(json.loads(done.stdout))
+    assert "reconciler.runtime.daemon" in modules and "pyroute2.iproute.linux" in modules
+    assert _loaded(modules, "reconciler.cli.commands", "reconciler.cli.progress", "reconciler.cli.recording",
+                   "rich.live", "pyroute2.ndb", "pyroute2.ipdb", "pyroute2.nftables", "pyroute2.ipvs") == []
