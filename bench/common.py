@@ -226,10 +226,14 @@ class RawFleet:
 
         async def one(i: int, pid: int) -> None:
             sock = self.base / f"raw{i}" / "qmp.sock"
+            async def press() -> None:
+                async with monitor.session(sock, timeout=1.0) as qmp:
+                    await qmp.execute("system_powerdown", timeout=1.0)
+
             while pid_alive(pid):
-                with contextlib.suppress(monitor.MonitorError, OSError):
-                    async with monitor.session(sock, timeout=1.0) as qmp:
-                        await qmp.execute("system_powerdown")
+                # Bounded as a whole: a session to a guest that is just going down can hang in its disconnect.
+                with contextlib.suppress(monitor.MonitorError, OSError, TimeoutError):
+                    await asyncio.wait_for(press(), 3.0)
                 for _ in range(100):
                     if not pid_alive(pid):
                         return
