@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from reconciler.apply import scheduler
+from reconciler.plan import steps as s
 from reconciler.plan.actions import Action, Change
 
 
@@ -65,6 +66,29 @@ def test_the_bound_holds() -> None:
     asyncio.run(scheduler.run_all(changes, recorder.run, recorder.skip, limit=3))
     assert recorder.most == 3
     assert sorted(line for line in recorder.log if line.startswith("end")) == sorted(f"end vm{i}" for i in range(10))
+
+
+def test_changes_that_only_wait_take_no_slot() -> None:
+    """Graceful stops wait for their guests: 10 of them run at once under a bound of 3; starts keep it."""
+    stops = [Change(resource="VirtualMachine", name=f"h{i}", action=Action.UPDATE,  # type: ignore[arg-type]
+                    steps=[s.Stop(name=f"h{i}", summary="stop", timeout=60)]) for i in range(10)]
+    starts = [Change(resource="VirtualMachine", name=f"s{i}", action=Action.CREATE,  # type: ignore[arg-type]
+                     steps=[s.Start(name=f"s{i}", summary="start")]) for i in range(10)]
+    recorder = Recorder(hold={c.name for c in stops})
+
+    async def scenario() -> None:
+        run = asyncio.ensure_future(scheduler.run_all(stops, recorder.run, recorder.skip, limit=3))
+        async def all_waiting() -> None:
+            while recorder.running < 10:
+                await asyncio.sleep(0)
+        await asyncio.wait_for(all_waiting(), 10)  # every stop is waiting at once (the bound: a guard)
+        recorder.release.set()
+        await run
+    asyncio.run(scenario())
+    assert recorder.most == 10
+    bounded = Recorder()
+    asyncio.run(scheduler.run_all(starts, bounded.run, bounded.skip, limit=3))
+    assert bounded.most == 3
 
 
 def test_a_failed_host_change_skips_every_vm_after_it_but_not_host_changes() -> None:
