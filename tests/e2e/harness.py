@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reconciler.hostnet.nftables import firewall_table
+from reconciler.runtime.store import VMStatus, open_readonly
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(os.environ.get("INFZ_GUEST_DIR", "/var/cache/infinization/guest"))
@@ -164,6 +165,16 @@ class Host:
     def stop_sync(process: subprocess.Popen[bytes]) -> int:
         process.send_signal(signal.SIGTERM)
         return process.wait(timeout=30)
+
+    def stored_status(self, vm: str) -> VMStatus | None:
+        """The VM's row in the status store, read as `infinization status` does (None: no store or no row)."""
+        store = open_readonly(self.state / "infinization.db")
+        if store is None:
+            return None
+        try:
+            return store.statuses().get(vm)
+        finally:
+            store.close()
 
     def events(self, vm: str | None = None) -> list[dict[str, object]]:
         args = ["events", "--json", "--limit", "500"] + ([vm] if vm else [])

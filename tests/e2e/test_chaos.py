@@ -116,13 +116,7 @@ class Chaos:
                 and (self.host.state / "vms" / vm / "record.json").exists() and self.ready(vm))
 
     def ready(self, vm: str) -> bool:
-        store = open_readonly(self.host.state / "infinization.db")
-        if store is None:
-            return False
-        try:
-            status = store.statuses().get(vm)
-        finally:
-            store.close()
+        status = self.host.stored_status(vm)
         return status is not None and "Ready" in status.conditions and status.pid == self.qemu(vm)
 
     def failures_since(self, vm: str, moment: float) -> list[str]:

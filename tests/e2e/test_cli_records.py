@@ -8,17 +8,13 @@ import re
 import subprocess
 import sys
 
-from reconciler.runtime.store import VMStatus, open_readonly
+from reconciler.runtime.store import VMStatus
 from tests.e2e.harness import ROOT, Host, vm_manifest
 
 
 def _row(host: Host, vm: str) -> VMStatus | None:
-    store = open_readonly(host.state / "infinization.db")
-    assert store is not None, "no status store"
-    try:
-        return store.statuses().get(vm)
-    finally:
-        store.close()
+    assert (host.state / "infinization.db").exists(), "no status store"
+    return host.stored_status(vm)
 
 
 def _events(host: Host, vm: str) -> list[tuple[str, str]]:

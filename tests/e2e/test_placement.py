@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from reconciler.adapters.cgroups import scope_name
-from reconciler.runtime.store import open_readonly
 from tests.e2e.harness import GUEST_DIR, Host, live_processes
 
 MEMINFO = Path("/proc/meminfo")
@@ -95,13 +94,7 @@ def cpuset_cgroup(pid: int) -> Path | None:
 
 
 def _reported_since(host: Host, vm: str, since: float) -> bool:
-    store = open_readonly(host.state / "infinization.db")
-    if store is None:
-        return False
-    try:
-        status = store.statuses().get(vm)
-    finally:
-        store.close()
+    status = host.stored_status(vm)
     return status is not None and (status.last_reconcile or 0) > since
 
 

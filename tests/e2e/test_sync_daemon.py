@@ -8,26 +8,14 @@ import json
 from pathlib import Path
 
 from reconciler.adapters import monitor
-from reconciler.runtime.store import VMStatus, open_readonly
 from tests.e2e.harness import Host, vm_manifest, wait_gone
 
 MiB = 1024**2
 
 
 
-def _store_status(host: Host, vm: str) -> VMStatus | None:
-    """The VM's row in the daemon's status store, read as `infinization status` does."""
-    store = open_readonly(host.state / "infinization.db")
-    if store is None:
-        return None
-    try:
-        return store.statuses().get(vm)
-    finally:
-        store.close()
-
-
 def _store_conditions(host: Host, vm: str) -> dict[str, str]:
-    status = _store_status(host, vm)
+    status = host.stored_status(vm)
     return status.conditions if status else {}
 
 
@@ -209,7 +197,7 @@ def test_a_daemon_started_on_a_broken_or_empty_directory_deletes_nothing(host: H
     assert pid and disk.exists()
 
     def reconciled_since(moment: float) -> dict[str, str] | None:
-        status = _store_status(host, "w")
+        status = host.stored_status("w")
         return status.conditions if status and status.last_reconcile and status.last_reconcile > moment else None
 
     host.write("w.yaml", manifest + "  bogus: [\n")

@@ -10,7 +10,6 @@ what brings a change in. With the resync an hour away, on one bridged VM in its 
 
 from __future__ import annotations
 
-from reconciler.runtime.store import open_readonly
 from reconciler.spec.models import tap_name
 from tests.e2e.harness import GUEST_DIR, Host, in_netns
 
@@ -43,13 +42,7 @@ spec:
 
 
 def _ready(host: Host) -> bool:
-    store = open_readonly(host.state / "infinization.db")
-    if store is None:
-        return False
-    try:
-        status = store.statuses().get("ev")
-    finally:
-        store.close()
+    status = host.stored_status("ev")
     return status is not None and "Ready" in status.conditions
 
 
