@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Literal
 
 from reconciler.plan.hostfacts import CpusetHierarchy, HugepagePool, HugetlbMount, ObservedCpuHost
 from reconciler.spec.placement import format_cpu_list, parse_cpu_list
@@ -45,36 +46,35 @@ def cgroup2_mount() -> Path | None:
     return next((Path(f[1]) for f in _mounts() if f[2:3] == ["cgroup2"]), None)
 
 
-def cpuset_hierarchy() -> CpusetHierarchy:
-    """Where the cpuset controller can be used: v2 when the v2 root lists it, else a v1 ``cpuset`` mount."""
+def _controller_mount(controller: str) -> tuple[Literal["v1", "v2"], Path] | None:
+    """Where ``controller`` can be used: ("v2", mount) when the v2 root lists it in ``cgroup.controllers``, else
+    ("v1", mount) of a v1 hierarchy holding it (alone or co-mounted, as ``cpu,cpuacct``); None when neither."""
     v2 = cgroup2_mount()
     if v2 is not None:
         try:
-            if "cpuset" in (v2 / "cgroup.controllers").read_text().split():
-                return CpusetHierarchy(version="v2", mount=str(v2))
-        except OSError:
-            pass
-    for fields in _mounts():
-        if fields[2:3] == ["cgroup"] and "cpuset" in fields[3].split(","):
-            return CpusetHierarchy(version="v1", mount=fields[1])
-    where = f"the cgroup v2 hierarchy at {v2} does not list it in cgroup.controllers" if v2 else "no cgroup v2 mount"
-    return CpusetHierarchy(detail=f"no cpuset cgroup controller ({where}, and no cgroup v1 cpuset mount)")
-
-
-def cpu_weight_mount() -> tuple[str, Path] | None:
-    """Where the ``cpu`` controller (CPU weight) can be used: ("v2", mount) when the v2 root lists it, else
-    ("v1", mount) of a v1 hierarchy holding it (``cpu`` or ``cpu,cpuacct``); None when there is neither."""
-    v2 = cgroup2_mount()
-    if v2 is not None:
-        try:
-            if "cpu" in (v2 / "cgroup.controllers").read_text().split():
+            if controller in (v2 / "cgroup.controllers").read_text().split():
                 return "v2", v2
         except OSError:
             pass
     for fields in _mounts():
-        if fields[2:3] == ["cgroup"] and "cpu" in fields[3].split(","):
+        if fields[2:3] == ["cgroup"] and controller in fields[3].split(","):
             return "v1", Path(fields[1])
     return None
+
+
+def cpuset_hierarchy() -> CpusetHierarchy:
+    """Where the cpuset controller can be used: v2 when the v2 root lists it, else a v1 ``cpuset`` mount."""
+    found = _controller_mount("cpuset")
+    if found is not None:
+        return CpusetHierarchy(version=found[0], mount=str(found[1]))
+    v2 = cgroup2_mount()
+    where = f"the cgroup v2 hierarchy at {v2} does not list it in cgroup.controllers" if v2 else "no cgroup v2 mount"
+    return CpusetHierarchy(detail=f"no cpuset cgroup controller ({where}, and no cgroup v1 cpuset mount)")
+
+
+def cpu_weight_mount() -> tuple[Literal["v1", "v2"], Path] | None:
+    """Where the ``cpu`` controller (CPU weight) can be used (see ``_controller_mount``)."""
+    return _controller_mount("cpu")
 
 
 def vm_cgroup(hierarchy: CpusetHierarchy, vm_dir: Path) -> Path | None:
