@@ -70,7 +70,7 @@ def daemon_grow(count: int, rounds: int) -> list[float]:
         box.cli("apply", str(box.manifests), "--yes")
         box.wait_booted(names)
         daemon = subprocess.Popen([PYTHON, "-m", "reconciler", "sync", str(box.manifests), "--metrics-address",
-                                   "none", "--debounce-ms", "10"], cwd=ROOT, env=box.env(),
+                                   "none"], cwd=ROOT, env=box.env(),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         db = box.state / "infinization.db"
         wait_for(db.exists, timeout=120, step=0.05)

@@ -167,7 +167,9 @@ def _add_sync_start_stop(sub: _Subparsers, common: argparse.ArgumentParser) -> N
                    help="Prometheus metrics HOST:PORT, or 'none' (default 127.0.0.1:9464)")
     p.add_argument("--resync-interval", type=float, default=600.0,
                    help="full resync period, seconds (default 600; events cover the rest; SIGHUP resyncs now)")
-    p.add_argument("--debounce-ms", type=int, default=50, help="manifest change debounce (default 50 ms)")
+    p.add_argument("--debounce-ms", type=int, default=0,
+                   help="after a manifest file event, wait this long for more before reading (default 0: a file is "
+                   "read once its writer closed it)")
     p.add_argument("--event-retention-days", type=int, default=30, metavar="DAYS",
                    help="prune this host's events older than DAYS, locally and in PostgreSQL (default 30; 0 keeps "
                    "them)")

@@ -11,7 +11,8 @@ the parts together; ``run_daemon`` is called by the CLI (``infinization sync``):
 - ``runtime.hostfacts``: host-wide facts (links, nftables) kept between the netlink and ``nft monitor``
   events that change them, so one VM's reconcile observes that VM and little else;
 - ``runtime.listeners``: triggers: QMP events and process exit of every VM (one listener each), netlink
-  link events, manifest changes (watchfiles); plus a periodic full resync here, as a safety net;
+  link events; ``runtime.filewatch``: manifest changes (inotify); plus a periodic full resync here, as a
+  safety net;
 - ``runtime.queue``: one reconcile per key at a time, keys in parallel, backoff, parking;
 - ``runtime.reconcile``: one reconcile (with ``runtime.crashloop`` and ``runtime.status``);
 - ``runtime.service``: readiness, status and watchdog for systemd (``Type=notify``).
@@ -33,8 +34,9 @@ from reconciler.apply.lock import StateLock
 from reconciler.hostnet.nftables import firewall_table
 from reconciler.runtime import dsn, links, metrics
 from reconciler.runtime.cache import HOST, DesiredCache
+from reconciler.runtime.filewatch import watch_files
 from reconciler.runtime.hostfacts import CachedHostFacts, NftMonitor
-from reconciler.runtime.listeners import QMPListeners, watch_files, watch_netlink
+from reconciler.runtime.listeners import QMPListeners, watch_netlink
 from reconciler.runtime.queue import Park, WorkQueue
 from reconciler.runtime.reconcile import Reconciler
 from reconciler.runtime.sdnotify import Notifier
@@ -53,7 +55,7 @@ class Options:
     dry_run: bool = False
     allow_restart: bool = False
     prune_other_sources: bool = False  # delete VMs last applied from another directory (default: kept)
-    debounce_ms: int = 50
+    debounce_ms: int = 0  # extra wait after a file event for more (CLOSE_WRITE already means "written")
     # The safety net for changes no event reports (a record or pidfile deleted by hand, a thread moved by
     # taskset, a display password file edited): events cover the rest. Flux's usual interval; each pass costs
     # every VM one observation (docs/performance.md: the idle daemon).
@@ -117,7 +119,7 @@ class SyncDaemon:
         self.stopping.set()
         self.resync_now.set()
 
-    async def _on_files_changed(self, changed: set[str]) -> None:
+    async def _on_files_changed(self, changed: set[str] | None) -> None:
         await self.cache.wait_for_git(self.stopping)
         for key in sorted(await self.cache.reload_async(changed)):
             self.queue.add(key, urgent=True)  # a changed manifest may be the fix: skip any backoff or parking
@@ -148,7 +150,7 @@ class SyncDaemon:
                  host=self.options.host, dry_run=self.options.dry_run, revision=self.cache.state.revision)
         self.store.event("-", "daemon", "started", f"watching {self.cache.directory}")
         self.service.first_pass(self.enqueue_all())
-        files = watch_files(self.cache.directory, self.options.debounce_ms, self.stopping, self._on_files_changed)
+        files = watch_files(self.cache.directory, self.options.debounce_ms, self._on_files_changed)
         # Our own firewall changes come back too: one no-op HOST reconcile each, the price of seeing others'.
         table = firewall_table(str(self.cache.layout.root.resolve()))
         nft = NftMonitor(self.facts, table, lambda: self.queue.add(HOST, 0.2)).run(self.stopping)  # a burst: one run

@@ -1,4 +1,4 @@
-"""The sync daemon's event sources: one QMP listener per QEMU, the netlink watcher, the file watcher.
+"""The sync daemon's event sources: one QMP listener per QEMU, and the netlink watcher (files: ``runtime.filewatch``).
 
 Each only names a key to look at (``trigger``); the reconcile loop decides what to do. Called by
 ``runtime.daemon``. The rules the listeners keep:
@@ -25,11 +25,9 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
-from watchfiles import awatch
 
 from reconciler.adapters import rtnl
 from reconciler.adapters.qmpevents import EventStream
@@ -190,13 +188,6 @@ def _drain(loop: asyncio.AbstractEventLoop, stream: EventStream) -> None:
     """The process is gone: its socket ends after the last event it wrote (SHUTDOWN), which the reader
     handles first; but not for ever (another process holding the socket open would keep it from ending)."""
     loop.call_later(DRAIN_SECONDS, stream.close)
-
-
-async def watch_files(directory: Path, debounce_ms: int, stopping: asyncio.Event,
-                      on_change: Callable[[set[str]], Any]) -> None:
-    """Call ``on_change`` (awaited) with the paths of each debounced batch of changes under ``directory``."""
-    async for changes in awatch(directory, debounce=debounce_ms, step=20, stop_event=stopping, recursive=True):
-        await on_change({path for _change, path in changes})
 
 
 LINK_EVENTS = ("RTM_NEWLINK", "RTM_DELLINK")

@@ -1,10 +1,11 @@
 """The sync daemon's copy of the manifest files' texts: after a file event only the files it names are read.
 
 ``DesiredCache`` (``runtime.cache``) keeps one ``ManifestTexts``. A full read lists the directory and reads
-every manifest (as ``spec.loader.load_directory`` does); ``refresh`` reads only the paths a watchfiles
-batch names. Either way the result goes through ``spec.loader.assemble``, which parses only texts it has
-not seen (``_parsed`` is remembered by file and text) and runs the duplicate-name and cross-file checks over
-the whole set, so those stay exactly as a full load would find them.
+every manifest (as ``spec.loader.load_directory`` does); ``refresh`` reads only the paths a batch of the
+file watcher (``runtime.filewatch``) names. Either way the result goes through ``spec.loader.assemble``,
+which parses only texts it has not seen (``_parsed`` is remembered by file and text) and runs the
+duplicate-name and cross-file checks over the whole set, so those stay exactly as a full load would find
+them.
 
 A batch is taken file by file only when every path in it is plainly a manifest file (``*.yaml``/``*.yml``,
 no hidden part; hidden paths such as ``.git/...`` or an editor's ``.swp`` are skipped, as a full read skips

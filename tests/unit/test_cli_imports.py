@@ -37,7 +37,7 @@ with open(out, "w") as f:
 
 # What no command but `sync` and `apply` needs (the executor, netlink, the daemon's logging and watchers).
 _ONLY_APPLY_OR_SYNC = ("reconciler.apply.executor", "reconciler.runtime.daemon", "pyroute2", "structlog",
-                       "watchfiles", "prometheus_client", "pycdlib")
+                       "asyncinotify", "prometheus_client", "pycdlib")
 
 
 def _run(tmp_path: Path, *argv: str) -> dict[str, Any]:
