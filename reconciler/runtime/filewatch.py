@@ -32,12 +32,14 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import structlog
 from asyncinotify import Event, Inotify, Mask, Watch
 
 # A directory's entries: each gives the path it names.
 ENTRY_EVENTS = (Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE | Mask.CREATE | Mask.ATTRIB)
 TREE_MASK = ENTRY_EVENTS | Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.EXCL_UNLINK | Mask.ONLYDIR
 PARENT_MASK = Mask.CREATE | Mask.MOVED_TO | Mask.ONLYDIR  # the directory's own name coming back
+log = structlog.get_logger("infinization.sync")
 
 
 class ManifestWatcher:
@@ -52,16 +54,24 @@ class ManifestWatcher:
         self._tree: dict[Path, Watch] = {}  # absolute directory -> its watch
 
     def __enter__(self) -> ManifestWatcher:
+        self.open()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Start watching. :raise OSError: the kernel refused (inotify instance or watch limits)."""
         self._inotify = Inotify(sync_timeout=0)  # sync_get: only what is queued already, never a wait
         with contextlib.suppress(OSError):  # no parent to watch (the root file system's top): the tree alone
             self._parent = self._inotify.add_watch(self.directory.parent, PARENT_MASK)
         self._watch_tree(self.directory)
-        return self
 
-    def __exit__(self, *_exc: object) -> None:
+    def close(self) -> None:
         if self._inotify is not None:
             self._inotify.close()
             self._inotify = None
+        self._parent, self._tree = None, {}
 
     async def batches(self) -> AsyncIterator[set[str] | None]:
         inotify = self._require()
@@ -148,7 +158,22 @@ class ManifestWatcher:
 
 async def watch_files(directory: Path, debounce_ms: int, on_change: Callable[[set[str] | None], Any]) -> None:
     """Await ``on_change`` with each batch of changed paths under ``directory`` (``None``: read everything),
-    until cancelled. Events that arrive while ``on_change`` runs make the next batch."""
-    with ManifestWatcher(directory, debounce_ms) as watcher:
+    until cancelled. Events that arrive while ``on_change`` runs make the next batch. Neither a watch the
+    kernel refuses (``fs.inotify.max_user_watches``/``max_user_instances`` reached) nor a failing
+    ``on_change`` ends the daemon: it says so, and the periodic resync still reads every file."""
+    watcher = ManifestWatcher(directory, debounce_ms)
+    try:
+        watcher.open()
+    except OSError as exc:
+        watcher.close()
+        log.error("cannot watch the manifest directory; changes are read at the next full resync",
+                  directory=str(directory), error=str(exc))
+        return
+    try:
         async for changed in watcher.batches():
-            await on_change(changed)
+            try:
+                await on_change(changed)
+            except Exception:
+                log.exception("handling a manifest change failed", directory=str(directory))
+    finally:
+        watcher.close()

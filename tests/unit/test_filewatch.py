@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from asyncinotify import Event, Mask
 
-from reconciler.runtime.filewatch import ManifestWatcher
+from reconciler.runtime.filewatch import ManifestWatcher, watch_files
 
 DEADLINE = 10.0
 Batches = AsyncIterator[set[str] | None]
@@ -134,3 +134,26 @@ def test_an_overflowed_queue_means_read_everything(tmp_path: Path) -> None:
     with ManifestWatcher(tmp_path) as watcher:
         overflow = Event(watch=None, mask=Mask.Q_OVERFLOW, cookie=0, name=None)
         assert watcher._changed([overflow]) is None
+
+
+def test_a_failing_handler_does_not_end_the_watch(tmp_path: Path) -> None:
+    seen: list[set[str] | None] = []
+    first, second = asyncio.Event(), asyncio.Event()
+
+    async def on_change(changed: set[str] | None) -> None:
+        seen.append(changed)
+        if len(seen) == 1:
+            first.set()
+            raise RuntimeError("a bug in the handler")
+        second.set()
+
+    async def main() -> None:
+        watching = asyncio.create_task(watch_files(tmp_path, 0, on_change))
+        await asyncio.sleep(0)  # let the watch start before the first write
+        (tmp_path / "a.yaml").write_text("x: 1\n")
+        await asyncio.wait_for(first.wait(), DEADLINE)  # the first batch: its handler fails
+        (tmp_path / "b.yaml").write_text("x: 1\n")
+        await asyncio.wait_for(second.wait(), DEADLINE)
+        watching.cancel()
+    asyncio.run(main())
+    assert seen == [{str(tmp_path / "a.yaml")}, {str(tmp_path / "b.yaml")}]
