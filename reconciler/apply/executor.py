@@ -65,6 +65,7 @@ class ApplyResult:
 
 Reporter = Callable[[StepResult], None]
 Starter = Callable[[Step], None]  # told when a step begins (a progress display shows it while it waits)
+Finisher = Callable[[Change, bool], None]  # told when a change has ended (ok or not), as the others go on
 
 
 def _maybe_crash(moment: str, kind: StepKind) -> None:
@@ -75,12 +76,14 @@ def _maybe_crash(moment: str, kind: StepKind) -> None:
 class Executor:
     def __init__(self, layout: StateLayout, report: Reporter | None = None,
                  sources: dict[str, str] | None = None, revision: str | None = None,
-                 host: HostConfig | None = None, jobs: int | None = None, started: Starter | None = None) -> None:
+                 host: HostConfig | None = None, jobs: int | None = None, started: Starter | None = None,
+                 finished: Finisher | None = None) -> None:
         self.layout = layout
         self.jobs = jobs  # how many VMs' changes may run at once (None: scheduler.default_limit())
         self.host = host or HostConfig()  # the host's policy: QEMU's user and binary, storage roots
         self.report = report or (lambda result: None)
         self.started = started or (lambda step: None)
+        self.finished = finished or (lambda change, ok: None)
         self.sources = sources or {}
         self.revision = revision
 
@@ -92,7 +95,9 @@ class Executor:
 
         async def run_change(change: Change) -> bool:
             await self._run_change(change, outcome)
-            return change.name not in outcome.failed_vms
+            ok = change.name not in outcome.failed_vms
+            self.finished(change, ok)
+            return ok
 
         def skip(change: Change, why: str) -> None:
             skipped = StepResult(change.steps[0], False, why, 0.0, ran=False)

@@ -8,6 +8,7 @@ and ``stop`` call it; none of them takes a different path to the host's state.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +27,7 @@ from reconciler.state.layout import StateLayout, state_dir_from_env
 if TYPE_CHECKING:  # the layers behind plan and apply: imported where used, so validate and --version skip them
     from reconciler.apply.executor import StepResult
     from reconciler.plan.actions import Plan
-    from reconciler.plan.observed import ObservedState
+    from reconciler.plan.observed import ObservedState, ObservedVM
     from reconciler.plan.planner import PlanOptions
     from reconciler.state.models import AppliedRecord
 
@@ -95,9 +96,10 @@ def _load_warning(directory: str) -> ManifestSet:
 
 async def read_view(directory: str, layout: StateLayout, allow_restart: bool, host: str | None = None,
                     options: PlanOptions | None = None, tolerate_errors: bool = False, *,
-                    config: HostConfig, ask_agent: bool = False, manifests: ManifestSet | None = None) -> View:
+                    config: HostConfig, ask_agent: bool = False, manifests: ManifestSet | None = None,
+                    known: Mapping[str, ObservedVM] | None = None) -> View:
     """The manifests (or ``manifests`` as already read: apply's check after its run is against what it
-    applied), the records, the host observed, and the plan."""
+    applied), the records, the host observed (``known``: VMs the caller observed already), and the plan."""
     from reconciler.observe.snapshot import observe
     from reconciler.plan.planner import PlanOptions, plan
     from reconciler.runtime.desired import from_records, keep_last_good
@@ -116,7 +118,7 @@ async def read_view(directory: str, layout: StateLayout, allow_restart: bool, ho
     records = {name: record.model_copy(update={"vm": resolved[name]}) for name, record in all_records.items()
                if record.vm.spec.host == host}
     networks = {name: loaded.network for name, loaded in manifests.networks.items()}
-    observed = await observe(layout, desired, records, networks, host=config, ask_agent=ask_agent)
+    observed = await observe(layout, desired, records, networks, host=config, ask_agent=ask_agent, known=known)
     result = plan(desired, observed, records, networks=networks, manifest_dir=canonical_dir(directory),
                   desired_digest=manifests.digest(),
                   options=options or PlanOptions(allow_restart=allow_restart), host=config)

@@ -121,12 +121,15 @@ async def observe(
     host: HostConfig | None = None,
     ask_agent: bool = False,
     facts: HostFacts | None = None,
+    known: Mapping[str, ObservedVM] | None = None,
 ) -> ObservedState:
     """Everything the planner needs about the VMs in ``desired``, in ``records`` or in the state folder
     (restricted to ``only`` when given), about the host paths they name (judged by ``host``'s policy)
     and about the host networking they and ``networks`` use. ``ask_agent`` (status): also ask each running
     VM's guest agent, within ``agent.DEADLINE`` each. ``facts``: where host-wide facts come from (default:
-    read now; the sync daemon keeps them between events)."""
+    read now; the sync daemon keeps them between events). ``known``: VMs already observed by the caller
+    with ``observe_vm`` over the disks their specs name (apply observes each VM as soon as its change
+    has ended, while the others' go on), taken as they are."""
     networks = networks or {}
     names = _vm_names(layout, desired, records, only)
     specs = {name: _known_specs(name, desired, records) for name in names}
@@ -137,6 +140,8 @@ async def observe(
     config = host or HostConfig()
 
     async def one(name: str) -> ObservedVM:
+        if known is not None and name in known:
+            return display.with_display(layout, known[name], desired.get(name), config)
         async with gate:
             found = await observe_vm(layout, name, {disk.name for vm in specs[name] for disk in vm.spec.disks},
                                      ask_agent, cpu_host.cpuset)
