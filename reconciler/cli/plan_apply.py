@@ -211,13 +211,10 @@ class _EarlyObservations:
             self.tasks[change.name] = asyncio.ensure_future(self._observe(change.name, loaded.vm))
 
     async def _observe(self, name: str, desired: VirtualMachine) -> ObservedVM:
-        from reconciler.observe.snapshot import observe_vm
+        from reconciler.observe.snapshot import disk_names, observe_vm
 
-        paths = self.layout.vm(name)
-        disks = {disk.name for disk in desired.spec.disks}  # the disks the check names: desired and recorded
-        if (record := files.read_record(paths)) is not None:
-            disks |= {disk.name for disk in record.vm.spec.disks}
-        return await observe_vm(self.layout, name, disks)
+        record = files.read_record(self.layout.vm(name))  # the disks the check names: desired and recorded
+        return await observe_vm(self.layout, name, disk_names([desired, *([record.vm] if record else [])]))
 
     async def results(self) -> dict[str, ObservedVM]:
         done = await asyncio.gather(*self.tasks.values(), return_exceptions=True)

@@ -93,6 +93,11 @@ def _vm_names(layout: StateLayout, desired: Mapping[str, VirtualMachine], record
     return [name for name in names if only is None or name in only]
 
 
+def disk_names(vms: Iterable[VirtualMachine]) -> set[str]:
+    """The disks a VM's observation looks at: those its specs name (as desired and as last applied)."""
+    return {disk.name for vm in vms for disk in vm.spec.disks}
+
+
 def _known_specs(name: str, desired: Mapping[str, VirtualMachine],
                  records: Mapping[str, AppliedRecord]) -> list[VirtualMachine]:
     """The VM as desired and as last applied: both name disks and NICs worth looking at."""
@@ -128,7 +133,7 @@ async def observe(
     and about the host networking they and ``networks`` use. ``ask_agent`` (status): also ask each running
     VM's guest agent, within ``agent.DEADLINE`` each. ``facts``: where host-wide facts come from (default:
     read now; the sync daemon keeps them between events). ``known``: VMs already observed by the caller
-    with ``observe_vm`` over the disks their specs name (apply observes each VM as soon as its change
+    with ``observe_vm`` over ``disk_names`` of their specs (apply observes each VM as soon as its change
     has ended, while the others' go on), taken as they are."""
     networks = networks or {}
     names = _vm_names(layout, desired, records, only)
@@ -143,8 +148,7 @@ async def observe(
         if known is not None and name in known:
             return display.with_display(layout, known[name], desired.get(name), config)
         async with gate:
-            found = await observe_vm(layout, name, {disk.name for vm in specs[name] for disk in vm.spec.disks},
-                                     ask_agent, cpu_host.cpuset)
+            found = await observe_vm(layout, name, disk_names(specs[name]), ask_agent, cpu_host.cpuset)
             return display.with_display(layout, found, desired.get(name), config)
 
     network_records = files.read_network_records(layout)

@@ -35,6 +35,8 @@ from typing import Any
 import structlog
 from asyncinotify import Event, Inotify, Mask, Watch
 
+from reconciler.spec.loader import is_hidden
+
 # A directory's entries: each gives the path it names.
 ENTRY_EVENTS = (Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE | Mask.CREATE | Mask.ATTRIB)
 TREE_MASK = ENTRY_EVENTS | Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.EXCL_UNLINK | Mask.ONLYDIR
@@ -130,7 +132,7 @@ class ManifestWatcher:
     def _watch_tree(self, top: Path) -> None:
         """Watch ``top`` and its non-hidden directories (not through symlinks: a full read does not follow
         them either)."""
-        if any(part.startswith(".") for part in top.relative_to(self.directory).parts):
+        if is_hidden(top.relative_to(self.directory)):
             return
         inotify = self._require()
         pending = [top]
@@ -142,7 +144,7 @@ class ManifestWatcher:
             except OSError:  # gone, or not a directory: whoever removed it made an event of its own
                 continue
             pending.extend(Path(entry.path) for entry in entries
-                           if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False))
+                           if not is_hidden(Path(entry.name)) and entry.is_dir(follow_symlinks=False))
 
     def _unwatch(self, top: Path) -> None:
         inotify = self._require()

@@ -18,7 +18,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from reconciler.spec.loader import ManifestError, ManifestSet, assemble, load_directory, manifest_files, read_file
+from reconciler.spec.loader import (
+    ManifestError,
+    ManifestSet,
+    assemble,
+    is_hidden,
+    load_directory,
+    manifest_files,
+    read_file,
+)
 
 SUFFIXES = (".yaml", ".yml")
 
@@ -53,7 +61,7 @@ class ManifestTexts:
                 relative = path.relative_to(self.directory)
             except ValueError:
                 return None
-            if any(part.startswith(".") for part in relative.parts):
+            if is_hidden(relative):
                 continue  # never a manifest (a full read skips it too)
             if path.suffix not in SUFFIXES:
                 if path.is_dir() or any(known.startswith(f"{path}/") for known in texts):

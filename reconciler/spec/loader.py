@@ -301,12 +301,18 @@ def _load_document(data: Any, file: str, marks: _Marks) -> tuple[BaseModel | Non
         return None, sorted(_pydantic_errors(exc, model, file, marks))
 
 
+def is_hidden(relative: Path) -> bool:
+    """A path (relative to the manifest directory) under or at a hidden name (``.git``, an editor's
+    ``.swp``): never a manifest, for a full read and for the sync daemon's file watcher alike."""
+    return any(part.startswith(".") for part in relative.parts)
+
+
 def manifest_files(directory: Path) -> list[Path]:
     """YAML files under ``directory``, sorted, skipping hidden files and folders (``.git``...)."""
     found = []
     for path in directory.rglob("*"):
         relative = path.relative_to(directory)
-        if any(part.startswith(".") for part in relative.parts):
+        if is_hidden(relative):
             continue
         # Anything but a directory is listed: a dangling symlink, a FIFO or a device named *.yaml fails to
         # read (a located error), where skipping it would read as the removal of its VMs.
