@@ -34,8 +34,8 @@ def create_and_stop(count: int, repeat: int = 1) -> list[Row]:
         try:
             names = [f"b{i}" for i in range(count)]
             # One fleet at a time, each alone on the machine: the raw fleet is created, boots and is powered
-            # off before ours is created (an idle booted TCG guest still takes ~10 % of a core: left running,
-            # the raw fleet would take most of the machine from ours).
+            # off before ours is created (an idle booted TCG guest still takes a few % of a core, and a
+            # booting one a whole core: left running, the raw fleet would take CPU from ours).
             raw_create.append(raw.start())
             raw.wait_booted()
             raw_stop.append(raw.power_off())
