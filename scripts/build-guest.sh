@@ -26,9 +26,10 @@
 #                                    (one line) whenever anything but seq changes; ping= only
 #                                    with infz.ping, ips= always (IPv4 on non-lo interfaces,
 #                                    empty when none).  A change is reported within a tick
-#                                    (~0.3 s) when it comes with a kernel uevent or shows in a
-#                                    disk size, NIC carrier/MAC, MemTotal or the online CPUs;
-#                                    anything else within 30 s (the loop's safety scan)
+#                                    (~0.3 s) when it comes with a kernel uevent (a device added
+#                                    or removed, a disk resized, a CD changed, a CPU onlined) or
+#                                    shows in a NIC's carrier or MemTotal; anything else within
+#                                    30 s (the loop's safety scan)
 #   INFZ-TICK up=<s> boot=<id>       infz.tick: every tick (~0.3 s of guest time), the guest's uptime
 #                                    (/proc/uptime) and its boot (the first part of its boot_id): a guest
 #                                    that is paused prints none and its clock does not advance meanwhile
@@ -514,9 +515,10 @@ if [ ! -e /run/infz-setup-done ]; then
 fi
 
 # The report loop wakes on kernel uevents instead of rescanning everything every 0.3 s: a full scan forks
-# dd, sed, awk and ip, and under TCG that cost an idle guest 14-19 % of a host core (25 idle guests
+# dd, sed, awk and ip, and under TCG that cost an idle guest 14-40 % of a host core (25 idle guests
 # saturated 2 cores).  Each 0.3 s tick now reads only what changes without a uevent (NIC carrier after
-# set_link, MemTotal after a balloon change) plus the disk sizes and online CPUs, all with shell builtins.
+# set_link, MemTotal after a balloon change), with shell builtins: a disk, NIC, CPU or memory block that
+# comes or goes, a disk resize (RESIZE=1) and a CPU going online all send uevents.
 # A full scan runs when a uevent arrived (busybox uevent -> /bin/infz-wake -> the FIFO /run/infz-wake),
 # when that cheap view changed, for 3 s after any reported change (follow-on changes such as an address
 # arriving), every tick while infz.ping is set or infz.ip/infz.gw are pending, and at least every 30 s.
@@ -530,7 +532,7 @@ start_uevent() {
     echo $! >/run/uevent.pid
 }
 
-scan_cheap() {    # -> $disks $nics $mem $cpus, builtins only (no fork)
+scan_devices() {    # -> $disks $nics $mem $cpus (and $NIC_DIRS for scan_tick), builtins only
     disks=
     for d in /sys/block/*; do
         n=${d##*/}
@@ -539,11 +541,12 @@ scan_cheap() {    # -> $disks $nics $mem $cpus, builtins only (no fork)
         case $s in ''|*[!0-9]*) s=0 ;; esac
         disks="${disks:+$disks,}$n:$(( s * 512 ))"
     done
-    nics=
+    nics= NIC_DIRS=
     for d in /sys/class/net/*; do
         n=${d##*/}
         [ "$n" = lo ] && continue
         [ -e "$d" ] || continue
+        NIC_DIRS="$NIC_DIRS $d"
         mac=; { read mac <"$d/address"; } 2>/dev/null
         c=; { read c <"$d/carrier"; } 2>/dev/null
         st=down; [ "$c" = 1 ] && st=up
@@ -559,6 +562,16 @@ scan_cheap() {    # -> $disks $nics $mem $cpus, builtins only (no fork)
         cpus=$(( cpus + b - a + 1 ))
     done
     IFS=$oifs
+}
+
+scan_tick() {    # -> $cheap: what changes without a uevent (NIC carrier, MemTotal), builtins only
+    cheap=
+    for d in $NIC_DIRS; do
+        c=; { read c <"$d/carrier"; } 2>/dev/null
+        cheap="$cheap$c"
+    done
+    m=; { read k m u </proc/meminfo; } 2>/dev/null
+    cheap="$cheap $m"
 }
 
 scan_full() {    # act on what appeared (CPUs, memory, NICs, daemons), then -> $cur
@@ -577,7 +590,7 @@ scan_full() {    # act on what appeared (CPUs, memory, NICs, daemons), then -> $
     dhcp_run
     start_acpid 2>/dev/null
     start_uevent
-    scan_cheap
+    scan_devices
 
     # CD-ROMs: the ISO 9660 volume label of the medium ("-" when empty).
     cds=
@@ -654,16 +667,15 @@ case $seq in ''|*[!0-9]*) seq=0 ;; esac
 exec 3<>/run/infz-wake    # read-write: never blocks, never sees end-of-file
 { echo 300 >/sys/module/block/parameters/events_dfl_poll_msecs; } 2>/dev/null
 
-woke=1 fast_until=0 next_full=0 seen=
+woke=1 fast_until=0 next_full=0 seen= NIC_DIRS=
 while :; do
     up=0; { read up _ </proc/uptime; } 2>/dev/null
     now=${up%.*}
-    scan_cheap
-    cheap="$disks $nics $mem $cpus"
+    scan_tick
     if [ -n "$woke" ] || [ "$cheap" != "$seen" ] || [ "$now" -lt "$fast_until" ] || [ "$now" -ge "$next_full" ] \
         || [ -n "$CFG_PING$PENDING_IP$PENDING_GW" ]; then
         scan_full
-        cheap="$disks $nics $mem $cpus"
+        scan_tick
         next_full=$(( now + 30 ))
         if [ "$cur" != "$prev" ]; then
             seq=$(( seq + 1 ))
