@@ -323,12 +323,14 @@ cat >"$R/bin/infz-main" <<'EOF'
 # Setup once, then report forever.  Restartable: state lives in /run.
 PATH=/bin; export PATH
 
+pidfile_alive() {    # PIDFILE -> true while the process it names runs
+    pid=; { read pid <"$1"; } 2>/dev/null
+    [ -n "$pid" ] && [ -d "/proc/$pid" ]
+}
+
 start_acpid() {
     [ -e /dev/input/event0 ] || return 0
-    if [ -r /run/acpid.pid ]; then
-        pid=; { read pid </run/acpid.pid; } 2>/dev/null
-        [ -n "$pid" ] && [ -d "/proc/$pid" ] && return 0
-    fi
+    pidfile_alive /run/acpid.pid && return 0
     acpid -c /etc/acpi -l /var/log/acpid.log -p /run/acpid.pid
 }
 
@@ -524,10 +526,7 @@ fi
 # arriving), every tick while infz.ping is set or infz.ip/infz.gw are pending, and at least every 30 s.
 # CD-ROM media changes become uevents because the block layer polls the drives (events_dfl_poll_msecs).
 start_uevent() {
-    if [ -r /run/uevent.pid ]; then
-        pid=; { read pid </run/uevent.pid; } 2>/dev/null
-        [ -n "$pid" ] && [ -d "/proc/$pid" ] && return 0
-    fi
+    pidfile_alive /run/uevent.pid && return 0
     uevent /bin/infz-wake </dev/null >/dev/null 2>&1 &
     echo $! >/run/uevent.pid
 }
@@ -675,7 +674,7 @@ while :; do
     if [ -n "$woke" ] || [ "$cheap" != "$seen" ] || [ "$now" -lt "$fast_until" ] || [ "$now" -ge "$next_full" ] \
         || [ -n "$CFG_PING$PENDING_IP$PENDING_GW" ]; then
         scan_full
-        scan_tick
+        scan_tick    # the carriers and MemTotal the full scan reported (it may have onlined memory)
         next_full=$(( now + 30 ))
         if [ "$cur" != "$prev" ]; then
             seq=$(( seq + 1 ))
