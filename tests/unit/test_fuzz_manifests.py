@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,6 +36,7 @@ from reconciler.plan.observed import ObservedState
 from reconciler.plan.planner import plan
 from reconciler.qemu.argv import build_argv
 from reconciler.spec.host import HostConfig
+from reconciler.spec import loader
 from reconciler.spec.loader import MAX_DEPTH, load_text
 from reconciler.spec.models import VirtualMachine
 from reconciler.state.layout import StateLayout
@@ -196,3 +198,42 @@ def test_valid_manifests_plan_and_build_argv(text: str) -> None:
     change = result.change(vm.name)
     assert change is not None and not change.refusals and change.steps
     _check_argv(build_argv(vm.name, vm.spec, LAYOUT.vm(vm.name)))
+
+
+def _tree(node: yaml.Node | None) -> Any:
+    """A composed node as what the loader uses of it (tag, value, mark), to compare two loaders."""
+    if node is None:
+        return None
+    mark = (node.start_mark.line, node.start_mark.column)
+    if isinstance(node, yaml.MappingNode):
+        return (node.tag, mark, [(_tree(key), _tree(value)) for key, value in node.value])
+    if isinstance(node, yaml.SequenceNode):
+        return (node.tag, mark, [_tree(item) for item in node.value])
+    return (node.tag, mark, node.value)
+
+
+@pytest.mark.skipif(loader._FAST is None, reason="PyYAML without libyaml: only the pure loader exists")
+@FUZZ
+@given(st.one_of(documents(), VALID_VM))
+def test_libyaml_reads_a_manifest_as_the_pure_loader_does(text: str) -> None:
+    """Where both read a text, libyaml's composition is the pure-Python loader's (tags, values and marks), so
+    that which one PyYAML was built with never changes a manifest's meaning or its errors' locations. Each
+    refuses texts the other reads: libyaml JSON's surrogate-pair escapes (the loader then falls back to the
+    pure one, ``_documents``), PyYAML a tab inside a plain scalar (valid YAML 1.2, which libyaml reads): a
+    host without libyaml refuses such a file, with a located error, and never reads it otherwise."""
+    assert loader._FAST is not None
+    try:
+        fast = [_tree(node) for node in loader._compose(loader._FAST, text)]
+        pure = [_tree(node) for node in loader._compose(loader._StrictLoader, text)]
+    except yaml.YAMLError:
+        return
+    assert fast == pure
+
+
+def test_a_text_libyaml_refuses_is_read_by_the_pure_loader() -> None:
+    """JSON's surrogate-pair escape: libyaml refuses it, PyYAML reads it; the manifest still loads."""
+    text = ('{"apiVersion": "infinization.io/v1alpha1", "kind": "VirtualMachine", "metadata": {"name": "a"}, '
+            '"spec": {"memory": {"size": "16Mi"}, "boot": {"kernel": "/srv/guest/vmlinuz", '
+            '"cmdline": "x\\ud800\\udc00"}}}')
+    objects, errors = load_text(text, "f.yaml")
+    assert not errors and len(objects) == 1
