@@ -58,12 +58,15 @@ def flatten(spec: VirtualMachineSpec) -> dict[Path_, Any]:
 
 def field_diff(before: VirtualMachineSpec, after: VirtualMachineSpec) -> list[tuple[Path_, Any, Any]]:
     """Every leaf that differs, sorted by path. A whole disk/NIC added or removed is one entry."""
+    if before == after:
+        return []  # the common case (every VM of a no-op plan), without dumping and flattening both specs
     old, new = flatten(before), flatten(after)
     changed: list[tuple[Path_, Any, Any]] = []
     gone_items = {path for path in old if len(path) == 2 and path[0] in _KEYED and path not in new}
     new_items = {path for path in new if len(path) == 2 and path[0] in _KEYED and path not in old}
+    whole = gone_items | new_items
     for path in sorted(set(old) | set(new)):
-        if path[:2] in gone_items | new_items and len(path) > 2:
+        if path[:2] in whole and len(path) > 2:
             continue  # reported once, as the item being added or removed
         if old.get(path) != new.get(path):
             changed.append((path, old.get(path), new.get(path)))
