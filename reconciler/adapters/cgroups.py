@@ -81,26 +81,10 @@ def vm_cgroup(hierarchy: CpusetHierarchy, vm_dir: Path) -> Path | None:
     return Path(hierarchy.mount) / SLICE / scope_name(vm_dir) if hierarchy.version else None
 
 
-def transient_threads(pid: int) -> set[int]:
-    """QEMU's thread-pool workers (``-name debug-threads=on`` names them ``worker``): they come and go, and take
-    the CPUs of whichever thread made them (a vCPU thread too), so they are pinned but never judged as drift."""
-    found: set[int] = set()
-    try:
-        tasks = [entry for entry in Path(f"/proc/{pid}/task").iterdir() if entry.name.isdigit()]
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            if (task / "comm").read_text().strip() == "worker":
-                found.add(int(task.name))
-        except OSError:
-            continue
-    return found
-
-
-def thread_cpus(pid: int) -> dict[int, str]:
-    """Thread id -> its allowed CPUs (``Cpus_allowed_list``, canonical), for every thread of ``pid`` still there."""
-    found: dict[int, str] = {}
+def threads(pid: int) -> dict[int, tuple[str, str]]:
+    """Thread id -> (its name, its allowed CPUs: ``Cpus_allowed_list``, canonical), for every thread of ``pid``
+    still there: one read of ``/proc/PID/task/TID/status`` each (its ``Name:`` is the thread's ``comm``)."""
+    found: dict[int, tuple[str, str]] = {}
     try:
         tasks = sorted(int(entry.name) for entry in Path(f"/proc/{pid}/task").iterdir() if entry.name.isdigit())
     except OSError:
@@ -110,10 +94,25 @@ def thread_cpus(pid: int) -> dict[int, str]:
             status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
         except OSError:
             continue  # a worker thread that ended meanwhile
+        name = ""
         for line in status.splitlines():
-            if line.startswith("Cpus_allowed_list:"):
-                found[tid] = format_cpu_list(parse_cpu_list(line.split(":", 1)[1]))
+            if line.startswith("Name:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("Cpus_allowed_list:"):
+                found[tid] = (name, format_cpu_list(parse_cpu_list(line.split(":", 1)[1])))
+                break
     return found
+
+
+def transient(name: str) -> bool:
+    """QEMU's thread-pool workers (``-name debug-threads=on`` names them ``worker``): they come and go, and take
+    the CPUs of whichever thread made them (a vCPU thread too), so they are pinned but never judged as drift."""
+    return name == "worker"
+
+
+def thread_cpus(pid: int) -> dict[int, str]:
+    """Thread id -> its allowed CPUs (``Cpus_allowed_list``, canonical), for every thread of ``pid`` still there."""
+    return {tid: cpus for tid, (_name, cpus) in threads(pid).items()}
 
 
 def _read(path: Path) -> str:

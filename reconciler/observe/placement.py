@@ -14,8 +14,6 @@ from reconciler.adapters import cgroups
 from reconciler.plan.hostfacts import CpusetHierarchy, ObservedPlacement
 from reconciler.spec.placement import format_cpu_list, parse_cpu_list
 
-thread_cpus = cgroups.thread_cpus
-
 
 def _in_cgroup(pid: int, group: Path, hierarchy: CpusetHierarchy) -> bool:
     """``/proc/PID/cgroup`` puts the process in ``group`` (in the hierarchy of the cpuset controller)."""
@@ -34,10 +32,11 @@ def _in_cgroup(pid: int, group: Path, hierarchy: CpusetHierarchy) -> bool:
 
 def observe_placement(pid: int, vcpu_threads: dict[int, int], vm_dir: Path,
                       hierarchy: CpusetHierarchy) -> ObservedPlacement:
-    threads = thread_cpus(pid)
-    vcpus = {index: threads[tid] for index, tid in sorted(vcpu_threads.items()) if tid in threads}
-    vcpu_tids = set(vcpu_threads.values()) | cgroups.transient_threads(pid)
-    emulator = sorted({cpus for tid, cpus in threads.items() if tid not in vcpu_tids})
+    found = cgroups.threads(pid)
+    vcpus = {index: found[tid][1] for index, tid in sorted(vcpu_threads.items()) if tid in found}
+    vcpu_tids = set(vcpu_threads.values())
+    emulator = sorted({cpus for tid, (name, cpus) in found.items()
+                       if tid not in vcpu_tids and not cgroups.transient(name)})
     group = cgroups.vm_cgroup(hierarchy, vm_dir)
     if group is None or not group.is_dir():
         return ObservedPlacement(vcpus=vcpus, emulator=emulator)
