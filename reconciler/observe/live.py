@@ -3,20 +3,21 @@
 Called by the snapshot builder for every running VM. Like pyinfra's facts, a query and its parser are
 kept apart: ``query_live`` only asks QEMU, pipelined (``qom-list``, ``query-block``, ``query-named-block-nodes``,
 ``query-pci``, ``query-vnc``, ``query-spice``, ``query-cpus-fast``, ``query-memory-size-summary``,
-``query-memory-devices``, ``info network``, ``qom-get`` of each NIC's MAC) and ``parse_live`` turns the
-answers into ``LiveState`` without I/O (unit-tested on recorded answers). QEMU 7.2 cannot report a NIC's
-link state or a balloon target back, so those come from ``live.json`` (``LiveRecord``), which the executor
-writes and which is only trusted for the process it names.
+``query-memory-devices``, ``info network``, ``qom-get`` of each NIC's MAC; over ``adapters.qmpquery``)
+and ``parse_live`` turns the answers into ``LiveState`` without I/O (unit-tested on recorded answers).
+QEMU 7.2 cannot report a NIC's link state or a balloon target back, so those come from ``live.json``
+(``LiveRecord``), which the executor writes and which is only trusted for the process it names.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconciler.adapters.monitor import Monitor, free_spare_ports, peripheral_types, together
-from reconciler.errors import MonitorError
+from reconciler.adapters.monitor import free_spare_ports, peripheral_types
+from reconciler.adapters.qmpquery import Query, QueryError, QuerySession
 from reconciler.plan.observed import LiveCdrom, LiveDisk, LiveDisplay, LiveNic, LiveState
 from reconciler.qemu.hostdev import USB_CONTROLLER
 from reconciler.spec.models import VirtualMachineSpec
@@ -43,41 +44,54 @@ class LiveAnswers:
     spice: dict[str, Any] | None = None  # query-spice
     vcpu_threads: dict[int, int] = field(default_factory=dict)  # query-cpus-fast: cpu-index -> thread-id
     named_nodes: list[dict[str, Any]] = field(default_factory=list)  # query-named-block-nodes, flat
+    status: str = "unknown"  # query-status: "running", "paused", ...
 
 
 def _strip(prefix: str, name: str) -> str | None:
     return name[len(prefix):] if name.startswith(prefix) else None
 
 
-async def query_live(qmp: Monitor) -> LiveAnswers:
-    """Ask QEMU everything ``parse_live`` needs, in two pipelined batches (``monitor.together``): the
-    queries, then each NIC's MAC. :raise MonitorError: When a query fails."""
-    (entries, cpus, nodes, block, network_info, memory_summary, memory_devices, pci, fdsets, vnc,
-     spice) = await together(
-        qmp.execute("qom-list", {"path": "/machine/peripheral"}), qmp.execute("query-cpus-fast"),
-        qmp.execute("query-named-block-nodes", {"flat": True}), qmp.execute("query-block"),
-        qmp.execute("human-monitor-command", {"command-line": "info network"}),
-        qmp.execute("query-memory-size-summary"), qmp.execute("query-memory-devices"), qmp.execute("query-pci"),
-        qmp.execute("query-fdsets"), _optional(qmp, "query-vnc"), _optional(qmp, "query-spice"))
+_REQUIRED: tuple[Query, ...] = (
+    ("query-status", None), ("qom-list", {"path": "/machine/peripheral"}), ("query-cpus-fast", None),
+    ("query-named-block-nodes", {"flat": True}), ("query-block", None),
+    ("human-monitor-command", {"command-line": "info network"}), ("query-memory-size-summary", None),
+    ("query-memory-devices", None), ("query-pci", None), ("query-fdsets", None))
+# A display query is not asked of a QEMU started without its option: neither server can be created after
+# start-up (QMP's ``display-update`` only moves a VNC server that exists), and every QMP command costs the
+# QEMU ~0.3 ms of CPU under TCG, which a plan over many VMs waits for (docs/performance.md).
+_DISPLAYS: tuple[tuple[str, str], ...] = (("query-vnc", "-vnc"), ("query-spice", "-spice"))
+
+
+async def query_live(qmp: QuerySession, cmdline: Sequence[str] | None = None) -> LiveAnswers:
+    """Ask QEMU everything ``parse_live`` needs, in two pipelined batches: the queries, then each NIC's MAC.
+    ``cmdline``: the QEMU's command line as /proc shows it (None: unknown; every display is asked about).
+
+    :raise MonitorError: When a query fails (a display query may: SPICE's module is loaded only with
+        -spice) or the connection is lost.
+    """
+    displays = [command for command, option in _DISPLAYS if cmdline is None or option in cmdline]
+    answers = await qmp.batch([*_REQUIRED, *((command, None) for command in displays)])
+    for answer in answers[:len(_REQUIRED)]:
+        if isinstance(answer, QueryError):
+            raise answer
+    (status, entries, cpus, nodes, block, network_info, memory_summary, memory_devices, pci,
+     fdsets) = answers[:len(_REQUIRED)]
+    shown = {command: answer for command, answer in zip(displays, answers[len(_REQUIRED):], strict=True)
+             if isinstance(answer, dict)}
     devices = peripheral_types(entries)
     nics = sorted(d for d in devices if d.startswith("nic-"))
-    macs = await together(*(qmp.execute("qom-get", {"path": f"/machine/peripheral/{device}", "property": "mac"})
-                            for device in nics))
+    macs = await qmp.batch([("qom-get", {"path": f"/machine/peripheral/{device}", "property": "mac"})
+                            for device in nics])
+    for mac in macs:
+        if isinstance(mac, QueryError):
+            raise mac
     return LiveAnswers(
         devices=devices, nodes={n["node-name"] for n in nodes}, block=block, network_info=network_info,
         macs=dict(zip(nics, macs, strict=True)), cpus=len(cpus), vcpu_threads=vcpu_threads(cpus),
-        memory_summary=memory_summary, memory_devices=memory_devices, pci=pci, fdsets=fdsets, vnc=vnc, spice=spice,
-        named_nodes=nodes,
+        memory_summary=memory_summary, memory_devices=memory_devices, pci=pci, fdsets=fdsets,
+        vnc=shown.get("query-vnc"), spice=shown.get("query-spice"), named_nodes=nodes,
+        status=str(status.get("status", "unknown")),
     )
-
-
-async def _optional(qmp: Monitor, command: str) -> dict[str, Any] | None:
-    """A display query: None when this QEMU cannot answer it (SPICE's module is loaded only with -spice)."""
-    try:
-        answer = await qmp.execute(command)
-    except MonitorError:
-        return None
-    return answer if isinstance(answer, dict) else None
 
 
 def _display(answers: LiveAnswers) -> LiveDisplay | None:

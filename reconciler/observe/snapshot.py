@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from reconciler.adapters import agent, cgroups, monitor, procfs
+from reconciler.adapters import agent, cgroups, procfs, qmpquery
 from reconciler.errors import MonitorError
 from reconciler.observe import display, images
 from reconciler.observe.hostdev import observe_host_devices
@@ -45,7 +45,8 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str],
         launch = examined.launch
         launched = launch.vm.spec if launch is not None and tuple(launch.argv) == process.cmdline else None
         status, live, nodes = await query_running(paths, launched,
-                                                  files.read_live(paths, process.pid, process.start_time))
+                                                  files.read_live(paths, process.pid, process.start_time),
+                                                  process.cmdline)
         asked = ask_agent and launched is not None and launched.guestAgent.enabled
         guest = await agent.query(paths.agent_socket) if asked else None
         placement = observe_placement(process.pid, live.vcpu_threads if live else {}, paths.dir,
@@ -75,16 +76,17 @@ def _exit_from_log(paths: VMPaths) -> ExitRecord | None:
 
 
 async def query_running(
-    paths: VMPaths, launched: VirtualMachineSpec | None, record: LiveRecord
+    paths: VMPaths, launched: VirtualMachineSpec | None, record: LiveRecord, cmdline: Sequence[str] | None = None
 ) -> tuple[str, LiveState | None, list[dict[str, Any]] | None]:
     """The run status, live configuration and block nodes (its disks' images) of a running QEMU, in one
-    monitor session, every query pipelined (``observe.live.query_live``)."""
+    monitor session, every query pipelined (``observe.live.query_live``; ``cmdline``: the QEMU's, from
+    /proc)."""
     try:
-        async with monitor.session(paths.qmp) as qmp:
-            state, answers = await monitor.together(qmp.execute("query-status"), query_live(qmp))
+        async with qmpquery.session(paths.qmp) as qmp:
+            answers = await query_live(qmp, cmdline)
     except MonitorError:
         return "unreachable", None, None
-    return str(state.get("status", "unknown")), parse_live(answers, launched, record), answers.named_nodes
+    return answers.status, parse_live(answers, launched, record), answers.named_nodes
 
 
 def _vm_names(layout: StateLayout, desired: Mapping[str, VirtualMachine], records: Mapping[str, AppliedRecord],
