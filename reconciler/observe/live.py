@@ -21,6 +21,7 @@ from reconciler.adapters.qmpquery import Query, QueryError, QuerySession
 from reconciler.plan.observed import LiveCdrom, LiveDisk, LiveDisplay, LiveNic, LiveState
 from reconciler.qemu.hostdev import USB_CONTROLLER
 from reconciler.spec.models import VirtualMachineSpec
+from reconciler.spec.units import parse_size
 from reconciler.state.models import LiveRecord
 
 _NETDEV_LINE = re.compile(r"^[\s\\]*(net-[a-z0-9-]+):", re.MULTILINE)
@@ -51,47 +52,87 @@ def _strip(prefix: str, name: str) -> str | None:
     return name[len(prefix):] if name.startswith(prefix) else None
 
 
-_REQUIRED: tuple[Query, ...] = (
+# What every running QEMU is asked. Each QMP command costs the QEMU ~0.3-0.4 ms of CPU under TCG, which a
+# plan over many VMs waits for (docs/performance.md): what the command line or the first answers settle is
+# not asked at all.
+_ALWAYS: tuple[Query, ...] = (
     ("query-status", None), ("qom-list", {"path": "/machine/peripheral"}), ("query-cpus-fast", None),
     ("query-named-block-nodes", {"flat": True}), ("query-block", None),
-    ("human-monitor-command", {"command-line": "info network"}), ("query-memory-size-summary", None),
-    ("query-memory-devices", None), ("query-pci", None), ("query-fdsets", None))
-# A display query is not asked of a QEMU started without its option: neither server can be created after
-# start-up (QMP's ``display-update`` only moves a VNC server that exists), and every QMP command costs the
-# QEMU ~0.3 ms of CPU under TCG, which a plan over many VMs waits for (docs/performance.md).
+    ("human-monitor-command", {"command-line": "info network"}), ("query-memory-devices", None),
+    ("query-pci", None))
+# A display query only of a QEMU started with its option: neither server can be created after start-up
+# (QMP's ``display-update`` only moves a VNC server that exists).
 _DISPLAYS: tuple[tuple[str, str], ...] = (("query-vnc", "-vnc"), ("query-spice", "-spice"))
 
 
-async def query_live(qmp: QuerySession, cmdline: Sequence[str] | None = None) -> LiveAnswers:
-    """Ask QEMU everything ``parse_live`` needs, in two pipelined batches: the queries, then each NIC's MAC.
-    ``cmdline``: the QEMU's command line as /proc shows it (None: unknown; every display is asked about).
+def base_memory(cmdline: Sequence[str] | None) -> int | None:
+    """The RAM QEMU was started with (``-m size=...``, bytes), which cannot change while it runs; None when the
+    command line is unknown or says it another way (then ``query-memory-size-summary`` is asked)."""
+    if not cmdline or "-m" not in cmdline[:-1]:
+        return None
+    option = cmdline[list(cmdline).index("-m") + 1]
+    for position, part in enumerate(option.split(",")):
+        key, equals, value = part.partition("=")
+        size = value if key == "size" else key if not equals and position == 0 else None
+        if size is not None:
+            if size.isdigit():
+                return None  # a bare number is MiB to QEMU, bytes to parse_size: not ours to guess
+            try:
+                return parse_size(size)
+            except ValueError:
+                return None
+    return None
 
-    :raise MonitorError: When a query fails (a display query may: SPICE's module is loaded only with
-        -spice) or the connection is lost.
+
+def _cd_from_fdset(block: list[dict[str, Any]]) -> bool:
+    """A CD-ROM drive holds a medium opened from an fd set (whose opaque, from query-fdsets, names its path)."""
+    return any(_strip("cd-", entry.get("qdev", "").removeprefix("/machine/peripheral/")) is not None
+               and str((entry.get("inserted") or {}).get("file", "")).startswith("/dev/fdset/")
+               for entry in block)
+
+
+async def query_live(qmp: QuerySession, cmdline: Sequence[str] | None = None) -> LiveAnswers:
+    """Ask QEMU everything ``parse_live`` needs, in two pipelined batches: the queries, then each NIC's MAC
+    (and the fd sets, when a CD-ROM's medium came from one). ``cmdline``: the QEMU's command line as /proc
+    shows it (None: unknown; the display servers and the memory size are asked about).
+
+    :raise MonitorError: When a query fails (but a display query: SPICE's module is loaded only with -spice),
+        or the connection is lost.
     """
+    base = base_memory(cmdline)
     displays = [command for command, option in _DISPLAYS if cmdline is None or option in cmdline]
-    answers = await qmp.batch([*_REQUIRED, *((command, None) for command in displays)])
-    for answer in answers[:len(_REQUIRED)]:
+    first = [*_ALWAYS, *([("query-memory-size-summary", None)] if base is None else []),
+             *((command, None) for command in displays)]
+    answered = dict(zip((name for name, _ in first), await qmp.batch(first), strict=True))
+    for name, answer in answered.items():
+        if isinstance(answer, QueryError) and name not in displays:
+            raise answer
+    devices = peripheral_types(answered["qom-list"])
+    block = answered["query-block"]
+    nics = sorted(d for d in devices if d.startswith("nic-"))
+    fdsets = [("query-fdsets", None)] if _cd_from_fdset(block) else []
+    second = await qmp.batch([*(("qom-get", {"path": f"/machine/peripheral/{device}", "property": "mac"})
+                                for device in nics), *fdsets])
+    for answer in second:
         if isinstance(answer, QueryError):
             raise answer
-    (status, entries, cpus, nodes, block, network_info, memory_summary, memory_devices, pci,
-     fdsets) = answers[:len(_REQUIRED)]
-    shown = {command: answer for command, answer in zip(displays, answers[len(_REQUIRED):], strict=True)
-             if isinstance(answer, dict)}
-    devices = peripheral_types(entries)
-    nics = sorted(d for d in devices if d.startswith("nic-"))
-    macs = await qmp.batch([("qom-get", {"path": f"/machine/peripheral/{device}", "property": "mac"})
-                            for device in nics])
-    for mac in macs:
-        if isinstance(mac, QueryError):
-            raise mac
+    memory_devices = answered["query-memory-devices"]
+    summary = answered.get("query-memory-size-summary") or {
+        "base-memory": base, "plugged-memory": sum(int((d.get("data") or {}).get("size", 0))
+                                                   for d in memory_devices)}
+    cpus, nodes = answered["query-cpus-fast"], answered["query-named-block-nodes"]
     return LiveAnswers(
-        devices=devices, nodes={n["node-name"] for n in nodes}, block=block, network_info=network_info,
-        macs=dict(zip(nics, macs, strict=True)), cpus=len(cpus), vcpu_threads=vcpu_threads(cpus),
-        memory_summary=memory_summary, memory_devices=memory_devices, pci=pci, fdsets=fdsets,
-        vnc=shown.get("query-vnc"), spice=shown.get("query-spice"), named_nodes=nodes,
-        status=str(status.get("status", "unknown")),
+        devices=devices, nodes={n["node-name"] for n in nodes}, block=block,
+        network_info=answered["human-monitor-command"], macs=dict(zip(nics, second, strict=False)),
+        cpus=len(cpus), vcpu_threads=vcpu_threads(cpus), memory_summary=summary, memory_devices=memory_devices,
+        pci=answered["query-pci"], fdsets=second[-1] if fdsets else [],
+        vnc=_shown(answered.get("query-vnc")), spice=_shown(answered.get("query-spice")), named_nodes=nodes,
+        status=str(answered["query-status"].get("status", "unknown")),
     )
+
+
+def _shown(answer: Any) -> dict[str, Any] | None:
+    return answer if isinstance(answer, dict) else None
 
 
 def _display(answers: LiveAnswers) -> LiveDisplay | None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from reconciler.adapters.monitor import free_spare_ports
-from reconciler.observe.live import _NETDEV_LINE
+from reconciler.observe.live import _NETDEV_LINE, _cd_from_fdset, base_memory
 
 QUERY_PCI = [{"bus": 0, "devices": [
     {"qdev_id": "rp-disk-root", "slot": 1, "pci_bridge": {"bus": {}, "devices": [{"qdev_id": "disk-root"}]}},
@@ -24,3 +26,26 @@ def test_netdevs_are_read_from_info_network() -> None:
             " \\ net-nat: index=0,type=user,net=10.0.2.0,restrict=off\r\n"
             "net-orphan: index=0,type=user,net=10.0.2.0,restrict=off\r\n")
     assert _NETDEV_LINE.findall(text) == ["net-nat", "net-orphan"]
+
+
+@pytest.mark.parametrize(("cmdline", "expected"), [
+    (["qemu-system-x86_64", "-m", "size=256M"], 256 * 2**20),
+    (["qemu-system-x86_64", "-smp", "1", "-m", "size=2048M,slots=4,maxmem=8192M"], 2 * 2**30),
+    (["qemu-system-x86_64", "-m", "1G"], 2**30),
+    (["qemu-system-x86_64", "-m", "512"], None),  # MiB to QEMU: not guessed, asked
+    (["qemu-system-x86_64", "-m", "slots=2"], None),
+    (["qemu-system-x86_64", "-m"], None),
+    (["qemu-system-x86_64"], None),
+    (None, None),
+])
+def test_base_memory_is_the_command_lines_or_unknown(cmdline: list[str] | None, expected: int | None) -> None:
+    """What ``query-memory-size-summary`` would call base-memory (it is then not asked)."""
+    assert base_memory(cmdline) == expected
+
+
+def test_the_fd_sets_are_asked_for_only_when_a_cd_medium_came_from_one() -> None:
+    disk = {"qdev": "/machine/peripheral/disk-root/virtio-backend", "inserted": {"file": "/dev/fdset/1"}}
+    empty_cd = {"qdev": "cd-install", "locked": False}
+    assert not _cd_from_fdset([disk, empty_cd]), "a disk's fd set names nothing the plan reads"
+    assert _cd_from_fdset([disk, {"qdev": "cd-install", "inserted": {"file": "/dev/fdset/3"}}])
+    assert not _cd_from_fdset([{"qdev": "cd-install", "inserted": {"file": "/srv/iso/debian.iso"}}])
