@@ -58,19 +58,23 @@ def _strip(prefix: str, name: str) -> str | None:
 _ALWAYS: tuple[Query, ...] = (
     ("query-status", None), ("qom-list", {"path": "/machine/peripheral"}), ("query-cpus-fast", None),
     ("query-named-block-nodes", {"flat": True}), ("query-block", None),
-    ("human-monitor-command", {"command-line": "info network"}), ("query-memory-devices", None),
-    ("query-pci", None))
+    ("human-monitor-command", {"command-line": "info network"}), ("query-pci", None))
 # A display query only of a QEMU started with its option: neither server can be created after start-up
 # (QMP's ``display-update`` only moves a VNC server that exists).
 _DISPLAYS: tuple[tuple[str, str], ...] = (("query-vnc", "-vnc"), ("query-spice", "-spice"))
 
 
+def _memory_option(cmdline: Sequence[str] | None) -> str | None:
+    if not cmdline or "-m" not in cmdline[:-1]:
+        return None
+    return cmdline[list(cmdline).index("-m") + 1]
+
+
 def base_memory(cmdline: Sequence[str] | None) -> int | None:
     """The RAM QEMU was started with (``-m size=...``, bytes), which cannot change while it runs; None when the
     command line is unknown or says it another way (then ``query-memory-size-summary`` is asked)."""
-    if not cmdline or "-m" not in cmdline[:-1]:
+    if (option := _memory_option(cmdline)) is None:
         return None
-    option = cmdline[list(cmdline).index("-m") + 1]
     for position, part in enumerate(option.split(",")):
         key, equals, value = part.partition("=")
         size = value if key == "size" else key if not equals and position == 0 else None
@@ -82,6 +86,13 @@ def base_memory(cmdline: Sequence[str] | None) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+def may_have_memory_devices(cmdline: Sequence[str] | None) -> bool:
+    """A DIMM (or any memory device) needs device memory, which only ``-m ...,maxmem=`` reserves: without it,
+    ``query-memory-devices`` could only answer an empty list."""
+    option = _memory_option(cmdline)
+    return option is None or "maxmem=" in option
 
 
 def _cd_from_fdset(block: list[dict[str, Any]]) -> bool:
@@ -102,6 +113,7 @@ async def query_live(qmp: QuerySession, cmdline: Sequence[str] | None = None) ->
     base = base_memory(cmdline)
     displays = [command for command, option in _DISPLAYS if cmdline is None or option in cmdline]
     first = [*_ALWAYS, *([("query-memory-size-summary", None)] if base is None else []),
+             *([("query-memory-devices", None)] if may_have_memory_devices(cmdline) else []),
              *((command, None) for command in displays)]
     answered = dict(zip((name for name, _ in first), await qmp.batch(first), strict=True))
     for name, answer in answered.items():
@@ -116,7 +128,7 @@ async def query_live(qmp: QuerySession, cmdline: Sequence[str] | None = None) ->
     for answer in second:
         if isinstance(answer, QueryError):
             raise answer
-    memory_devices = answered["query-memory-devices"]
+    memory_devices = answered.get("query-memory-devices", [])
     summary = answered.get("query-memory-size-summary") or {
         "base-memory": base, "plugged-memory": sum(int((d.get("data") or {}).get("size", 0))
                                                    for d in memory_devices)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from reconciler.adapters.monitor import free_spare_ports
-from reconciler.observe.live import _NETDEV_LINE, _cd_from_fdset, base_memory
+from reconciler.observe.live import _NETDEV_LINE, _cd_from_fdset, base_memory, may_have_memory_devices
 
 QUERY_PCI = [{"bus": 0, "devices": [
     {"qdev_id": "rp-disk-root", "slot": 1, "pci_bridge": {"bus": {}, "devices": [{"qdev_id": "disk-root"}]}},
@@ -41,6 +41,13 @@ def test_netdevs_are_read_from_info_network() -> None:
 def test_base_memory_is_the_command_lines_or_unknown(cmdline: list[str] | None, expected: int | None) -> None:
     """What ``query-memory-size-summary`` would call base-memory (it is then not asked)."""
     assert base_memory(cmdline) == expected
+
+
+def test_memory_devices_are_asked_about_only_when_device_memory_was_reserved() -> None:
+    assert not may_have_memory_devices(["qemu-system-x86_64", "-m", "size=256M"])
+    assert may_have_memory_devices(["qemu-system-x86_64", "-m", "size=256M,slots=4,maxmem=1024M"])
+    assert may_have_memory_devices(None), "an unknown command line is asked"
+    assert may_have_memory_devices(["qemu-system-x86_64"]), "no -m: asked, not guessed"
 
 
 def test_the_fd_sets_are_asked_for_only_when_a_cd_medium_came_from_one() -> None:
