@@ -35,8 +35,8 @@ from reconciler.errors import InfinizationError, UnsafeValue
 from reconciler.plan.observed import ObservedState
 from reconciler.plan.planner import plan
 from reconciler.qemu.argv import build_argv
-from reconciler.spec.host import HostConfig
 from reconciler.spec import loader
+from reconciler.spec.host import HostConfig
 from reconciler.spec.loader import MAX_DEPTH, load_text
 from reconciler.spec.models import VirtualMachine
 from reconciler.state.layout import StateLayout
