@@ -12,7 +12,7 @@ QEMU 7.2 cannot report a NIC's link state or a balloon target back, so those com
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +102,30 @@ def _cd_from_fdset(block: list[dict[str, Any]]) -> bool:
                for entry in block)
 
 
+def _first_queries(cmdline: Sequence[str] | None) -> tuple[list[Query], set[str]]:
+    """The first batch for a QEMU with this command line, and which of its commands may be refused."""
+    displays = [command for command, option in _DISPLAYS if cmdline is None or option in cmdline]
+    first = [*_ALWAYS, *([("query-memory-size-summary", None)] if base_memory(cmdline) is None else []),
+             *([("query-memory-devices", None)] if may_have_memory_devices(cmdline) else []),
+             *((command, None) for command in displays)]
+    return first, set(displays)
+
+
+def _raise_refusals(answers: Iterable[Any]) -> None:
+    for answer in answers:
+        if isinstance(answer, QueryError):
+            raise answer
+
+
+def _memory_summary(answered: Mapping[str, Any], base: int | None) -> dict[str, Any]:
+    """``query-memory-size-summary``'s answer, or the same from the command line's base memory and the
+    memory devices (each one's plugged size)."""
+    summary: dict[str, Any] = answered.get("query-memory-size-summary") or {
+        "base-memory": base, "plugged-memory": sum(int((d.get("data") or {}).get("size", 0))
+                                                   for d in answered.get("query-memory-devices", []))}
+    return summary
+
+
 async def query_live(qmp: QuerySession, cmdline: Sequence[str] | None = None) -> LiveAnswers:
     """Ask QEMU everything ``parse_live`` needs, in two pipelined batches: the queries, then each NIC's MAC
     (and the fd sets, when a CD-ROM's medium came from one). ``cmdline``: the QEMU's command line as /proc
@@ -110,35 +134,25 @@ async def query_live(qmp: QuerySession, cmdline: Sequence[str] | None = None) ->
     :raise MonitorError: When a query fails (but a display query: SPICE's module is loaded only with -spice),
         or the connection is lost.
     """
-    base = base_memory(cmdline)
-    displays = [command for command, option in _DISPLAYS if cmdline is None or option in cmdline]
-    first = [*_ALWAYS, *([("query-memory-size-summary", None)] if base is None else []),
-             *([("query-memory-devices", None)] if may_have_memory_devices(cmdline) else []),
-             *((command, None) for command in displays)]
+    first, may_refuse = _first_queries(cmdline)
     answered = dict(zip((name for name, _ in first), await qmp.batch(first), strict=True))
-    for name, answer in answered.items():
-        if isinstance(answer, QueryError) and name not in displays:
-            raise answer
+    _raise_refusals(answer for name, answer in answered.items() if name not in may_refuse)
     devices = peripheral_types(answered["qom-list"])
     block = answered["query-block"]
     nics = sorted(d for d in devices if d.startswith("nic-"))
     fdsets = [("query-fdsets", None)] if _cd_from_fdset(block) else []
     second = await qmp.batch([*(("qom-get", {"path": f"/machine/peripheral/{device}", "property": "mac"})
                                 for device in nics), *fdsets])
-    for answer in second:
-        if isinstance(answer, QueryError):
-            raise answer
-    memory_devices = answered.get("query-memory-devices", [])
-    summary = answered.get("query-memory-size-summary") or {
-        "base-memory": base, "plugged-memory": sum(int((d.get("data") or {}).get("size", 0))
-                                                   for d in memory_devices)}
+    _raise_refusals(second)
     cpus, nodes = answered["query-cpus-fast"], answered["query-named-block-nodes"]
     return LiveAnswers(
         devices=devices, nodes={n["node-name"] for n in nodes}, block=block,
         network_info=answered["human-monitor-command"], macs=dict(zip(nics, second, strict=False)),
-        cpus=len(cpus), vcpu_threads=vcpu_threads(cpus), memory_summary=summary, memory_devices=memory_devices,
-        pci=answered["query-pci"], fdsets=second[-1] if fdsets else [],
-        vnc=_shown(answered.get("query-vnc")), spice=_shown(answered.get("query-spice")), named_nodes=nodes,
+        cpus=len(cpus), vcpu_threads=vcpu_threads(cpus), memory_summary=_memory_summary(answered,
+                                                                                      base_memory(cmdline)),
+        memory_devices=answered.get("query-memory-devices", []), pci=answered["query-pci"],
+        fdsets=second[-1] if fdsets else [], vnc=_shown(answered.get("query-vnc")),
+        spice=_shown(answered.get("query-spice")), named_nodes=nodes,
         status=str(answered["query-status"].get("status", "unknown")),
     )
 
