@@ -95,17 +95,23 @@ def may_have_memory_devices(cmdline: Sequence[str] | None) -> bool:
     return option is None or "maxmem=" in option
 
 
+def _qdev(block: dict[str, Any]) -> str:
+    """The device id a ``query-block`` entry belongs to (``disk-root``, ``cd-install``)."""
+    return str(block.get("qdev", "")).removeprefix("/machine/peripheral/").removesuffix("/virtio-backend")
+
+
 def _cd_from_fdset(block: list[dict[str, Any]]) -> bool:
     """A CD-ROM drive holds a medium opened from an fd set (whose opaque, from query-fdsets, names its path)."""
-    return any(_strip("cd-", entry.get("qdev", "").removeprefix("/machine/peripheral/")) is not None
+    return any(_strip("cd-", _qdev(entry)) is not None
                and str((entry.get("inserted") or {}).get("file", "")).startswith("/dev/fdset/")
                for entry in block)
 
 
-def _first_queries(cmdline: Sequence[str] | None) -> tuple[list[Query], set[str]]:
-    """The first batch for a QEMU with this command line, and which of its commands may be refused."""
+def _first_queries(cmdline: Sequence[str] | None, base: int | None) -> tuple[list[Query], set[str]]:
+    """The first batch for a QEMU with this command line (and base memory, from it), and which of its
+    commands may be refused."""
     displays = [command for command, option in _DISPLAYS if cmdline is None or option in cmdline]
-    first = [*_ALWAYS, *([("query-memory-size-summary", None)] if base_memory(cmdline) is None else []),
+    first = [*_ALWAYS, *([("query-memory-size-summary", None)] if base is None else []),
              *([("query-memory-devices", None)] if may_have_memory_devices(cmdline) else []),
              *((command, None) for command in displays)]
     return first, set(displays)
@@ -134,7 +140,8 @@ async def query_live(qmp: QuerySession, cmdline: Sequence[str] | None = None) ->
     :raise MonitorError: When a query fails (but a display query: SPICE's module is loaded only with -spice),
         or the connection is lost.
     """
-    first, may_refuse = _first_queries(cmdline)
+    base = base_memory(cmdline)
+    first, may_refuse = _first_queries(cmdline, base)
     answered = dict(zip((name for name, _ in first), await qmp.batch(first), strict=True))
     _raise_refusals(answer for name, answer in answered.items() if name not in may_refuse)
     devices = peripheral_types(answered["qom-list"])
@@ -148,8 +155,7 @@ async def query_live(qmp: QuerySession, cmdline: Sequence[str] | None = None) ->
     return LiveAnswers(
         devices=devices, nodes={n["node-name"] for n in nodes}, block=block,
         network_info=answered["human-monitor-command"], macs=dict(zip(nics, second, strict=False)),
-        cpus=len(cpus), vcpu_threads=vcpu_threads(cpus), memory_summary=_memory_summary(answered,
-                                                                                      base_memory(cmdline)),
+        cpus=len(cpus), vcpu_threads=vcpu_threads(cpus), memory_summary=_memory_summary(answered, base),
         memory_devices=answered.get("query-memory-devices", []), pci=answered["query-pci"],
         fdsets=second[-1] if fdsets else [], vnc=_shown(answered.get("query-vnc")),
         spice=_shown(answered.get("query-spice")), named_nodes=nodes,
@@ -188,7 +194,7 @@ def _block(answers: LiveAnswers) -> tuple[dict[str, tuple[int, int]], dict[str, 
     limits: dict[str, tuple[int, int]] = {}
     cdroms: dict[str, LiveCdrom] = {}
     for block in answers.block:
-        qdev = block.get("qdev", "").removeprefix("/machine/peripheral/").removesuffix("/virtio-backend")
+        qdev = _qdev(block)
         inserted = block.get("inserted")
         if (disk := _strip("disk-", qdev)) is not None and inserted:
             limits[disk] = (int(inserted.get("iops", 0)), int(inserted.get("bps", 0)))
