@@ -4,7 +4,10 @@ A PID from a pidfile can be stale or recycled, and QEMU's user writes the pidfil
 VM's QEMU only when everything we recorded when we launched it (``launch.json``, root's) matches /proc:
 its pid and start time, its real and effective uid, ``/proc/PID/exe`` (the configured QEMU binary, not
 deleted), its argv, and the pidfile naming it. A live process that fails this is *not adopted*: the VM
-is observed as not running, and ``examine`` says why (``Examined.unverified``). Liveness reads
+is observed as not running, and ``examine`` says why (``Examined.unverified``). A start interrupted between
+the launch and its record leaves launch.json without a pid: the process the pidfile names is then adopted
+when it started after the record was written (``not_before``) and matches all the rest (``Examined.recorded``
+is False until the executor records it). Liveness reads
 /proc/PID/stat, because an exited QEMU (not our child) stays a zombie of PID 1 for a while and
 ``kill -0`` would still succeed. Used by the snapshot builder, the executor (which re-checks before every
 signal) and the sync daemon.
@@ -20,10 +23,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from reconciler.state.files import launched_pid_if_no_pidfile, read_launch, read_pidfile, read_tpm_launch
 from reconciler.state.layout import VMPaths
 from reconciler.state.models import LaunchRecord, TpmLaunchRecord
+
+Record = TypeVar("Record", LaunchRecord, TpmLaunchRecord)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class Examined:
     unverified: str | None = None
     pid: int | None = None  # the live process the pidfile names, verified or not
     launch: LaunchRecord | None = None  # launch.json as read for the check (the snapshot reuses it)
+    recorded: bool = True  # False: adopted from a launch.json that does not name its pid yet
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -99,9 +106,23 @@ def exe(pid: int) -> str | None:
         return None
 
 
+def completed(pid: int, launch: Record) -> Record:
+    """``launch`` as if it named ``pid``, when it names no pid yet and ``pid`` started after it was written: a
+    start interrupted between the launch and its record (a kill -9, a power cut). ``mismatch`` then checks all
+    the rest (uid, executable, argv). A record that names a pid, or one from before ``not_before``, as is."""
+    if launch.pid is not None or launch.not_before is None:
+        return launch
+    began = start_time(pid)
+    if began is None or began <= launch.not_before:  # the launch waits for the next tick (files.wait_next_tick)
+        return launch
+    return launch.model_copy(update={"pid": pid, "start_time": began})
+
+
 def mismatch(pid: int, launch: LaunchRecord | TpmLaunchRecord | None) -> str | None:
-    """Why live process ``pid`` is not the QEMU ``launch`` records (None: it is)."""
+    """Why live process ``pid`` is not the process ``launch`` records (None: it is)."""
     if launch is None or launch.pid is None or launch.start_time is None:
+        if launch is not None and launch.not_before is not None:
+            return "it started before the launch record (launch.json) that would name it was written"
         return "no launch record names it (launch.json is missing or was never completed)"
     if launch.pid != pid:
         return f"launch.json names pid {launch.pid}"
@@ -124,13 +145,15 @@ def examine(paths: VMPaths) -> Examined:
     if pid is None or not is_alive(pid):
         return Examined()
     launch = read_launch(paths)
-    why = mismatch(pid, launch)
+    named = completed(pid, launch) if launch is not None else None
+    why = mismatch(pid, named)
     cmdline, began = read_cmdline(pid), start_time(pid)
     if why is None and (cmdline is None or began is None or not is_alive(pid)):
         why = "it exited while being checked"
     if why is not None or cmdline is None or began is None:
         return Examined(unverified=f"pid {pid} in {paths.pidfile} is not adopted: {why}", pid=pid, launch=launch)
-    return Examined(QemuProcess(pid=pid, start_time=began, cmdline=cmdline), pid=pid, launch=launch)
+    return Examined(QemuProcess(pid=pid, start_time=began, cmdline=cmdline), pid=pid, launch=launch,
+                    recorded=launch is not None and launch.pid is not None)
 
 
 def find_qemu(paths: VMPaths) -> QemuProcess | None:
@@ -157,13 +180,15 @@ def _dnsmasq_uids() -> set[int]:
 def find_swtpm(paths: VMPaths) -> QemuProcess | None:
     """The VM's live swtpm when its pidfile names a process that passes every check of ``mismatch``
     against ``swtpm.json``. A record without a pid (a crash between the launch and its record) is checked on
-    what it has: the pidfile, uid, executable and argv (which names this VM's TPM state and socket)."""
+    what it has (``completed``): the pidfile, a start after the record, uid, executable and argv (which names
+    this VM's TPM state and socket)."""
     pid = read_pidfile(paths.tpm_pidfile)
     launch = read_tpm_launch(paths)
     if pid is None or launch is None or not is_alive(pid):
         return None
-    if launch.pid is None:
+    if launch.pid is None and launch.not_before is None:  # written before records had a clock: as it was
         launch = launch.model_copy(update={"pid": pid, "start_time": start_time(pid)})
+    launch = completed(pid, launch)
     cmdline, began = read_cmdline(pid), start_time(pid)
     if mismatch(pid, launch) is not None or cmdline is None or began is None:
         return None

@@ -13,8 +13,6 @@ crash-safety tests use to prove that a re-run converges.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,11 +24,12 @@ from reconciler.adapters import paths as host_paths
 from reconciler.apply import disks, hostdev_plug, hostnet, hotplug, placement, scheduler, swtpm, vfio, vmprocess
 from reconciler.apply import display as display_apply
 from reconciler.apply import runstate as run_state
+from reconciler.apply.crashpoints import maybe_crash
 from reconciler.errors import InfinizationError, Permanent, Refused, StepFailed
 from reconciler.plan import media, policy
 from reconciler.plan import steps as s
 from reconciler.plan.actions import Change, Plan
-from reconciler.plan.steps import Step, StepKind
+from reconciler.plan.steps import Step
 from reconciler.spec.cloudinit import seed_digest, seed_files
 from reconciler.spec.host import HostConfig
 from reconciler.spec.models import CIDATA, REDACTED, Network, VirtualMachine, nic_bridge
@@ -38,8 +37,6 @@ from reconciler.spec.naming import host_device
 from reconciler.state import files
 from reconciler.state.layout import StateLayout, VMPaths
 from reconciler.state.models import InstallRecord
-
-CRASH_ENV = "INFINIZATION_CRASH_AT"
 
 
 @dataclass(frozen=True)
@@ -66,11 +63,6 @@ class ApplyResult:
 Reporter = Callable[[StepResult], None]
 Starter = Callable[[Step], None]  # told when a step begins (a progress display shows it while it waits)
 Finisher = Callable[[Change, bool], None]  # told when a change has ended (ok or not), as the others go on
-
-
-def _maybe_crash(moment: str, kind: StepKind) -> None:
-    if os.environ.get(CRASH_ENV) == f"{moment}:{kind.value}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Executor:
@@ -112,7 +104,7 @@ class Executor:
     async def _run_change(self, change: Change, outcome: ApplyResult) -> None:
         for step in change.steps:
             began = time.monotonic()
-            _maybe_crash("before", step.kind)
+            maybe_crash("before", step.kind.value)
             self.started(step)
             permanent = False
             try:
@@ -128,14 +120,14 @@ class Executor:
                 if permanent:
                     outcome.permanent.add(change.name)
                 return
-            _maybe_crash("after", step.kind)
+            maybe_crash("after", step.kind.value)
 
     async def _run_step(self, step: Step) -> str:
         """The one dispatch table: how each kind of step runs."""
         match step:
             case (s.WriteRecord() | s.CreateDisk() | s.GrowDiskLive() | s.GrowDiskOffline() | s.Stop() | s.Start()
                   | s.DeleteDisk() | s.Forget() | s.StopTpm() | s.DeleteTpmState() | s.FinishInstall()
-                  | s.RecordDisplayPort() | s.SetDisplayPassword()):
+                  | s.RecordDisplayPort() | s.SetDisplayPassword() | s.RecordLaunch()):
                 return await self._vm_step(step)
             case (s.HotplugDisk() | s.UnplugDisk() | s.HotplugNic() | s.UnplugNic() | s.SetLink() | s.SetIoLimits()
                   | s.AddCpus() | s.AddMemory() | s.SetBalloon() | s.HotplugCdrom() | s.UnplugCdrom()
@@ -176,6 +168,8 @@ class Executor:
                 return await threads.run(disks.grow_offline, Path(step.path), step.size)
             case s.Start():
                 return await self._start(paths)
+            case s.RecordLaunch():
+                return await self._record_adopted(paths, step.pid) or "already recorded"
             case s.Stop():
                 return await vmprocess.stop(paths, float(step.timeout))
             case s.DeleteDisk():
@@ -274,8 +268,9 @@ class Executor:
         return vm.model_copy(update={"spec": policy.resolve_spec(vm.spec, resolved.__getitem__)})
 
     async def _start(self, paths: VMPaths) -> str:
-        if procfs.find_qemu(paths) is not None:
-            return "already running"
+        if procfs.find_qemu(paths) is not None:  # e.g. launched by a start interrupted before it was recorded
+            adopted = await self._record_adopted(paths)
+            return f"already running; {adopted}" if adopted else "already running"
         vm = self._resolved_vm(self._recorded_vm(paths))
         vm = self._as_started(paths, vm)
         fw = host_paths.require_firmware(vm.spec, self.host, str(self.layout.root))
@@ -293,6 +288,14 @@ class Executor:
             raise StepFailed(f"{exc}; {cleaned}") from exc
         installing = self._began_installs(paths, vm)
         return ", ".join([started, *installing, *extra])
+
+    async def _record_adopted(self, paths: VMPaths, pid: int | None = None) -> str | None:
+        """A QEMU launched by an interrupted start: recorded now, with the installs its start began."""
+        adopted = await vmprocess.record_adopted(paths, pid)
+        launch = files.read_launch(paths)
+        if adopted is None or launch is None:
+            return adopted
+        return ", ".join([adopted, *self._began_installs(paths, launch.vm)])
 
     def _as_started(self, paths: VMPaths, vm: VirtualMachine) -> VirtualMachine:
         """The VM as QEMU gets it: install media per the record, and the cloud-init seed (built here)."""

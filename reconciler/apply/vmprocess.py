@@ -33,6 +33,7 @@ from pathlib import Path
 
 from reconciler.adapters import agent, cgroups, monitor, procfs, threads
 from reconciler.apply import disks, hostnet, hugetlb, placement, swtpm, tpm_setup
+from reconciler.apply.crashpoints import maybe_crash
 from reconciler.errors import MonitorError, Refused, StepFailed
 from reconciler.plan.firmware import Firmware
 from reconciler.plan.placement import hugepage_dir
@@ -230,7 +231,7 @@ async def _start_swtpm(layout: StateLayout, paths: VMPaths, host: HostConfig) ->
     files.prepare_tpm_state(layout, paths, uid, gid)
     made = await tpm_setup.manufacture(layout, paths, host, uid, gid)
     argv = swtpm_argv(paths, host.swtpmBinary)
-    files.write_tpm_launch(paths, argv, uid, host.swtpmBinary)
+    files.wait_next_tick(files.write_tpm_launch(paths, argv, uid, host.swtpmBinary))
     files.remove_pidfile(paths.tpm_pidfile)
     pid = await threads.run(_launch, paths, argv, uid, gid, [], "swtpm")
     if (began := procfs.start_time(pid)) is not None:
@@ -276,6 +277,7 @@ async def _start_qemu(layout: StateLayout, paths: VMPaths, vm: VirtualMachine, b
         cpus = placement.launch_cpus(vm.spec, files.read_record(paths))
         pid = await threads.run(_record_and_launch, paths, argv, vm, (uid, gid), host.qemuBinary,
                                 _inherited(taps, opened), memlock_limit(vm), cpus)
+        maybe_crash("launched", "start")
     finally:
         hostnet.close_all(_inherited(taps, opened))
     return await _until_running(paths, pid, uid, host.startTimeout, cpus, vm.spec.paused)
@@ -286,7 +288,7 @@ def _record_and_launch(paths: VMPaths, argv: list[str], vm: VirtualMachine, acco
     """launch.json first (fsynced: a QEMU is only ever adopted by its record), then QEMU; its pid. In a
     worker thread: the fsync and the launcher's fork and exec do not hold up the other VMs' starts."""
     uid, gid = account
-    files.write_launch(paths, argv, vm, uid=uid, binary=binary)
+    files.wait_next_tick(files.write_launch(paths, argv, vm, uid=uid, binary=binary))
     # Whatever the pidfile names is not our QEMU (we checked): QEMU writes its own. A QEMU of ours we
     # could not verify still holds its disks' locks, so a second one fails to start rather than share them.
     files.remove_pidfile(paths.pidfile)
@@ -300,6 +302,25 @@ def _record_launched(paths: VMPaths, pid: int, began: int | None, cpus: str | No
         files.record_launched(paths, pid, began)
     files.clear_exit(paths)  # a new run: how the previous one ended no longer matters
     return _own_cgroup(paths, pid, cpus)
+
+
+async def record_adopted(paths: VMPaths, pid: int | None = None) -> str | None:
+    """Finish what an interrupted start left: a QEMU adopted from a launch.json that does not name its pid gets
+    it, the last run's exit cleared and its cgroup, as after a launch (``_record_launched``). What was done;
+    None when the VM's QEMU is recorded already (or none runs). ``pid``: only that process (the planned one).
+
+    :raise StepFailed: When ``pid`` is no longer the VM's adopted QEMU (it exited, or another one runs).
+    """
+    examined = procfs.examine(paths)
+    process, launch = examined.process, examined.launch
+    if pid is not None and (process is None or process.pid != pid):
+        raise StepFailed(f"QEMU pid {pid} is no longer this VM's QEMU: "
+                         f"{examined.unverified or 'it exited'} (re-plan)")
+    if process is None or examined.recorded or launch is None:
+        return None
+    cpus = placement.launch_cpus(launch.vm.spec, files.read_record(paths))
+    cgroup = await threads.run(_record_launched, paths, process.pid, process.start_time, cpus)
+    return f"QEMU pid {process.pid}, launched by an interrupted start, recorded; {cgroup}"
 
 
 async def _until_running(paths: VMPaths, pid: int, uid: int, timeout: float, cpus: str | None = None,

@@ -52,7 +52,8 @@ async def observe_vm(layout: StateLayout, name: str, disk_names: Iterable[str],
         placement = observe_placement(process.pid, live.vcpu_threads if live else {}, paths.dir,
                                       cpuset or cgroups.cpuset_hierarchy())
         observed_process = ObservedProcess(pid=process.pid, start_time=process.start_time, status=status,
-                                           launched=launched, live=live, agent=guest, placement=placement)
+                                           launched=launched, live=live, agent=guest, placement=placement,
+                                           recorded=examined.recorded)
     disks = await images.observe_disks({disk: paths.disk(disk) for disk in sorted(set(disk_names))}, nodes)
     last_exit = None
     if observed_process is None and (ended := files.read_exit(paths) or _exit_from_log(paths)) is not None:

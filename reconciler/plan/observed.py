@@ -120,6 +120,8 @@ class ObservedProcess(_Fact):
     agent: ObservedAgent | None = Field(default=None, description="The guest agent, when asked (status) and "
                                         "the running QEMU has its port.")
     placement: ObservedPlacement | None = Field(default=None, description="Its threads' CPUs and cpuset cgroup.")
+    recorded: bool = Field(default=True, description="launch.json names its pid; False: a start was interrupted "
+                           "between the launch and its record, and the process was adopted on the rest.")
 
 
 class ObservedSecret(_Fact):

@@ -230,9 +230,9 @@ def _plan_vm(name: str, manifest: VirtualMachine, observed: ObservedState, recor
 
 def _devices_and_boot(work: _VMPlan, spec: VirtualMachineSpec, obs: ObservedVM, steps: list[s.Step],
                       observed: ObservedState) -> tuple[list[s.Step], str | None]:
-    """The swtpm left without its QEMU and the host devices the steps need; a start with nothing to boot
-    is refused (the refusal)."""
-    steps = [*steps, *_orphan_tpm(work.reasons, obs)]
+    """The swtpm left without its QEMU, a QEMU launched but never recorded, and the host devices the steps
+    need; a start with nothing to boot is refused (the refusal)."""
+    steps = [*steps, *_orphan_tpm(work.reasons, obs), *_unrecorded_launch(work.reasons, obs, steps)]
     steps += _host_devices(work, spec, obs, steps, observed)
     nothing = firmware.boot_refusal(spec)
     return steps, nothing if nothing and any(isinstance(step, s.Start) for step in steps) else None
@@ -652,6 +652,17 @@ def _orphan_tpm(reasons: list[str], obs: ObservedVM) -> list[s.Step]:
         return []
     reasons.append(f"its swtpm (pid {obs.tpm_pid}) runs without its QEMU")
     return [s.StopTpm(name=obs.name, summary=f"stop swtpm pid {obs.tpm_pid}, left without its QEMU")]
+
+
+def _unrecorded_launch(reasons: list[str], obs: ObservedVM, steps: list[s.Step]) -> list[s.Step]:
+    """A QEMU adopted from a launch.json that does not name its pid (a start interrupted between the launch
+    and its record): record it, unless the plan stops it anyway."""
+    process = obs.process
+    if process is None or process.recorded or any(isinstance(step, s.Stop) for step in steps):
+        return []
+    reasons.append(f"its QEMU (pid {process.pid}) was launched by a start that was interrupted before recording it")
+    return [s.RecordLaunch(name=obs.name, pid=process.pid,
+                           summary=f"record QEMU pid {process.pid} in launch.json and move it into its cgroup")]
 
 
 def _delete_tpm(name: str, obs: ObservedVM, record: AppliedRecord, state_dir: str) -> tuple[list[s.Step], str]:

@@ -66,6 +66,7 @@ class StepKind(StrEnum):
     SET_PLACEMENT = "set-placement"
     PAUSE = "pause"
     RESUME = "resume"
+    RECORD_LAUNCH = "record-launch"
 
 
 class Phase:
@@ -136,6 +137,16 @@ class WriteRecord(_StepBase):
     kind: Literal[StepKind.WRITE_RECORD] = StepKind.WRITE_RECORD
     phase = Phase.RECORD
     vm: VirtualMachine
+
+
+class RecordLaunch(_StepBase):
+    """Finish the record of a QEMU whose start was interrupted between the launch and its record (it was
+    adopted on everything but the pid): its pid into launch.json, the last run's exit cleared, and QEMU moved
+    into its cgroup, as a start does. Only for that very process (``pid``), re-verified first."""
+
+    kind: Literal[StepKind.RECORD_LAUNCH] = StepKind.RECORD_LAUNCH
+    phase = Phase.RECORD
+    pid: int
 
 
 class CreateDisk(_StepBase):
@@ -463,7 +474,7 @@ class StopDhcp(_StepBase):
 
 VMStep = (WriteRecord | CreateDisk | GrowDiskLive | GrowDiskOffline | Stop | Start | DeleteDisk | Forget
           | StopTpm | DeleteTpmState | CreateEfiVars | DeleteEfiVars | ResetEfiVars | FinishInstall
-          | RecordDisplayPort | SetDisplayPassword | PrepareHostDevice | ReleaseHostDevice)
+          | RecordDisplayPort | SetDisplayPassword | PrepareHostDevice | ReleaseHostDevice | RecordLaunch)
 """Steps on a VM's record, disk files and process."""
 LiveStep = (HotplugDisk | UnplugDisk | HotplugNic | UnplugNic | SetLink | SetIoLimits | AddCpus | AddMemory
             | SetBalloon | HotplugCdrom | UnplugCdrom | ChangeMedia | HotplugHostDevice | UnplugHostDevice

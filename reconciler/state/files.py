@@ -41,6 +41,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
@@ -285,10 +286,27 @@ def read_launch(paths: VMPaths) -> LaunchRecord | None:
         return None
 
 
+def boot_ticks() -> int:
+    """The boot clock now, in the clock ticks /proc/PID/stat counts a process's start time in (both
+    CLOCK_BOOTTIME, both rounded down): a process started after this call has a start time >= its value."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // (1_000_000_000 // os.sysconf("SC_CLK_TCK"))
+
+
+def wait_next_tick(ticks: int) -> None:
+    """Return once the boot clock is past ``ticks`` (at most one tick, 10 ms): a process started then has a
+    start time > ``ticks``, so a record holding ``ticks`` tells it from any process started before."""
+    while boot_ticks() <= ticks:
+        time.sleep(0.001)
+
+
 def write_launch(paths: VMPaths, argv: list[str], vm: VirtualMachine, uid: int | None = None,
-                 binary: str | None = None) -> None:
-    """The QEMU about to start (no pid yet: a process is adopted only once ``record_launched`` named it)."""
-    write_atomic(paths.launch, _dump(LaunchRecord(argv=argv, vm=vm, uid=uid, binary=binary)))
+                 binary: str | None = None) -> int:
+    """The QEMU about to start, with the boot clock now (no pid yet: until ``record_launched`` names it, only a
+    process started after this record's clock can be adopted, see ``procfs.examine``); that clock reading
+    (launch after ``wait_next_tick`` of it)."""
+    now = boot_ticks()
+    write_atomic(paths.launch, _dump(LaunchRecord(argv=argv, vm=vm, uid=uid, binary=binary, not_before=now)))
+    return now
 
 
 def record_launched(paths: VMPaths, pid: int, start_time: int) -> None:
@@ -700,9 +718,11 @@ def read_tpm_launch(paths: VMPaths) -> TpmLaunchRecord | None:
         return None
 
 
-def write_tpm_launch(paths: VMPaths, argv: list[str], uid: int, binary: str) -> None:
-    """The swtpm about to start (adopted only once ``record_tpm_launched`` names its pid)."""
-    write_atomic(paths.tpm_launch, _dump(TpmLaunchRecord(argv=argv, uid=uid, binary=binary)))
+def write_tpm_launch(paths: VMPaths, argv: list[str], uid: int, binary: str) -> int:
+    """The swtpm about to start, with the boot clock now; that clock reading (as ``write_launch``)."""
+    now = boot_ticks()
+    write_atomic(paths.tpm_launch, _dump(TpmLaunchRecord(argv=argv, uid=uid, binary=binary, not_before=now)))
+    return now
 
 
 def record_tpm_launched(paths: VMPaths, pid: int, start_time: int) -> None:

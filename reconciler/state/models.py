@@ -64,8 +64,10 @@ class NetworkRecord(_Record):
 class LaunchRecord(_Record):
     """vms/NAME/launch.json: the argv and spec of the QEMU we started (trusted only while /proc agrees).
 
-    Written before QEMU starts (argv, spec, user, binary), then again with its pid and start time once it
-    runs: a process is this VM's QEMU only when all of them match /proc (``adapters.procfs.examine``).
+    Written before QEMU starts (argv, spec, user, binary, the boot clock), then again with its pid and start
+    time once it runs: a process is this VM's QEMU only when all of them match /proc
+    (``adapters.procfs.examine``). A record without a pid (the start was interrupted between the launch
+    and its record) names a process that started after ``not_before`` and matches all the rest.
     """
 
     version: int = RECORD_VERSION
@@ -73,6 +75,9 @@ class LaunchRecord(_Record):
     vm: VirtualMachine
     uid: int | None = Field(default=None, description="The user QEMU runs as.")
     binary: str | None = Field(default=None, description="The QEMU binary (its /proc/PID/exe).")
+    not_before: int | None = Field(default=None, description="The boot clock in clock ticks (CLOCK_BOOTTIME, "
+                                   "as /proc/PID/stat counts a start time) when this record was written, "
+                                   "before the launch.")
     pid: int | None = None
     start_time: int | None = Field(default=None, description="Its start time in clock ticks (/proc/PID/stat).")
 
@@ -83,6 +88,7 @@ class TpmLaunchRecord(_Record):
     argv: list[str]
     uid: int | None = None
     binary: str | None = None
+    not_before: int | None = None  # as LaunchRecord's
     pid: int | None = None
     start_time: int | None = None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler.apply.executor import CRASH_ENV
+from reconciler.apply.crashpoints import CRASH_ENV
 from tests.e2e.harness import Host, vm_manifest
 
 CREATE_STEPS = ["write-record", "create-disk", "start"]
@@ -23,8 +23,8 @@ VMS = {
 SIZES = {"cc1": {"vda": 64}, "cc2": {"vda": 64, "vdb": 32}, "cc3": {"vda": 48, "vdb": 16, "vdc": 24}}
 
 
-@pytest.mark.parametrize("moment", ["before", "after"])
-@pytest.mark.parametrize("step", CREATE_STEPS)
+@pytest.mark.parametrize(("moment", "step"), [(moment, step) for step in CREATE_STEPS for moment in ("before", "after")]
+                         + [("launched", "start")])  # inside a start: QEMU launched, its pid not yet recorded
 def test_interrupted_concurrent_create_converges(host: Host, step: str, moment: str) -> None:
     for name, disks in VMS.items():
         host.write(f"{name}.yaml", vm_manifest(name, disks=disks))

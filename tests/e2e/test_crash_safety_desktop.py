@@ -21,7 +21,7 @@ import yaml
 
 from reconciler.adapters import procfs
 from reconciler.apply import vmprocess
-from reconciler.apply.executor import CRASH_ENV
+from reconciler.apply.crashpoints import CRASH_ENV
 from reconciler.spec.host import HostConfig
 from reconciler.state.layout import StateLayout, VMPaths
 from tests.e2e.harness import Host, live_processes, vm_manifest

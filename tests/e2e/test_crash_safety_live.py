@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.apply.executor import CRASH_ENV
+from reconciler.apply.crashpoints import CRASH_ENV
 from reconciler.spec.models import tap_name
 from reconciler.state.layout import StateLayout
 from tests.e2e.harness import GUEST_DIR, Host, Report, in_netns

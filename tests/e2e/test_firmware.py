@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from reconciler.apply.executor import CRASH_ENV
+from reconciler.apply.crashpoints import CRASH_ENV
 from tests.e2e.harness import Host, vm_manifest
 
 UEFI_TIMEOUT = 90  # OVMF under TCG on a shared machine: a boot takes 10-15 s alone

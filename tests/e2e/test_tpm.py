@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from reconciler.apply import vmprocess
-from reconciler.apply.executor import CRASH_ENV
+from reconciler.apply.crashpoints import CRASH_ENV
 from reconciler.spec.host import HostConfig
 from reconciler.state.layout import StateLayout
 from tests.e2e.harness import Host, live_processes, vm_manifest, wait_gone

@@ -16,6 +16,7 @@ from reconciler.spec.loader import load_text
 from reconciler.spec.models import VirtualMachine
 from reconciler.state import files
 from reconciler.state.layout import StateLayout, VMPaths
+from reconciler.state.models import LaunchRecord
 
 VM = """apiVersion: infinization.io/v1alpha1
 kind: VirtualMachine
@@ -83,6 +84,66 @@ def test_without_a_completed_launch_record_nothing_is_adopted(
     assert "no launch record" in (procfs.examine(paths).unverified or "")
     files.write_launch(paths, [SLEEP, "60"], _vm(), uid=os.getuid(), binary=SLEEP)  # pid not recorded yet
     assert procfs.examine(paths).process is None
+
+
+def test_a_launch_record_without_a_pid_names_only_a_process_started_after_it(
+        running: tuple[VMPaths, subprocess.Popen[bytes]]) -> None:
+    """A start interrupted between the launch and its record: the process its pidfile names is adopted when it
+    started after launch.json was written and matches the rest; one started before never is."""
+    paths, before = running
+    files.wait_next_tick(files.write_launch(paths, [SLEEP, "60"], _vm(), uid=os.getuid(), binary=SLEEP))
+    after = subprocess.Popen([SLEEP, "60"])
+    try:
+        paths.pidfile.write_text(f"{before.pid}\n")
+        examined = procfs.examine(paths)
+        assert examined.process is None and "started before the launch record" in (examined.unverified or "")
+        paths.pidfile.write_text(f"{after.pid}\n")
+        examined = procfs.examine(paths)
+        assert examined.process is not None and examined.process.pid == after.pid and not examined.recorded
+        began = procfs.start_time(after.pid)
+        assert began is not None
+        files.record_launched(paths, after.pid, began)
+        examined = procfs.examine(paths)
+        assert examined.process is not None and examined.recorded
+    finally:
+        after.kill()
+        after.wait()
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"uid": 995}, "it runs as uid"),
+    ({"binary": "/usr/bin/qemu-system-x86_64"}, "its executable is"),
+    ({"argv": [SLEEP, "61"]}, "its command line is not the one we launched"),
+])
+def test_a_launch_record_without_a_pid_still_checks_everything_else(
+        tmp_path: Path, change: dict[str, object], why: str) -> None:
+    paths = StateLayout(tmp_path).vm("a")
+    paths.run.mkdir(parents=True)
+    record = {"uid": os.getuid(), "binary": SLEEP, "argv": [SLEEP, "60"], **change}
+    files.wait_next_tick(files.write_launch(paths, record.pop("argv"), _vm(), **record))  # type: ignore[arg-type]
+    child = subprocess.Popen([SLEEP, "60"])
+    try:
+        paths.pidfile.write_text(f"{child.pid}\n")
+        examined = procfs.examine(paths)
+        assert examined.process is None and why in (examined.unverified or ""), examined.unverified
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_launch_record_without_a_pid_or_a_clock_names_nothing(tmp_path: Path) -> None:
+    """launch.json from before records had a clock: a pid-less one is never completed (as it always was)."""
+    paths = StateLayout(tmp_path).vm("a")
+    paths.run.mkdir(parents=True)
+    child = subprocess.Popen([SLEEP, "60"])
+    try:
+        files.write_atomic(paths.launch, LaunchRecord(argv=[SLEEP, "60"], vm=_vm(), uid=os.getuid(),
+                                                      binary=SLEEP).model_dump_json())
+        paths.pidfile.write_text(f"{child.pid}\n")
+        assert "no launch record names it" in (procfs.examine(paths).unverified or "")
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_deleted_pidfile_falls_back_to_launch_json_with_every_other_check(
