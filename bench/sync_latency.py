@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
 import statistics
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.common import PYTHON, ROOT, RawFleet, Row, Sandbox, wait_for
@@ -64,12 +66,13 @@ def raw_resize(base: Path, rounds: int) -> list[float]:
     return resizes
 
 
-def daemon_grow(count: int, rounds: int) -> list[float]:
-    """Edit-to-grown latencies (seconds) with ``count`` VMs under one sync daemon."""
-    box = Sandbox(f"sync{count}")
+@contextlib.contextmanager
+def _daemon(label: str, names: list[str]) -> Iterator[tuple[Sandbox, Path]]:
+    """A sandbox whose VMs ``names`` were applied and booted, under a running sync daemon past its first
+    full reconcile; the sandbox and the daemon's store. Stopped (SIGTERM) and cleaned up on exit."""
+    box = Sandbox(label)
     daemon = None
     try:
-        names = [f"s{i}" for i in range(count)]
         box.write_vms(names)
         box.cli("apply", str(box.manifests), "--yes")
         box.wait_booted(names)
@@ -78,15 +81,8 @@ def daemon_grow(count: int, rounds: int) -> list[float]:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         db = box.state / "infinization.db"
         wait_for(db.exists, timeout=120, step=0.05)
-        time.sleep(3.0)  # the first full reconcile is not an edit
-        grows = []
-        for i in range(rounds):
-            wall = time.time()
-            box.write_vms(["s0"], disks=f"    - {{name: root, size: {65 + i}Mi}}")
-            done = wait_for(lambda w=wall: _event_time(db, "s0", "grow-disk-live", w), timeout=60, step=0.002)
-            grows.append(done - wall)
-            time.sleep(0.3)  # one edit at a time: latency, not throughput
-        return grows
+        time.sleep(3.0)  # the first full reconcile is not what is measured
+        yield box, db
     finally:
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
@@ -94,23 +90,25 @@ def daemon_grow(count: int, rounds: int) -> list[float]:
         box.close()
 
 
+def daemon_grow(count: int, rounds: int) -> list[float]:
+    """Edit-to-grown latencies (seconds) with ``count`` VMs under one sync daemon."""
+    grows = []
+    with _daemon(f"sync{count}", [f"s{i}" for i in range(count)]) as (box, db):
+        for i in range(rounds):
+            wall = time.time()
+            box.write_vms(["s0"], disks=f"    - {{name: root, size: {65 + i}Mi}}")
+            done = wait_for(lambda w=wall: _event_time(db, "s0", "grow-disk-live", w), timeout=60, step=0.002)
+            grows.append(done - wall)
+            time.sleep(0.3)  # one edit at a time: latency, not throughput
+    return grows
+
+
 def daemon_create(rounds: int) -> list[float]:
     """New-manifest-to-running latencies (seconds) under a sync daemon that holds one running VM: each round
     writes ``n{i}.yaml``, waits for its ``start`` event, for its guest's boot (so the next round does not
     compete with a booting guest), then removes the manifest and waits until the VM is gone."""
-    box = Sandbox("synccreate")
-    daemon = None
-    try:
-        box.write_vms(["s0"])
-        box.cli("apply", str(box.manifests), "--yes")
-        box.wait_booted(["s0"])
-        daemon = subprocess.Popen([PYTHON, "-m", "reconciler", "sync", str(box.manifests), "--metrics-address",
-                                   "none"], cwd=ROOT, env=box.env(),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        db = box.state / "infinization.db"
-        wait_for(db.exists, timeout=120, step=0.05)
-        time.sleep(3.0)  # the first full reconcile is not a create
-        creates = []
+    creates = []
+    with _daemon("synccreate", ["s0"]) as (box, db):
         for i in range(rounds):
             name = f"n{i}"
             wall = time.time()
@@ -121,12 +119,7 @@ def daemon_create(rounds: int) -> list[float]:
             (box.manifests / f"{name}.yaml").unlink()
             wait_for(lambda n=name: not (box.state / "vms" / n).exists(), timeout=120, step=0.05)
             time.sleep(0.5)
-        return creates
-    finally:
-        if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=60)
-        box.close()
+    return creates
 
 
 def raw_create(rounds: int) -> list[float]:
