@@ -106,23 +106,40 @@ def exe(pid: int) -> str | None:
         return None
 
 
+LAUNCH_WINDOW = 15.0  # seconds after its record within which a launch forks (the launcher's timeout is 10 s)
+
+
 def completed(pid: int, launch: Record) -> Record:
-    """``launch`` as if it named ``pid``, when it names no pid yet and ``pid`` started after it was written: a
-    start interrupted between the launch and its record (a kill -9, a power cut). ``mismatch`` then checks all
-    the rest (uid, executable, argv). A record that names a pid, or one from before ``not_before``, as is."""
+    """``launch`` as if it named ``pid``, when it names no pid yet and ``pid`` was forked in the launch's window:
+    after the record was written (the launch waits for the next tick, ``files.wait_next_tick``) and within
+    ``LAUNCH_WINDOW`` of it. That is a start interrupted between the launch and its record (a kill -9, a power
+    cut); ``mismatch`` then checks all the rest (uid, executable, argv). Anything else: ``launch`` as is."""
     if launch.pid is not None or launch.not_before is None:
         return launch
     began = start_time(pid)
-    if began is None or began <= launch.not_before:  # the launch waits for the next tick (files.wait_next_tick)
+    window = int(LAUNCH_WINDOW * os.sysconf("SC_CLK_TCK"))
+    if began is None or not launch.not_before < began <= launch.not_before + window:
         return launch
     return launch.model_copy(update={"pid": pid, "start_time": began})
+
+
+def launched_from(launch: LaunchRecord) -> bool:
+    """Whether a live process of the record's user runs its argv and was forked in its launch's window (a
+    scan of /proc: only while a start waits for an interrupted launch's QEMU to write its pidfile)."""
+    with os.scandir("/proc") as entries:
+        pids = [int(entry.name) for entry in entries if entry.name.isdigit()]
+    for pid in pids:
+        if read_cmdline(pid) == tuple(launch.argv) and completed(pid, launch).pid == pid and is_alive(pid) \
+                and set(uids(pid) or ()) == {launch.uid}:
+            return True
+    return False
 
 
 def mismatch(pid: int, launch: LaunchRecord | TpmLaunchRecord | None) -> str | None:
     """Why live process ``pid`` is not the process ``launch`` records (None: it is)."""
     if launch is None or launch.pid is None or launch.start_time is None:
         if launch is not None and launch.not_before is not None:
-            return "it started before the launch record (launch.json) that would name it was written"
+            return "it was not started by the launch its record (launch.json) was written for"
         return "no launch record names it (launch.json is missing or was never completed)"
     if launch.pid != pid:
         return f"launch.json names pid {launch.pid}"
@@ -148,8 +165,9 @@ def examine(paths: VMPaths) -> Examined:
     named = completed(pid, launch) if launch is not None else None
     why = mismatch(pid, named)
     cmdline, began = read_cmdline(pid), start_time(pid)
-    if why is None and (cmdline is None or began is None or not is_alive(pid)):
-        why = "it exited while being checked"
+    if why is None and (cmdline is None or began is None or not is_alive(pid)
+                        or named is None or began != named.start_time or cmdline != tuple(named.argv)):
+        why = "it exited while being checked"  # or its pid was reused meanwhile
     if why is not None or cmdline is None or began is None:
         return Examined(unverified=f"pid {pid} in {paths.pidfile} is not adopted: {why}", pid=pid, launch=launch)
     return Examined(QemuProcess(pid=pid, start_time=began, cmdline=cmdline), pid=pid, launch=launch,

@@ -268,6 +268,7 @@ class Executor:
         return vm.model_copy(update={"spec": policy.resolve_spec(vm.spec, resolved.__getitem__)})
 
     async def _start(self, paths: VMPaths) -> str:
+        await vmprocess.settle_interrupted_launch(paths)
         if procfs.find_qemu(paths) is not None:  # e.g. launched by a start interrupted before it was recorded
             adopted = await self._record_adopted(paths)
             return f"already running; {adopted}" if adopted else "already running"
@@ -291,11 +292,11 @@ class Executor:
 
     async def _record_adopted(self, paths: VMPaths, pid: int | None = None) -> str | None:
         """A QEMU launched by an interrupted start: recorded now, with the installs its start began."""
-        adopted = await vmprocess.record_adopted(paths, pid)
         launch = files.read_launch(paths)
-        if adopted is None or launch is None:
-            return adopted
-        return ", ".join([adopted, *self._began_installs(paths, launch.vm)])
+        if launch is None:
+            return None
+        return await vmprocess.record_adopted(
+            paths, pid, lambda qemu, began: self._began_installs(paths, launch.vm, (qemu, began)))
 
     def _as_started(self, paths: VMPaths, vm: VirtualMachine) -> VirtualMachine:
         """The VM as QEMU gets it: install media per the record, and the cloud-init seed (built here)."""
@@ -306,14 +307,17 @@ class Executor:
         return display_apply.as_started(paths, vm.model_copy(update={"spec": spec}))
 
     @staticmethod
-    def _began_installs(paths: VMPaths, vm: VirtualMachine) -> list[str]:
-        """Record the installs this start began (booting from bootOnce CD-ROMs), with the QEMU that runs them."""
-        launch = files.read_launch(paths)
+    def _began_installs(paths: VMPaths, vm: VirtualMachine, qemu: tuple[int, int] | None = None) -> list[str]:
+        """Record the installs this start began (booting from bootOnce CD-ROMs), with the QEMU that runs them
+        (``qemu``: its pid and start time; else those launch.json recorded)."""
+        if qemu is None:
+            launch = files.read_launch(paths)
+            qemu = (launch.pid, launch.start_time) if launch and launch.pid and launch.start_time else None
         booting = [cdrom for cdrom in vm.spec.cdroms if cdrom.bootOnce]
-        if not booting or launch is None or launch.pid is None or launch.start_time is None:
+        if not booting or qemu is None:
             return []
-        files.record_installs(paths, [InstallRecord(cdrom=cdrom.name, image=cdrom.image, pid=launch.pid,
-                                                    start_time=launch.start_time) for cdrom in booting])
+        files.record_installs(paths, [InstallRecord(cdrom=cdrom.name, image=cdrom.image, pid=qemu[0],
+                                                    start_time=qemu[1]) for cdrom in booting])
         return [f"install from CD-ROM {', '.join(cdrom.name for cdrom in booting)} began (boots from it once)"]
 
     @staticmethod

@@ -29,6 +29,7 @@ import pwd
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from reconciler.adapters import agent, cgroups, monitor, procfs, threads
@@ -304,10 +305,13 @@ def _record_launched(paths: VMPaths, pid: int, began: int | None, cpus: str | No
     return _own_cgroup(paths, pid, cpus)
 
 
-async def record_adopted(paths: VMPaths, pid: int | None = None) -> str | None:
-    """Finish what an interrupted start left: a QEMU adopted from a launch.json that does not name its pid gets
-    it, the last run's exit cleared and its cgroup, as after a launch (``_record_launched``). What was done;
-    None when the VM's QEMU is recorded already (or none runs). ``pid``: only that process (the planned one).
+async def record_adopted(paths: VMPaths, pid: int | None = None,
+                         installs: Callable[[int, int], list[str]] | None = None) -> str | None:
+    """Finish what an interrupted start left: a QEMU adopted from a launch.json that does not name its pid is
+    moved into its cgroup, the installs its start began recorded (``installs(pid, start_time)``), the last
+    run's exit cleared and, last, its pid written: a crash on the way leaves it unrecorded, so the step is
+    planned again (each part is idempotent). What was done; None when the VM's QEMU is recorded already (or
+    none runs). ``pid``: only that process (the planned one).
 
     :raise StepFailed: When ``pid`` is no longer the VM's adopted QEMU (it exited, or another one runs).
     """
@@ -319,8 +323,31 @@ async def record_adopted(paths: VMPaths, pid: int | None = None) -> str | None:
     if process is None or examined.recorded or launch is None:
         return None
     cpus = placement.launch_cpus(launch.vm.spec, files.read_record(paths))
-    cgroup = await threads.run(_record_launched, paths, process.pid, process.start_time, cpus)
-    return f"QEMU pid {process.pid}, launched by an interrupted start, recorded; {cgroup}"
+    cgroup = await threads.run(_own_cgroup, paths, process.pid, cpus)
+    if procfs.start_time(process.pid) != process.start_time:  # it exited meanwhile (its pid may be reused)
+        raise StepFailed(f"QEMU pid {process.pid} exited while it was being recorded (re-plan)")
+    began = installs(process.pid, process.start_time) if installs is not None else []
+
+    def record() -> None:
+        files.clear_exit(paths)
+        files.record_launched(paths, process.pid, process.start_time)
+    await threads.run(record)
+    return ", ".join([f"QEMU pid {process.pid}, launched by an interrupted start, recorded; {cgroup}", *began])
+
+
+async def settle_interrupted_launch(paths: VMPaths) -> None:
+    """Before a start replaces it: a launch.json written moments ago without a pid (the start that wrote it was
+    killed right after the launch) may name a QEMU that has not written its pidfile yet. Wait while such a
+    process runs (its argv, forked in the launch's window) until the pidfile names it, so it is adopted
+    rather than shadowed by a second QEMU that cannot get its disks' locks. Returns at once otherwise."""
+    launch = files.read_launch(paths)
+    if launch is None or launch.pid is not None or launch.not_before is None:
+        return
+    ticks = os.sysconf("SC_CLK_TCK")
+    left = (launch.not_before - files.boot_ticks()) / ticks + procfs.LAUNCH_WINDOW
+    deadline = time.monotonic() + max(0.0, min(left, procfs.LAUNCH_WINDOW))
+    while procfs.find_qemu(paths) is None and time.monotonic() < deadline and procfs.launched_from(launch):
+        await asyncio.sleep(POLL)
 
 
 async def _until_running(paths: VMPaths, pid: int, uid: int, timeout: float, cpus: str | None = None,

@@ -3,9 +3,11 @@ process whose pidfile entry, uid, executable, start time or argv differ is not a
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,7 +98,7 @@ def test_a_launch_record_without_a_pid_names_only_a_process_started_after_it(
     try:
         paths.pidfile.write_text(f"{before.pid}\n")
         examined = procfs.examine(paths)
-        assert examined.process is None and "started before the launch record" in (examined.unverified or "")
+        assert examined.process is None and "not started by the launch" in (examined.unverified or "")
         paths.pidfile.write_text(f"{after.pid}\n")
         examined = procfs.examine(paths)
         assert examined.process is not None and examined.process.pid == after.pid and not examined.recorded
@@ -126,6 +128,58 @@ def test_a_launch_record_without_a_pid_still_checks_everything_else(
         paths.pidfile.write_text(f"{child.pid}\n")
         examined = procfs.examine(paths)
         assert examined.process is None and why in (examined.unverified or ""), examined.unverified
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_launch_record_without_a_pid_names_nothing_forked_after_its_launch_window(tmp_path: Path) -> None:
+    """The pid-less record is only the launch's: a matching process forked long after it was written (the
+    record left behind, a process of QEMU's user started later with that argv) is not adopted."""
+    paths = StateLayout(tmp_path).vm("a")
+    paths.run.mkdir(parents=True)
+    child = subprocess.Popen([SLEEP, "60"])
+    try:
+        began = procfs.start_time(child.pid)
+        assert began is not None
+        late = began - int((procfs.LAUNCH_WINDOW + 1) * os.sysconf("SC_CLK_TCK"))
+        files.write_atomic(paths.launch, LaunchRecord(argv=[SLEEP, "60"], vm=_vm(), uid=os.getuid(), binary=SLEEP,
+                                                      not_before=late).model_dump_json())
+        paths.pidfile.write_text(f"{child.pid}\n")
+        examined = procfs.examine(paths)
+        assert examined.process is None and "not started by the launch" in (examined.unverified or "")
+        assert not procfs.launched_from(files.read_launch(paths))  # type: ignore[arg-type]
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_start_waits_for_an_interrupted_launchs_qemu_to_write_its_pidfile(tmp_path: Path) -> None:
+    """A start right after a crash: the launched process runs but has not written its pidfile yet. The start
+    waits until it does (and is then adopted); with no such process it does not wait at all."""
+    from reconciler.apply.vmprocess import settle_interrupted_launch
+
+    paths = StateLayout(tmp_path).vm("a")
+    paths.run.mkdir(parents=True)
+    files.wait_next_tick(files.write_launch(paths, [SLEEP, "60"], _vm(), uid=os.getuid(), binary=SLEEP))
+    began = time.monotonic()
+    asyncio.run(settle_interrupted_launch(paths))
+    assert time.monotonic() - began < 0.5, "no process of that launch runs: nothing to wait for"
+    child = subprocess.Popen([SLEEP, "60"])
+    try:
+        async def settle_while_the_pidfile_comes() -> float:
+            async def write_pidfile() -> None:
+                await asyncio.sleep(0.3)
+                paths.pidfile.write_text(f"{child.pid}\n")
+            writer = asyncio.create_task(write_pidfile())
+            began = time.monotonic()
+            await settle_interrupted_launch(paths)
+            await writer
+            return time.monotonic() - began
+        waited = asyncio.run(settle_while_the_pidfile_comes())
+        assert 0.3 <= waited < procfs.LAUNCH_WINDOW
+        found = procfs.find_qemu(paths)
+        assert found is not None and found.pid == child.pid
     finally:
         child.kill()
         child.wait()
