@@ -6,8 +6,8 @@ VM never blocks the others. Dispatch is one exhaustive ``match`` over the ``Step
 union (``_run_step``): it says how each kind runs (on the VM's files and process, over its QMP monitor,
 or on host networking in a worker thread), and each of those has its own exhaustive ``match``; a step
 kind without a handler is a mypy error. ``INFINIZATION_CRASH_AT=before:KIND`` or ``after:KIND`` (KIND a
-step kind such as ``start``) makes the process SIGKILL itself at that point: the fault injection the
-crash-safety tests use to prove that a re-run converges.
+step kind such as ``start``) makes the process SIGKILL itself at that point (``apply.crashpoints``): the
+fault injection the crash-safety tests use to prove that a re-run converges.
 """
 
 from __future__ import annotations
