@@ -260,10 +260,13 @@ class Guest:
         self.serial = serial
 
     def _lines(self) -> list[str]:
+        """Complete lines only: a line the guest is still writing (no newline yet) is left for the next read
+        (a report cut after ``ips=eth`` once failed to parse)."""
         try:
-            return self.serial.read_text(errors="replace").splitlines()
+            text = self.serial.read_text(errors="replace")
         except FileNotFoundError:
             return []
+        return text[:text.rfind("\n") + 1].splitlines()
 
     def boots(self) -> int:
         """How many times the guest has booted (the serial log is appended across restarts)."""
