@@ -292,11 +292,8 @@ class Executor:
 
     async def _record_adopted(self, paths: VMPaths, pid: int | None = None) -> str | None:
         """A QEMU launched by an interrupted start: recorded now, with the installs its start began."""
-        launch = files.read_launch(paths)
-        if launch is None:
-            return None
         return await vmprocess.record_adopted(
-            paths, pid, lambda qemu, began: self._began_installs(paths, launch.vm, (qemu, began)))
+            paths, pid, lambda vm, qemu, began: self._began_installs(paths, vm, (qemu, began)))
 
     def _as_started(self, paths: VMPaths, vm: VirtualMachine) -> VirtualMachine:
         """The VM as QEMU gets it: install media per the record, and the cloud-init seed (built here)."""

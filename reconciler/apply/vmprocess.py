@@ -306,9 +306,10 @@ def _record_launched(paths: VMPaths, pid: int, began: int | None, cpus: str | No
 
 
 async def record_adopted(paths: VMPaths, pid: int | None = None,
-                         installs: Callable[[int, int], list[str]] | None = None) -> str | None:
+                         installs: Callable[[VirtualMachine, int, int], list[str]] | None = None) -> str | None:
     """Finish what an interrupted start left: a QEMU adopted from a launch.json that does not name its pid is
-    moved into its cgroup, the installs its start began recorded (``installs(pid, start_time)``), the last
+    moved into its cgroup, the installs its start began recorded (``installs(vm as launched, pid,
+    start_time)``), the last
     run's exit cleared and, last, its pid written: a crash on the way leaves it unrecorded, so the step is
     planned again (each part is idempotent). What was done; None when the VM's QEMU is recorded already (or
     none runs). ``pid``: only that process (the planned one).
@@ -326,7 +327,7 @@ async def record_adopted(paths: VMPaths, pid: int | None = None,
     cgroup = await threads.run(_own_cgroup, paths, process.pid, cpus)
     if procfs.start_time(process.pid) != process.start_time:  # it exited meanwhile (its pid may be reused)
         raise StepFailed(f"QEMU pid {process.pid} exited while it was being recorded (re-plan)")
-    began = installs(process.pid, process.start_time) if installs is not None else []
+    began = installs(launch.vm, process.pid, process.start_time) if installs is not None else []
 
     def record() -> None:
         files.clear_exit(paths)

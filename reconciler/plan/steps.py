@@ -141,8 +141,9 @@ class WriteRecord(_StepBase):
 
 class RecordLaunch(_StepBase):
     """Finish the record of a QEMU whose start was interrupted between the launch and its record (it was
-    adopted on everything but the pid): its pid into launch.json, the last run's exit cleared, and QEMU moved
-    into its cgroup, as a start does. Only for that very process (``pid``), re-verified first."""
+    adopted on everything but the pid), as a start does: QEMU moved into its cgroup, the installs its start
+    began recorded, the last run's exit cleared and, last, its pid into launch.json. Only for that very
+    process (``pid``), re-verified first."""
 
     kind: Literal[StepKind.RECORD_LAUNCH] = StepKind.RECORD_LAUNCH
     phase = Phase.RECORD
